@@ -1,0 +1,1 @@
+"""tracker: batch-polls AI relays for task status and delivers signed webhooks."""
