@@ -1,0 +1,103 @@
+"""Which webhook events a change fires, where they go, and the exact JSON they carry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from tracker import clock, signing, status
+from tracker.config import WebhookSettings
+from tracker.status import Change
+from tracker.store.records import DueTask, OutboxEntry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """Where a task's events go."""
+
+    url: str
+    endpoint: str | None  #: the [webhooks.endpoints.NAME] it belongs to; None for the default
+    guarded: bool  #: the URL came through the API, so the SSRF guard applies
+    events: frozenset[str]  #: events it wants besides the final ones, which always go
+
+
+class Targets:
+    """Resolves a task's webhook target from its registration and the settings."""
+
+    def __init__(self, settings: WebhookSettings) -> None:
+        self._settings = settings
+
+    def resolve(
+        self, webhook_url: str | None, endpoint: str | None, events: Sequence[str] | None
+    ) -> Target | None:
+        """The target for a registration; None when there is none (nothing to deliver)."""
+        settings = self._settings
+        if endpoint is not None:
+            named = settings.endpoints.get(endpoint)
+            if named is None:
+                return None
+            url, guarded = named.url, False
+            wanted = set(named.events if named.events is not None else settings.events)
+        elif webhook_url is not None:
+            url, guarded, wanted = webhook_url, True, set(settings.events)
+        elif settings.url is not None:
+            url, guarded, wanted = settings.url, False, set(settings.events)
+        else:
+            return None
+        if events is not None:
+            wanted &= set(events)
+        return Target(url=url, endpoint=endpoint, guarded=guarded, events=frozenset(wanted))
+
+    def for_task(self, task: DueTask) -> Target | None:
+        """The target of a claimed task."""
+        return self.resolve(task.webhook_url, task.endpoint, task.events)
+
+
+def wanted_events(change: Change, target: Target) -> list[str]:
+    """The events of ``change`` this target receives: final events always, others on request."""
+    return [e for e in change.events if e in target.events or e in status.FINAL_EVENTS.values()]
+
+
+def payload(task: DueTask, change: Change, event_type: str, now: datetime) -> bytes:
+    """The webhook body: compact JSON, signed and sent byte for byte on every attempt."""
+    after = change.after
+    body: Mapping[str, Any] = {
+        "type": event_type,
+        "timestamp": clock.isoformat(now.replace(microsecond=0)),
+        "data": {
+            "platform": task.platform,
+            "task_id": task.task_id,
+            "status": after.status.value,
+            "previous_status": change.before.status.value,
+            "upstream_status": after.upstream_status,
+            "progress": after.progress,
+            "upstream_progress": after.upstream_progress,
+            "fail_reason": after.fail_reason,
+            "metadata": dict(task.metadata) if task.metadata is not None else {},
+            "result": dict(change.result) if change.result is not None else None,
+            "finished_at": clock.isoformat(now) if change.final else None,
+        },
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def outbox_entries(
+    task: DueTask, change: Change, target: Target | None, now: datetime
+) -> tuple[OutboxEntry, ...]:
+    """The outbox rows a change writes, one per event the target wants."""
+    if target is None:
+        return ()
+    return tuple(
+        OutboxEntry(
+            webhook_id=signing.new_message_id(),
+            event_type=event_type,
+            payload=payload(task, change, event_type, now),
+            url=target.url,
+            endpoint=target.endpoint,
+            guarded=target.guarded,
+        )
+        for event_type in wanted_events(change, target)
+    )

@@ -1,0 +1,103 @@
+"""Prometheus metrics, on a registry of the daemon's own (several daemons may share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tracker.store.records import Stats
+
+
+class _StoreCollector(Collector):
+    """Figures read from the database at scrape time, so they are right after a restart."""
+
+    def __init__(self, stats: Callable[[], Stats], now: Callable[[], float]) -> None:
+        self._stats = stats
+        self._now = now
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Tasks by platform and status, outbox depth, oldest pending delivery age."""
+        stats = self._stats()
+        tasks = GaugeMetricFamily(
+            "tracker_tasks", "Tracked tasks by platform and status", labels=["platform", "status"]
+        )
+        for (platform, task_status), count in sorted(stats.tasks.items()):
+            tasks.add_metric([platform, task_status], count)
+        yield tasks
+        depth = GaugeMetricFamily(
+            "tracker_outbox_depth", "Webhook deliveries by state", labels=["state"]
+        )
+        for state in ("pending", "delivered", "dead"):
+            depth.add_metric([state], stats.deliveries.get(state, 0))
+        yield depth
+        oldest = stats.oldest_pending_delivery
+        age = 0.0 if oldest is None else max(0.0, self._now() - oldest.timestamp())
+        yield GaugeMetricFamily(
+            "tracker_oldest_pending_delivery_age_seconds",
+            "Age of the oldest webhook delivery not yet delivered",
+            value=age,
+        )
+
+
+class Metrics:
+    """Every metric tracker exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.transitions = Counter(
+            "tracker_transitions", "Status changes recorded", ["platform", "to"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "tracker_upstream_requests",
+            "Requests to relays by platform and HTTP status code ('error' when none came back)",
+            ["platform", "code"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "tracker_upstream_errors",
+            "Relay answers that changed nothing because they were unusable",
+            ["platform", "code"],
+            registry=r,
+        )
+        self.ids_per_request = Histogram(
+            "tracker_upstream_ids_per_request",
+            "Task ids asked about in one relay request",
+            ["platform"],
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.cycle_duration = Histogram(
+            "tracker_poll_cycle_duration_seconds",
+            "Wall time of one poll cycle",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.cycles_skipped = Counter(
+            "tracker_poll_cycles_skipped",
+            "Poll cycles not started because the previous one was still running",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "tracker_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retry, dead)",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "tracker_delivery_latency_seconds",
+            "Time from sending a webhook to the receiver's answer",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 30),
+            registry=r,
+        )
+
+    def watch_store(self, stats: Callable[[], Stats], now: Callable[[], float]) -> None:
+        """Export the database-backed gauges."""
+        self.registry.register(_StoreCollector(stats, now))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,148 @@
+"""SQLModel tables: tasks, their transition history, the webhook outbox and its attempt log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+#: Bumped whenever a table changes; `tracker db check` compares it with the database's.
+SCHEMA_VERSION = 1
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC datetimes on every dialect (SQLite keeps no zone, so naive values mean UTC)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Store as UTC; naive values are refused so local time never sneaks in."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Read back as aware UTC."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _utc(nullable: bool = False) -> Any:
+    return Field(sa_type=UTCDateTime, nullable=nullable)
+
+
+class TaskRow(SQLModel, table=True):
+    """One tracked upstream task."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        sa.UniqueConstraint("platform", "task_id", name="uq_tasks_platform_task_id"),
+        # The poll cycle's only query: due tasks in due order. Final tasks have NULL here.
+        sa.Index("ix_tasks_next_poll_at", "next_poll_at"),
+        sa.Index("ix_tasks_status_id", "status", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=64)
+    task_id: str = Field(max_length=200)
+    status: str = Field(max_length=16)
+    upstream_status: str | None = Field(default=None, max_length=64)
+    progress: int | None = None
+    upstream_progress: str | None = Field(default=None, max_length=64)
+    fail_reason: str = Field(default="", sa_type=sa.Text)
+    meta: dict[str, Any] | None = Field(default=None, sa_column=sa.Column("metadata", sa.JSON))
+    webhook_url: str | None = Field(default=None, sa_type=sa.Text)
+    endpoint: str | None = Field(default=None, max_length=64)
+    events: list[str] | None = Field(default=None, sa_type=sa.JSON)
+    result: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    created_at: datetime = _utc()
+    updated_at: datetime = _utc()
+    finished_at: datetime | None = _utc(nullable=True)
+    #: epoch seconds of the next poll; NULL once the task is final
+    next_poll_at: float | None = Field(default=None, sa_type=sa.Float(precision=53))
+    #: epoch seconds of the last status or progress move, for the back-off
+    last_change_at: float = Field(sa_type=sa.Float(precision=53))
+    #: epoch seconds since the upstream started leaving this id out of its answers
+    missing_since: float | None = Field(default=None, sa_type=sa.Float(precision=53))
+
+
+class TransitionRow(SQLModel, table=True):
+    """One status change of a task, in the order it happened."""
+
+    __tablename__ = "transitions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_pk: int = Field(
+        sa_column=sa.Column(sa.ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    )
+    from_status: str = Field(max_length=16)
+    to_status: str = Field(max_length=16)
+    upstream_status: str | None = Field(default=None, max_length=64)
+    progress: int | None = None
+    at: datetime = _utc()
+
+
+class DeliveryRow(SQLModel, table=True):
+    """One webhook event for one target: the outbox row and its delivery state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.Index("ix_deliveries_due", "state", "next_attempt_at"),
+        sa.Index("ix_deliveries_task", "task_pk", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: str = Field(max_length=64, unique=True)
+    task_pk: int = Field(sa_column=sa.Column(sa.ForeignKey("tasks.id", ondelete="CASCADE")))
+    platform: str = Field(max_length=64)
+    task_id: str = Field(max_length=200)
+    event_type: str = Field(max_length=32)
+    #: the exact bytes that are signed and sent, so every attempt carries the same body
+    payload: str = Field(sa_type=sa.Text)
+    url: str = Field(sa_type=sa.Text)
+    endpoint: str | None = Field(default=None, max_length=64)
+    #: the URL came through the API, so every connection is checked against the SSRF guard
+    guarded: bool = False
+    state: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: float = Field(sa_type=sa.Float(precision=53))
+    claimed_until: float | None = Field(default=None, sa_type=sa.Float(precision=53))
+    created_at: datetime = _utc()
+    last_attempt_at: datetime | None = _utc(nullable=True)
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
+    delivered_at: datetime | None = _utc(nullable=True)
+
+
+class AttemptRow(SQLModel, table=True):
+    """One try at delivering one event: the delivery log."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_pk: int = Field(
+        sa_column=sa.Column(sa.ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
+    )
+    at: datetime = _utc()
+    url: str = Field(sa_type=sa.Text)
+    status_code: int | None = None
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    latency_ms: float = 0.0
+    response_excerpt: str = Field(default="", sa_type=sa.Text)
+
+
+class MetaRow(SQLModel, table=True):
+    """Key/value facts about the database itself (the schema version)."""
+
+    __tablename__ = "tracker_meta"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=255)

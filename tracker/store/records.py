@@ -1,0 +1,179 @@
+"""The values that cross the store boundary (plain frozen dataclasses, no SQL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from tracker.status import Change, Snapshot
+
+
+class Keep(enum.Enum):
+    """Marker for "leave this column as it is"."""
+
+    KEEP = enum.auto()
+
+
+KEEP = Keep.KEEP
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Registration:
+    """A validated request to track ids of one platform."""
+
+    platform: str
+    ids: Sequence[str]
+    webhook_url: str | None = None
+    endpoint: str | None = None
+    events: tuple[str, ...] | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueTask:
+    """A task claimed for one poll, with what the poller needs to decide and to notify."""
+
+    pk: int
+    platform: str
+    task_id: str
+    snapshot: Snapshot
+    created_at: datetime
+    missing_since: float | None
+    webhook_url: str | None
+    endpoint: str | None
+    events: tuple[str, ...] | None
+    metadata: Mapping[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A webhook event to deliver, written in the same transaction as the change behind it."""
+
+    webhook_id: str
+    event_type: str
+    payload: bytes
+    url: str
+    endpoint: str | None
+    guarded: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskUpdate:
+    """What one poll decided for one task."""
+
+    task: DueTask
+    change: Change | None = None
+    outbox: tuple[OutboxEntry, ...] = ()
+    missing_since: float | Keep | None = KEEP
+    #: epoch seconds of the next poll, when the upstream hinted at one
+    next_poll_at: float | Keep = KEEP
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of a task's status history."""
+
+    from_status: str
+    to_status: str
+    upstream_status: str | None
+    progress: int | None
+    at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A stored task as the API and the CLI show it."""
+
+    platform: str
+    task_id: str
+    status: str
+    upstream_status: str | None
+    progress: int | None
+    upstream_progress: str | None
+    fail_reason: str
+    metadata: Mapping[str, Any] | None
+    webhook_url: str | None
+    endpoint: str | None
+    events: tuple[str, ...] | None
+    result: Mapping[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    transitions: tuple[Transition, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """A claimed delivery, ready to sign and send."""
+
+    pk: int
+    webhook_id: str
+    task_pk: int
+    platform: str
+    task_id: str
+    event_type: str
+    payload: bytes
+    url: str
+    endpoint: str | None
+    guarded: bool
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one attempt produced and what happens next (decided by the retry policy)."""
+
+    job: DeliveryJob
+    at: datetime
+    status_code: int | None
+    error: str | None
+    latency_ms: float
+    response_excerpt: str
+    state: str  #: "delivered", "pending" (retry later) or "dead"
+    next_attempt_at: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One row of the delivery log."""
+
+    at: datetime
+    url: str
+    status_code: int | None
+    error: str | None
+    latency_ms: float
+    response_excerpt: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """A delivery as the API and the CLI show it."""
+
+    id: int
+    webhook_id: str
+    platform: str
+    task_id: str
+    event_type: str
+    url: str
+    endpoint: str | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    log: tuple[Attempt, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts for `tracker stats`, /metrics and the systemd status line."""
+
+    tasks: Mapping[tuple[str, str], int]  #: (platform, status) -> count
+    deliveries: Mapping[str, int]  #: state -> count
+    oldest_pending_delivery: datetime | None

@@ -1,0 +1,712 @@
+"""The store on SQLAlchemy: one implementation, with the SQLite/PostgreSQL differences inside."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlmodel import SQLModel
+
+from tracker.status import FINAL, Snapshot, TaskStatus
+from tracker.store import records
+from tracker.store.models import (
+    SCHEMA_VERSION,
+    AttemptRow,
+    DeliveryRow,
+    MetaRow,
+    TaskRow,
+    TransitionRow,
+)
+from tracker.store.records import KEEP
+
+tasks = TaskRow.__table__  # type: ignore[attr-defined]
+transitions = TransitionRow.__table__  # type: ignore[attr-defined]
+deliveries = DeliveryRow.__table__  # type: ignore[attr-defined]
+attempts = AttemptRow.__table__  # type: ignore[attr-defined]
+meta = MetaRow.__table__  # type: ignore[attr-defined]
+
+# SQLite's default is to fail at once on a locked database; wait instead.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+class SchemaMismatchError(Exception):
+    """The database was written by another version of tracker."""
+
+
+def normalise_url(url: str) -> str:
+    """Point bare ``postgresql://`` URLs at psycopg 3, the driver tracker ships with."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine with the pragmas and transaction behaviour tracker relies on."""
+    url = normalise_url(url)
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (below), so writers can take the lock up front.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        # A write transaction that starts deferred and upgrades later can fail with
+        # "database is locked" without waiting; BEGIN IMMEDIATE waits for the lock instead.
+        immediate = connection.get_execution_options().get("tracker_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _epoch(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _from_epoch(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SqlStore:
+    """Tasks, history and the webhook outbox in one SQL database."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlStore:
+        """A store on a new engine for ``url``."""
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            conn.execution_options(tracker_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        # Several daemons on one PostgreSQL database each claim different rows.
+        if self.dialect == "postgresql":
+            return query.with_for_update(skip_locked=True)
+        return query
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create missing tables and record the schema version (refusing a different one)."""
+        with self._write() as conn:
+            if self.dialect == "postgresql":
+                # Two daemons starting at once must not both create the tables.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(868686)"))
+            SQLModel.metadata.create_all(conn)
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+            if found is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif found != str(SCHEMA_VERSION):
+                raise SchemaMismatchError(
+                    f"database schema version {found}, this tracker expects {SCHEMA_VERSION}"
+                )
+
+    def schema_version(self) -> int | None:
+        """The version recorded in the database, None when it has no tracker schema."""
+        with self._read() as conn:
+            if not sa.inspect(conn).has_table("tracker_meta"):
+                return None
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+        return None if found is None else int(found)
+
+    def integrity_problems(self) -> list[str]:
+        """What the database's own consistency check reports (empty when healthy)."""
+        with self._read() as conn:
+            if self.dialect == "sqlite":
+                rows = conn.exec_driver_sql("PRAGMA integrity_check").scalars().all()
+                return [str(r) for r in rows if r != "ok"]
+            conn.execute(sa.text("SELECT count(*) FROM tasks"))
+        return []
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Record a fact about the running daemon (e.g. when the last poll cycle ended)."""
+        with self._write() as conn:
+            done = conn.execute(meta.update().where(meta.c.key == key).values(value=value))
+            if done.rowcount == 0:
+                conn.execute(meta.insert().values(key=key, value=value))
+
+    def get_meta(self, key: str) -> str | None:
+        """A fact recorded with set_meta, None when never recorded."""
+        with self._read() as conn:
+            value: str | None = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == key)
+            ).scalar()
+        return value
+
+    def ping(self) -> None:
+        """Raise when the database cannot answer a query."""
+        with self._read() as conn:
+            conn.execute(sa.select(sa.func.count()).select_from(meta)).scalar()
+
+    # -- registration and reads -----------------------------------------------------------
+
+    def register(
+        self, registration: records.Registration, now: datetime
+    ) -> tuple[list[str], list[str]]:
+        """Track new ids; returns (registered, existing). Known ids are left untouched."""
+        ids = list(dict.fromkeys(registration.ids))
+        with self._write() as conn:
+            existing = set(
+                conn.execute(
+                    sa.select(tasks.c.task_id).where(
+                        tasks.c.platform == registration.platform, tasks.c.task_id.in_(ids)
+                    )
+                ).scalars()
+            )
+            new = [i for i in ids if i not in existing]
+            if new:
+                epoch = _epoch(now)
+                conn.execute(
+                    tasks.insert(),
+                    [
+                        {
+                            "platform": registration.platform,
+                            "task_id": task_id,
+                            "status": TaskStatus.PENDING.value,
+                            "fail_reason": "",
+                            "metadata": dict(registration.metadata)
+                            if registration.metadata is not None
+                            else None,
+                            "webhook_url": registration.webhook_url,
+                            "endpoint": registration.endpoint,
+                            "events": list(registration.events)
+                            if registration.events is not None
+                            else None,
+                            "created_at": now,
+                            "updated_at": now,
+                            "next_poll_at": epoch,
+                            "last_change_at": epoch,
+                        }
+                        for task_id in new
+                    ],
+                )
+        return new, [i for i in ids if i in existing]
+
+    def get(self, platform: str, task_id: str) -> records.TaskRecord | None:
+        """One task with its transitions (oldest first), None when unknown."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(tasks).where(tasks.c.platform == platform, tasks.c.task_id == task_id)
+            ).first()
+            if row is None:
+                return None
+            history = conn.execute(
+                sa.select(transitions)
+                .where(transitions.c.task_pk == row.id)
+                .order_by(transitions.c.id)
+            ).all()
+        return _task_record(row, tuple(_transition(t) for t in history))
+
+    def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        platform: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[records.TaskRecord], int | None]:
+        """A page of tasks, newest first; the second value is the cursor of the next page."""
+        query = sa.select(tasks).order_by(tasks.c.id.desc()).limit(limit + 1)
+        if status is not None:
+            query = query.where(tasks.c.status == status)
+        if platform is not None:
+            query = query.where(tasks.c.platform == platform)
+        if before is not None:
+            query = query.where(tasks.c.id < before)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_task_record(r) for r in rows], (rows[-1].id if more else None)
+
+    def remove(self, platform: str, task_id: str) -> bool:
+        """Stop tracking a task; its history and undelivered events go with it."""
+        with self._write() as conn:
+            pk = conn.execute(
+                sa.select(tasks.c.id).where(
+                    tasks.c.platform == platform, tasks.c.task_id == task_id
+                )
+            ).scalar()
+            if pk is None:
+                return False
+            # Explicit deletes: SQLite enforces ON DELETE CASCADE only with the pragma on, and
+            # a database opened by another tool may not have it.
+            delivery_pks = sa.select(deliveries.c.id).where(deliveries.c.task_pk == pk)
+            conn.execute(attempts.delete().where(attempts.c.delivery_pk.in_(delivery_pks)))
+            conn.execute(deliveries.delete().where(deliveries.c.task_pk == pk))
+            conn.execute(transitions.delete().where(transitions.c.task_pk == pk))
+            conn.execute(tasks.delete().where(tasks.c.id == pk))
+        return True
+
+    # -- the poll cycle ---------------------------------------------------------------------
+
+    def claim_due(
+        self, now: datetime, limit: int, *, interval: float, max_interval: float
+    ) -> list[records.DueTask]:
+        """Take up to ``limit`` due tasks in due order and schedule their next poll.
+
+        The next poll is set here, in the same write as the claim, so a task whose state does
+        not change costs no further write. Tasks unchanged for long are polled less often:
+        a quarter of the time since their last move, between ``interval`` and ``max_interval``.
+        """
+        epoch = _epoch(now)
+        query = self._lock(
+            sa.select(tasks)
+            .where(tasks.c.next_poll_at <= epoch)
+            .order_by(tasks.c.next_poll_at, tasks.c.id)
+            .limit(limit)
+        )
+        quiet = (epoch - tasks.c.last_change_at) / 4
+        backoff = sa.case(
+            (quiet <= interval, interval), (quiet >= max_interval, max_interval), else_=quiet
+        )
+        with self._write() as conn:
+            rows = conn.execute(query).all()
+            if rows:
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id.in_([r.id for r in rows]))
+                    .values(next_poll_at=epoch + backoff)
+                )
+        return [_due(r) for r in rows]
+
+    def reschedule(self, pks: Sequence[int], at: datetime) -> None:
+        """Poll these tasks again at ``at`` (after a relay error)."""
+        if not pks:
+            return
+        with self._write() as conn:
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(list(pks)), tasks.c.next_poll_at.is_not(None))
+                .values(next_poll_at=_epoch(at))
+            )
+
+    def record(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
+        """Write a poll's decisions in one transaction: task rows, history rows, outbox rows.
+
+        Each task row is updated only if it still has the status the decision was made on; a
+        task that moved or was removed meanwhile keeps its state and gets no history or event.
+        Returns how many tasks were written.
+        """
+        epoch = _epoch(now)
+        history: list[dict[str, Any]] = []
+        outbox: list[dict[str, Any]] = []
+        written = 0
+        with self._write() as conn:
+            for update in updates:
+                values = _update_values(update, now, epoch)
+                if not values:
+                    continue
+                task = update.task
+                result = conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id == task.pk, tasks.c.status == task.snapshot.status.value)
+                    .values(**values)
+                )
+                if result.rowcount != 1:
+                    continue
+                written += 1
+                change = update.change
+                if change is not None and change.moved:
+                    history.append(
+                        {
+                            "task_pk": task.pk,
+                            "from_status": change.before.status.value,
+                            "to_status": change.after.status.value,
+                            "upstream_status": change.after.upstream_status,
+                            "progress": change.after.progress,
+                            "at": now,
+                        }
+                    )
+                outbox.extend(
+                    {
+                        "webhook_id": entry.webhook_id,
+                        "task_pk": task.pk,
+                        "platform": task.platform,
+                        "task_id": task.task_id,
+                        "event_type": entry.event_type,
+                        "payload": entry.payload.decode(),
+                        "url": entry.url,
+                        "endpoint": entry.endpoint,
+                        "guarded": entry.guarded,
+                        "state": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": epoch,
+                        "created_at": now,
+                    }
+                    for entry in update.outbox
+                )
+            if history:
+                conn.execute(transitions.insert(), history)
+            if outbox:
+                conn.execute(deliveries.insert(), outbox)
+        return written
+
+    # -- the delivery loop ------------------------------------------------------------------
+
+    def claim_deliveries(
+        self, now: datetime, limit: int, *, lease: float
+    ) -> list[records.DeliveryJob]:
+        """Take up to ``limit`` due deliveries, oldest first, for ``lease`` seconds.
+
+        A delivery waits while an earlier event of the same task is still pending, so each
+        receiver sees a task's events in the order they happened.
+        """
+        epoch = _epoch(now)
+        earlier = deliveries.alias("earlier")
+        blocked = (
+            sa.select(earlier.c.id)
+            .where(
+                earlier.c.task_pk == deliveries.c.task_pk,
+                earlier.c.state == "pending",
+                earlier.c.id < deliveries.c.id,
+            )
+            .exists()
+        )
+        query = self._lock(
+            sa.select(deliveries)
+            .where(
+                deliveries.c.state == "pending",
+                deliveries.c.next_attempt_at <= epoch,
+                sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < epoch),
+                ~blocked,
+            )
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            .limit(limit)
+        )
+        with self._write() as conn:
+            rows = conn.execute(query).all()
+            if rows:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_([r.id for r in rows]))
+                    .values(claimed_until=epoch + lease)
+                )
+        return [
+            records.DeliveryJob(
+                pk=r.id,
+                webhook_id=r.webhook_id,
+                task_pk=r.task_pk,
+                platform=r.platform,
+                task_id=r.task_id,
+                event_type=r.event_type,
+                payload=r.payload.encode(),
+                url=r.url,
+                endpoint=r.endpoint,
+                guarded=r.guarded,
+                attempts=r.attempts,
+            )
+            for r in rows
+        ]
+
+    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
+        """Log attempts and move their deliveries on, in one transaction."""
+        if not results:
+            return
+        with self._write() as conn:
+            conn.execute(
+                attempts.insert(),
+                [
+                    {
+                        "delivery_pk": r.job.pk,
+                        "at": r.at,
+                        "url": r.job.url,
+                        "status_code": r.status_code,
+                        "error": r.error,
+                        "latency_ms": r.latency_ms,
+                        "response_excerpt": r.response_excerpt,
+                    }
+                    for r in results
+                ],
+            )
+            for r in results:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id == r.job.pk)
+                    .values(
+                        state=r.state,
+                        attempts=deliveries.c.attempts + 1,
+                        next_attempt_at=r.next_attempt_at
+                        if r.next_attempt_at is not None
+                        else deliveries.c.next_attempt_at,
+                        claimed_until=None,
+                        last_attempt_at=r.at,
+                        last_status_code=r.status_code,
+                        last_error=r.error,
+                        delivered_at=r.at if r.state == "delivered" else None,
+                    )
+                )
+
+    def next_delivery_at(self) -> datetime | None:
+        """When the earliest pending delivery falls due (None when none is pending)."""
+        with self._read() as conn:
+            value = conn.execute(
+                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.state == "pending"
+                )
+            ).scalar()
+        return _from_epoch(value)
+
+    def get_delivery(self, pk: int) -> records.DeliveryRecord | None:
+        """One delivery with its attempt log, None when unknown."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == pk)).first()
+            if row is None:
+                return None
+            log = conn.execute(
+                sa.select(attempts).where(attempts.c.delivery_pk == pk).order_by(attempts.c.id)
+            ).all()
+        return _delivery_record(row, log)
+
+    def list_deliveries(
+        self,
+        *,
+        state: str | None = None,
+        platform: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[records.DeliveryRecord], int | None]:
+        """A page of deliveries, newest first, each with its attempt log."""
+        query = sa.select(deliveries).order_by(deliveries.c.id.desc()).limit(limit + 1)
+        if state is not None:
+            query = query.where(deliveries.c.state == state)
+        if platform is not None:
+            query = query.where(deliveries.c.platform == platform)
+        if task_id is not None:
+            query = query.where(deliveries.c.task_id == task_id)
+        if before is not None:
+            query = query.where(deliveries.c.id < before)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            logs: dict[int, list[Any]] = {r.id: [] for r in rows}
+            if rows:
+                for a in conn.execute(
+                    sa.select(attempts)
+                    .where(attempts.c.delivery_pk.in_(list(logs)))
+                    .order_by(attempts.c.id)
+                ):
+                    logs[a.delivery_pk].append(a)
+        return [_delivery_record(r, logs[r.id]) for r in rows], (rows[-1].id if more else None)
+
+    def requeue(
+        self,
+        now: datetime,
+        *,
+        pk: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[int]:
+        """Send deliveries again with their own ``webhook-id``: one by id (any state), or every
+        dead one created in [since, until). Returns the ids re-queued.
+        """
+        query = sa.select(deliveries.c.id)
+        if pk is not None:
+            query = query.where(deliveries.c.id == pk)
+        else:
+            query = query.where(deliveries.c.state == "dead")
+            if since is not None:
+                query = query.where(deliveries.c.created_at >= since)
+            if until is not None:
+                query = query.where(deliveries.c.created_at < until)
+        with self._write() as conn:
+            pks = list(conn.execute(query).scalars())
+            if pks:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(pks))
+                    .values(
+                        state="pending",
+                        next_attempt_at=_epoch(now),
+                        claimed_until=None,
+                        delivered_at=None,
+                    )
+                )
+        return pks
+
+    # -- figures ----------------------------------------------------------------------------
+
+    def stats(self) -> records.Stats:
+        """Counts by platform and status, deliveries by state, the oldest pending delivery."""
+        with self._read() as conn:
+            task_counts = {
+                (r.platform, r.status): r.n
+                for r in conn.execute(
+                    sa.select(
+                        tasks.c.platform, tasks.c.status, sa.func.count().label("n")
+                    ).group_by(tasks.c.platform, tasks.c.status)
+                )
+            }
+            delivery_counts = {
+                r.state: r.n
+                for r in conn.execute(
+                    sa.select(deliveries.c.state, sa.func.count().label("n")).group_by(
+                        deliveries.c.state
+                    )
+                )
+            }
+            oldest = conn.execute(
+                sa.select(sa.func.min(deliveries.c.created_at)).where(
+                    deliveries.c.state == "pending"
+                )
+            ).scalar()
+        if isinstance(oldest, str):  # SQLite's MIN() over a DATETIME column loses the type
+            oldest = datetime.fromisoformat(oldest)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return records.Stats(
+            tasks=task_counts, deliveries=delivery_counts, oldest_pending_delivery=oldest
+        )
+
+
+def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    change = update.change
+    if change is not None:
+        after = change.after
+        values.update(
+            status=after.status.value,
+            upstream_status=after.upstream_status,
+            progress=after.progress,
+            upstream_progress=after.upstream_progress,
+            fail_reason=after.fail_reason,
+            updated_at=now,
+        )
+        if change.result is not None:
+            values["result"] = dict(change.result)
+        if change.moved or after.progress != change.before.progress:
+            values["last_change_at"] = epoch
+        if after.status in FINAL:
+            values["finished_at"] = now
+            values["next_poll_at"] = None
+            values["missing_since"] = None
+    if update.missing_since is not KEEP and "missing_since" not in values:
+        values["missing_since"] = update.missing_since
+    if update.next_poll_at is not KEEP and "next_poll_at" not in values:
+        values["next_poll_at"] = update.next_poll_at
+    return values
+
+
+def _snapshot(row: Any) -> Snapshot:
+    return Snapshot(
+        status=TaskStatus(row.status),
+        upstream_status=row.upstream_status,
+        progress=row.progress,
+        upstream_progress=row.upstream_progress,
+        fail_reason=row.fail_reason,
+    )
+
+
+def _due(row: Any) -> records.DueTask:
+    return records.DueTask(
+        pk=row.id,
+        platform=row.platform,
+        task_id=row.task_id,
+        snapshot=_snapshot(row),
+        created_at=row.created_at,
+        missing_since=row.missing_since,
+        webhook_url=row.webhook_url,
+        endpoint=row.endpoint,
+        events=tuple(row.events) if row.events is not None else None,
+        metadata=row.metadata,
+    )
+
+
+def _transition(row: Any) -> records.Transition:
+    return records.Transition(
+        from_status=row.from_status,
+        to_status=row.to_status,
+        upstream_status=row.upstream_status,
+        progress=row.progress,
+        at=row.at,
+    )
+
+
+def _task_record(row: Any, history: tuple[records.Transition, ...] = ()) -> records.TaskRecord:
+    return records.TaskRecord(
+        platform=row.platform,
+        task_id=row.task_id,
+        status=row.status,
+        upstream_status=row.upstream_status,
+        progress=row.progress,
+        upstream_progress=row.upstream_progress,
+        fail_reason=row.fail_reason,
+        metadata=row.metadata,
+        webhook_url=row.webhook_url,
+        endpoint=row.endpoint,
+        events=tuple(row.events) if row.events is not None else None,
+        result=row.result,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+        transitions=history,
+    )
+
+
+def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
+    return records.DeliveryRecord(
+        id=row.id,
+        webhook_id=row.webhook_id,
+        platform=row.platform,
+        task_id=row.task_id,
+        event_type=row.event_type,
+        url=row.url,
+        endpoint=row.endpoint,
+        state=row.state,
+        attempts=row.attempts,
+        next_attempt_at=_from_epoch(row.next_attempt_at) if row.state == "pending" else None,
+        created_at=row.created_at,
+        last_attempt_at=row.last_attempt_at,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        delivered_at=row.delivered_at,
+        log=tuple(
+            records.Attempt(
+                at=a.at,
+                url=a.url,
+                status_code=a.status_code,
+                error=a.error,
+                latency_ms=a.latency_ms,
+                response_excerpt=a.response_excerpt,
+            )
+            for a in log
+        ),
+    )
