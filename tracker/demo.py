@@ -51,7 +51,7 @@ _say_lock = threading.Lock()
 def say(text: str, *, err: bool = False) -> None:
     """Print one line of the demo's narration (the receiver prints from its own threads)."""
     with _say_lock:
-        print(text, file=sys.stderr if err else sys.stdout)
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _show(hook: Received) -> None:

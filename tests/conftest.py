@@ -1,0 +1,127 @@
+"""Shared fixtures: loopback servers, settings builders, SQLite files, PostgreSQL databases."""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tracker import config, signing
+from tracker.receiver import WebhookReceiver
+from tracker.simulator import SimulatedRelay
+from tracker.store import SqlStore
+
+# Just ensuring the tests are not polluted by the environment.
+for _name in list(os.environ):
+    if _name.startswith("TRACKER_"):
+        del os.environ[_name]
+
+#: the machine's PostgreSQL server (trust auth); tests create and drop their own databases
+PG_ADMIN_URL = os.environ.get(
+    "TRACKER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+WEBHOOK_SECRET = signing.new_secret()
+
+
+def base_config(relay_url: str, hook_url: str | None, db_url: str) -> dict[str, Any]:
+    """A complete, valid config document pointing at loopback servers."""
+    document: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "api_tokens": ["test-token"]},
+        "database": {"url": db_url},
+        "upstream": {"base_url": relay_url, "api_key": "sk-sim", "timeout": 2},
+        "poll": {"interval": 1, "batch_size": 100, "concurrency": 4},
+        "webhooks": {
+            "secret": WEBHOOK_SECRET,
+            "retry_delays": [0.2, 0.4, 0.8],
+            "timeout": 2,
+            "allow_private": ["127.0.0.0/8"],
+        },
+    }
+    if hook_url is not None:
+        document["webhooks"]["url"] = hook_url
+    return document
+
+
+def merge(document: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``document`` with ``overrides`` merged in, section by section."""
+    merged = copy.deepcopy(document)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture(name="relay")
+def _relay() -> Iterator[SimulatedRelay]:
+    with SimulatedRelay(step=0.0) as relay:
+        yield relay
+
+
+@pytest.fixture(name="receiver")
+def _receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(name="sqlite_url")
+def _sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tracker.db'}"
+
+
+@pytest.fixture(name="make_pg_url")
+def _make_pg_url() -> Iterator[Callable[[], str]]:
+    """Creates fresh PostgreSQL databases and drops them after the test."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"tracker_test_{secrets.token_hex(6)}"
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with admin.connect() as conn:
+        for name in created:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(
+    name="db_url", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def _db_url(request: pytest.FixtureRequest, sqlite_url: str, make_pg_url: Callable[[], str]) -> str:
+    """A database URL, once for SQLite and once for PostgreSQL."""
+    return sqlite_url if request.param == "sqlite" else make_pg_url()
+
+
+@pytest.fixture(name="store")
+def _store(db_url: str) -> Iterator[SqlStore]:
+    """A store with its schema, on SQLite and on PostgreSQL."""
+    store = SqlStore.from_url(db_url)
+    store.create_schema()
+    yield store
+    store.close()
+
+
+@pytest.fixture(name="settings_for")
+def _settings_for(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
+) -> Callable[..., config.Settings]:
+    """Builds Settings against the fixture relay and receiver, with overrides."""
+
+    def build(db_url: str | None = None, **overrides: Any) -> config.Settings:
+        document = base_config(relay.base_url, receiver.url, db_url or sqlite_url)
+        return config.parse(merge(document, overrides), environ={})
+
+    return build
