@@ -138,12 +138,12 @@ class Change:
 def _events(before: Snapshot, after: Snapshot) -> tuple[str, ...]:
     events: list[str] = []
     if before.status != after.status:
+        # A status event carries the progress too, so no separate task.progress for it.
         if after.status == TaskStatus.IN_PROGRESS:
             events.append(EVENT_STARTED)
         elif after.status in FINAL:
             events.append(FINAL_EVENTS[after.status])
-            return tuple(events)
-    if after.progress != before.progress and after.progress is not None:
+    elif after.progress != before.progress and after.progress is not None:
         events.append(EVENT_PROGRESS)
     return tuple(events)
 

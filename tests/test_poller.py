@@ -1,0 +1,359 @@
+"""The poll cycle against the simulated relay over real HTTP, with time under test control."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from structlog.testing import capture_logs
+
+from tracker import config, events, platforms
+from tracker.clock import FakeClock
+from tracker.metrics import Metrics
+from tracker.poller import NOT_FOUND_REASON, Poller
+from tracker.simulator import SimulatedRelay
+from tracker.store import Registration, SqlStore
+from tracker.store.sql import deliveries
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """A real HTTP transport that also counts requests in flight."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.in_flight = 0
+        self.peak = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            response = await self.inner.handle_async_request(request)
+            await response.aread()
+            return response
+        finally:
+            self.in_flight -= 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Rig:
+    """A poller over a SQLite store, the fixture relay and a fake clock."""
+
+    def __init__(self, settings: config.Settings, store: SqlStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = FakeClock()
+        self.transport = CountingTransport()
+        self.client = httpx.AsyncClient(transport=self.transport)
+        self.poller = Poller(
+            store=store,
+            platforms=platforms.build(settings),
+            client=self.client,
+            clock=self.clock,
+            settings=settings.poll,
+            targets=events.Targets(settings.webhooks),
+            metrics=Metrics(),
+        )
+
+    def register(self, *ids: str, platform: str = "luma", **kw: Any) -> None:
+        self.store.register(Registration(platform, list(ids), **kw), self.clock.now())
+
+    async def cycle(self, advance: float = 0.0) -> Any:
+        if advance:
+            self.clock.advance(advance)
+        return await self.poller.run_cycle()
+
+    def task(self, task_id: str, platform: str = "luma") -> Any:
+        task = self.store.get(platform, task_id)
+        assert task is not None
+        return task
+
+    def outbox(self) -> list[Any]:
+        with self.store.engine.connect() as conn:
+            return list(conn.execute(sa.select(deliveries).order_by(deliveries.c.id)))
+
+
+@pytest.fixture(name="rig_for")
+async def _rig_for(
+    settings_for: Callable[..., config.Settings], sqlite_url: str
+) -> AsyncIterator[Callable[..., Rig]]:
+    stores: list[SqlStore] = []
+    rigs: list[Rig] = []
+
+    def make(**overrides: Any) -> Rig:
+        settings = settings_for(**overrides)
+        store = SqlStore.from_url(sqlite_url)
+        store.create_schema()
+        stores.append(store)
+        rigs.append(Rig(settings, store))
+        return rigs[-1]
+
+    yield make
+    for rig in rigs:
+        await rig.client.aclose()
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture(name="rig")
+async def _rig(rig_for: Callable[..., Rig]) -> Rig:
+    return rig_for()
+
+
+async def test_statuses_move_with_the_relay_and_fire_one_final_event(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """Each status change is recorded in order; only the final one fires a webhook event."""
+    rig.register("t1", metadata={"user": 7})
+    relay.set("luma", "t1", "SUBMITTED", "10%")
+    await rig.cycle()
+    relay.set("luma", "t1", "IN_PROGRESS", "45%")
+    await rig.cycle(advance=1)
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    await rig.cycle(advance=1)
+
+    task = rig.task("t1")
+    assert "completed" == task.status
+    assert 100 == task.progress
+    assert "100%" == task.upstream_progress
+    assert task.finished_at is not None
+    assert [("pending", "queued"), ("queued", "in_progress"), ("in_progress", "completed")] == [
+        (t.from_status, t.to_status) for t in task.transitions
+    ]
+    [event] = rig.outbox()
+    assert "task.completed" == event.event_type
+    assert '"metadata":{"user":7}' in event.payload
+    assert '"previous_status":"in_progress"' in event.payload
+
+
+async def test_failure_carries_the_relay_reason(rig: Rig, relay: SimulatedRelay) -> None:
+    """A FAILURE becomes failed with fail_reason, and one task.failed event."""
+    rig.register("t1")
+    relay.set("luma", "t1", "FAILURE", "100%", fail_reason="content policy")
+    await rig.cycle()
+
+    task = rig.task("t1")
+    assert ("failed", "content policy") == (task.status, task.fail_reason)
+    assert ["task.failed"] == [e.event_type for e in rig.outbox()]
+
+
+async def test_unchanged_answers_write_no_task_row(rig: Rig, relay: SimulatedRelay) -> None:
+    """A task whose state did not change keeps its updated_at: no row write beyond scheduling."""
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "30%")
+    await rig.cycle()
+    before = rig.task("t1").updated_at
+    await rig.cycle(advance=30)
+    await rig.cycle(advance=30)
+
+    assert before == rig.task("t1").updated_at
+    assert 3 == len(relay.requests)
+
+
+async def test_final_tasks_are_never_asked_again(rig: Rig, relay: SimulatedRelay) -> None:
+    """Once final, a task is left alone even when the relay later says otherwise."""
+    rig.register("t1")
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    await rig.cycle()
+    relay.set("luma", "t1", "IN_PROGRESS", "10%")
+    relay.clear_requests()
+    await rig.cycle(advance=600)
+
+    assert [] == relay.requests
+    assert "completed" == rig.task("t1").status
+
+
+async def test_batches_respect_batch_size_and_concurrency(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """250 due ids go out as requests of at most batch_size ids, at most concurrency at once."""
+    rig = rig_for(poll={"batch_size": 40, "concurrency": 2})
+    relay.slow_seconds = 0.05
+    relay.fail_next("slow", 7)
+    rig.register(*(f"id-{n}" for n in range(250)))
+    report = await rig.cycle()
+
+    sizes = [len(r.json_body["ids"]) for r in relay.requests]
+    assert 250 == sum(sizes)
+    assert max(sizes) <= 40
+    assert 7 == report.requests
+    assert 2 == rig.transport.peak
+    assert all(r.headers["authorization"] == "Bearer sk-sim" for r in relay.requests)
+
+
+@pytest.mark.parametrize("fault", ["http_500", "http_429", "code_error", "bad_json", "wrong_shape"])
+async def test_relay_errors_change_nothing_and_ask_again_next_cycle(
+    rig: Rig, relay: SimulatedRelay, fault: str
+) -> None:
+    """An unusable answer changes no task, is logged with what the relay said, and is retried."""
+    rig.register("t1")
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    relay.fail_next(fault)
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    assert 1 == report.errors
+    assert "pending" == rig.task("t1").status
+    assert [] == rig.outbox()
+    [line] = [entry for entry in logs if entry["event"] == "upstream_error"]
+    assert line["log_level"] == "warning"
+    assert line["error"]
+    assert "sk-sim" not in str(logs)
+
+    await rig.cycle(advance=rig.settings.poll.interval)
+    assert "completed" == rig.task("t1").status
+
+
+async def test_relay_timeout_changes_nothing(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A relay slower than [upstream].timeout counts as an error, not as an answer."""
+    rig = rig_for(upstream={"timeout": 0.2})
+    relay.slow_seconds = 1.0
+    relay.fail_next("slow")
+    rig.register("t1")
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    assert 1 == report.errors
+    assert "pending" == rig.task("t1").status
+    assert any("timeout" in str(e.get("error")) for e in logs)
+
+
+async def test_unknown_words_are_stored_and_logged_but_never_finish(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """UNKNOWN or an unlisted word is kept as upstream_status and changes no status."""
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "20%")
+    await rig.cycle()
+    relay.set("luma", "t1", "WEIRD_STATE", "20%")
+    with capture_logs() as logs:
+        await rig.cycle(advance=10)
+
+    task = rig.task("t1")
+    assert ("in_progress", "WEIRD_STATE") == (task.status, task.upstream_status)
+    assert any(e["event"] == "unknown_upstream_status" for e in logs)
+
+
+async def test_tasks_are_given_up_after_give_up_after(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A task not final after give_up_after fails with a reason saying so, without asking."""
+    rig = rig_for(poll={"give_up_after": 100})
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "20%")
+    await rig.cycle()
+    relay.clear_requests()
+    await rig.cycle(advance=101)
+
+    task = rig.task("t1")
+    assert "failed" == task.status
+    assert "gave up after 100 s" in task.fail_reason
+    assert [] == relay.requests
+    assert ["task.failed"] == [e.event_type for e in rig.outbox()]
+
+
+async def test_ids_missing_upstream_fail_only_after_not_found_after(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """An id the relay leaves out is not failed at once, but after not_found_after seconds."""
+    relay.auto_create = False
+    rig = rig_for(poll={"not_found_after": 60})
+    rig.register("ghost", "back")
+    await rig.cycle()
+    relay.add("luma", "back")
+    relay.set("luma", "back", "QUEUED", "0%")
+    await rig.cycle(advance=30)
+    assert "pending" == rig.task("ghost").status
+    await rig.cycle(advance=31)
+
+    assert ("failed", NOT_FOUND_REASON) == (rig.task("ghost").status, rig.task("ghost").fail_reason)
+    assert "queued" == rig.task("back").status
+
+
+async def test_due_order_not_id_order(rig_for: Callable[..., Rig], relay: SimulatedRelay) -> None:
+    """Tasks are asked about in due-time order, whatever order they were registered in."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    start = rig.clock.now()
+    for offset, task_id in ((30, "late"), (10, "early"), (20, "middle")):
+        rig.store.register(Registration("luma", [task_id]), start + timedelta(seconds=offset))
+    rig.clock.advance(40)
+    await rig.cycle()
+
+    assert ["early", "middle", "late"] == [r.json_body["ids"][0] for r in relay.requests]
+
+
+async def test_quiet_tasks_back_off_and_moving_ones_do_not(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A task that does not move is asked less and less often, never beyond max_interval."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 20})
+    rig.register("quiet")
+    relay.set("luma", "quiet", "IN_PROGRESS", "50%")
+    for _ in range(300):
+        await rig.cycle(advance=1)
+
+    asked = len(relay.requests)
+    assert 300 / 20 <= asked < 300 / 4
+
+
+async def test_started_and_progress_events_when_configured(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """With task.started and task.progress enabled, each fires once per move."""
+    rig = rig_for(
+        webhooks={"events": ["task.completed", "task.failed", "task.started", "task.progress"]}
+    )
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "10%")
+    await rig.cycle()
+    relay.set("luma", "t1", "IN_PROGRESS", "60%")
+    await rig.cycle(advance=5)
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    await rig.cycle(advance=5)
+
+    assert ["task.started", "task.progress", "task.completed"] == [
+        e.event_type for e in rig.outbox()
+    ]
+
+
+async def test_registration_events_narrow_but_never_drop_finals(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A registration asking for no extra events still gets its final event."""
+    rig = rig_for(webhooks={"events": ["task.completed", "task.failed", "task.started"]})
+    rig.register("t1", events=("task.progress",))
+    relay.set("luma", "t1", "IN_PROGRESS", "10%")
+    await rig.cycle()
+    relay.set("luma", "t1", "FAILURE", "")
+    await rig.cycle(advance=5)
+
+    assert ["task.failed"] == [e.event_type for e in rig.outbox()]
+
+
+async def test_tasks_of_an_unconfigured_platform_are_kept(rig: Rig) -> None:
+    """Tasks whose platform left the config are logged and kept, not failed."""
+    rig.register("t1", platform="gone")
+    with capture_logs() as logs:
+        await rig.cycle()
+
+    assert "pending" == rig.task("t1", platform="gone").status
+    assert any(e["event"] == "unknown_platform" for e in logs)
+
+
+async def test_one_log_line_per_cycle(rig: Rig, relay: SimulatedRelay) -> None:
+    """Every cycle logs one poll_cycle line with its figures."""
+    rig.register("a", "b")
+    with capture_logs() as logs:
+        await rig.cycle()
+
+    [line] = [e for e in logs if e["event"] == "poll_cycle"]
+    assert (2, 1, 0) == (line["claimed"], line["requests"], line["errors"])
