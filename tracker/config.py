@@ -25,6 +25,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 
 DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 DEFAULT_EVENTS = ("task.completed", "task.failed")
+DEFAULT_MAX_INTERVAL = 120.0
 
 Seconds = Annotated[float, Strict(), Field(gt=0)]
 Count = Annotated[StrictInt, Field(ge=1)]
@@ -103,7 +104,17 @@ class PollSettings(_Section):
     concurrency: Annotated[StrictInt, Field(ge=1, le=256)] = 4
     give_up_after: Seconds = 86400.0
     not_found_after: Seconds = 600.0
+    #: default 120, or interval when that is longer
     max_interval: Seconds = 120.0
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_max_interval(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_interval" not in data:
+            interval = data.get("interval")
+            if isinstance(interval, int | float) and interval > DEFAULT_MAX_INTERVAL:
+                return {**data, "max_interval": interval}
+        return data
 
     @pydantic.model_validator(mode="after")
     def _max_at_least_interval(self) -> PollSettings:
