@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, StrictInt, StrictStr
 
-from tracker import status
+from tracker import signing, status
 
 # Environment variables that override a key, so secrets can live outside the config file
 # (systemd's EnvironmentFile=).
@@ -135,10 +135,21 @@ class PlatformSettings(_Section):
     statuses: dict[StrictStr, status.TaskStatus] = Field(default_factory=dict)
 
 
+def _signing_secret(value: SecretStr) -> SecretStr:
+    try:
+        signing.decode_secret(value.get_secret_value())
+    except ValueError:
+        raise ValueError("must be a Standard Webhooks secret: whsec_ followed by base64") from None
+    return value
+
+
+SigningSecret = Annotated[SecretStr, pydantic.AfterValidator(_signing_secret)]
+
+
 class PreviousSecret(_Section):
     """A rotated-out secret that keeps signing until it expires."""
 
-    secret: SecretStr
+    secret: SigningSecret
     expires_at: datetime
 
     @pydantic.field_validator("expires_at")
@@ -153,7 +164,7 @@ class EndpointSettings(_Section):
     """[webhooks.endpoints.NAME]: a named webhook target with its own secret."""
 
     url: HttpUrl
-    secret: SecretStr
+    secret: SigningSecret
     previous_secrets: tuple[PreviousSecret, ...] = ()
     events: tuple[StrictStr, ...] | None = None
     rate_limit: Seconds | None = None
@@ -164,7 +175,7 @@ class WebhookSettings(_Section):
     """[webhooks]: where and how events are delivered."""
 
     url: HttpUrl | None = None
-    secret: SecretStr
+    secret: SigningSecret
     previous_secrets: tuple[PreviousSecret, ...] = ()
     retry_delays: Annotated[tuple[Seconds, ...], Field(min_length=1)] = DEFAULT_RETRY_DELAYS
     timeout: Seconds = 15.0
