@@ -1,0 +1,78 @@
+"""Adapter for midjourney-proxy's batch query (`POST /mj/task/list-by-condition`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from tracker.platforms.base import (
+    CANCELED_WORDS,
+    Platform,
+    new_api_items,
+    read_json,
+    read_progress,
+    reason_of,
+    task_id_of,
+)
+from tracker.status import Observation, TaskStatus
+
+#: midjourney-proxy's TaskStatus (novicezk and trueai-org), plus the cancel spellings.
+#: MODAL waits for the user to submit a remix/zoom dialog: running, never final.
+MIDJOURNEY_STATUSES: Mapping[str, TaskStatus] = {
+    "NOT_START": TaskStatus.QUEUED,
+    "SUBMITTED": TaskStatus.QUEUED,
+    "QUEUED": TaskStatus.QUEUED,
+    "IN_PROGRESS": TaskStatus.IN_PROGRESS,
+    "MODAL": TaskStatus.IN_PROGRESS,
+    "SUCCESS": TaskStatus.COMPLETED,
+    "FAILURE": TaskStatus.FAILED,
+    **CANCELED_WORDS,
+}
+
+
+def observe_midjourney_item(platform: Platform, item: Mapping[str, Any]) -> Observation | None:
+    """An Observation from one camelCase midjourney-proxy task; None without an `id`."""
+    task_id = task_id_of(item.get("id"))
+    if task_id is None:
+        return None
+    word = item.get("status")
+    # A failed task has progress "": no number, but the upstream text is kept as sent.
+    progress, upstream_progress = read_progress(item.get("progress"))
+    return Observation(
+        task_id=task_id,
+        upstream_status=word if isinstance(word, str) else "",
+        status=platform.normalise(word),
+        progress=progress,
+        upstream_progress=upstream_progress,
+        fail_reason=reason_of(item.get("failReason")),
+        result=dict(item),
+    )
+
+
+class Midjourney(Platform):
+    """`POST {path} {"ids": [...]}` answering a bare array of tasks (or one in a new-api envelope).
+
+    Times (`submitTime`, `startTime`, `finishTime`) are unix milliseconds; none are read.
+    Authentication is the upstream's: `auth = "mj-api-secret"` for a midjourney-proxy itself.
+    """
+
+    style: ClassVar[str] = "midjourney"
+
+    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+        """Ask for ``ids`` in one request."""
+        response = await client.post(
+            self.upstream.url(self.path),
+            json={"ids": list(ids)},
+            headers=self.upstream.headers(),
+            timeout=self.upstream.timeout,
+        )
+        body = read_json(response)
+        observations = []
+        for item in new_api_items(body, status_code=response.status_code):
+            if isinstance(item, dict):
+                observation = observe_midjourney_item(self, item)
+                if observation is not None:
+                    observations.append(observation)
+        return observations

@@ -1,0 +1,206 @@
+"""Adapters for relays of the new-api / one-api family (`{code, message, data}` envelopes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from tracker.platforms.base import (
+    CANCELED_WORDS,
+    PerIdPlatform,
+    Platform,
+    UpstreamError,
+    new_api_items,
+    observe_new_api_item,
+    positive_seconds,
+    read_json,
+    read_progress,
+    reason_of,
+    task_id_of,
+    try_json,
+)
+from tracker.status import Observation, TaskStatus
+
+#: The new-api task status enum (model/task.go), shared by its batch and per-id endpoints.
+#: UNKNOWN is left out on purpose: it is not final and says nothing about progress.
+NEW_API_STATUSES: Mapping[str, TaskStatus] = {
+    "NOT_START": TaskStatus.QUEUED,
+    "SUBMITTED": TaskStatus.QUEUED,
+    "QUEUED": TaskStatus.QUEUED,
+    "IN_PROGRESS": TaskStatus.IN_PROGRESS,
+    "SUCCESS": TaskStatus.COMPLETED,
+    "FAILURE": TaskStatus.FAILED,
+}
+
+#: Luma's own `state` words: the web wrapper's pending/processing and the official API's
+#: queued/dreaming, for relays that answer with a bare array of raw Luma objects.
+LUMA_STATES: Mapping[str, TaskStatus] = {
+    "pending": TaskStatus.QUEUED,
+    "queued": TaskStatus.QUEUED,
+    "processing": TaskStatus.IN_PROGRESS,
+    "dreaming": TaskStatus.IN_PROGRESS,
+    "completed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+}
+
+#: new-api's OpenAI-video view (dto/openai_video.go); its `unknown` stays unknown on purpose.
+OPENAI_VIDEO_STATUSES: Mapping[str, TaskStatus] = {
+    "queued": TaskStatus.QUEUED,
+    "in_progress": TaskStatus.IN_PROGRESS,
+    "completed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+}
+
+#: Kling's `task_status`, for one-hub, which serves the stored raw Kling answer.
+KLING_STATUSES: Mapping[str, TaskStatus] = {
+    "submitted": TaskStatus.QUEUED,
+    "processing": TaskStatus.IN_PROGRESS,
+    "succeed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+}
+
+#: `newapi-batch` (luma, suno): the new-api enum, cancel words, Luma's raw states.
+NEWAPI_BATCH_STATUSES: Mapping[str, TaskStatus] = {
+    **NEW_API_STATUSES,
+    **CANCELED_WORDS,
+    **LUMA_STATES,
+}
+
+#: `newapi-single` (video, kling): the new-api enum, cancel words, OpenAI-video and Kling words.
+NEWAPI_SINGLE_STATUSES: Mapping[str, TaskStatus] = {
+    **NEW_API_STATUSES,
+    **CANCELED_WORDS,
+    **OPENAI_VIDEO_STATUSES,
+    **KLING_STATUSES,
+}
+
+# new-api answers an unknown id on a per-id endpoint with HTTP 400 and this code.
+TASK_NOT_EXIST = "task_not_exist"
+
+
+def _wait_hint(item: Mapping[str, Any]) -> float | None:
+    vendor = item.get("data")
+    if isinstance(vendor, dict):
+        return positive_seconds(vendor.get("estimate_wait_seconds"))
+    return None
+
+
+def _observe_raw_luma(platform: Platform, item: Mapping[str, Any]) -> Observation | None:
+    """A raw Luma generation object, as some relays return from `/luma/tasks` (no TaskDto)."""
+    task_id = task_id_of(item.get("id"))
+    word = item.get("state")
+    if task_id is None or not isinstance(word, str):
+        return None
+    progress, upstream_progress = read_progress(item.get("progress"))
+    return Observation(
+        task_id=task_id,
+        upstream_status=word,
+        status=platform.normalise(word),
+        progress=progress,
+        upstream_progress=upstream_progress,
+        fail_reason=reason_of(item.get("failure_reason") or item.get("state_reason")),
+        result=dict(item),
+        wait_hint=positive_seconds(item.get("estimate_wait_seconds")),
+    )
+
+
+class NewApiBatch(Platform):
+    """`POST {path} {"ids": [...]}` answering many tasks at once (Luma, Suno).
+
+    The top-level `status` of each TaskDto is the truth: the vendor object in `data` (a Luma
+    object, a list of Suno clips) can lag behind it (new-api#5715). Times may be ISO strings or
+    unix seconds; none are read, the item is kept whole as the result.
+    """
+
+    style: ClassVar[str] = "newapi-batch"
+
+    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+        """Ask for ``ids`` in one request."""
+        response = await client.post(
+            self.upstream.url(self.path),
+            json={"ids": list(ids)},
+            headers=self.upstream.headers(),
+            timeout=self.upstream.timeout,
+        )
+        body = read_json(response)
+        observations = []
+        for item in new_api_items(body, status_code=response.status_code):
+            if not isinstance(item, dict):
+                continue
+            if "task_id" not in item and "state" in item:
+                observation = _observe_raw_luma(self, item)
+            else:
+                observation = observe_new_api_item(self, item, wait_hint=_wait_hint(item))
+            if observation is not None:
+                observations.append(observation)
+        return observations
+
+
+def _says_not_exist(body: object) -> bool:
+    return isinstance(body, dict) and TASK_NOT_EXIST in (body.get("code"), body.get("message"))
+
+
+class NewApiSingle(PerIdPlatform):
+    """`GET {path}` per id with the `{code, message, data: TaskDto}` envelope (video, Kling).
+
+    Also read: one-hub's raw Kling answer (`{code: 0, data: {task_status, ...}}`) and the
+    OpenAI video object (`{object: "video", status, progress, error}`) of `/v1/videos/{id}`.
+    HTTP 404, or a `task_not_exist` code (new-api sends it with HTTP 400), means "no such id".
+    """
+
+    style: ClassVar[str] = "newapi-single"
+
+    def read_one(self, task_id: str, response: httpx.Response) -> Observation | None:
+        """Read one answer; None when the relay does not know ``task_id``."""
+        if response.status_code == 404:
+            return None
+        if response.status_code == 400 and _says_not_exist(try_json(response)):
+            return None
+        body = read_json(response)
+        if not isinstance(body, dict):
+            raise UpstreamError(
+                f"answer is not an object: {type(body).__name__}", status_code=response.status_code
+            )
+        if _says_not_exist(body):
+            return None
+        code, data = body.get("code"), body.get("data")
+        if code == "success":
+            if not isinstance(data, dict):
+                raise UpstreamError(
+                    f"'data' is {type(data).__name__}, not a task object",
+                    status_code=response.status_code,
+                )
+            return observe_new_api_item(self, data, wait_hint=_wait_hint(data), task_id=task_id)
+        if code == 0 and isinstance(data, dict) and "task_status" in data:
+            return self._observe_kling(task_id, data)
+        if "code" not in body and body.get("object") == "video":
+            return self._observe_openai_video(task_id, body)
+        raise UpstreamError(
+            f"code {code!r}: {body.get('message') or '(no message)'}",
+            status_code=response.status_code,
+        )
+
+    def _observe_kling(self, task_id: str, data: Mapping[str, Any]) -> Observation:
+        word = data.get("task_status")
+        return Observation(
+            task_id=task_id,
+            upstream_status=word if isinstance(word, str) else "",
+            status=self.normalise(word),
+            fail_reason=reason_of(data.get("task_status_msg")),
+            result=dict(data),
+        )
+
+    def _observe_openai_video(self, task_id: str, body: Mapping[str, Any]) -> Observation:
+        word = body.get("status")
+        progress, upstream_progress = read_progress(body.get("progress"))
+        return Observation(
+            task_id=task_id,
+            upstream_status=word if isinstance(word, str) else "",
+            status=self.normalise(word),
+            progress=progress,
+            upstream_progress=upstream_progress,
+            fail_reason=reason_of(body.get("error")),
+            result=dict(body),
+        )
