@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from tracker import api, clock, config, logs
+from tracker.store.sql import SchemaMismatchError
 
 #: exit codes scripts can rely on
 EXIT_OK = 0
@@ -82,10 +83,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- operator commands -----------------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace, *, create: bool = True) -> Any:
     from tracker.store import SqlStore  # noqa: PLC0415
 
-    return SqlStore.from_url(_load(args).database.url)
+    store = SqlStore.from_url(_load(args).database.url)
+    if create:
+        # The daemon creates the same tables at start; doing it here lets the operator
+        # commands run before the first start too.
+        store.create_schema()
+    return store
 
 
 def cmd_tasks_add(args: argparse.Namespace) -> int:
@@ -112,7 +118,6 @@ def cmd_tasks_add(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
     store = _store(args)
-    store.create_schema()
     new, existing = store.register(registration, clock.SystemClock().now())
     out = sys.stdout
     if _wants_json(args, out):
@@ -188,7 +193,7 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     """Integrity and schema version."""
     from tracker.store.models import SCHEMA_VERSION  # noqa: PLC0415
 
-    store = _store(args)
+    store = _store(args, create=False)
     found = store.schema_version()
     problems = store.integrity_problems()
     if found != SCHEMA_VERSION:
@@ -321,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
+    except SchemaMismatchError as exc:
+        print(f"database error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     return code

@@ -41,7 +41,7 @@ HttpUrl = Annotated[StrictStr, pydantic.AfterValidator(_http_url)]
 Style = Literal["newapi-batch", "newapi-single", "midjourney", "replicate"]
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """The configuration is not usable; the message lists every problem by key."""
 
     def __init__(self, problems: list[str]) -> None:
