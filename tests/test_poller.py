@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -357,3 +358,98 @@ async def test_one_log_line_per_cycle(rig: Rig, relay: SimulatedRelay) -> None:
 
     [line] = [e for e in logs if e["event"] == "poll_cycle"]
     assert (2, 1, 0) == (line["claimed"], line["requests"], line["errors"])
+
+
+async def test_moving_tasks_are_polled_every_interval(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A task whose progress moves on every answer keeps being asked every interval."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 20})
+    rig.register("busy")
+    for second in range(60):
+        relay.set("luma", "busy", "IN_PROGRESS", f"{second + 1}%")
+        await rig.cycle(advance=1)
+
+    assert 60 == len(relay.requests)
+
+
+async def test_upstream_wait_hint_postpones_the_next_poll(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """estimate_wait_seconds moves the next poll later, capped at max_interval."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 30})
+    relay.luma_estimate_wait = 25
+    rig.register("hinted")
+    relay.set("luma", "hinted", "IN_PROGRESS", "5%")
+    await rig.cycle()
+    for _ in range(24):
+        await rig.cycle(advance=1)
+    assert 1 == len(relay.requests)
+    await rig.cycle(advance=1)
+
+    assert 2 == len(relay.requests)
+
+
+@pytest.mark.parametrize("platform", ["luma", "suno", "midjourney", "video", "kling", "replicate"])
+async def test_every_builtin_platform_reaches_a_final_status(
+    rig: Rig, relay: SimulatedRelay, platform: str
+) -> None:
+    """Each built-in platform's adapter reads the simulated relay's answers to the end."""
+    rig.register("ok-1", "ok-2", platform=platform)
+    rig.register("x-fail", platform=platform)
+    await rig.cycle()
+
+    assert "completed" == rig.task("ok-1", platform).status
+    assert "completed" == rig.task("ok-2", platform).status
+    failed = rig.task("x-fail", platform)
+    assert "failed" == failed.status
+    assert failed.fail_reason
+    assert 3 == len(rig.outbox())
+
+
+async def test_canceled_midjourney_task_fires_task_canceled(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """CANCEL is final: status canceled and a task.canceled event."""
+    rig.register("c1", platform="midjourney")
+    relay.set("midjourney", "c1", "CANCEL", "")
+    await rig.cycle()
+
+    assert "canceled" == rig.task("c1", "midjourney").status
+    assert ["task.canceled"] == [e.event_type for e in rig.outbox()]
+
+
+async def test_per_id_platforms_respect_concurrency_and_rate_limit(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Per-id polling sends one request per id, at most concurrency at once, rate_limit per s."""
+    rig = rig_for(poll={"concurrency": 3}, platforms={"video": {"rate_limit": 20}})
+    rig.register(*(f"v{n}" for n in range(8)), platform="video")
+    await rig.cycle()
+
+    paths = sorted(r.path for r in relay.requests)
+    assert [f"/v1/video/generations/v{n}" for n in range(8)] == paths
+    assert rig.transport.peak <= 3
+    starts = sorted(r.at for r in relay.requests)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.04  # 20 requests per second, with a little clock slack
+
+
+async def test_custom_platform_from_config_only(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A reseller path is a config change: a custom platform with its own status word."""
+    rig = rig_for(
+        platforms={
+            "my-luma": {
+                "style": "newapi-batch",
+                "path": "/luma/tasks",
+                "statuses": {"WEIRD": "completed"},
+            }
+        }
+    )
+    rig.register("m1", platform="my-luma")
+    relay.set("luma", "m1", "WEIRD", "")
+    await rig.cycle()
+
+    assert "completed" == rig.task("m1", "my-luma").status

@@ -194,7 +194,7 @@ def _progress_int(progress: str) -> int:
     return 0
 
 
-def _luma_item(snap: _Snapshot, *, int_times: bool) -> dict[str, Any]:
+def _luma_item(snap: _Snapshot, *, int_times: bool, wait: float | None = None) -> dict[str, Any]:
     video = None
     if snap.status == "SUCCESS":
         video = {
@@ -225,7 +225,7 @@ def _luma_item(snap: _Snapshot, *, int_times: bool) -> dict[str, Any]:
             "video": video,
             "liked": None,
             "created_at": _iso(snap.created, "microseconds"),
-            "estimate_wait_seconds": None,
+            "estimate_wait_seconds": wait if snap.status not in _FINISHED else None,
         },
     }
 
@@ -429,6 +429,8 @@ class SimulatedRelay:
         self.host = host
         self.luma_bare_array = False
         self.luma_int_times = False
+        #: what Luma items say in data.estimate_wait_seconds while not finished
+        self.luma_estimate_wait: float | None = None
         self.slow_seconds = 2.0
         self._port = port
         self._lock = threading.Lock()
@@ -649,12 +651,13 @@ class SimulatedRelay:
             snaps = [s for i in dict.fromkeys(ids) if (s := self._lookup(family, i, now))]
             self._rng.shuffle(snaps)
             bare_luma, int_times = self.luma_bare_array, self.luma_int_times
+            wait = self.luma_estimate_wait
         if family == "midjourney":
             return _json_answer(200, [_mj_item(s) for s in snaps])
         if family == "suno":
             items = [_suno_item(s) for s in snaps]
         else:
-            items = [_luma_item(s, int_times=int_times) for s in snaps]
+            items = [_luma_item(s, int_times=int_times, wait=wait) for s in snaps]
             if bare_luma:
                 return _json_answer(200, items)
         return _json_answer(200, {"code": "success", "message": "", "data": items})
