@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, cast
+
+from tracker.loopback import LoopbackServer, QuietHandler
 
 CHUNK_SIZE: Final = 64 * 1024
 # Statuses that carry no body, so no Content-Length either.
@@ -50,34 +47,10 @@ class Received:
 Verify = Callable[[bytes, Mapping[str, str]], object]
 
 
-class _ReceiverHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    receiver: WebhookReceiver
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up mid-answer is what some tests do on purpose.
-        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
-            super().handle_error(request, client_address)
-
-
-class _ReceiverHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    # Buffered so the status line, headers and a small body leave in one send.
-    wbufsize = CHUNK_SIZE
-    server: _ReceiverHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.receiver._track(self.connection, open_=True)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.receiver._track(self.connection, open_=False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Stay quiet: tests and benchmarks own stderr."""
+class _ReceiverHandler(QuietHandler):
+    @property
+    def _owner(self) -> WebhookReceiver:
+        return cast("WebhookReceiver", self.server.owner)
 
     def do_POST(self) -> None:
         self._serve()
@@ -109,7 +82,7 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
-        reply = self.server.receiver._take(self.command, self.path, headers, body)
+        reply = self._owner._take(self.command, self.path, headers, body)
         try:
             if reply.delay > 0:
                 time.sleep(reply.delay)
@@ -138,13 +111,16 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
             remaining -= CHUNK_SIZE
 
 
-class WebhookReceiver:
+class WebhookReceiver(LoopbackServer):
     """Records every request on 127.0.0.1 and answers from a queue of scripted replies.
 
     Replies queued with `reply` are consumed one per request; then `default` (204) answers.
     A request `verify` rejects gets 400 without consuming the queue. `record_limit` keeps only
     the newest N requests (for long benchmarks); `count` and `wait_for` still count them all.
     """
+
+    handler = _ReceiverHandler
+    kind = "webhook receiver"
 
     def __init__(
         self,
@@ -156,81 +132,17 @@ class WebhookReceiver:
         record_limit: int | None = None,
     ) -> None:
         self.verify = verify
-        self.host = host
         self.on_receive = on_receive
         self.default = Reply()
-        self._port = port
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         self._arrived = threading.Condition(self._lock)
         self._replies: deque[Reply] = deque()
         self._received: deque[Received] = deque(maxlen=record_limit)
         self._count = 0
-        self._server: _ReceiverHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Bind (the same port again after a stop) and serve in a background thread."""
-        if self._server is not None:
-            return self
-        server = _ReceiverHTTPServer((self.host, self._port), _ReceiverHandler)
-        server.receiver = self
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and cut open keep-alive connections."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        thread.join()
-        self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the webhook receiver is not running; call start() first")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/hooks"
-
-    def _track(self, conn: socket.socket, *, open_: bool) -> None:
-        with self._lock:
-            if open_:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
 
     # -- scripting and inspection ----------------------------------------------------------
 

@@ -8,17 +8,15 @@ import functools
 import json
 import math
 import random
-import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, cast
+
+from tracker.loopback import LoopbackServer, QuietHandler
 
 FAMILIES: Final = frozenset({"luma", "suno", "midjourney", "video", "kling", "replicate"})
 FAULT_KINDS: Final = frozenset(
@@ -335,34 +333,10 @@ def _prediction(snap: _Snapshot, base_url: str) -> dict[str, Any]:
     }
 
 
-class _RelayHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    relay: SimulatedRelay
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client hanging up mid-answer is routine here; anything else is a bug worth seeing.
-        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
-            super().handle_error(request, client_address)
-
-
-class _RelayHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    # Buffered so the status line, headers and a small body leave in one send.
-    wbufsize = 64 * 1024
-    server: _RelayHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.relay._track(self.connection, open_=True)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.relay._track(self.connection, open_=False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Stay quiet: tests and the demo own stderr."""
+class _RelayHandler(QuietHandler):
+    @property
+    def _owner(self) -> SimulatedRelay:
+        return cast("SimulatedRelay", self.server.owner)
 
     def do_GET(self) -> None:
         self._serve()
@@ -383,7 +357,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
-        status, body, content_type, extra = self.server.relay._answer(
+        status, body, content_type, extra = self._owner._answer(
             self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, raw
         )
         self.send_response(status)
@@ -403,7 +377,7 @@ def _json_answer(status: int, payload: object, extra: dict[str, str] | None = No
     return status, body, "application/json", extra or {}
 
 
-class SimulatedRelay:
+class SimulatedRelay(LoopbackServer):
     """A relay on 127.0.0.1 whose tasks walk through scripted statuses, with injectable faults.
 
     A task advances one script step every `step` seconds from when it was created (`step=0`
@@ -411,6 +385,9 @@ class SimulatedRelay:
     requests whatever their path, before authentication is checked; `slow` delays the answer
     and then serves the request normally. `requests` keeps the newest `record_limit` requests.
     """
+
+    handler = _RelayHandler
+    kind = "simulated relay"
 
     def __init__(
         self,
@@ -426,14 +403,12 @@ class SimulatedRelay:
         self.api_key = api_key
         self.step = step
         self.auto_create = auto_create
-        self.host = host
         self.luma_bare_array = False
         self.luma_int_times = False
         #: what Luma items say in data.estimate_wait_seconds while not finished
         self.luma_estimate_wait: float | None = None
         self.slow_seconds = 2.0
-        self._port = port
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         # Order shuffling is for realism, not security.
         self._rng = random.Random(seed)  # noqa: S311
         self._tasks: dict[tuple[str, str], _Task] = {}
@@ -442,72 +417,10 @@ class SimulatedRelay:
         # Bounded so a benchmark's thousands of 1000-id batches do not eat the memory; 0 = off.
         self._requests: deque[RecordedRequest] = deque(maxlen=record_limit)
         self._next_row_id = 1
-        self._server: _RelayHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Bind (the same port again after a stop) and serve in a background thread."""
-        if self._server is not None:
-            return self
-        server = _RelayHTTPServer((self.host, self._port), _RelayHandler)
-        server.relay = self
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and cut open keep-alive connections so clients see the relay go away."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        thread.join()
-        self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the simulated relay is not running; call start() first")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
         return self.base_url
-
-    def _track(self, conn: socket.socket, *, open_: bool) -> None:
-        with self._lock:
-            if open_:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
 
     # -- scripting ---------------------------------------------------------------------------
 
