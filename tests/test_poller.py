@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -10,6 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from conftest import base_config, merge
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tracker import config, events, platforms
@@ -453,3 +457,54 @@ async def test_custom_platform_from_config_only(
     await rig.cycle()
 
     assert "completed" == rig.task("m1", "my-luma").status
+
+
+RELAY_WORDS = ["NOT_START", "SUBMITTED", "QUEUED", "IN_PROGRESS", "SUCCESS", "FAILURE",
+               "UNKNOWN", "CANCELLED", "something-new"]  # fmt: skip
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(answers=st.lists(st.sampled_from(RELAY_WORDS), min_size=1, max_size=8))
+def test_no_answer_sequence_reopens_a_final_task_or_fires_two_final_events(
+    relay: SimulatedRelay, tmp_path_factory: pytest.TempPathFactory, answers: list[str]
+) -> None:
+    """Whatever the relay answers, in whatever order, through the real store: one final event."""
+    db = tmp_path_factory.mktemp("prop") / "t.db"
+    document = base_config(relay.base_url, "http://127.0.0.1:9/h", f"sqlite:///{db}")
+    settings = config.parse(
+        merge(document, {"poll": {"interval": 1, "max_interval": 1}}), environ={}
+    )
+    store = SqlStore.from_url(settings.database.url)
+    store.create_schema()
+
+    async def scenario() -> list[str]:
+        rig = Rig(settings, store)
+        rig.register("p1")
+        seen = []
+        for word in answers:
+            relay.set("luma", "p1", word, "50%")
+            await rig.cycle(advance=1)
+            seen.append(rig.task("p1").status)
+        await rig.client.aclose()
+        return seen
+
+    try:
+        statuses = asyncio.run(scenario())
+        with store.engine.connect() as conn:
+            events_written = [r.event_type for r in conn.execute(sa.select(deliveries))]
+        history = store.get("luma", "p1")
+    finally:
+        store.close()
+    assert history is not None
+    final_statuses = {"completed", "failed", "canceled"}
+    first_final = next((i for i, s in enumerate(statuses) if s in final_statuses), None)
+    if first_final is None:
+        assert [] == events_written
+    else:
+        assert len(set(statuses[first_final:])) == 1  # never leaves its final status
+        assert 1 == len(events_written)
+        assert 1 == sum(t.to_status in final_statuses for t in history.transitions)
