@@ -17,15 +17,15 @@ from tracker.receiver import WebhookReceiver
 from tracker.simulator import SimulatedRelay
 from tracker.store import SqlStore
 
-# Just ensuring the tests are not polluted by the environment.
-for _name in list(os.environ):
-    if _name.startswith("TRACKER_"):
-        del os.environ[_name]
-
 #: the machine's PostgreSQL server (trust auth); tests create and drop their own databases
 PG_ADMIN_URL = os.environ.get(
     "TRACKER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
+
+# Just ensuring the tests are not polluted by the environment.
+for _name in list(os.environ):
+    if _name.startswith("TRACKER_"):
+        del os.environ[_name]
 
 WEBHOOK_SECRET = signing.new_secret()
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel
 
 from tracker.status import FINAL, Snapshot, TaskStatus
@@ -31,6 +32,12 @@ meta = MetaRow.__table__  # type: ignore[attr-defined]
 
 # SQLite's default is to fail at once on a locked database; wait instead.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+# Ids per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
+IN_CHUNK = 1000
+
+# How often register() starts over after losing a race for the same ids.
+REGISTER_TRIES = 3
 
 
 class SchemaMismatchError(Exception):
@@ -116,6 +123,34 @@ class SqlStore:
             return query.with_for_update(skip_locked=True)
         return query
 
+    def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        # Both dialects speak INSERT ... ON CONFLICT, each through its own construct.
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _current(
+        self, conn: sa.Connection, column: sa.Column[Any], pks: set[int]
+    ) -> dict[int, Any]:
+        """``column`` of the rows with these ids, locked until commit (absent ids are gone).
+
+        SQLite needs no row lock: the write transaction (BEGIN IMMEDIATE) already excludes
+        every other writer. PostgreSQL locks in id order, so two writers never deadlock.
+        """
+        table = column.table
+        found: dict[int, Any] = {}
+        ordered = sorted(pks)
+        for start in range(0, len(ordered), IN_CHUNK):
+            query = (
+                sa.select(table.c.id, column)
+                .where(table.c.id.in_(ordered[start : start + IN_CHUNK]))
+                .order_by(table.c.id)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            found.update((row[0], row[1]) for row in conn.execute(query))
+        return found
+
     # -- schema -----------------------------------------------------------------------------
 
     def create_schema(self) -> None:
@@ -156,10 +191,13 @@ class SqlStore:
 
     def set_meta(self, key: str, value: str) -> None:
         """Record a fact about the running daemon (e.g. when the last poll cycle ended)."""
+        upsert = self._insert(meta).values(key=key, value=value)
+        # An upsert: two daemons writing the same key for the first time must not collide.
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[meta.c.key], set_={"value": upsert.excluded.value}
+        )
         with self._write() as conn:
-            done = conn.execute(meta.update().where(meta.c.key == key).values(value=value))
-            if done.rowcount == 0:
-                conn.execute(meta.insert().values(key=key, value=value))
+            conn.execute(upsert)
 
     def get_meta(self, key: str) -> str | None:
         """A fact recorded with set_meta, None when never recorded."""
@@ -180,18 +218,38 @@ class SqlStore:
         self, registration: records.Registration, now: datetime
     ) -> tuple[list[str], list[str]]:
         """Track new ids; returns (registered, existing). Known ids are left untouched."""
+        tries_left = REGISTER_TRIES
+        while True:
+            try:
+                return self._register_once(registration, now)
+            except sa.exc.IntegrityError:
+                # A concurrent request inserted some of these ids between our SELECT and our
+                # INSERT (PostgreSQL; SQLite's writers are serialised). It has committed by
+                # now, so the next try sees those ids as existing.
+                tries_left -= 1
+                if not tries_left:
+                    raise
+
+    def _register_once(
+        self, registration: records.Registration, now: datetime
+    ) -> tuple[list[str], list[str]]:
         ids = list(dict.fromkeys(registration.ids))
+        epoch = _epoch(now)
+        metadata = dict(registration.metadata) if registration.metadata is not None else None
+        events = list(registration.events) if registration.events is not None else None
+        existing: set[str] = set()
         with self._write() as conn:
-            existing = set(
-                conn.execute(
-                    sa.select(tasks.c.task_id).where(
-                        tasks.c.platform == registration.platform, tasks.c.task_id.in_(ids)
-                    )
-                ).scalars()
-            )
+            for start in range(0, len(ids), IN_CHUNK):
+                existing.update(
+                    conn.execute(
+                        sa.select(tasks.c.task_id).where(
+                            tasks.c.platform == registration.platform,
+                            tasks.c.task_id.in_(ids[start : start + IN_CHUNK]),
+                        )
+                    ).scalars()
+                )
             new = [i for i in ids if i not in existing]
             if new:
-                epoch = _epoch(now)
                 conn.execute(
                     tasks.insert(),
                     [
@@ -200,14 +258,10 @@ class SqlStore:
                             "task_id": task_id,
                             "status": TaskStatus.PENDING.value,
                             "fail_reason": "",
-                            "metadata": dict(registration.metadata)
-                            if registration.metadata is not None
-                            else None,
+                            "metadata": metadata,
                             "webhook_url": registration.webhook_url,
                             "endpoint": registration.endpoint,
-                            "events": list(registration.events)
-                            if registration.events is not None
-                            else None,
+                            "events": events,
                             "created_at": now,
                             "updated_at": now,
                             "next_poll_at": epoch,
@@ -322,25 +376,35 @@ class SqlStore:
 
         Each task row is updated only if it still has the status the decision was made on; a
         task that moved or was removed meanwhile keeps its state and gets no history or event.
-        Returns how many tasks were written.
+        Any error rolls the whole call back. Returns how many tasks were written.
         """
         epoch = _epoch(now)
+        planned = [(u, _update_values(u, now, epoch)) for u in updates]
+        planned = [(u, values) for u, values in planned if values or u.outbox]
+        if not planned:
+            return 0
         history: list[dict[str, Any]] = []
         outbox: list[dict[str, Any]] = []
+        # Task updates grouped by the columns they set, so each group is one executemany.
+        pending: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        in_pending: set[int] = set()
         written = 0
         with self._write() as conn:
-            for update in updates:
-                values = _update_values(update, now, epoch)
-                if not values:
-                    continue
+            # The compare-and-set: statuses read under lock, then checked here.
+            current = self._current(conn, tasks.c.status, {u.task.pk for u, _ in planned})
+            for update, values in planned:
                 task = update.task
-                result = conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id == task.pk, tasks.c.status == task.snapshot.status.value)
-                    .values(**values)
-                )
-                if result.rowcount != 1:
+                if current.get(task.pk) != task.snapshot.status.value:
                     continue
+                if values:
+                    if task.pk in in_pending:
+                        # The same task twice in one call: the later update must land last.
+                        _update_tasks(conn, pending)
+                        pending.clear()
+                        in_pending.clear()
+                    pending.setdefault(tuple(sorted(values)), []).append({"pk_": task.pk, **values})
+                    in_pending.add(task.pk)
+                    current[task.pk] = values.get("status", current[task.pk])
                 written += 1
                 change = update.change
                 if change is not None and change.moved:
@@ -372,6 +436,7 @@ class SqlStore:
                     }
                     for entry in update.outbox
                 )
+            _update_tasks(conn, pending)
             if history:
                 conn.execute(transitions.insert(), history)
             if outbox:
@@ -397,6 +462,9 @@ class SqlStore:
                 earlier.c.state == "pending",
                 earlier.c.id < deliveries.c.id,
             )
+            # OFFSET 0 keeps this a per-row subplan on ix_deliveries_task: flattened into an
+            # anti-join, PostgreSQL without fresh statistics chose a quadratic plan (seconds).
+            .offset(0)
             .exists()
         )
         query = self._lock(
@@ -436,10 +504,18 @@ class SqlStore:
         ]
 
     def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
-        """Log attempts and move their deliveries on, in one transaction."""
+        """Log attempts and move their deliveries on, in one transaction.
+
+        A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
+        not fail the results of the whole batch.
+        """
         if not results:
             return
         with self._write() as conn:
+            live = self._current(conn, deliveries.c.id, {r.job.pk for r in results})
+            results = [r for r in results if r.job.pk in live]
+            if not results:
+                return
             conn.execute(
                 attempts.insert(),
                 [
@@ -455,23 +531,21 @@ class SqlStore:
                     for r in results
                 ],
             )
-            for r in results:
-                conn.execute(
-                    deliveries.update()
-                    .where(deliveries.c.id == r.job.pk)
-                    .values(
-                        state=r.state,
-                        attempts=deliveries.c.attempts + 1,
-                        next_attempt_at=r.next_attempt_at
-                        if r.next_attempt_at is not None
-                        else deliveries.c.next_attempt_at,
-                        claimed_until=None,
-                        last_attempt_at=r.at,
-                        last_status_code=r.status_code,
-                        last_error=r.error,
-                        delivered_at=r.at if r.state == "delivered" else None,
-                    )
-                )
+            conn.execute(
+                _FINISH,
+                [
+                    {
+                        "pk_": r.job.pk,
+                        "state_": r.state,
+                        "next_": r.next_attempt_at,
+                        "at_": r.at,
+                        "code_": r.status_code,
+                        "error_": r.error,
+                        "delivered_": r.at if r.state == "delivered" else None,
+                    }
+                    for r in results
+                ],
+            )
 
     def next_delivery_at(self) -> datetime | None:
         """When the earliest pending delivery falls due (None when none is pending)."""
@@ -595,6 +669,32 @@ class SqlStore:
         return records.Stats(
             tasks=task_counts, deliveries=delivery_counts, oldest_pending_delivery=oldest
         )
+
+
+# One statement for every finished attempt, run as an executemany.
+_FINISH = (
+    deliveries.update()
+    .where(deliveries.c.id == sa.bindparam("pk_"))
+    .values(
+        state=sa.bindparam("state_"),
+        attempts=deliveries.c.attempts + 1,
+        next_attempt_at=sa.func.coalesce(
+            sa.bindparam("next_", type_=deliveries.c.next_attempt_at.type),
+            deliveries.c.next_attempt_at,
+        ),
+        claimed_until=None,
+        last_attempt_at=sa.bindparam("at_"),
+        last_status_code=sa.bindparam("code_"),
+        last_error=sa.bindparam("error_"),
+        delivered_at=sa.bindparam("delivered_"),
+    )
+)
+
+
+def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
+    # The SET clause comes from each group's keys; "pk_" only feeds the WHERE.
+    for rows in groups.values():
+        conn.execute(tasks.update().where(tasks.c.id == sa.bindparam("pk_")), rows)
 
 
 def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:

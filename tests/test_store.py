@@ -1,0 +1,1241 @@
+"""Contract tests of SqlStore, run on SQLite and on PostgreSQL alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import PG_ADMIN_URL
+from sqlmodel import SQLModel
+
+from tracker.status import Change, Snapshot, TaskStatus
+from tracker.store import (
+    AttemptResult,
+    DeliveryJob,
+    DueTask,
+    OutboxEntry,
+    Registration,
+    SchemaMismatchError,
+    SqlStore,
+    TaskUpdate,
+)
+from tracker.store.models import SCHEMA_VERSION
+from tracker.store.sql import tasks as tasks_table
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+INTERVAL = 10.0
+MAX_INTERVAL = 60.0
+LEASE = 30.0
+HOOK = "http://127.0.0.1:9/hook"
+
+_message_numbers = itertools.count()
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus ``seconds``."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def register(
+    store: SqlStore, *ids: str, platform: str = "luma", now: datetime = T0, **options: Any
+) -> tuple[list[str], list[str]]:
+    return store.register(Registration(platform=platform, ids=list(ids), **options), now)
+
+
+def claim(store: SqlStore, now: datetime, limit: int = 100) -> list[DueTask]:
+    return store.claim_due(now, limit, interval=INTERVAL, max_interval=MAX_INTERVAL)
+
+
+def claim_ids(store: SqlStore, now: datetime, limit: int = 100) -> list[str]:
+    return [t.task_id for t in claim(store, now, limit)]
+
+
+def claim_one(store: SqlStore, task_id: str, now: datetime) -> DueTask:
+    (task,) = [t for t in claim(store, now) if t.task_id == task_id]
+    return task
+
+
+def change(
+    task: DueTask,
+    status: TaskStatus,
+    *,
+    progress: int | None = None,
+    result: dict[str, Any] | None = None,
+    fail_reason: str = "",
+) -> Change:
+    after = Snapshot(
+        status=status,
+        upstream_status=f"UP_{status.value}",
+        progress=progress,
+        upstream_progress=None if progress is None else f"{progress}%",
+        fail_reason=fail_reason,
+    )
+    return Change(before=task.snapshot, after=after, result=result, events=())
+
+
+def moved_on(task: DueTask, done: Change) -> DueTask:
+    """``task`` as it is after ``done`` was recorded."""
+    return dataclasses.replace(task, snapshot=done.after)
+
+
+def entry(webhook_id: str | None = None, event_type: str = "task.started") -> OutboxEntry:
+    number = next(_message_numbers)
+    return OutboxEntry(
+        webhook_id=webhook_id or f"msg_{number}",
+        event_type=event_type,
+        payload=f'{{"n":{number},"text":"caf\u00e9"}}'.encode(),
+        url=HOOK,
+        endpoint=None,
+        guarded=False,
+    )
+
+
+def queue_events(
+    store: SqlStore, *task_ids: str, now: datetime = T0, per_task: int = 1, platform: str = "luma"
+) -> None:
+    """Register ``task_ids`` and record one move each that carries ``per_task`` events."""
+    register(store, *task_ids, platform=platform, now=now)
+    due = [t for t in claim(store, now, limit=1000) if t.task_id in task_ids]
+    assert len(task_ids) == len(due)
+    store.record(
+        [
+            TaskUpdate(
+                t,
+                change(t, TaskStatus.IN_PROGRESS),
+                tuple(entry() for _ in range(per_task)),
+            )
+            for t in due
+        ],
+        now,
+    )
+
+
+def claim_jobs(store: SqlStore, now: datetime, limit: int = 100) -> list[DeliveryJob]:
+    return store.claim_deliveries(now, limit, lease=LEASE)
+
+
+def outcome(
+    job: DeliveryJob,
+    state: str,
+    now: datetime,
+    *,
+    next_attempt_at: float | None = None,
+    status_code: int | None = 200,
+    error: str | None = None,
+) -> AttemptResult:
+    return AttemptResult(
+        job=job,
+        at=now,
+        status_code=status_code,
+        error=error,
+        latency_ms=12.5,
+        response_excerpt="ok" if status_code == 200 else "nope",
+        state=state,
+        next_attempt_at=next_attempt_at,
+    )
+
+
+def task_row(store: SqlStore, task_id: str) -> Any:
+    """The raw tasks row, for columns no public method shows (next_poll_at, missing_since)."""
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(tasks_table).where(tasks_table.c.task_id == task_id)).one()
+
+
+def in_threads(count: int, work: Callable[[int], list[int]]) -> list[list[int]]:
+    """Run ``work(i)`` in ``count`` threads released together; their results, in order."""
+    start = threading.Barrier(count)
+
+    def run(i: int) -> list[int]:
+        start.wait(timeout=10)
+        return work(i)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
+def wait_for_lock_waiter(store: SqlStore) -> None:
+    """Return once some session of this PostgreSQL database waits for a lock."""
+    deadline = time.monotonic() + 5
+    with store.engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    pytest.fail("no session started waiting for the lock")
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="shared_pg_url", scope="module")
+def _shared_pg_url() -> Iterator[str]:
+    """One PostgreSQL database for this module: CREATE DATABASE per test costs ~0.3 s each."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"tracker_test_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(name="pg_url")
+def _pg_url(shared_pg_url: str) -> str:
+    """The module's PostgreSQL database, wiped: as empty as a freshly created one."""
+    engine = sa.create_engine(shared_pg_url)
+    with engine.begin() as conn:
+        # A session a failed test left holding locks fails the wipe instead of hanging it.
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    return shared_pg_url
+
+
+@pytest.fixture(
+    name="db_url", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def _db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """Overrides conftest's db_url (same backends, so the ``store`` fixture is unchanged) to
+    reuse one wiped PostgreSQL database instead of creating one per test.
+    """
+    if request.param == "sqlite":
+        return sqlite_url
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture(name="pg_stores")
+def _pg_stores(pg_url: str) -> Iterator[tuple[SqlStore, SqlStore]]:
+    """Two stores on one PostgreSQL database with the schema, as two daemons would have."""
+    first, second = SqlStore.from_url(pg_url), SqlStore.from_url(pg_url)
+    first.create_schema()
+    yield first, second
+    first.close()
+    second.close()
+
+
+# -- schema and meta --------------------------------------------------------------------------
+
+
+def test_create_schema_twice_is_harmless(store: SqlStore) -> None:
+    """Creating the schema again keeps the tables, their rows and the recorded version."""
+    register(store, "a")
+
+    store.create_schema()
+
+    assert SCHEMA_VERSION == store.schema_version()
+    assert store.get("luma", "a") is not None
+
+
+def test_schema_version_is_none_without_tracker_tables(store: SqlStore) -> None:
+    """A database without the tracker schema reports no version."""
+    SQLModel.metadata.drop_all(store.engine)
+
+    assert store.schema_version() is None
+
+
+def test_create_schema_refuses_another_schema_version(store: SqlStore) -> None:
+    """A database recorded with another schema version is refused, and its version reported."""
+    store.set_meta("schema_version", str(SCHEMA_VERSION + 1))
+
+    with pytest.raises(SchemaMismatchError, match=f"version {SCHEMA_VERSION + 1}"):
+        store.create_schema()
+    assert SCHEMA_VERSION + 1 == store.schema_version()
+
+
+def test_integrity_problems_is_empty_on_a_healthy_database(store: SqlStore) -> None:
+    """A healthy database with rows in every table reports no integrity problem."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+    store.finish_attempts([outcome(job, "delivered", T0)])
+
+    assert [] == store.integrity_problems()
+    store.ping()
+
+
+def test_meta_values_are_written_overwritten_and_read(store: SqlStore) -> None:
+    """get_meta is None until set_meta writes a key; a later set_meta replaces the value."""
+    assert store.get_meta("last_cycle_at") is None
+
+    store.set_meta("last_cycle_at", "2026-01-01T00:00:00Z")
+    store.set_meta("last_cycle_at", "2026-01-01T00:00:10Z")
+    store.set_meta("other", "x")
+
+    assert "2026-01-01T00:00:10Z" == store.get_meta("last_cycle_at")
+    assert "x" == store.get_meta("other")
+
+
+# -- register ---------------------------------------------------------------------------------
+
+
+def test_register_tells_new_ids_from_existing_ones(store: SqlStore) -> None:
+    """Register returns the new ids and the already known ones, each in request order."""
+    assert (["a", "b"], []) == register(store, "a", "b")
+    assert (["d", "c"], ["b", "a"]) == register(store, "b", "d", "a", "c")
+
+
+def test_register_counts_an_id_repeated_in_one_request_once(store: SqlStore) -> None:
+    """An id given twice in one request is registered once and reported once."""
+    assert (["a", "b"], []) == register(store, "a", "b", "a", "b")
+
+    page, _ = store.list_tasks()
+    assert ["b", "a"] == [t.task_id for t in page]
+
+
+def test_register_keeps_the_original_options_of_known_ids(store: SqlStore) -> None:
+    """Registering a known id again changes nothing: metadata, webhook_url, endpoint stay."""
+    register(
+        store,
+        "a",
+        webhook_url="http://127.0.0.1:1/first",
+        endpoint="main",
+        events=("task.progress",),
+        metadata={"user": 1},
+    )
+
+    assert ([], ["a"]) == register(
+        store, "a", webhook_url="http://127.0.0.1:1/second", metadata={"user": 2}, now=at(50)
+    )
+
+    task = store.get("luma", "a")
+    assert task is not None
+    assert "http://127.0.0.1:1/first" == task.webhook_url
+    assert "main" == task.endpoint
+    assert ("task.progress",) == task.events
+    assert {"user": 1} == task.metadata
+    assert T0 == task.created_at
+
+
+def test_register_keys_ids_by_platform(store: SqlStore) -> None:
+    """The same id on two platforms is two tasks."""
+    register(store, "a", platform="luma")
+
+    assert (["a"], []) == register(store, "a", platform="suno")
+    assert {"luma", "suno"} == {t.platform for t in store.list_tasks()[0]}
+
+
+def test_registered_tasks_are_pending_due_at_once_with_aware_utc_times(store: SqlStore) -> None:
+    """A new task is pending, due immediately, and its timestamps read back as aware UTC."""
+    plus_two = timezone(timedelta(hours=2))
+    register(store, "a", now=T0.astimezone(plus_two), metadata={"k": [1, "x"]})
+
+    task = store.get("luma", "a")
+    assert task is not None
+    assert "pending" == task.status
+    assert {"k": [1, "x"]} == task.metadata
+    assert T0 == task.created_at == task.updated_at
+    assert UTC == task.created_at.tzinfo == task.updated_at.tzinfo
+    assert task.finished_at is None
+    assert () == task.transitions
+    assert ["a"] == claim_ids(store, T0)
+
+
+def test_register_refuses_naive_timestamps(store: SqlStore) -> None:
+    """A naive datetime never reaches the database, so local time cannot pass for UTC."""
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        register(store, "a", now=datetime(2026, 1, 1))  # noqa: DTZ001
+
+    assert store.get("luma", "a") is None
+
+
+# -- claim_due --------------------------------------------------------------------------------
+
+
+def test_claim_due_takes_only_tasks_whose_poll_is_due(store: SqlStore) -> None:
+    """Tasks registered after ``now`` are not due yet."""
+    register(store, "early", now=T0)
+    register(store, "late", now=at(5))
+
+    assert ["early"] == claim_ids(store, at(1))
+
+
+def test_claim_due_orders_by_next_poll_not_by_id(store: SqlStore) -> None:
+    """Due tasks come in next-poll order, ties in id order, whatever their registration order."""
+    register(store, "a", "b", "c", "d")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record(
+        [
+            TaskUpdate(due["a"], next_poll_at=at(30).timestamp()),
+            TaskUpdate(due["b"], next_poll_at=at(20).timestamp()),
+            TaskUpdate(due["c"], next_poll_at=at(20).timestamp()),
+            TaskUpdate(due["d"], next_poll_at=at(15).timestamp()),
+        ],
+        T0,
+    )
+
+    assert ["d", "b", "c", "a"] == claim_ids(store, at(40))
+
+
+def test_claim_due_honours_the_limit_and_leaves_the_rest_due(store: SqlStore) -> None:
+    """At most ``limit`` tasks are taken per call; the next call takes the next ones."""
+    register(store, "a", "b", "c", "d", "e")
+
+    assert ["a", "b"] == claim_ids(store, T0, limit=2)
+    assert ["c", "d"] == claim_ids(store, T0, limit=2)
+    assert ["e"] == claim_ids(store, T0, limit=2)
+    assert [] == claim_ids(store, T0, limit=2)
+
+
+def test_claimed_tasks_are_not_claimed_again_before_their_next_poll(store: SqlStore) -> None:
+    """A claim schedules the next poll, so the task is not handed out twice in between."""
+    register(store, "a", "b")
+    first = claim(store, T0)
+
+    assert [] == claim_ids(store, T0)
+    assert [] == claim_ids(store, at(INTERVAL - 0.01))
+    assert ["a", "b"] == claim_ids(store, at(INTERVAL))
+    assert first[0].snapshot == Snapshot(status=TaskStatus.PENDING)
+
+
+def test_claim_due_returns_what_the_poller_needs(store: SqlStore) -> None:
+    """A due task carries its snapshot, options and missing_since as stored."""
+    register(
+        store,
+        "a",
+        webhook_url=HOOK,
+        endpoint="main",
+        events=("task.progress",),
+        metadata={"user": 7},
+    )
+
+    (task,) = claim(store, T0)
+
+    assert ("luma", "a") == (task.platform, task.task_id)
+    assert Snapshot(status=TaskStatus.PENDING) == task.snapshot
+    assert (HOOK, "main", ("task.progress",)) == (task.webhook_url, task.endpoint, task.events)
+    assert {"user": 7} == task.metadata
+    assert T0 == task.created_at
+    assert task.missing_since is None
+
+
+def test_final_tasks_are_never_claimed(store: SqlStore) -> None:
+    """Once a task is final it has no next poll and no claim returns it."""
+    register(store, "a", "b")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record([TaskUpdate(due["a"], change(due["a"], TaskStatus.COMPLETED))], T0)
+
+    assert ["b"] == claim_ids(store, at(10**7))
+
+
+def test_claim_due_backs_off_by_a_quarter_of_the_quiet_time(store: SqlStore) -> None:
+    """The next poll is a quarter of the time since the last move, within [interval, max]."""
+    register(store, "a")
+
+    def next_poll_is(seconds: float) -> None:
+        assert [] == claim_ids(store, at(seconds - 0.01))
+        assert ["a"] == claim_ids(store, at(seconds))
+
+    claim(store, T0)  # quiet 0 s: the interval is the floor
+    next_poll_is(10)  # quiet 10 s: a quarter is 2.5 s, still the floor
+    next_poll_is(20)
+    claim(store, at(100))  # quiet 100 s: a quarter is 25 s
+    next_poll_is(125)  # quiet 125 s: 31.25 s
+    next_poll_is(156.25)
+    claim(store, at(1000))  # quiet 1000 s: a quarter is 250 s, capped at max_interval
+    next_poll_is(1060)
+    (task,) = claim(store, at(1200))
+    store.record([TaskUpdate(task, change(task, TaskStatus.QUEUED))], at(1200))
+    # The move restarts the quiet time: 1260 s is 60 s after it, a quarter is 15 s.
+    claim(store, at(1260))
+    next_poll_is(1275)
+
+
+def test_a_progress_move_restarts_the_back_off_too(store: SqlStore) -> None:
+    """A progress change without a status change also counts as a move for the back-off."""
+    register(store, "a")
+    claim(store, at(1000))
+    (task,) = claim(store, at(1060))
+    store.record([TaskUpdate(task, change(task, TaskStatus.PENDING, progress=5))], at(1060))
+
+    claim(store, at(1120))  # 60 s after the move: a quarter is 15 s, not the 60 s cap
+
+    assert [] == claim_ids(store, at(1134.99))
+    assert ["a"] == claim_ids(store, at(1135))
+
+
+def test_reschedule_moves_the_next_poll_of_live_tasks_only(store: SqlStore) -> None:
+    """Rescheduled tasks fall due at the given time; final tasks stay unscheduled."""
+    register(store, "a", "b", "c")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record([TaskUpdate(due["c"], change(due["c"], TaskStatus.FAILED))], T0)
+
+    store.reschedule([due["a"].pk, due["c"].pk], at(3))
+    store.reschedule([], at(3))
+
+    assert ["a"] == claim_ids(store, at(3))
+    assert ["b"] == claim_ids(store, at(INTERVAL))
+    assert task_row(store, "c").next_poll_at is None
+
+
+# -- record -----------------------------------------------------------------------------------
+
+
+def test_record_writes_task_history_and_outbox_together(store: SqlStore) -> None:
+    """A status move updates the task, appends a transition and queues its events."""
+    register(store, "a", "b")
+    due = {t.task_id: t for t in claim(store, T0)}
+    moved = change(due["a"], TaskStatus.IN_PROGRESS, progress=40, result={"video": "v.mp4"})
+    events = (entry(event_type="task.started"), entry(event_type="task.progress"))
+
+    written = store.record([TaskUpdate(due["a"], moved, events)], at(5))
+
+    assert 1 == written
+    task = store.get("luma", "a")
+    assert task is not None
+    assert ("in_progress", "UP_in_progress") == (task.status, task.upstream_status)
+    assert (40, "40%") == (task.progress, task.upstream_progress)
+    assert {"video": "v.mp4"} == task.result
+    assert at(5) == task.updated_at
+    assert T0 == task.created_at
+    assert task.finished_at is None
+    assert [("pending", "in_progress", "UP_in_progress", 40, at(5))] == [
+        (t.from_status, t.to_status, t.upstream_status, t.progress, t.at) for t in task.transitions
+    ]
+    queued, _ = store.list_deliveries(task_id="a")
+    assert [e.webhook_id for e in reversed(events)] == [d.webhook_id for d in queued]
+    assert {("pending", 0, at(5))} == {(d.state, d.attempts, d.next_attempt_at) for d in queued}
+    # The second event of the task waits until the first is out.
+    assert [events[0].payload] == [j.payload for j in claim_jobs(store, at(5))]
+    untouched = store.get("luma", "b")
+    assert untouched is not None
+    assert ("pending", T0) == (untouched.status, untouched.updated_at)
+
+
+def test_record_of_a_progress_change_adds_no_transition(store: SqlStore) -> None:
+    """A change that keeps the status updates the row and queues events, but adds no history."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    started = change(task, TaskStatus.IN_PROGRESS, progress=10)
+    store.record([TaskUpdate(task, started)], T0)
+    task = moved_on(task, started)
+
+    store.record(
+        [TaskUpdate(task, change(task, TaskStatus.IN_PROGRESS, progress=70), (entry(),))], at(1)
+    )
+
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert (70, at(1)) == (stored.progress, stored.updated_at)
+    assert 1 == len(stored.transitions)
+    assert 1 == len(store.list_deliveries(task_id="a")[0])
+
+
+def test_record_skips_a_task_whose_status_changed_meanwhile(store: SqlStore) -> None:
+    """A stale decision writes nothing for its task while the rest of the batch is written."""
+    register(store, "a", "b")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record([TaskUpdate(due["a"], change(due["a"], TaskStatus.IN_PROGRESS))], T0)
+
+    # Both decisions were made on the pending snapshots; "a" has moved since.
+    written = store.record(
+        [
+            TaskUpdate(due["a"], change(due["a"], TaskStatus.COMPLETED), (entry(),)),
+            TaskUpdate(due["b"], change(due["b"], TaskStatus.QUEUED), (entry(),)),
+        ],
+        at(1),
+    )
+
+    assert 1 == written
+    stale = store.get("luma", "a")
+    assert stale is not None
+    assert ("in_progress", None, T0) == (stale.status, stale.finished_at, stale.updated_at)
+    assert ["in_progress"] == [t.to_status for t in stale.transitions]
+    assert [] == store.list_deliveries(task_id="a")[0]
+    fresh = store.get("luma", "b")
+    assert fresh is not None
+    assert ["queued"] == [t.to_status for t in fresh.transitions]
+    assert 1 == len(store.list_deliveries(task_id="b")[0])
+
+
+def test_record_skips_a_task_removed_meanwhile(store: SqlStore) -> None:
+    """A decision about a removed task is dropped without error; the batch's others are kept."""
+    register(store, "a", "b")
+    due = {t.task_id: t for t in claim(store, T0)}
+    assert store.remove("luma", "a")
+
+    written = store.record(
+        [
+            TaskUpdate(due["a"], change(due["a"], TaskStatus.COMPLETED), (entry(),)),
+            TaskUpdate(due["b"], change(due["b"], TaskStatus.COMPLETED), (entry(),)),
+        ],
+        at(1),
+    )
+
+    assert 1 == written
+    assert store.get("luma", "a") is None
+    assert [] == store.list_deliveries(task_id="a")[0]
+    assert ["b"] == [d.task_id for d in store.list_deliveries()[0]]
+
+
+def test_record_rolls_back_the_whole_call_when_one_write_fails(store: SqlStore) -> None:
+    """An error mid-call (a duplicate webhook id) leaves no task row, history or event written."""
+    queue_events(store, "first")
+    (existing,) = store.list_deliveries()[0]
+    register(store, "a", "b", now=at(1))
+    due = {t.task_id: t for t in claim(store, at(1))}
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.record(
+            [
+                TaskUpdate(due["a"], change(due["a"], TaskStatus.IN_PROGRESS), (entry("ok"),)),
+                TaskUpdate(
+                    due["b"], change(due["b"], TaskStatus.FAILED), (entry(existing.webhook_id),)
+                ),
+            ],
+            at(2),
+        )
+
+    for task_id in ("a", "b"):
+        task = store.get("luma", task_id)
+        assert task is not None
+        assert ("pending", at(1), ()) == (task.status, task.updated_at, task.transitions)
+        assert [] == store.list_deliveries(task_id=task_id)[0]
+    assert [existing.id] == [d.id for d in store.list_deliveries()[0]]
+    # Nothing half-written blocks the retry of the same decisions.
+    assert 2 == store.record(
+        [
+            TaskUpdate(due["a"], change(due["a"], TaskStatus.IN_PROGRESS), (entry("ok"),)),
+            TaskUpdate(due["b"], change(due["b"], TaskStatus.FAILED), (entry(),)),
+        ],
+        at(3),
+    )
+
+
+def test_a_final_change_finishes_the_task(store: SqlStore) -> None:
+    """A final status sets finished_at and clears next_poll_at and missing_since."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    store.record([TaskUpdate(task, missing_since=T0.timestamp())], T0)
+    failed = change(task, TaskStatus.FAILED, fail_reason="not found")
+
+    store.record(
+        [
+            TaskUpdate(
+                task, failed, (entry(event_type="task.failed"),), next_poll_at=at(99).timestamp()
+            )
+        ],
+        at(7),
+    )
+
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert ("failed", "not found", at(7)) == (stored.status, stored.fail_reason, stored.finished_at)
+    row = task_row(store, "a")
+    assert (None, None) == (row.next_poll_at, row.missing_since)
+    assert [] == claim_ids(store, at(10**7))
+
+
+def test_record_writes_missing_since_without_a_change(store: SqlStore) -> None:
+    """missing_since is set and cleared on its own, keeping the status and the history."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+
+    assert 1 == store.record([TaskUpdate(task, missing_since=at(0.5).timestamp())], at(1))
+    (again,) = claim(store, at(INTERVAL))
+    assert at(0.5).timestamp() == again.missing_since
+    assert 1 == store.record([TaskUpdate(again, missing_since=None)], at(11))
+    (cleared,) = claim(store, at(2 * INTERVAL))
+    assert cleared.missing_since is None
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert ("pending", T0, ()) == (stored.status, stored.updated_at, stored.transitions)
+
+
+def test_record_moves_the_next_poll_without_a_change(store: SqlStore) -> None:
+    """A hinted next poll replaces the one the claim planned."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+
+    store.record([TaskUpdate(task, next_poll_at=at(300).timestamp())], T0)
+
+    assert [] == claim_ids(store, at(299))
+    assert ["a"] == claim_ids(store, at(300))
+
+
+def test_record_of_nothing_writes_nothing(store: SqlStore) -> None:
+    """Updates with no change, no events and nothing kept return 0 and touch no row."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+
+    assert 0 == store.record([TaskUpdate(task)], at(1))
+    assert 0 == store.record([], at(1))
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert T0 == stored.updated_at
+
+
+def test_record_applies_two_updates_of_one_task_in_order(store: SqlStore) -> None:
+    """Two moves of one task in one call both land, in order; a stale third one does not."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    first = change(task, TaskStatus.IN_PROGRESS, progress=10)
+    second = change(moved_on(task, first), TaskStatus.COMPLETED, progress=100)
+    stale = change(task, TaskStatus.CANCELED)
+
+    written = store.record(
+        [
+            TaskUpdate(task, first),
+            TaskUpdate(moved_on(task, first), second),
+            TaskUpdate(task, stale),
+        ],
+        at(1),
+    )
+
+    assert 2 == written
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert ("completed", 100) == (stored.status, stored.progress)
+    assert ["in_progress", "completed"] == [t.to_status for t in stored.transitions]
+
+
+def test_record_keeps_events_that_come_without_a_row_change(store: SqlStore) -> None:
+    """An update that only carries events queues them when the task still has that status."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+
+    assert 1 == store.record([TaskUpdate(task, outbox=(entry(),))], at(1))
+    assert 1 == len(store.list_deliveries(task_id="a")[0])
+
+
+# -- get, list_tasks, remove ------------------------------------------------------------------
+
+
+def test_get_of_an_unknown_task_is_none(store: SqlStore) -> None:
+    """get returns None for ids it never saw, also on another platform."""
+    register(store, "a", platform="luma")
+
+    assert store.get("luma", "zzz") is None
+    assert store.get("suno", "a") is None
+
+
+def test_list_tasks_filters_by_status_and_platform_newest_first(store: SqlStore) -> None:
+    """Filters combine, and each page lists the newest tasks first."""
+    register(store, "l1", "l2", "l3", platform="luma")
+    register(store, "s1", "s2", platform="suno")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record(
+        [TaskUpdate(due[i], change(due[i], TaskStatus.COMPLETED)) for i in ("l2", "s1")], T0
+    )
+
+    def listed(**filters: str) -> list[str]:
+        page, cursor = store.list_tasks(**filters)
+        assert cursor is None
+        return [t.task_id for t in page]
+
+    assert ["s2", "s1", "l3", "l2", "l1"] == listed()
+    assert ["l3", "l2", "l1"] == listed(platform="luma")
+    assert ["s1", "l2"] == listed(status="completed")
+    assert ["l3", "l1"] == listed(status="pending", platform="luma")
+    assert [] == listed(status="failed")
+    assert () == store.list_tasks()[0][0].transitions
+
+
+@pytest.mark.parametrize("count", [6, 7])
+def test_list_tasks_cursor_pages_through_every_task_once(store: SqlStore, count: int) -> None:
+    """Following the cursor yields every task exactly once, newest first, then stops."""
+    register(store, *[f"t{i}" for i in range(count)])
+    register(store, "other", platform="suno")
+
+    seen: list[str] = []
+    cursor: int | None = None
+    pages = 0
+    while True:
+        page, cursor = store.list_tasks(platform="luma", limit=3, before=cursor)
+        seen += [t.task_id for t in page]
+        pages += 1
+        if cursor is None:
+            break
+
+    assert [f"t{i}" for i in reversed(range(count))] == seen
+    assert -(-count // 3) == pages
+
+
+def test_remove_deletes_the_task_its_history_and_its_deliveries(store: SqlStore) -> None:
+    """Removing a task drops its transitions, deliveries and attempt log, and nothing else."""
+    queue_events(store, "a", "b", per_task=2)
+    jobs = claim_jobs(store, T0)
+    store.finish_attempts([outcome(j, "delivered", at(1)) for j in jobs])
+    gone = [d.id for d in store.list_deliveries(task_id="a")[0]]
+
+    assert store.remove("luma", "a")
+
+    assert store.get("luma", "a") is None
+    assert [None, None] == [store.get_delivery(pk) for pk in gone]
+    assert [] == store.list_deliveries(task_id="a")[0]
+    assert 2 == len(store.list_deliveries(task_id="b")[0])
+    kept = store.get("luma", "b")
+    assert kept is not None
+    assert 1 == len(kept.transitions)
+    assert not store.remove("luma", "a")
+    assert (["a"], []) == register(store, "a", now=at(2))
+    assert [] == store.integrity_problems()
+
+
+# -- claim_deliveries -------------------------------------------------------------------------
+
+
+def test_claim_deliveries_takes_due_ones_oldest_first_up_to_the_limit(store: SqlStore) -> None:
+    """Due deliveries come oldest first, at most ``limit`` per call, never one not yet due."""
+    queue_events(store, "a", now=T0)
+    queue_events(store, "b", now=at(1))
+    queue_events(store, "c", now=at(2))
+    queue_events(store, "d", now=at(20))
+
+    first = claim_jobs(store, at(10), limit=2)
+    rest = claim_jobs(store, at(10), limit=2)
+
+    assert ["a", "b"] == [j.task_id for j in first]
+    assert ["c"] == [j.task_id for j in rest]
+    assert [] == claim_jobs(store, at(10))
+    assert ["d"] == [j.task_id for j in claim_jobs(store, at(20))]
+
+
+def test_claim_deliveries_returns_the_stored_event(store: SqlStore) -> None:
+    """A claimed job carries the exact payload bytes, target and attempt count."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    sent = OutboxEntry(
+        webhook_id="msg_exact",
+        event_type="task.completed",
+        payload='{"x":"\u00fc","n":1}'.encode(),
+        url=HOOK,
+        endpoint="main",
+        guarded=True,
+    )
+    store.record([TaskUpdate(task, change(task, TaskStatus.COMPLETED), (sent,))], T0)
+
+    (job,) = claim_jobs(store, T0)
+
+    assert ("msg_exact", "task.completed", sent.payload) == (
+        job.webhook_id,
+        job.event_type,
+        job.payload,
+    )
+    assert (HOOK, "main", True, 0) == (job.url, job.endpoint, job.guarded, job.attempts)
+    assert ("luma", "a", task.pk) == (job.platform, job.task_id, job.task_pk)
+
+
+def test_a_claimed_delivery_is_reclaimable_only_after_its_lease(store: SqlStore) -> None:
+    """A lease hides a delivery until it runs out; then a new claim resumes it (crash recovery)."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+
+    assert [] == claim_jobs(store, at(LEASE - 1))
+    (again,) = claim_jobs(store, at(LEASE + 1))
+
+    assert (job.pk, job.webhook_id, 0) == (again.pk, again.webhook_id, again.attempts)
+
+
+def test_a_later_event_of_a_task_waits_for_the_earlier_one(store: SqlStore) -> None:
+    """Events of one task go out in order: the next waits while an earlier one is pending."""
+    queue_events(store, "a", per_task=2)
+    queue_events(store, "b", now=at(1))
+    first, other = claim_jobs(store, at(1))
+    assert ("a", "b") == (first.task_id, other.task_id)
+
+    store.finish_attempts(
+        [
+            outcome(first, "pending", at(2), next_attempt_at=at(100).timestamp(), status_code=500),
+            outcome(other, "delivered", at(2)),
+        ]
+    )
+    assert [] == claim_jobs(store, at(50))
+    (retried,) = claim_jobs(store, at(100))
+    assert first.pk == retried.pk
+    store.finish_attempts([outcome(retried, "delivered", at(101))])
+    (second,) = claim_jobs(store, at(101))
+
+    assert ("a", second.pk) == (second.task_id, first.pk + 1)
+
+
+def test_a_dead_event_does_not_block_the_later_ones(store: SqlStore) -> None:
+    """Once an earlier event is dead, the task's later events are delivered."""
+    queue_events(store, "a", per_task=2)
+    (first,) = claim_jobs(store, T0)
+
+    store.finish_attempts([outcome(first, "dead", at(1), status_code=410)])
+
+    (second,) = claim_jobs(store, at(1))
+    assert first.pk != second.pk
+
+
+# -- finish_attempts, get_delivery, list_deliveries -------------------------------------------
+
+
+def test_a_delivered_attempt_is_logged_and_ends_the_delivery(store: SqlStore) -> None:
+    """A delivered attempt writes a log row, counts an attempt and is never claimed again."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+
+    store.finish_attempts([outcome(job, "delivered", at(3))])
+
+    delivery = store.get_delivery(job.pk)
+    assert delivery is not None
+    assert ("delivered", 1, at(3), at(3)) == (
+        delivery.state,
+        delivery.attempts,
+        delivery.delivered_at,
+        delivery.last_attempt_at,
+    )
+    assert (200, None, None) == (
+        delivery.last_status_code,
+        delivery.last_error,
+        delivery.next_attempt_at,
+    )
+    assert [(at(3), HOOK, 200, None, 12.5, "ok")] == [
+        (a.at, a.url, a.status_code, a.error, a.latency_ms, a.response_excerpt)
+        for a in delivery.log
+    ]
+    assert [] == claim_jobs(store, at(10**6))
+
+
+def test_a_failed_attempt_schedules_the_next_one(store: SqlStore) -> None:
+    """A retryable failure keeps the delivery pending until its next attempt, counting tries."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+    store.finish_attempts(
+        [outcome(job, "pending", at(1), next_attempt_at=at(60).timestamp(), status_code=503)]
+    )
+    assert [] == claim_jobs(store, at(59))
+    (job,) = claim_jobs(store, at(60))
+    assert 1 == job.attempts
+
+    store.finish_attempts(
+        [
+            outcome(
+                job,
+                "pending",
+                at(61),
+                next_attempt_at=at(200).timestamp(),
+                status_code=None,
+                error="timeout",
+            )
+        ]
+    )
+
+    delivery = store.get_delivery(job.pk)
+    assert delivery is not None
+    assert ("pending", 2, at(200)) == (delivery.state, delivery.attempts, delivery.next_attempt_at)
+    assert (None, "timeout", None) == (
+        delivery.last_status_code,
+        delivery.last_error,
+        delivery.delivered_at,
+    )
+    assert [(503, None), (None, "timeout")] == [(a.status_code, a.error) for a in delivery.log]
+    assert at(200) == store.next_delivery_at()
+
+
+def test_a_dead_delivery_is_never_claimed_again(store: SqlStore) -> None:
+    """A dead delivery keeps its log and is out of the queue."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+
+    store.finish_attempts([outcome(job, "dead", at(1), status_code=410)])
+
+    delivery = store.get_delivery(job.pk)
+    assert delivery is not None
+    assert ("dead", 1, None) == (delivery.state, delivery.attempts, delivery.next_attempt_at)
+    assert [] == claim_jobs(store, at(10**6))
+    assert store.next_delivery_at() is None
+
+
+def test_finish_attempts_skips_deliveries_removed_meanwhile(store: SqlStore) -> None:
+    """A task removed while its event was in flight does not fail the rest of the batch."""
+    queue_events(store, "a", "b")
+    jobs = {j.task_id: j for j in claim_jobs(store, T0)}
+    store.remove("luma", "a")
+
+    store.finish_attempts([outcome(j, "delivered", at(1)) for j in jobs.values()])
+    store.finish_attempts([])
+
+    assert store.get_delivery(jobs["a"].pk) is None
+    delivered = store.get_delivery(jobs["b"].pk)
+    assert delivered is not None
+    assert ("delivered", 1) == (delivered.state, len(delivered.log))
+
+
+def test_get_delivery_of_an_unknown_id_is_none(store: SqlStore) -> None:
+    """get_delivery returns None for ids it never saw."""
+    assert store.get_delivery(12345) is None
+
+
+def test_list_deliveries_filters_pages_and_attaches_logs(store: SqlStore) -> None:
+    """Filters combine, pages run newest first through every row once, each with its log."""
+    queue_events(store, "a", "b", per_task=2, platform="luma")
+    queue_events(store, "s", per_task=3, platform="suno")
+    jobs = claim_jobs(store, T0)
+    store.finish_attempts([outcome(j, "dead", at(1), status_code=410) for j in jobs])
+    everything = [d.id for d in store.list_deliveries(limit=100)[0]]
+
+    seen: list[int] = []
+    cursor: int | None = None
+    while True:
+        page, cursor = store.list_deliveries(limit=2, before=cursor)
+        seen += [d.id for d in page]
+        if cursor is None:
+            break
+
+    assert 7 == len(everything)
+    assert sorted(everything, reverse=True) == everything == seen
+    assert 3 == len(store.list_deliveries(platform="suno")[0])
+    assert 2 == len(store.list_deliveries(platform="luma", task_id="b")[0])
+    assert 3 == len(store.list_deliveries(state="dead")[0])
+    dead = store.list_deliveries(state="dead", platform="luma")[0]
+    assert {"a", "b"} == {d.task_id for d in dead}
+    assert all(1 == len(d.log) and 410 == d.log[0].status_code for d in dead)
+    pending = store.list_deliveries(state="pending")[0]
+    assert 4 == len(pending)
+    assert all(() == d.log for d in pending)
+
+
+# -- requeue ----------------------------------------------------------------------------------
+
+
+def test_requeue_by_id_sends_any_delivery_again_with_its_webhook_id(store: SqlStore) -> None:
+    """One delivery in any state is pending and due again, keeping its webhook-id."""
+    queue_events(store, "delivered", "dead", "leased")
+    jobs = {j.task_id: j for j in claim_jobs(store, T0)}
+    store.finish_attempts(
+        [
+            outcome(jobs["delivered"], "delivered", at(1)),
+            outcome(jobs["dead"], "dead", at(1), status_code=410),
+        ]
+    )
+
+    for name in ("delivered", "dead", "leased"):
+        assert [jobs[name].pk] == store.requeue(at(5), pk=jobs[name].pk)
+    assert [] == store.requeue(at(5), pk=999_999)
+
+    again = {j.task_id: j for j in claim_jobs(store, at(5))}
+    assert {n: jobs[n].webhook_id for n in jobs} == {n: j.webhook_id for n, j in again.items()}
+    delivery = store.get_delivery(jobs["delivered"].pk)
+    assert delivery is not None
+    assert ("pending", None, 1) == (delivery.state, delivery.delivered_at, len(delivery.log))
+
+
+def test_requeue_recovers_dead_deliveries_created_in_a_window(store: SqlStore) -> None:
+    """Recovery re-queues dead deliveries created in [since, until) and touches no other."""
+    queue_events(store, "before", now=T0)
+    queue_events(store, "start", now=at(10))
+    queue_events(store, "inside", now=at(15))
+    queue_events(store, "end", now=at(20))
+    queue_events(store, "delivered", now=at(15))
+    queue_events(store, "waiting", now=at(15))
+    jobs = {j.task_id: j for j in claim_jobs(store, at(20))}
+    store.finish_attempts(
+        [
+            outcome(jobs[n], "dead", at(21), status_code=410)
+            for n in ("before", "start", "inside", "end")
+        ]
+        + [
+            outcome(jobs["delivered"], "delivered", at(21)),
+            outcome(jobs["waiting"], "pending", at(21), next_attempt_at=at(500).timestamp()),
+        ]
+    )
+
+    requeued = store.requeue(at(30), since=at(10), until=at(20))
+
+    assert sorted([jobs["start"].pk, jobs["inside"].pk]) == sorted(requeued)
+    states = {d.task_id: d.state for d in store.list_deliveries()[0]}
+    assert {
+        "before": "dead",
+        "start": "pending",
+        "inside": "pending",
+        "end": "dead",
+        "delivered": "delivered",
+        "waiting": "pending",
+    } == states
+    assert ["start", "inside"] == [j.task_id for j in claim_jobs(store, at(30))]
+    assert sorted([jobs["before"].pk, jobs["end"].pk]) == sorted(store.requeue(at(31)))
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def test_stats_count_tasks_and_deliveries(store: SqlStore) -> None:
+    """Stats count tasks by platform and status, deliveries by state, and date the oldest."""
+    empty = store.stats()
+    assert ({}, {}, None) == (empty.tasks, empty.deliveries, empty.oldest_pending_delivery)
+    queue_events(store, "a", "b", now=at(5))
+    queue_events(store, "s", platform="suno", now=at(7))
+    register(store, "p", now=at(8))
+    (job,) = [j for j in claim_jobs(store, at(8)) if j.task_id == "a"]
+    store.finish_attempts([outcome(job, "delivered", at(9))])
+
+    stats = store.stats()
+
+    assert {("luma", "in_progress"): 2, ("luma", "pending"): 1, ("suno", "in_progress"): 1} == dict(
+        stats.tasks
+    )
+    assert {"delivered": 1, "pending": 2} == dict(stats.deliveries)
+    assert at(5) == stats.oldest_pending_delivery
+    assert stats.oldest_pending_delivery is not None
+    assert UTC == stats.oldest_pending_delivery.tzinfo
+
+
+def test_next_delivery_at_is_the_earliest_pending_attempt(store: SqlStore) -> None:
+    """next_delivery_at is the earliest due time among pending deliveries, None without any."""
+    assert store.next_delivery_at() is None
+    queue_events(store, "a", "b", now=at(3))
+    jobs = claim_jobs(store, at(3))
+    store.finish_attempts(
+        [
+            outcome(jobs[0], "pending", at(4), next_attempt_at=at(80).timestamp()),
+            outcome(jobs[1], "pending", at(4), next_attempt_at=at(40).timestamp()),
+        ]
+    )
+
+    assert at(40) == store.next_delivery_at()
+    store.finish_attempts([outcome(jobs[1], "delivered", at(41))])
+    assert at(80) == store.next_delivery_at()
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_daemons_sharing_postgres_never_claim_the_same_task(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """Threads of two stores claiming at once get disjoint tasks that together cover all."""
+    first, second = pg_stores
+    register(first, *[f"t{i}" for i in range(240)])
+
+    def work(i: int) -> list[int]:
+        store = (first, second)[i % 2]
+        taken: list[int] = []
+        while batch := claim(store, T0, limit=7):
+            taken += [t.pk for t in batch]
+        return taken
+
+    claims = [pk for taken in in_threads(6, work) for pk in taken]
+
+    assert len(claims) == len(set(claims))
+    assert 240 == len(claims)
+
+
+@pytest.mark.postgres
+def test_claim_due_skips_rows_another_daemon_holds(pg_stores: tuple[SqlStore, SqlStore]) -> None:
+    """A claim passes over tasks locked by another transaction instead of waiting for them."""
+    first, second = pg_stores
+    register(first, "a", "b", "c", "d")
+    with ThreadPoolExecutor(1) as pool, first.engine.connect() as other:
+        other.execute(
+            sa.select(tasks_table.c.id)
+            .where(tasks_table.c.task_id.in_(["a", "c"]))
+            .with_for_update()
+        ).all()
+
+        taken = pool.submit(claim_ids, second, T0).result(timeout=5)
+        other.rollback()
+
+    assert ["b", "d"] == taken
+
+
+@pytest.mark.postgres
+def test_daemons_sharing_postgres_never_claim_the_same_delivery(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """Threads of two stores claiming deliveries at once never get the same one."""
+    first, second = pg_stores
+    queue_events(first, *[f"t{i}" for i in range(120)], per_task=2)
+
+    def work(i: int) -> list[int]:
+        store = (first, second)[i % 2]
+        taken: list[int] = []
+        while batch := claim_jobs(store, T0, limit=5):
+            taken += [j.pk for j in batch]
+        return taken
+
+    claims = [pk for taken in in_threads(6, work) for pk in taken]
+
+    # Only the first event of each task is claimable while the second waits behind it.
+    assert len(claims) == len(set(claims))
+    assert 120 == len(claims)
+
+
+@pytest.mark.postgres
+def test_concurrent_registrations_of_one_id_both_succeed(pg_url: str) -> None:
+    """An id inserted by a concurrent request counts as existing instead of failing the call."""
+    store = SqlStore.from_url(pg_url)
+    store.create_schema()
+    try:
+        with ThreadPoolExecutor(1) as pool, store.engine.connect() as other:
+            other.execute(
+                tasks_table.insert().values(
+                    platform="luma",
+                    task_id="a",
+                    status="pending",
+                    fail_reason="",
+                    created_at=T0,
+                    updated_at=T0,
+                    next_poll_at=T0.timestamp(),
+                    last_change_at=T0.timestamp(),
+                )
+            )
+            racing = pool.submit(register, store, "a", "b")
+            wait_for_lock_waiter(store)  # our INSERT of "a" waits for the other one
+            other.commit()
+            result = racing.result(timeout=10)
+    finally:
+        store.close()
+
+    assert (["b"], ["a"]) == result
+
+
+def test_sqlite_uses_wal_and_waits_for_locks(sqlite_url: str) -> None:
+    """SQLite connections run in WAL mode with a busy timeout and foreign keys on."""
+    store = SqlStore.from_url(sqlite_url)
+    try:
+        store.create_schema()
+        with store.engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            timeout = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+            keys = conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+    finally:
+        store.close()
+
+    assert ("wal", 1) == (mode, keys)
+    assert timeout is not None
+    assert timeout >= 1000
+
+
+def test_sqlite_writers_in_two_threads_do_not_fail(sqlite_url: str) -> None:
+    """Two stores writing one SQLite file at once wait for each other instead of failing."""
+    stores = [SqlStore.from_url(sqlite_url), SqlStore.from_url(sqlite_url)]
+    stores[0].create_schema()
+
+    def work(i: int) -> list[int]:
+        store = stores[i]
+        for n in range(25):
+            # register reads, then writes: the upgrade a deferred transaction fails on
+            register(store, f"w{i}-{n}", f"shared-{n}")
+            store.set_meta(f"writer-{i}", str(n))
+            claim(store, at(n))
+        return [n]
+
+    try:
+        in_threads(2, work)
+        page, _ = stores[0].list_tasks(limit=1000)
+    finally:
+        for store in stores:
+            store.close()
+
+    assert 75 == len(page)
