@@ -508,3 +508,29 @@ def test_no_answer_sequence_reopens_a_final_task_or_fires_two_final_events(
         assert len(set(statuses[first_final:])) == 1  # never leaves its final status
         assert 1 == len(events_written)
         assert 1 == sum(t.to_status in final_statuses for t in history.transitions)
+
+
+async def test_shorter_interval_after_reload_applies_at_the_next_cycle(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Tasks scheduled under a long interval are asked again soon after it is shortened."""
+    rig = rig_for(poll={"interval": 300})
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "5%")
+    await rig.cycle()
+    rig.poller.configure(config.PollSettings(interval=1, max_interval=2))
+    await rig.cycle(advance=1)  # the pull-in happens here; the task is due 2 s out
+    await rig.cycle(advance=2)
+
+    assert 2 == len(relay.requests)
+
+
+async def test_a_set_stop_event_ends_the_cycle_before_claiming_more(rig: Rig) -> None:
+    """When stopping, no new batch is claimed; the tasks stay due for the next start."""
+    rig.register("t1")
+    stop = asyncio.Event()
+    stop.set()
+    report = await rig.poller.run_cycle(until=stop)
+
+    assert 0 == report.claimed
+    assert "pending" == rig.task("t1").status

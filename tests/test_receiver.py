@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -214,3 +215,15 @@ def test_stop_and_restart_on_the_same_port() -> None:
         assert httpx.post(url, content=b"x").status_code == 204
     finally:
         receiver.stop()
+
+
+def test_a_request_cut_off_mid_body_is_not_recorded() -> None:
+    """A sender that dies halfway through the body delivered nothing, so nothing is recorded."""
+    with WebhookReceiver() as receiver:
+        with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
+            head = b"POST /hooks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head + b'{"partial')
+        httpx.post(receiver.url, content=b"{}")
+        receiver.wait_for(1)
+
+        assert [b"{}"] == [r.body for r in receiver.received]

@@ -1239,3 +1239,24 @@ def test_sqlite_writers_in_two_threads_do_not_fail(sqlite_url: str) -> None:
             store.close()
 
     assert 75 == len(page)
+
+
+def test_pull_in_moves_later_polls_to_the_given_time(store: SqlStore) -> None:
+    """After a shorter interval, polls planned further out are pulled in; earlier ones stay."""
+    register(store, "a")
+    register(store, "b", now=at(-100))
+    claim(store, T0)  # both now due after their back-off
+    store.pull_in(at(1))
+
+    assert [] == claim_ids(store, at(0.5))
+    assert ["a", "b"] == sorted(claim_ids(store, at(1)))
+
+
+def test_release_claims_frees_every_pending_lease(store: SqlStore) -> None:
+    """A restarted single daemon takes back deliveries it held when it died, at once."""
+    queue_events(store, "a", "b")
+    assert 2 == len(claim_jobs(store, T0))
+    assert [] == claim_jobs(store, T0)
+
+    assert 2 == store.release_claims()
+    assert 2 == len(claim_jobs(store, T0))

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Self
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The default backlog of 5 makes bursts of new connections wait for SYN retries (~1 s).
+    request_queue_size = 128
     owner: LoopbackServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:

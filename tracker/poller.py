@@ -86,21 +86,30 @@ class Poller:
         self.on_events = on_events
         self.last_cycle_at: datetime | None = None
         self.last_report: CycleReport | None = None
+        self._pull_in = False
         self._limiters = {
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
 
     def configure(self, settings: PollSettings) -> None:
-        """Take new [poll] settings (a reload); they apply from the next claim on."""
+        """Take new [poll] settings (a reload); they apply from the next cycle on."""
+        # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now.
+        self._pull_in = settings.max_interval < self.settings.max_interval
         self.settings = settings
 
-    async def run_cycle(self) -> CycleReport:
-        """Poll every due task once (up to a bound), then log one line."""
+    async def run_cycle(self, until: asyncio.Event | None = None) -> CycleReport:
+        """Poll every due task once (up to a bound, or until ``until`` is set), log one line."""
         started = time.monotonic()
         report = CycleReport()
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         claim_size = self.settings.batch_size * self.settings.concurrency
+        if self._pull_in:
+            self._pull_in = False
+            latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
+            await asyncio.to_thread(self.store.pull_in, latest)
         for _ in range(MAX_ROUNDS_PER_CYCLE):
+            if until is not None and until.is_set():
+                break  # stopping: the claimed batch is done, the rest waits for the next start
             now = self.clock.now()
             due = await asyncio.to_thread(
                 self.store.claim_due,
@@ -122,7 +131,8 @@ class Poller:
             self.store.set_meta, "last_cycle_at", isoformat(self.last_cycle_at) or ""
         )
         self.metrics.cycle_duration.observe(report.seconds)
-        log.info("poll_cycle", **dataclasses.asdict(report))
+        # An idle daemon logs its empty cycles at debug only.
+        (log.info if report.claimed else log.debug)("poll_cycle", **dataclasses.asdict(report))
         return report
 
     async def _poll(

@@ -77,10 +77,18 @@ class _ReceiverHandler(QuietHandler):
                 pass  # trailers
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        if len(body) < length:
+            raise ConnectionError("client hung up in the middle of the body")
+        return body
 
     def _serve(self) -> None:
-        body = self._read_body()
+        try:
+            body = self._read_body()
+        except ConnectionError:
+            # A sender killed mid-request delivered nothing: record nothing, answer nothing.
+            self.close_connection = True
+            return
         headers = {k.lower(): v for k, v in self.headers.items()}
         reply = self._owner._take(self.command, self.path, headers, body)
         try:

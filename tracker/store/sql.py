@@ -371,6 +371,25 @@ class SqlStore:
                 .values(next_poll_at=_epoch(at))
             )
 
+    def pull_in(self, latest: datetime) -> None:
+        """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
+        with self._write() as conn:
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.next_poll_at > _epoch(latest))
+                .values(next_poll_at=_epoch(latest))
+            )
+
+    def release_claims(self) -> int:
+        """Free every delivery lease (a single daemon starting: no one else holds them)."""
+        with self._write() as conn:
+            done = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.claimed_until.is_not(None), deliveries.c.state == "pending")
+                .values(claimed_until=None)
+            )
+        return int(done.rowcount)
+
     def record(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         """Write a poll's decisions in one transaction: task rows, history rows, outbox rows.
 
