@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import os
 import signal
+import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pydantic
 import structlog
 import uvicorn
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
@@ -32,10 +38,36 @@ DELIVERY_TICK = 1.0
 #: how long a stop waits for the in-flight poll batch and deliveries; below the unit's
 #: TimeoutStopSec=30 so systemd never has to kill us mid-write
 STOP_DEADLINE = 20.0
+#: how long the API may take to finish its open requests once the drain is over
+HTTP_SHUTDOWN_DEADLINE = 5
 #: how often the systemd STATUS= line is refreshed
 STATUS_EVERY = 15.0
-#: settings a reload can apply without a restart
+#: /readyz fails when no poll cycle completed within this many intervals
+READY_INTERVALS = 3
+#: sections a reload applies whole, without a restart
 LIVE_SECTIONS = ("poll", "webhooks", "logging")
+#: [server] keys a reload applies (the API reads them on every request)
+LIVE_SERVER_KEYS = ("api_tokens", "metrics_require_auth")
+#: [webhooks] keys that need a restart: the SSRF guard is built into the transport at start
+RESTART_WEBHOOK_KEYS = ("allow_private",)
+
+
+class _NoSkipWarnings(logging.Filter):
+    """Drops APScheduler's warning for a run skipped because the last one is still going.
+
+    For the delivery job that is routine (a pass outlasts the tick); for the poll job the
+    daemon logs poll_cycle_skipped and counts it in a metric itself.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
+def _scheduler_logger() -> logging.Logger:
+    logger = logging.getLogger("tracker.scheduler")
+    if not any(isinstance(f, _NoSkipWarnings) for f in logger.filters):
+        logger.addFilter(_NoSkipWarnings())
+    return logger
 
 
 class _Server(uvicorn.Server):
@@ -44,6 +76,105 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a reload does: the settings that will be in force and what changed."""
+
+    settings: config.Settings  #: the old settings with every live change applied
+    applied: list[str]  #: dotted keys whose new value takes effect now
+    needs_restart: list[str]  #: dotted keys whose new value waits for a restart
+    refused: list[str]  #: live keys kept at their old value, with the reason
+
+
+def _changed_keys(prefix: str, old: pydantic.BaseModel, new: pydantic.BaseModel) -> list[str]:
+    return [
+        f"{prefix}.{name}"
+        for name in type(old).model_fields
+        if getattr(old, name) != getattr(new, name)
+    ]
+
+
+def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
+    """Split the difference between two configs into what applies live and what cannot."""
+    applied: list[str] = []
+    needs_restart: list[str] = []
+    refused: list[str] = []
+    live: dict[str, Any] = {}
+    for section in type(old).model_fields:
+        before, after = getattr(old, section), getattr(new, section)
+        if before == after:
+            continue
+        keys = (
+            _changed_keys(section, before, after)
+            if isinstance(before, pydantic.BaseModel)
+            else [section]
+        )
+        if section in LIVE_SECTIONS:
+            live[section] = after
+            applied += keys
+        elif section != "server":
+            needs_restart += keys
+    held = [k for k in RESTART_WEBHOOK_KEYS if getattr(old.webhooks, k) != getattr(new.webhooks, k)]
+    if held:
+        live["webhooks"] = new.webhooks.model_copy(
+            update={k: getattr(old.webhooks, k) for k in held}
+        )
+        applied = [k for k in applied if k not in {f"webhooks.{h}" for h in held}]
+        needs_restart += [f"webhooks.{k}" for k in held]
+    server_update = {
+        k: getattr(new.server, k)
+        for k in LIVE_SERVER_KEYS
+        if getattr(old.server, k) != getattr(new.server, k)
+    }
+    # An open API is allowed on loopback only, and the host in force is the old one.
+    emptied = "api_tokens" in server_update and not server_update["api_tokens"]
+    if emptied and not config.is_loopback(old.server.host):
+        del server_update["api_tokens"]
+        refused.append(
+            "server.api_tokens: cannot be emptied while listening on "
+            f"{old.server.host!r}; restart with a loopback host first"
+        )
+    if server_update:
+        live["server"] = old.server.model_copy(update=server_update)
+        applied += [f"server.{k}" for k in server_update]
+    needs_restart += [
+        f"server.{name}"
+        for name in type(old.server).model_fields
+        if name not in LIVE_SERVER_KEYS and getattr(old.server, name) != getattr(new.server, name)
+    ]
+    return ReloadPlan(
+        settings=old.model_copy(update=live),
+        applied=applied,
+        needs_restart=needs_restart,
+        refused=refused,
+    )
+
+
+def _sqlite_file(store: SqlStore) -> Path | None:
+    """The database file of an SQLite store, None for another database or an in-memory one."""
+    url = store.engine.url
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
+def _probe_sqlite_file(path: Path) -> None:
+    """Open the file afresh and read from it; raises when that fails.
+
+    The store's pooled connections keep working on a file that was deleted, replaced or made
+    unreadable (they hold it open), so only a new connection shows what a restart would meet.
+    """
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, timeout=1.0)
+    try:
+        connection.execute("SELECT count(*) FROM tracker_meta").fetchone()
+    finally:
+        connection.close()
 
 
 class Daemon:
@@ -64,27 +195,27 @@ class Daemon:
         self.config_path = Path(config_path) if config_path is not None else None
         self.notifier = notifier or sdnotify.Notifier.from_environ()
         self.store = SqlStore.from_url(settings.database.url)
+        self.sqlite_file = _sqlite_file(self.store)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store.stats, time.time)
         self.platforms = platforms.build(settings)
-        poll = settings.poll
+        # The pools never bind: the poller's and the deliverer's own limits do, and those
+        # follow a reload, which a pool's size could not.
         self.relay_client = httpx.AsyncClient(
             transport=relay_transport,
-            limits=httpx.Limits(
-                max_connections=poll.concurrency * 2, max_keepalive_connections=poll.concurrency
-            ),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             timeout=settings.upstream.timeout,
         )
         hooks = settings.webhooks
-        limits = httpx.Limits(max_connections=hooks.concurrency, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         # Webhooks get their own clients, so a slow receiver never holds a relay connection.
         self.webhook_client = httpx.AsyncClient(
-            transport=webhook_transport, limits=limits, follow_redirects=False
+            transport=webhook_transport, limits=limits, timeout=hooks.timeout
         )
         self.guarded_client = httpx.AsyncClient(
             transport=webhook_transport
             or ssrf.guarded_transport(ssrf.parse_allow(hooks.allow_private), limits=limits),
-            follow_redirects=False,
+            timeout=hooks.timeout,
         )
         self.targets = events.Targets(hooks)
         self.poller = Poller(
@@ -92,7 +223,7 @@ class Daemon:
             platforms=self.platforms,
             client=self.relay_client,
             clock=self.clock,
-            settings=poll,
+            settings=settings.poll,
             targets=self.targets,
             metrics=self.metrics,
             on_events=self.kick_delivery,
@@ -113,21 +244,25 @@ class Daemon:
         self.app = api.build(
             store=self.store, platforms=list(self.platforms), state=self.state, clock=self.clock
         )
-        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.scheduler = AsyncIOScheduler(timezone=UTC, logger=_scheduler_logger())
         self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
         self.server: _Server | None = None
         self.stop_requested = asyncio.Event()
-        self._busy: set[asyncio.Task[object]] = set()
+        self._busy: set[asyncio.Task[Any]] = set()
         self._delivering = False
         self._deliver_again = False
-        self._started_at = time.monotonic()
+        self._started_at: datetime | None = None
         self._serving: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._not_ready: list[str] = []
+        self._log_secrets = set(settings.secrets())
 
     # -- jobs -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
+        # What stop() waits for: work that must finish (or be cut off) before the store closes.
         task = asyncio.current_task()
         if task is not None:
             self._busy.add(task)
@@ -138,28 +273,49 @@ class Daemon:
                 self._busy.discard(task)
 
     async def _poll_job(self) -> None:
+        if self.stop_requested.is_set():
+            return
         with self._tracked():
             try:
-                await self.poller.run_cycle()
+                await self.poller.run_cycle(until=self.stop_requested)
             except Exception:
                 log.exception("poll_cycle_failed")
 
     async def _deliver_job(self) -> None:
+        if self.stop_requested.is_set():
+            return
         self._delivering = True
         with self._tracked():
             try:
-                while True:
+                while not self.stop_requested.is_set():
                     self._deliver_again = False
-                    await self.deliverer.run()
-                    if not self._deliver_again or self.stop_requested.is_set():
+                    await self.deliverer.run(until=self.stop_requested)
+                    if not self._deliver_again:
+                        await self._schedule_next_delivery()
+                    if not self._deliver_again:
                         break
             except Exception:
                 log.exception("delivery_run_failed")
             finally:
                 self._delivering = False
 
+    async def _schedule_next_delivery(self) -> None:
+        # A retry due before the next tick (retry delays can be short) is tried on time.
+        if self.stop_requested.is_set():
+            return
+        due = await asyncio.to_thread(self.store.next_delivery_at)
+        job = self.scheduler.get_job("deliver")
+        if due is None or job is None or not self.scheduler.running:
+            return
+        wait = (due - self.clock.now()).total_seconds()
+        # Only a future due time: one already past belongs to a delivery this pass could not
+        # take (leased by another run, or behind an earlier event), and the tick will do.
+        if 0 < wait < DELIVERY_TICK:
+            # Real time for the scheduler: the store's clock may be a test's FakeClock.
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=wait))
+
     async def _status_job(self) -> None:
-        if not self.notifier.enabled:
+        if not self.notifier.enabled or self.stop_requested.is_set():
             return
         stats = await asyncio.to_thread(self.store.stats)
         active = sum(n for (_, s), n in stats.tasks.items() if s not in FINAL)
@@ -186,27 +342,60 @@ class Daemon:
 
     # -- readiness --------------------------------------------------------------------------
 
+    async def readiness(self) -> list[str]:
+        """Why the daemon is not ready (empty when it is), as /readyz reports it."""
+        checks = (self._database_ready(), self._scheduler_ready(), self._cycles_ready())
+        return [r for r in await asyncio.gather(*checks) if r]
+
     async def _database_ready(self) -> str | None:
+        reason, detail = await asyncio.to_thread(self._database_problem)
+        self._note_readiness("database", reason, detail)
+        return reason
+
+    def _database_problem(self) -> tuple[str | None, str | None]:
+        """The reason /readyz gives and the fuller one for the log, or (None, None)."""
         try:
-            await asyncio.to_thread(self.store.ping)
+            self.store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return f"database unreachable: {type(exc).__name__}"
-        return None
+            # The type only: /readyz needs no token and driver messages name hosts and users.
+            return f"database unreachable: {type(exc).__name__}", f"{type(exc).__name__}: {exc}"
+        if self.sqlite_file is not None:
+            try:
+                _probe_sqlite_file(self.sqlite_file)
+            except sqlite3.Error as exc:
+                reason = f"database file {self.sqlite_file.name} unusable: {exc}"
+                return reason, f"{self.sqlite_file}: {type(exc).__name__}: {exc}"
+        return None, None
 
     async def _scheduler_ready(self) -> str | None:
+        if self.stop_requested.is_set():
+            return "shutting down"
         return None if self.scheduler.running else "scheduler is not running"
 
     async def _cycles_ready(self) -> str | None:
-        window = 3 * self.settings.poll.interval
+        window = READY_INTERVALS * self.settings.poll.interval
         last = self.poller.last_cycle_at
         if last is None:
-            if time.monotonic() - self._started_at > window:
+            started = self._started_at
+            if started is not None and (self.clock.now() - started).total_seconds() > window:
                 return f"no poll cycle has completed within {window:g} s"
             return None
         age = (self.clock.now() - last).total_seconds()
         if age > window:
-            return f"last poll cycle completed {age:.0f} s ago (more than 3 intervals)"
+            return (
+                f"last poll cycle completed {age:.0f} s ago "
+                f"(more than {READY_INTERVALS} intervals of {self.settings.poll.interval:g} s)"
+            )
         return None
+
+    def _note_readiness(self, check: str, reason: str | None, detail: str | None = None) -> None:
+        # One log line when a check starts or stops failing, not one per probe.
+        if reason is not None and check not in self._not_ready:
+            self._not_ready.append(check)
+            log.warning("not_ready", check=check, reason=reason, detail=detail or reason)
+        elif reason is None and check in self._not_ready:
+            self._not_ready.remove(check)
+            log.info("ready_again", check=check)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -218,9 +407,22 @@ class Daemon:
         port: int = self.server.servers[0].sockets[0].getsockname()[1]
         return port
 
+    @property
+    def api_url(self) -> str:
+        """The base URL of the API, e.g. http://127.0.0.1:8686."""
+        host = self.settings.server.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}"
+
     async def start(self) -> None:
-        """Open the database, start listening and start the scheduler."""
+        """Open the database, start listening and start the scheduler, then say READY=1."""
         await asyncio.to_thread(self.store.create_schema)
+        if self.store.dialect == "sqlite":
+            # SQLite serves one daemon, so leases left by a crash are ours: resume those
+            # deliveries now rather than when the leases run out. (PostgreSQL may be shared
+            # with live daemons, whose leases must stand.)
+            released = await asyncio.to_thread(self.store.release_claims)
+            if released:
+                log.info("resumed_deliveries", count=released)
         server_settings = self.settings.server
         self.server = _Server(
             uvicorn.Config(
@@ -230,26 +432,28 @@ class Daemon:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                timeout_graceful_shutdown=HTTP_SHUTDOWN_DEADLINE,
             )
         )
         serving = asyncio.create_task(self.server.serve(), name="api")
         while not self.server.started:
             if serving.done():
                 await serving  # re-raises why it could not start
-                raise RuntimeError("the API server stopped while starting")
+                raise RuntimeError(
+                    f"the API could not listen on {server_settings.host}:{server_settings.port}"
+                )
             await asyncio.sleep(0.01)
         self._serving = serving
+        self._started_at = self.clock.now()
         now = datetime.now(UTC)
-        poll = self.settings.poll
+        jobs = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         self.scheduler.add_job(
             self._poll_job,
             "interval",
-            seconds=poll.interval,
+            seconds=self.settings.poll.interval,
             id="poll",
             next_run_time=now,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
+            **jobs,
         )
         self.scheduler.add_job(
             self._deliver_job,
@@ -257,56 +461,85 @@ class Daemon:
             seconds=DELIVERY_TICK,
             id="deliver",
             next_run_time=now,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
+            **jobs,
         )
         self.scheduler.add_job(
-            self._status_job, "interval", seconds=STATUS_EVERY, id="status", next_run_time=now
+            self._status_job,
+            "interval",
+            seconds=STATUS_EVERY,
+            id="status",
+            next_run_time=now,
+            **jobs,
         )
         self.scheduler.start()
         interval = self.notifier.watchdog_interval()
-        self._watchdog = (
-            asyncio.create_task(sdnotify.watchdog_loop(self.notifier, interval))
-            if interval is not None
-            else None
-        )
+        if interval is not None:
+            self._watchdog = asyncio.create_task(
+                sdnotify.watchdog_loop(self.notifier, interval), name="watchdog"
+            )
         self.notifier.ready()
         log.info(
             "started",
-            api=f"http://{server_settings.host}:{self.api_port}",
+            api=self.api_url,
             database=self.store.dialect,
             platforms=sorted(self.platforms),
+            pid=os.getpid(),
         )
 
     async def stop(self) -> None:
         """Stop taking work, let in-flight polls and deliveries finish (bounded), close."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.notifier.stopping()
         self.state.accepting = False
         self.stop_requested.set()
+        # Paused, not shut down: shutting the asyncio executor down cancels the running jobs.
+        if self.scheduler.running:
+            self.scheduler.pause()
+        await self._drain()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        busy = set(self._busy)
-        if busy:
-            log.info("draining", jobs=len(busy), deadline=STOP_DEADLINE)
-            _, late = await asyncio.wait(busy, timeout=STOP_DEADLINE)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         if self.server is not None and self._serving is not None:
             self.server.should_exit = True
             await self._serving
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         await self.relay_client.aclose()
         await self.webhook_client.aclose()
         await self.guarded_client.aclose()
         self.store.close()
         log.info("stopped")
 
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_DEADLINE
+        # A job the scheduler launched just before the shutdown gets to see stop_requested.
+        await asyncio.sleep(0)
+        if not self._busy:
+            return
+        log.info("draining", jobs=len(self._busy), deadline=STOP_DEADLINE)
+        self.notifier.status(f"stopping: finishing {len(self._busy)} in-flight jobs")
+        started = loop.time()
+        while self._busy:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                late = set(self._busy)
+                log.warning("drain_deadline_passed", jobs=len(late), deadline=STOP_DEADLINE)
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
+                break
+            await asyncio.wait(set(self._busy), timeout=remaining)
+        log.info("drained", seconds=round(loop.time() - started, 3))
+
     def reload(self) -> None:
         """Re-read the config file and apply what can change live (SIGHUP)."""
+        if self.stop_requested.is_set():
+            log.info("reload_ignored", reason="shutting down")
+            return
         if self.config_path is None:
             log.warning("reload_ignored", reason="no config file to re-read")
             return
@@ -314,36 +547,49 @@ class Daemon:
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:
-            log.error("reload_failed", problems=exc.problems)  # noqa: TRY400 - no traceback wanted
+            log.error(  # noqa: TRY400 - the problems say it all; a traceback would not
+                "reload_failed", problems=exc.problems, config=str(self.config_path)
+            )
+        else:
+            try:
+                self.apply(new)
+            except Exception:
+                log.exception("reload_failed", config=str(self.config_path))
+        finally:
             self.notifier.ready()
-            return
+
+    def apply(self, new: config.Settings) -> ReloadPlan:
+        """Put the live parts of ``new`` in force; returns what was applied and what was not."""
         old = self.settings
-        needs_restart = [
-            name
-            for name in type(old).model_fields
-            if name not in (*LIVE_SECTIONS, "server") and getattr(old, name) != getattr(new, name)
-        ]
-        if old.server.model_copy(update={"api_tokens": ()}) != new.server.model_copy(
-            update={"api_tokens": ()}
-        ):
-            needs_restart.append("server (host, port, metrics_require_auth)")
-        self.settings = new
-        self.state.settings = new
-        self.poller.configure(new.poll)
-        self.targets = events.Targets(new.webhooks)
+        plan = plan_reload(old, new)
+        current = plan.settings
+        self._update_log_setup(old, current)
+        self.settings = current
+        self.state.settings = current
+        self.poller.configure(current.poll)
+        self.targets = events.Targets(current.webhooks)
         self.poller.targets = self.targets
-        self.deliverer.configure(new.webhooks)
-        logs.set_level(new.logging.level)
+        self.deliverer.configure(current.webhooks)
         job = self.scheduler.get_job("poll")
-        if job is not None and new.poll.interval != old.poll.interval:
-            job.reschedule("interval", seconds=new.poll.interval)
-        log.info(
-            "reloaded",
-            applied=[s for s in LIVE_SECTIONS if getattr(old, s) != getattr(new, s)]
-            + (["server.api_tokens"] if old.server.api_tokens != new.server.api_tokens else []),
-            needs_restart=needs_restart,
+        if job is not None and current.poll.interval != old.poll.interval:
+            job.reschedule("interval", seconds=current.poll.interval)
+        log.info("reloaded", applied=plan.applied, needs_restart=plan.needs_restart)
+        if plan.needs_restart:
+            log.warning("restart_needed", keys=plan.needs_restart)
+        for problem in plan.refused:
+            log.error("reload_refused", problem=problem)
+        return plan
+
+    def _update_log_setup(self, old: config.Settings, new: config.Settings) -> None:
+        secrets = set(new.secrets())
+        if secrets <= self._log_secrets and old.logging.format == new.logging.format:
+            logs.set_level(new.logging.level)
+            return
+        # New secrets must be redacted from the next line on; old ones stay redacted too.
+        self._log_secrets |= secrets
+        logs.configure(
+            level=new.logging.level, fmt=new.logging.format, secrets=sorted(self._log_secrets)
         )
-        self.notifier.ready()
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or ``stop_requested``), reloading on SIGHUP."""
@@ -354,6 +600,7 @@ class Daemon:
         try:
             await self.start()
             await self.stop_requested.wait()
+            log.info("stopping")
         finally:
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tracker.store.records import Stats
+
+log = structlog.get_logger("tracker.metrics")
 
 
 class _StoreCollector(Collector):
@@ -20,7 +23,18 @@ class _StoreCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Tasks by platform and status, outbox depth, oldest pending delivery age."""
-        stats = self._stats()
+        up = GaugeMetricFamily(
+            "tracker_database_up", "1 when the database answered this scrape's queries, else 0"
+        )
+        try:
+            stats = self._stats()
+        except Exception as exc:  # noqa: BLE001 - a scrape must still show the process figures
+            log.warning("metrics_store_unavailable", error=f"{type(exc).__name__}: {exc}")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         tasks = GaugeMetricFamily(
             "tracker_tasks", "Tracked tasks by platform and status", labels=["platform", "status"]
         )

@@ -1,0 +1,455 @@
+"""The Daemon in-process: readiness, reload, drain and delivery timing, faster than a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from conftest import WEBHOOK_SECRET, base_config, merge
+
+from tracker import app, config, logs, sdnotify, signing
+from tracker.app import Daemon, plan_reload
+from tracker.clock import FakeClock
+from tracker.metrics import Metrics
+from tracker.receiver import Reply, WebhookReceiver
+from tracker.simulator import SimulatedRelay
+from tracker.store import Registration, SqlStore
+
+TOKEN = "test-token"
+
+
+class RecordingNotifier(sdnotify.Notifier):
+    """A notifier that keeps what it would have sent to systemd."""
+
+    def __init__(self) -> None:
+        super().__init__("/nonexistent/notify")
+        self.sent: list[str] = []
+
+    def send(self, message: str) -> bool:
+        """Record the datagram instead of sending it."""
+        self.sent.append(message)
+        return True
+
+
+def toml_text(document: dict[str, Any]) -> str:
+    """TOML for a config document of sections holding scalars and arrays."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, str):
+            return json.dumps(item)
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(i) for i in item) + "]"
+        return repr(item)
+
+    lines: list[str] = []
+    for section, table in document.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value(item)}" for key, item in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(name="document")
+def _document(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> dict[str, Any]:
+    """The base config document against the fixture relay and receiver, polling fast."""
+    return merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {"poll": {"interval": 0.2, "max_interval": 1}},
+    )
+
+
+@pytest.fixture(name="restore_logging")
+def _restore_logging() -> Iterator[None]:
+    """Undo any log configuration a reload made."""
+    yield
+    logs.reset()
+
+
+@pytest.fixture(name="make_daemon")
+async def _make_daemon() -> AsyncIterator[Callable[..., Daemon]]:
+    """Builds daemons and stops every one of them after the test."""
+    made: list[Daemon] = []
+
+    def make(settings: config.Settings, **kwargs: Any) -> Daemon:
+        kwargs.setdefault("notifier", RecordingNotifier())
+        daemon = Daemon(settings, **kwargs)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        await daemon.stop()
+
+
+def client_for(daemon: Daemon, token: str | None = TOKEN) -> httpx.AsyncClient:
+    """An HTTP client for a started daemon's API."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(base_url=daemon.api_url, headers=headers, timeout=5)
+
+
+async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Poll ``check`` on the loop until it is truthy; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return result
+
+
+# -- plan_reload -----------------------------------------------------------------------------
+
+
+def test_reload_plan_applies_live_keys_and_lists_the_ones_needing_a_restart(
+    document: dict[str, Any],
+) -> None:
+    """Poll, webhooks, logging and tokens apply; database, port and allow_private wait."""
+    old = config.parse(document, environ={})
+    new = config.parse(
+        merge(
+            document,
+            {
+                "poll": {"interval": 5, "max_interval": 10},
+                "database": {"url": "sqlite:///elsewhere.db"},
+                "server": {"port": 9999, "api_tokens": [TOKEN, "second"]},
+                "webhooks": {"retry_delays": [1.0], "allow_private": ["10.0.0.0/8"]},
+                "logging": {"level": "debug"},
+            },
+        ),
+        environ={},
+    )
+
+    plan = plan_reload(old, new)
+
+    assert {
+        "poll.interval",
+        "server.api_tokens",
+        "poll.max_interval",
+        "webhooks.retry_delays",
+        "logging.level",
+    } == set(plan.applied)
+    assert {"database.url", "server.port", "webhooks.allow_private"} == set(plan.needs_restart)
+    assert [] == plan.refused
+    current = plan.settings
+    assert (5.0, (1.0,), "debug") == (
+        current.poll.interval,
+        current.webhooks.retry_delays,
+        current.logging.level,
+    )
+    assert ["test-token", "second"] == [t.get_secret_value() for t in current.server.api_tokens]
+    assert old.database == current.database
+    assert old.server.port == current.server.port
+    assert old.webhooks.allow_private == current.webhooks.allow_private
+
+
+def test_reload_plan_of_an_unchanged_config_changes_nothing(document: dict[str, Any]) -> None:
+    """Reloading the same file applies nothing and asks for no restart."""
+    settings = config.parse(document, environ={})
+
+    plan = plan_reload(settings, config.parse(document, environ={}))
+
+    assert ([], [], []) == (plan.applied, plan.needs_restart, plan.refused)
+    assert settings == plan.settings
+
+
+def test_reload_plan_never_opens_the_api_on_a_public_host(document: dict[str, Any]) -> None:
+    """Dropping every token is refused while the host in force is not loopback."""
+    public = config.parse(merge(document, {"server": {"host": "0.0.0.0"}}), environ={})
+    loopback_open = config.parse(
+        merge(document, {"server": {"host": "127.0.0.1", "api_tokens": []}}), environ={}
+    )
+
+    plan = plan_reload(public, loopback_open)
+
+    assert public.server.api_tokens == plan.settings.server.api_tokens
+    assert "server.host" in plan.needs_restart
+    assert any(r.startswith("server.api_tokens") for r in plan.refused)
+
+
+# -- readiness -------------------------------------------------------------------------------
+
+
+async def test_readiness_follows_the_scheduler_and_the_age_of_the_last_cycle(
+    document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """Not ready before start; ready after a cycle; not ready once 3 intervals pass without one."""
+    clock = FakeClock()
+    settings = config.parse(
+        merge(document, {"poll": {"interval": 30, "max_interval": 60}}), environ={}
+    )
+    daemon = make_daemon(settings, clock=clock)
+
+    assert "scheduler is not running" in await daemon.readiness()
+    await daemon.start()
+    await eventually(lambda: daemon.poller.last_cycle_at is not None, 5, "the first cycle")
+    assert [] == await daemon.readiness()
+
+    clock.advance(89)
+    assert [] == await daemon.readiness()
+    clock.advance(2)
+    reasons = await daemon.readiness()
+    assert 1 == len(reasons)
+    assert reasons[0].startswith("last poll cycle completed 91 s ago")
+
+    await daemon.stop()
+    assert "shutting down" == await daemon._scheduler_ready()
+
+
+async def test_readiness_fails_when_no_cycle_completes_within_three_intervals(
+    relay: SimulatedRelay, document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A first cycle stuck on a slow relay makes the daemon unready after 3 intervals."""
+    clock = FakeClock()
+    settings = config.parse(
+        merge(document, {"poll": {"interval": 10, "max_interval": 10}}), environ={}
+    )
+    daemon = make_daemon(settings, clock=clock)
+    await asyncio.to_thread(daemon.store.create_schema)
+    daemon.store.register(Registration("luma", ["stuck-1"]), clock.now())
+    relay.slow_seconds = 0.6
+    relay.fail_next("slow")
+
+    await daemon.start()
+    await eventually(lambda: relay.requests, 5, "the slow poll request")
+    assert [] == await daemon.readiness()
+    clock.advance(31)
+
+    assert ["no poll cycle has completed within 30 s"] == await daemon.readiness()
+
+
+async def test_readyz_names_an_unreachable_database_without_its_error_text(
+    document: dict[str, Any], make_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz answers 503 with the failing check; the driver's message stays in the log."""
+    daemon = make_daemon(config.parse(document, environ={}))
+    await daemon.start()
+
+    def unreachable() -> None:
+        raise sqlite3.OperationalError("unable to open database file at secret-host")
+
+    monkeypatch.setattr(daemon.store, "ping", unreachable)
+    async with client_for(daemon, token=None) as client:
+        answer = await client.get("/readyz")
+        health = await client.get("/healthz")
+
+    assert 503 == answer.status_code
+    assert ["database unreachable: OperationalError"] == answer.json()["reasons"]
+    assert "secret-host" not in answer.text
+    assert 200 == health.status_code
+
+
+def test_the_sqlite_probe_reads_the_path_afresh(tmp_path: Path) -> None:
+    """The probe passes on a tracker database and fails on a path that holds none."""
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'real.db'}")
+    store.create_schema()
+    path = app._sqlite_file(store)
+    store.close()
+
+    assert tmp_path / "real.db" == path
+    app._probe_sqlite_file(tmp_path / "real.db")
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 500)
+    with pytest.raises(sqlite3.DatabaseError):
+        app._probe_sqlite_file(tmp_path / "junk.db")
+    with pytest.raises(sqlite3.OperationalError):
+        app._probe_sqlite_file(tmp_path / "missing.db")
+    memory = SqlStore.from_url("sqlite:///:memory:")
+    postgres = SqlStore.from_url("postgresql://postgres@127.0.0.1:5432/none")
+    assert (None, None) == (app._sqlite_file(memory), app._sqlite_file(postgres))
+
+
+async def test_metrics_and_readyz_require_the_token_when_configured(
+    document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """metrics_require_auth puts /metrics and /readyz behind the token; /healthz stays open."""
+    settings = config.parse(merge(document, {"server": {"metrics_require_auth": True}}), environ={})
+    daemon = make_daemon(settings)
+    await daemon.start()
+
+    async with client_for(daemon, token=None) as anonymous, client_for(daemon) as holder:
+        assert 401 == (await anonymous.get("/metrics")).status_code
+        assert 401 == (await anonymous.get("/readyz")).status_code
+        assert 200 == (await anonymous.get("/healthz")).status_code
+        scrape = await holder.get("/metrics")
+        assert 200 == scrape.status_code
+        assert "tracker_outbox_depth" in scrape.text
+        assert 200 == (await holder.get("/readyz")).status_code
+
+
+def test_a_scrape_survives_an_unreachable_database() -> None:
+    """Without a database the scrape still renders, with tracker_database_up 0."""
+    metrics = Metrics()
+
+    def broken() -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    metrics.watch_store(broken, time.time)
+    text = metrics.render().decode()
+
+    assert "tracker_database_up 0.0" in text
+    assert "tracker_poll_cycle_duration_seconds_count 0.0" in text
+    assert "tracker_outbox_depth" not in text
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+
+async def test_reload_applies_live_settings_to_the_running_parts(
+    tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A reload reschedules the poll job, re-keys the deliverer, accepts the new token and
+    brackets the work with RELOADING=1 and READY=1.
+    """
+    path = tmp_path / "tracker.toml"
+    path.write_text(toml_text(document))
+    notifier = RecordingNotifier()
+    daemon = make_daemon(config.load(path, environ={}), config_path=path, notifier=notifier)
+    await daemon.start()
+    secret = signing.new_secret()
+    path.write_text(
+        toml_text(
+            merge(
+                document,
+                {
+                    "poll": {"interval": 0.5, "batch_size": 7},
+                    "webhooks": {"secret": secret},
+                    "server": {"api_tokens": ["new-token"]},
+                },
+            )
+        )
+    )
+    notifier.sent.clear()
+
+    daemon.reload()
+
+    job = daemon.scheduler.get_job("poll")
+    assert 0.5 == job.trigger.interval.total_seconds()
+    assert (0.5, 7) == (daemon.poller.settings.interval, daemon.poller.settings.batch_size)
+    assert secret == daemon.deliverer.secrets_for(None)[0]
+    assert daemon.state.settings is daemon.settings
+    assert ["RELOADING=1", "READY=1"] == [m.split("\n")[0] for m in notifier.sent]
+    async with client_for(daemon, "new-token") as fresh, client_for(daemon) as stale:
+        assert 200 == (await fresh.get("/v1/tasks")).status_code
+        assert 401 == (await stale.get("/v1/tasks")).status_code
+
+
+async def test_a_broken_config_on_reload_keeps_the_old_settings(
+    tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """An invalid file leaves every setting as it was and still ends the reload with READY=1."""
+    path = tmp_path / "tracker.toml"
+    path.write_text(toml_text(document))
+    notifier = RecordingNotifier()
+    daemon = make_daemon(config.load(path, environ={}), config_path=path, notifier=notifier)
+    await daemon.start()
+    before = daemon.settings
+    path.write_text(toml_text(merge(document, {"poll": {"interval": "fast"}})))
+    notifier.sent.clear()
+
+    daemon.reload()
+
+    assert before is daemon.settings
+    assert 0.2 == daemon.scheduler.get_job("poll").trigger.interval.total_seconds()
+    assert ["RELOADING=1", "READY=1"] == [m.split("\n")[0] for m in notifier.sent]
+
+
+async def test_a_reload_while_stopping_is_ignored(
+    tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """SIGHUP during the drain neither reloads nor tells systemd it is reloading."""
+    path = tmp_path / "tracker.toml"
+    path.write_text(toml_text(document))
+    notifier = RecordingNotifier()
+    daemon = make_daemon(config.load(path, environ={}), config_path=path, notifier=notifier)
+    daemon.stop_requested.set()
+    path.write_text(toml_text(merge(document, {"poll": {"interval": 5}})))
+
+    daemon.reload()
+
+    assert [] == notifier.sent
+    assert 0.2 == daemon.settings.poll.interval
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_secrets_added_by_a_reload_are_redacted_from_then_on(
+    document: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token that arrives with a reload is redacted like the ones known at start."""
+    settings = config.parse(document, environ={})
+    logs.configure(fmt="json", secrets=settings.secrets())
+    daemon = Daemon(settings, notifier=RecordingNotifier())
+    new = config.parse(merge(document, {"server": {"api_tokens": ["rotated-7f3a"]}}), environ={})
+    try:
+        daemon.apply(new)
+        structlog.get_logger("test").info("probe", url=f"http://x/?a=rotated-7f3a&b={TOKEN}")
+    finally:
+        await daemon.stop()
+
+    out = capsys.readouterr().out
+    probe = next(json.loads(line) for line in out.splitlines() if '"probe"' in line)
+    assert "http://x/?a=[redacted]&b=[redacted]" == probe["url"]
+    assert WEBHOOK_SECRET not in out
+
+
+# -- stopping and delivery timing ------------------------------------------------------------
+
+
+async def test_stop_cuts_off_a_poll_that_outlasts_the_deadline_without_half_writes(
+    relay: SimulatedRelay,
+    document: dict[str, Any],
+    make_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past STOP_DEADLINE the in-flight cycle is cancelled; its task is left as it was."""
+    monkeypatch.setattr(app, "STOP_DEADLINE", 0.3)
+    relay.slow_seconds = 2.0
+    relay.fail_next("slow")
+    notifier = RecordingNotifier()
+    daemon = make_daemon(config.parse(document, environ={}), notifier=notifier)
+    await daemon.start()
+    async with client_for(daemon) as client:
+        assert (
+            201
+            == (await client.post("/v1/tasks", json={"platform": "luma", "ids": ["x"]})).status_code
+        )
+    await eventually(lambda: relay.requests, 5, "the slow poll request")
+
+    started = time.monotonic()
+    await daemon.stop()
+
+    assert time.monotonic() - started < 1.5
+    reopened = SqlStore.from_url(document["database"]["url"])
+    task = reopened.get("luma", "x")
+    reopened.close()
+    assert task is not None
+    assert ("pending", ()) == (task.status, task.transitions)
+    assert "STOPPING=1" in notifier.sent
+    await daemon.stop()  # a second stop is harmless
+
+
+async def test_a_short_retry_is_attempted_on_time_not_at_the_next_tick(
+    receiver: WebhookReceiver,
+    document: dict[str, Any],
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A retry due in 0.3 s goes out well before the one-second delivery tick."""
+    receiver.reply(Reply(500))
+    settings = config.parse(merge(document, {"webhooks": {"retry_delays": [0.3]}}), environ={})
+    daemon = make_daemon(settings)
+    await daemon.start()
+    async with client_for(daemon) as client:
+        answer = await client.post("/v1/tasks", json={"platform": "luma", "ids": ["r-1"]})
+        assert 201 == answer.status_code
+
+    hooks = await asyncio.to_thread(receiver.wait_for, 2, 10)
+
+    assert [500, 204] == [h.status for h in hooks[:2]]
+    assert hooks[1].at - hooks[0].at < 0.8 * app.DELIVERY_TICK
