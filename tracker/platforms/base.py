@@ -103,6 +103,16 @@ class Platform(abc.ABC):
         Raises UpstreamError when the answer is unusable.
         """
 
+    async def post_ids(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Any]:
+        """`POST {path} {"ids": [...]}` and the items of the answer (envelope or bare array)."""
+        response = await client.post(
+            self.upstream.url(self.path),
+            json={"ids": list(ids)},
+            headers=self.upstream.headers(),
+            timeout=self.upstream.timeout,
+        )
+        return new_api_items(read_json(response), status_code=response.status_code)
+
     def normalise(self, word: object) -> TaskStatus | None:
         """The tracker status for an upstream word, None when the word is not in the table."""
         return self.statuses.get(word) if isinstance(word, str) else None

@@ -10,8 +10,6 @@ import httpx
 from tracker.platforms.base import (
     CANCELED_WORDS,
     Platform,
-    new_api_items,
-    read_json,
     read_progress,
     reason_of,
     task_id_of,
@@ -62,15 +60,8 @@ class Midjourney(Platform):
 
     async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
-        response = await client.post(
-            self.upstream.url(self.path),
-            json={"ids": list(ids)},
-            headers=self.upstream.headers(),
-            timeout=self.upstream.timeout,
-        )
-        body = read_json(response)
         observations = []
-        for item in new_api_items(body, status_code=response.status_code):
+        for item in await self.post_ids(client, ids):
             if isinstance(item, dict):
                 observation = observe_midjourney_item(self, item)
                 if observation is not None:

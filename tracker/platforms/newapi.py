@@ -12,7 +12,6 @@ from tracker.platforms.base import (
     PerIdPlatform,
     Platform,
     UpstreamError,
-    new_api_items,
     observe_new_api_item,
     positive_seconds,
     read_json,
@@ -118,15 +117,8 @@ class NewApiBatch(Platform):
 
     async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
-        response = await client.post(
-            self.upstream.url(self.path),
-            json={"ids": list(ids)},
-            headers=self.upstream.headers(),
-            timeout=self.upstream.timeout,
-        )
-        body = read_json(response)
         observations = []
-        for item in new_api_items(body, status_code=response.status_code):
+        for item in await self.post_ids(client, ids):
             if not isinstance(item, dict):
                 continue
             if "task_id" not in item and "state" in item:

@@ -296,18 +296,11 @@ class SqlStore:
         before: int | None = None,
     ) -> tuple[list[records.TaskRecord], int | None]:
         """A page of tasks, newest first; the second value is the cursor of the next page."""
-        query = sa.select(tasks).order_by(tasks.c.id.desc()).limit(limit + 1)
-        if status is not None:
-            query = query.where(tasks.c.status == status)
-        if platform is not None:
-            query = query.where(tasks.c.platform == platform)
-        if before is not None:
-            query = query.where(tasks.c.id < before)
+        query = _page(tasks, limit, before, status=status, platform=platform)
         with self._read() as conn:
             rows = conn.execute(query).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [_task_record(r) for r in rows], (rows[-1].id if more else None)
+        rows, cursor = _cut(rows, limit)
+        return [_task_record(r) for r in rows], cursor
 
     def remove(self, platform: str, task_id: str) -> bool:
         """Stop tracking a task; its history and undelivered events go with it."""
@@ -597,19 +590,9 @@ class SqlStore:
         before: int | None = None,
     ) -> tuple[list[records.DeliveryRecord], int | None]:
         """A page of deliveries, newest first, each with its attempt log."""
-        query = sa.select(deliveries).order_by(deliveries.c.id.desc()).limit(limit + 1)
-        if state is not None:
-            query = query.where(deliveries.c.state == state)
-        if platform is not None:
-            query = query.where(deliveries.c.platform == platform)
-        if task_id is not None:
-            query = query.where(deliveries.c.task_id == task_id)
-        if before is not None:
-            query = query.where(deliveries.c.id < before)
+        query = _page(deliveries, limit, before, state=state, platform=platform, task_id=task_id)
         with self._read() as conn:
-            rows = conn.execute(query).all()
-            more = len(rows) > limit
-            rows = rows[:limit]
+            rows, cursor = _cut(conn.execute(query).all(), limit)
             logs: dict[int, list[Any]] = {r.id: [] for r in rows}
             if rows:
                 for a in conn.execute(
@@ -618,7 +601,7 @@ class SqlStore:
                     .order_by(attempts.c.id)
                 ):
                     logs[a.delivery_pk].append(a)
-        return [_delivery_record(r, logs[r.id]) for r in rows], (rows[-1].id if more else None)
+        return [_delivery_record(r, logs[r.id]) for r in rows], cursor
 
     def requeue(
         self,
@@ -714,6 +697,22 @@ def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[s
     # The SET clause comes from each group's keys; "pk_" only feeds the WHERE.
     for rows in groups.values():
         conn.execute(tasks.update().where(tasks.c.id == sa.bindparam("pk_")), rows)
+
+
+def _page(table: sa.Table, limit: int, before: int | None, **equal: str | None) -> Any:
+    """Newest first, one row more than a page (to know whether another follows)."""
+    query = sa.select(table).order_by(table.c.id.desc()).limit(limit + 1)
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(table.c[column] == value)
+    if before is not None:
+        query = query.where(table.c.id < before)
+    return query
+
+
+def _cut(rows: Sequence[Any], limit: int) -> tuple[Sequence[Any], int | None]:
+    """The page and the cursor of the next one (None on the last page)."""
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
 
 
 def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:
