@@ -36,6 +36,7 @@ MID = 0.5
 
 @pytest.fixture(name="store")
 def _store(sqlite_url: str) -> Iterator[SqlStore]:
+    """SQLite only (conftest's store also runs PostgreSQL): these tests are about HTTP."""
     store = SqlStore.from_url(sqlite_url)
     store.create_schema()
     yield store
@@ -375,6 +376,7 @@ async def test_redirects_are_failures_and_never_followed(
     delivery = only(store)
     assert 2 == receiver.count
     assert 0 == other.count
+    assert all(verify(r) for r in receiver.received)
     assert (code, f"HTTP {code} (redirects are not followed)") == (
         delivery.last_status_code,
         delivery.last_error,
@@ -440,6 +442,9 @@ async def test_exhausted_retries_leave_a_dead_delivery_and_an_error_log(
     assert ("dead", 3) == (delivery.state, delivery.attempts)
     assert [500, 500, 500] == [a.status_code for a in delivery.log]
     assert 3 == receiver.count
+    assert 1 == len({r.headers["webhook-id"] for r in receiver.received})
+    assert 3 == len({r.headers["webhook-timestamp"] for r in receiver.received})
+    assert all(verify(r) for r in receiver.received)
     [dead] = [e for e in logged if e["event"] == "webhook_dead"]
     assert "error" == dead["log_level"]
     assert ("task-1", receiver.url) == (dead["task_id"], dead["url"])
@@ -529,6 +534,7 @@ async def test_a_tasks_later_event_waits_until_the_earlier_one_is_delivered(
         r.json()["type"] for r in receiver.received
     ]
     assert ["delivered", "delivered"] == [d.state for d in outbox(store)]
+    assert all(verify(r) for r in receiver.received)
 
 
 async def test_a_hanging_receiver_does_not_hold_up_another(
@@ -564,6 +570,7 @@ async def test_a_hanging_receiver_does_not_hold_up_another(
     assert fast_done < 0.4
     assert took >= 1.2
     assert 5 * ["delivered"] == [d.state for d in outbox(store)]
+    assert all(verify(r) for r in [*receiver.received, *other.received])
 
 
 async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
@@ -593,6 +600,46 @@ async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
 
     assert ["pending", "pending", "delivered", "delivered"] == [d.state for d in outbox(store)]
     assert 4 == receiver.count
+
+
+async def test_a_receiver_known_to_hang_gets_only_what_it_can_start_in_time(
+    store: SqlStore,
+    clock: FakeClock,
+    receiver: WebhookReceiver,
+    other: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a receiver has timed out, a claim takes on only a few of its deliveries (the rest
+    keep their claim for a later pass), and another receiver's deliveries still go out.
+    """
+    monkeypatch.setattr("tracker.delivery.MIN_WAIT_BUDGET", 0.5)
+    settings = hook_settings(
+        timeout=0.3,
+        per_host=1,
+        endpoints={
+            "slow": {"url": receiver.url, "secret": SECRET},
+            "fast": {"url": other.url, "secret": SECRET},
+        },
+    )
+    receiver.default = Reply(status=204, delay=1)
+    complete(store, clock, settings, "probe", endpoint="slow")
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        assert 1 == await deliverer.run_once()  # a timeout: the receiver is known to hang
+        for n in range(10):
+            complete(store, clock, settings, f"slow-{n}", endpoint="slow")
+        for n in range(3):
+            complete(store, clock, settings, f"fast-{n}", endpoint="fast")
+        with structlog.testing.capture_logs() as logged:
+            await deliverer.run_once()
+
+    [left] = [e for e in logged if e["event"] == "webhooks_left_for_later"]
+    # one slot, 0.3 s per answer: about 1 + 4 x 0.5 / 0.3 of the ten are taken on
+    assert 2 <= left["receiver_busy"] <= 5
+    assert receiver.count <= 3  # the probe, then what starts within the 0.5 s budget
+    assert 3 == other.count
+    fast = [d for d in outbox(store) if d.task_id.startswith("fast")]
+    assert 3 * ["delivered"] == [d.state for d in fast]
 
 
 async def test_endpoint_max_in_flight_limits_concurrent_requests(
@@ -664,6 +711,7 @@ async def test_run_drains_more_than_one_claim_batch(
 
     ids = [r.headers["webhook-id"] for r in receiver.received]
     assert 10 == len(set(ids)) == len(ids)
+    assert all(verify(r) for r in receiver.received)
     assert 10 * ["delivered"] == [d.state for d in outbox(store)]
 
 
