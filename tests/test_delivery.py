@@ -810,3 +810,19 @@ async def test_events_reach_their_endpoint_signed_with_its_secret(
         started["previous_status"],
         started["progress"],
     )
+
+
+async def test_each_delivery_logs_one_info_line(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """A delivered webhook logs exactly one info line naming the task, URL and webhook-id."""
+    settings = hook_settings(receiver.url)
+    complete(store, clock, settings)
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        with structlog.testing.capture_logs() as logged:
+            await deliverer.run_once()
+
+    [line] = [e for e in logged if e["event"] == "webhook_delivered"]
+    assert ("info", "task-1", receiver.url) == (line["log_level"], line["task_id"], line["url"])
+    assert receiver.received[0].headers["webhook-id"] == line["webhook_id"]

@@ -464,8 +464,8 @@ class Deliverer:
             "latency_ms": result.latency_ms,
         }
         if result.state == "delivered":
-            # One line per success is for debugging; the metrics and the delivery log count them.
-            log.debug("webhook_delivered", **fields)
+            # One line per delivery is part of the contract (issue 2), so info, not debug.
+            log.info("webhook_delivered", **fields)
         elif result.state == "dead":
             log.error("webhook_dead", error=result.error, **fields)
         else:
