@@ -47,6 +47,31 @@ class QuietHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: tests, benchmarks and the demo own stderr."""
 
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    # Every method goes to _serve, so an unexpected one gets the server's own answer rather
+    # than http.server's HTML 501.
+    def do_GET(self) -> None:
+        """Serve a GET."""
+        self._serve()
+
+    def do_POST(self) -> None:
+        """Serve a POST."""
+        self._serve()
+
+    def do_PUT(self) -> None:
+        """Serve a PUT."""
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        """Serve a PATCH."""
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        """Serve a DELETE."""
+        self._serve()
+
 
 class LoopbackServer:
     """Serves ``handler`` on ``host:port`` (port 0: any free one) in a background thread."""

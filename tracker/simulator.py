@@ -338,22 +338,6 @@ class _RelayHandler(QuietHandler):
     def _owner(self) -> SimulatedRelay:
         return cast("SimulatedRelay", self.server.owner)
 
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    # Other methods get the JSON 404 rather than http.server's HTML 501.
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def do_PATCH(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
