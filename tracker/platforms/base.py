@@ -275,7 +275,24 @@ def observe_new_api_item(
     item's own ``task_id`` does, and an item without one is skipped (None). An item without a
     status word is still an observation (status None): the relay knows the id.
     """
-    task_id = task_id or task_id_of(item.get("task_id"))
+    return observe_item(
+        platform,
+        item,
+        task_id=task_id or task_id_of(item.get("task_id")),
+        reason_key="fail_reason",
+        wait_hint=wait_hint,
+    )
+
+
+def observe_item(
+    platform: Platform,
+    item: Mapping[str, Any],
+    *,
+    task_id: str | None,
+    reason_key: str,
+    wait_hint: float | None = None,
+) -> Observation | None:
+    """An Observation of ``task_id`` from an item with `status` and `progress` fields."""
     if task_id is None:
         return None
     word = item.get("status")
@@ -286,7 +303,7 @@ def observe_new_api_item(
         status=platform.normalise(word),
         progress=progress,
         upstream_progress=upstream_progress,
-        fail_reason=reason_of(item.get("fail_reason")),
+        fail_reason=reason_of(item.get(reason_key)),
         result=dict(item),
         wait_hint=wait_hint,
     )

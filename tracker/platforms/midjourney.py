@@ -10,8 +10,7 @@ import httpx
 from tracker.platforms.base import (
     CANCELED_WORDS,
     Platform,
-    read_progress,
-    reason_of,
+    observe_item,
     task_id_of,
 )
 from tracker.status import Observation, TaskStatus
@@ -32,21 +31,8 @@ MIDJOURNEY_STATUSES: Mapping[str, TaskStatus] = {
 
 def observe_midjourney_item(platform: Platform, item: Mapping[str, Any]) -> Observation | None:
     """An Observation from one camelCase midjourney-proxy task; None without an `id`."""
-    task_id = task_id_of(item.get("id"))
-    if task_id is None:
-        return None
-    word = item.get("status")
     # A failed task has progress "": no number, but the upstream text is kept as sent.
-    progress, upstream_progress = read_progress(item.get("progress"))
-    return Observation(
-        task_id=task_id,
-        upstream_status=word if isinstance(word, str) else "",
-        status=platform.normalise(word),
-        progress=progress,
-        upstream_progress=upstream_progress,
-        fail_reason=reason_of(item.get("failReason")),
-        result=dict(item),
-    )
+    return observe_item(platform, item, task_id=task_id_of(item.get("id")), reason_key="failReason")
 
 
 class Midjourney(Platform):
