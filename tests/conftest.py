@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -125,3 +126,27 @@ def _settings_for(
         return config.parse(merge(document, overrides), environ={})
 
     return build
+
+
+def toml_text(document: dict[str, Any]) -> str:
+    """A small TOML writer for config documents (nested tables, scalars and arrays)."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, str):
+            return json.dumps(item)
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(i) for i in item) + "]"
+        return repr(item)
+
+    def table(body: dict[str, Any], path: tuple[str, ...]) -> list[str]:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in body.items() if isinstance(v, dict)}
+        lines = [f"[{'.'.join(path)}]"] if path and (scalars or not tables) else []
+        lines += [f"{k} = {value(v)}" for k, v in scalars.items()]
+        for name, sub in tables.items():
+            lines += table(sub, (*path, name))
+        return lines
+
+    return "\n".join(table(document, ())) + "\n"

@@ -7,38 +7,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import base_config
+from conftest import base_config, toml_text
 
 from tracker import cli
 from tracker.simulator import SimulatedRelay
 
 
-def toml(document: dict[str, Any]) -> str:
-    """A tiny TOML writer for the config shapes the tests use."""
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(i) for i in v) + "]"
-        return str(v)
-
-    for section, table in document.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(name="config_file")
 def _config_file(tmp_path: Path, relay: SimulatedRelay, sqlite_url: str) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(toml(base_config(relay.base_url, "http://127.0.0.1:9/hooks", sqlite_url)))
+    path.write_text(toml_text(base_config(relay.base_url, "http://127.0.0.1:9/hooks", sqlite_url)))
     return path
 
 
@@ -99,7 +79,7 @@ def test_db_check_fails_on_a_foreign_database(
 ) -> None:
     """A database without tracker's schema fails the check with exit code 1."""
     path = tmp_path / "c.toml"
-    path.write_text(toml(base_config(relay.base_url, None, f"sqlite:///{tmp_path / 'x.db'}")))
+    path.write_text(toml_text(base_config(relay.base_url, None, f"sqlite:///{tmp_path / 'x.db'}")))
 
     code, out, _ = run(capsys, "db", "check", "--config", str(path), "--json")
     assert 1 == code

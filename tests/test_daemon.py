@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import WEBHOOK_SECRET, base_config, merge
+from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
 
 from tracker import app, config, logs, sdnotify, signing
 from tracker.app import Daemon, plan_reload
@@ -37,25 +37,6 @@ class RecordingNotifier(sdnotify.Notifier):
         """Record the datagram instead of sending it."""
         self.sent.append(message)
         return True
-
-
-def toml_text(document: dict[str, Any]) -> str:
-    """TOML for a config document of sections holding scalars and arrays."""
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, str):
-            return json.dumps(item)
-        if isinstance(item, list | tuple):
-            return "[" + ", ".join(value(i) for i in item) + "]"
-        return repr(item)
-
-    lines: list[str] = []
-    for section, table in document.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {value(item)}" for key, item in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(name="document")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
-from conftest import WEBHOOK_SECRET, base_config, merge
+from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracker.receiver import Received, Reply, WebhookReceiver
@@ -40,30 +40,6 @@ START_TIMEOUT = 15.0
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def toml_text(document: dict[str, Any]) -> str:
-    """A small TOML writer for config documents (nested tables, scalars and arrays)."""
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, str):
-            return json.dumps(item)
-        if isinstance(item, list | tuple):
-            return "[" + ", ".join(value(i) for i in item) + "]"
-        return repr(item)
-
-    def table(body: dict[str, Any], path: tuple[str, ...]) -> list[str]:
-        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in body.items() if isinstance(v, dict)}
-        lines = [f"[{'.'.join(path)}]"] if path and (scalars or not tables) else []
-        lines += [f"{k} = {value(v)}" for k, v in scalars.items()]
-        for name, sub in tables.items():
-            lines += table(sub, (*path, name))
-        return lines
-
-    return "\n".join(table(document, ())) + "\n"
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
