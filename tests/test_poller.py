@@ -534,3 +534,12 @@ async def test_a_set_stop_event_ends_the_cycle_before_claiming_more(rig: Rig) ->
 
     assert 0 == report.claimed
     assert "pending" == rig.task("t1").status
+
+
+async def test_an_empty_cycle_still_logs_its_line(rig: Rig) -> None:
+    """A cycle with nothing due logs one info poll_cycle line too (one line per cycle)."""
+    with capture_logs() as logs:
+        await rig.cycle()
+
+    [line] = [e for e in logs if e["event"] == "poll_cycle"]
+    assert ("info", 0) == (line["log_level"], line["claimed"])

@@ -131,8 +131,8 @@ class Poller:
             self.store.set_meta, "last_cycle_at", isoformat(self.last_cycle_at) or ""
         )
         self.metrics.cycle_duration.observe(report.seconds)
-        # An idle daemon logs its empty cycles at debug only.
-        (log.info if report.claimed else log.debug)("poll_cycle", **dataclasses.asdict(report))
+        # One line per cycle, empty ones included: the contract, and a heartbeat.
+        log.info("poll_cycle", **dataclasses.asdict(report))
         return report
 
     async def _poll(
