@@ -12,6 +12,7 @@ from tracker.platforms.base import (
     PerIdPlatform,
     Platform,
     UpstreamError,
+    observe_item,
     observe_new_api_item,
     positive_seconds,
     read_json,
@@ -168,7 +169,7 @@ class NewApiSingle(PerIdPlatform):
         if code == 0 and isinstance(data, dict) and "task_status" in data:
             return self._observe_kling(task_id, data)
         if "code" not in body and body.get("object") == "video":
-            return self._observe_openai_video(task_id, body)
+            return observe_item(self, body, task_id=task_id, reason_key="error")
         raise UpstreamError(
             f"code {code!r}: {body.get('message') or '(no message)'}",
             status_code=response.status_code,
@@ -182,17 +183,4 @@ class NewApiSingle(PerIdPlatform):
             status=self.normalise(word),
             fail_reason=reason_of(data.get("task_status_msg")),
             result=dict(data),
-        )
-
-    def _observe_openai_video(self, task_id: str, body: Mapping[str, Any]) -> Observation:
-        word = body.get("status")
-        progress, upstream_progress = read_progress(body.get("progress"))
-        return Observation(
-            task_id=task_id,
-            upstream_status=word if isinstance(word, str) else "",
-            status=self.normalise(word),
-            progress=progress,
-            upstream_progress=upstream_progress,
-            fail_reason=reason_of(body.get("error")),
-            result=dict(body),
         )
