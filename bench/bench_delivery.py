@@ -26,10 +26,10 @@ import httpx
 from tracker import config, delivery, events, logs, signing, status
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
-from tracker.receiver import WebhookReceiver
 from tracker.status import Snapshot, TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
 from tracker.store.records import DueTask
+from tracker.testing.receiver import WebhookReceiver
 
 #: the targets this benchmark exists to check
 MIN_RATIO = 0.7

@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 
 from tracker import config, signing
-from tracker.receiver import WebhookReceiver
-from tracker.simulator import SimulatedRelay
 from tracker.store import SqlStore
+from tracker.testing.receiver import WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
 
 #: the machine's PostgreSQL server (trust auth); tests create and drop their own databases
 PG_ADMIN_URL = os.environ.get(

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from tracker import config
 from tracker.app import Daemon
-from tracker.simulator import SimulatedRelay
 from tracker.store.sql import deliveries
+from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = {"Authorization": "Bearer test-token"}
 TASK_FIELDS = {

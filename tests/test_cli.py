@@ -12,7 +12,7 @@ import pytest
 from conftest import base_config, toml_text
 
 from tracker import cli
-from tracker.simulator import SimulatedRelay
+from tracker.testing.simulator import SimulatedRelay
 
 
 @pytest.fixture(name="config_file")

@@ -19,9 +19,9 @@ from tracker import app, config, logs, sdnotify, signing
 from tracker.app import Daemon, plan_reload
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
-from tracker.receiver import Reply, WebhookReceiver
-from tracker.simulator import SimulatedRelay
 from tracker.store import Registration, SqlStore
+from tracker.testing.receiver import Reply, WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
 

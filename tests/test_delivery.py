@@ -24,10 +24,10 @@ from tracker import config, events, signing, ssrf, status
 from tracker.clock import FakeClock
 from tracker.delivery import EXCERPT_BYTES, Deliverer
 from tracker.metrics import Metrics
-from tracker.receiver import Received, Reply, WebhookReceiver
 from tracker.status import TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
 from tracker.store.records import DeliveryRecord, DueTask
+from tracker.testing.receiver import Received, Reply, WebhookReceiver
 
 SECRET = signing.new_secret()
 #: rand that makes the jitter factor exactly 1

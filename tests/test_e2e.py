@@ -26,8 +26,8 @@ import standardwebhooks
 from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
 from prometheus_client.parser import text_string_to_metric_families
 
-from tracker.receiver import Received, Reply, WebhookReceiver
-from tracker.simulator import SimulatedRelay
+from tracker.testing.receiver import Received, Reply, WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
 
 pytestmark = pytest.mark.e2e
 

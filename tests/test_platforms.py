@@ -29,8 +29,8 @@ from tracker.platforms import (
     build,
 )
 from tracker.platforms.base import read_progress
-from tracker.simulator import SimulatedRelay
 from tracker.status import Observation, TaskStatus
+from tracker.testing.simulator import SimulatedRelay
 
 Q, RUN, DONE, FAIL, CANCEL = (
     TaskStatus.QUEUED,

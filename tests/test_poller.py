@@ -20,9 +20,9 @@ from tracker import config, events, platforms
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
 from tracker.poller import NOT_FOUND_REASON, Poller
-from tracker.simulator import SimulatedRelay
 from tracker.store import Registration, SqlStore
 from tracker.store.sql import deliveries
+from tracker.testing.simulator import SimulatedRelay
 
 
 class CountingTransport(httpx.AsyncBaseTransport):

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 import httpx
 import pytest
 
-from tracker.receiver import Received, Reply, WebhookReceiver
+from tracker.testing.receiver import Received, Reply, WebhookReceiver
 
 
 @pytest.fixture(name="receiver")

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tracker.simulator import FAULT_KINDS, SimulatedRelay, Step
+from tracker.testing.simulator import FAULT_KINDS, SimulatedRelay, Step
 
 AUTH = {"Authorization": "Bearer sk-sim"}
 TASK_DTO_KEYS = {

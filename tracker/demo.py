@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 
 from tracker import config, logs, signing
-from tracker.receiver import Received, WebhookReceiver
-from tracker.simulator import SimulatedRelay
+from tracker.testing.receiver import Received, WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
 
 #: the demo gives up after this long (it needs about ten seconds)
 DEADLINE = 55.0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
-from tracker.loopback import LoopbackServer, QuietHandler
+from tracker.testing.loopback import LoopbackServer, QuietHandler
 
 FAMILIES: Final = frozenset({"luma", "suno", "midjourney", "video", "kling", "replicate"})
 FAULT_KINDS: Final = frozenset(
@@ -594,7 +594,9 @@ def _check_family(family: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the simulated relay in the foreground until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m tracker.simulator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tracker.testing.simulator", description=__doc__
+    )
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--step", type=float, default=1.0, help="seconds per status step")
     parser.add_argument("--api-key", default="sk-sim")

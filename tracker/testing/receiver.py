@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from tracker.loopback import LoopbackServer, QuietHandler
+from tracker.testing.loopback import LoopbackServer, QuietHandler
 
 CHUNK_SIZE: Final = 64 * 1024
 # Statuses that carry no body, so no Content-Length either.
