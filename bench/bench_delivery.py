@@ -26,7 +26,8 @@ import httpx
 from tracker import config, delivery, events, logs, signing, status
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
-from tracker.status import Snapshot, TaskStatus
+from tracker.retry import DeliveryState
+from tracker.status import EventType, Snapshot, TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
 from tracker.store.records import DueTask
 from tracker.testing.receiver import WebhookReceiver
@@ -114,7 +115,7 @@ def sample_payload() -> bytes:
     )
     change = status.apply(task.snapshot, dataclasses.replace(FINISHED, task_id=task.task_id))
     assert change is not None
-    return events.payload(task, change, "task.completed", datetime.now(UTC))
+    return events.payload(task, change, EventType.COMPLETED, datetime.now(UTC))
 
 
 def cpu_seconds() -> float:
@@ -211,7 +212,7 @@ async def real_path(
 
 def delivered_count(store: SqlStore) -> int:
     """Deliveries in state delivered."""
-    return store.stats().deliveries.get("delivered", 0)
+    return store.stats().deliveries.get(DeliveryState.DELIVERED, 0)
 
 
 # -- the report ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracker.retry import Decision, DeliveryState, Outcome, RetryPolicy, default_schedule
+from tracker.config import DEFAULT_RETRY_DELAYS
+from tracker.retry import Decision, DeliveryState, Outcome, RetryPolicy
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 POLICY = RetryPolicy(delays=(10.0, 100.0, 1000.0))
@@ -23,21 +24,31 @@ def decide(outcome: Outcome, attempts: int = 1, rand: float = MID) -> Decision:
 @pytest.mark.parametrize(
     ("outcome", "state", "delay", "reason"),
     [
-        (Outcome(status_code=200), "delivered", None, "HTTP 200"),
-        (Outcome(status_code=204), "delivered", None, "HTTP 204"),
-        (Outcome(status_code=299), "delivered", None, "HTTP 299"),
-        (Outcome(status_code=301), "retry", 10.0, "HTTP 301 (redirects are not followed)"),
-        (Outcome(status_code=302), "retry", 10.0, "HTTP 302 (redirects are not followed)"),
-        (Outcome(status_code=400), "retry", 10.0, "HTTP 400"),
-        (Outcome(status_code=404), "retry", 10.0, "HTTP 404"),
-        (Outcome(status_code=410), "dead", None, "410 Gone"),
-        (Outcome(status_code=429), "retry", 60.0, "HTTP 429"),
-        (Outcome(status_code=500), "retry", 10.0, "HTTP 500"),
-        (Outcome(status_code=503), "retry", 10.0, "HTTP 503"),
-        (Outcome(error="timeout", timed_out=True), "retry", 60.0, "timeout"),
-        (Outcome(timed_out=True), "retry", 60.0, "timeout"),
-        (Outcome(error="connect: refused"), "retry", 10.0, "connect: refused"),
-        (Outcome(), "retry", 10.0, "no response"),
+        (Outcome(status_code=200), DeliveryState.DELIVERED, None, "HTTP 200"),
+        (Outcome(status_code=204), DeliveryState.DELIVERED, None, "HTTP 204"),
+        (Outcome(status_code=299), DeliveryState.DELIVERED, None, "HTTP 299"),
+        (
+            Outcome(status_code=301),
+            DeliveryState.PENDING,
+            10.0,
+            "HTTP 301 (redirects are not followed)",
+        ),
+        (
+            Outcome(status_code=302),
+            DeliveryState.PENDING,
+            10.0,
+            "HTTP 302 (redirects are not followed)",
+        ),
+        (Outcome(status_code=400), DeliveryState.PENDING, 10.0, "HTTP 400"),
+        (Outcome(status_code=404), DeliveryState.PENDING, 10.0, "HTTP 404"),
+        (Outcome(status_code=410), DeliveryState.DEAD, None, "410 Gone"),
+        (Outcome(status_code=429), DeliveryState.PENDING, 60.0, "HTTP 429"),
+        (Outcome(status_code=500), DeliveryState.PENDING, 10.0, "HTTP 500"),
+        (Outcome(status_code=503), DeliveryState.PENDING, 10.0, "HTTP 503"),
+        (Outcome(error="timeout", timed_out=True), DeliveryState.PENDING, 60.0, "timeout"),
+        (Outcome(timed_out=True), DeliveryState.PENDING, 60.0, "timeout"),
+        (Outcome(error="connect: refused"), DeliveryState.PENDING, 10.0, "connect: refused"),
+        (Outcome(), DeliveryState.PENDING, 10.0, "no response"),
     ],
 )
 def test_status_table(
@@ -49,12 +60,12 @@ def test_status_table(
 
 def test_410_is_dead_even_with_retries_left() -> None:
     """410 Gone stops retrying at once, whatever the attempt count."""
-    assert decide(Outcome(status_code=410), attempts=1).state == "dead"
+    assert decide(Outcome(status_code=410), attempts=1).state == DeliveryState.DEAD
 
 
 def test_success_on_the_last_allowed_attempt_is_delivered() -> None:
     """A 2xx after the schedule is used up still counts as delivered."""
-    assert decide(Outcome(status_code=200), attempts=4).state == "delivered"
+    assert decide(Outcome(status_code=200), attempts=4).state == DeliveryState.DELIVERED
 
 
 @pytest.mark.parametrize(("attempts", "scheduled"), [(1, 10.0), (2, 100.0), (3, 1000.0)])
@@ -66,9 +77,11 @@ def test_schedule_is_indexed_by_attempts(attempts: int, scheduled: float) -> Non
 def test_exhaustion_exactly_after_the_schedule() -> None:
     """With three delays the fourth failed attempt is the last: the message goes dead."""
     last = decide(Outcome(status_code=500), attempts=3)
-    assert last.state == "retry"
+    assert last.state == DeliveryState.PENDING
     dead = decide(Outcome(status_code=500), attempts=4)
-    assert dead == Decision("dead", None, "retries exhausted after 4 attempts (last: HTTP 500)")
+    assert dead == Decision(
+        DeliveryState.DEAD, None, "retries exhausted after 4 attempts (last: HTTP 500)"
+    )
 
 
 def test_jitter_bounds() -> None:
@@ -133,12 +146,14 @@ def test_invalid_arguments_are_refused() -> None:
 
 
 def test_default_schedule_spans_about_three_days() -> None:
-    """The default schedule has nine delays (ten attempts) adding up to about three days."""
-    schedule = default_schedule()
+    """The default retry_delays have nine delays (ten attempts) adding up to about three days."""
+    schedule = DEFAULT_RETRY_DELAYS
     assert schedule == (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
     assert 2.9 * 86400 < sum(schedule) < 3.2 * 86400
     policy = RetryPolicy(delays=schedule)
-    assert policy.decide(Outcome(status_code=500), 10, now=NOW, rand=MID).state == "dead"
+    assert (
+        policy.decide(Outcome(status_code=500), 10, now=NOW, rand=MID).state == DeliveryState.DEAD
+    )
     assert policy.decide(Outcome(status_code=500), 9, now=NOW, rand=MID).delay == 86400
 
 
@@ -153,19 +168,24 @@ def test_default_schedule_spans_about_three_days() -> None:
         ),
         st.text(max_size=20),
     ),
-    attempts=st.integers(min_value=1, max_value=len(default_schedule())),
+    attempts=st.integers(min_value=1, max_value=len(DEFAULT_RETRY_DELAYS)),
     rand=st.floats(min_value=0, max_value=1, exclude_max=True),
 )
 def test_every_retry_delay_is_within_bounds(
     status: int | None, timed_out: bool, retry_after: str | None, attempts: int, rand: float
 ) -> None:
     """Every retry delay lies within [0.8 x scheduled, max(2 x scheduled, overload floor)]."""
-    policy = RetryPolicy(delays=default_schedule())
+    policy = RetryPolicy(delays=DEFAULT_RETRY_DELAYS)
     outcome = Outcome(status_code=status, timed_out=timed_out, retry_after=retry_after)
     decision = policy.decide(outcome, attempts, now=NOW, rand=rand)
-    if decision.state != "retry":
+    if decision.state != DeliveryState.PENDING:
         assert decision.delay is None
         return
     scheduled = policy.delays[attempts - 1]
     assert decision.delay is not None
     assert 0.8 * scheduled <= decision.delay <= max(2 * scheduled, policy.overload_floor)
+
+
+def test_delivery_states_keep_the_names_stored_and_shown() -> None:
+    """The states are stored, filtered on and printed by these exact names."""
+    assert ["pending", "delivered", "dead"] == [str(s) for s in DeliveryState]

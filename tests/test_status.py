@@ -45,7 +45,7 @@ def test_apply_over_every_pair(old: TaskStatus, new: TaskStatus) -> None:
     if moved and new in FINAL:
         assert status.FINAL_EVENTS[new] in change.events
     if moved and new == TaskStatus.IN_PROGRESS:
-        assert (status.EVENT_STARTED,) == change.events
+        assert (status.EventType.STARTED,) == change.events
     if not moved:
         assert not any(e in status.FINAL_EVENTS.values() for e in change.events)
 
@@ -82,7 +82,7 @@ def test_progress_change_fires_progress_event() -> None:
     )
 
     assert change is not None
-    assert (status.EVENT_PROGRESS,) == change.events
+    assert (status.EventType.PROGRESS,) == change.events
     assert not change.moved
 
 
@@ -179,3 +179,9 @@ def test_no_answer_sequence_leaves_a_final_status_or_fires_two_final_events(
         assert current.progress is None or 0 <= current.progress <= 100
 
     assert finals == (1 if finished_as is not None else 0)
+
+
+def test_event_types_keep_the_names_receivers_see() -> None:
+    """Each event type is sent, configured and filtered on by its exact ``type`` name."""
+    expected = ["task.started", "task.progress", "task.completed", "task.failed", "task.canceled"]
+    assert expected == [str(e) for e in status.EventType]

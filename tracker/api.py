@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from tracker import clock, ssrf, status
 from tracker.clock import Clock
 from tracker.config import Settings
+from tracker.retry import DeliveryState
 from tracker.store import Registration, SqlStore
 from tracker.store.records import DeliveryRecord, TaskRecord
 
@@ -102,7 +103,8 @@ async def validate_registration(  # noqa: PLR0912 - one check per field, all rep
         else:
             unknown = sorted(set(events) - status.ALL_EVENTS)
             if unknown:
-                problems.append(f"events: unknown {unknown}; known {sorted(status.ALL_EVENTS)}")
+                known = sorted(e.value for e in status.EventType)
+                problems.append(f"events: unknown {unknown}; known {known}")
     metadata = body.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -117,7 +119,7 @@ async def validate_registration(  # noqa: PLR0912 - one check per field, all rep
             ids=[str(i) for i in ids],
             webhook_url=webhook_url,
             endpoint=endpoint,
-            events=tuple(events) if events is not None else None,
+            events=tuple(map(status.EventType, events)) if events is not None else None,
             metadata=metadata,
         ),
         [],
@@ -350,12 +352,13 @@ def build(  # noqa: PLR0915 - the routes read best in one place
     @app.get("/v1/deliveries")
     async def list_deliveries(request: Request) -> JSONResponse:
         filters, limit, cursor, problems = _page_args(
-            request, {"state": ["pending", "delivered", "dead"]}
+            request, {"state": [s.value for s in DeliveryState]}
         )
         if problems:
             return _error(422, "invalid query", problems=problems)
+        state = DeliveryState(filters["state"]) if "state" in filters else None
         rows, next_cursor = await run_in_threadpool(
-            lambda: store.list_deliveries(limit=limit, before=cursor, **filters)
+            lambda: store.list_deliveries(state=state, limit=limit, before=cursor)
         )
         return JSONResponse(
             {

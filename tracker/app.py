@@ -28,6 +28,7 @@ from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.metrics import Metrics
 from tracker.poller import Poller
+from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore
 
@@ -323,7 +324,7 @@ class Daemon:
         cycle = f"{last.seconds:.2f}s" if last is not None else "none yet"
         self.notifier.status(
             f"{active} active tasks, last cycle {cycle}, "
-            f"{stats.deliveries.get('pending', 0)} pending deliveries"
+            f"{stats.deliveries.get(DeliveryState.PENDING, 0)} pending deliveries"
         )
 
     def kick_delivery(self) -> None:

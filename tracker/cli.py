@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from tracker import api, clock, config, logs
+from tracker.retry import DeliveryState
 from tracker.store.sql import SchemaMismatchError
 
 #: exit codes scripts can rely on
@@ -208,7 +209,9 @@ def cmd_db_check(args: argparse.Namespace) -> int:
 
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
     """List deliveries, newest first."""
-    rows, _ = _store(args).list_deliveries(state=args.state, limit=args.limit)
+    rows, _ = _store(args).list_deliveries(
+        state=DeliveryState(args.state) if args.state else None, limit=args.limit
+    )
     shown = [api.delivery_json(d) for d in rows]
     if _wants_json(args, sys.stdout):
         _print_json(shown, sys.stdout)
@@ -304,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
     )
     dl = command("list", cmd_deliveries_list, deliveries)
     _with_config(dl, json_flag=True)
-    dl.add_argument("--state", choices=["pending", "delivered", "dead"])
+    dl.add_argument("--state", choices=[s.value for s in DeliveryState])
     dl.add_argument("--limit", type=int, default=50)
     rd = command("redeliver", cmd_deliveries_redeliver, deliveries)
     _with_config(rd, json_flag=True)

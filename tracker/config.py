@@ -24,7 +24,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 }
 
 DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
-DEFAULT_EVENTS = ("task.completed", "task.failed")
+DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.value)
 DEFAULT_MAX_INTERVAL = 120.0
 
 Seconds = Annotated[float, Strict(), Field(gt=0)]
@@ -253,7 +253,8 @@ def check_events(events: tuple[str, ...]) -> tuple[str, ...]:
     """Refuse event names the tracker never emits."""
     unknown = sorted(set(events) - status.ALL_EVENTS)
     if unknown:
-        raise ValueError(f"unknown event(s) {unknown}; known: {sorted(status.ALL_EVENTS)}")
+        known = sorted(e.value for e in status.EventType)
+        raise ValueError(f"unknown event(s) {unknown}; known: {known}")
     return events
 
 

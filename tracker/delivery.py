@@ -26,6 +26,7 @@ from tracker.clock import Clock
 from tracker.config import EndpointSettings, PreviousSecret, WebhookSettings
 from tracker.metrics import Metrics
 from tracker.poller import RateLimiter
+from tracker.retry import DeliveryState
 from tracker.store import SqlStore
 from tracker.store.records import AttemptResult, DeliveryJob
 
@@ -64,6 +65,13 @@ RECENT_ANSWERS = 32
 WAKE_EVERY = 32
 #: receivers whose load is tracked before idle ones are forgotten
 MAX_TRACKED_HOSTS = 4096
+#: the tracker_deliveries outcome label of an attempt that left its delivery in each state: a
+#: failed attempt with retries left reads "retry" to an operator, though the delivery is pending
+OUTCOME_LABELS: Mapping[DeliveryState, str] = {
+    DeliveryState.DELIVERED: "delivered",
+    DeliveryState.PENDING: "retry",
+    DeliveryState.DEAD: "dead",
+}
 
 
 def avoid_failing_sniffio_import() -> None:
@@ -177,7 +185,9 @@ class Deliverer:
         self.metrics = metrics
         self.rand = rand
         self.overload_floor = overload_floor
-        self._outcomes = {o: metrics.deliveries.labels(o) for o in ("delivered", "retry", "dead")}
+        self._outcomes = {
+            state: metrics.deliveries.labels(label) for state, label in OUTCOME_LABELS.items()
+        }
         self._hosts: dict[str, _Load] = {}
         self._endpoints: dict[str, _Load] = {}
         #: seconds the loop has spent waiting on store rounds (see _store_round)
@@ -371,10 +381,14 @@ class Deliverer:
             outcome = retry.Outcome(error="timeout", timed_out=True)
         except httpx.HTTPError as exc:
             if ssrf.is_blocked_error(exc):
-                return self._result(job, now, started, None, str(exc), b"", "dead", None)
+                return self._result(
+                    job, now, started, None, str(exc), b"", DeliveryState.DEAD, None
+                )
             outcome = retry.Outcome(error=_describe(exc))
         except httpx.InvalidURL as exc:
-            return self._result(job, now, started, None, f"invalid URL: {exc}", b"", "dead", None)
+            return self._result(
+                job, now, started, None, f"invalid URL: {exc}", b"", DeliveryState.DEAD, None
+            )
         return self._decide(job, now, started, outcome, excerpt)
 
     def _decide(
@@ -386,11 +400,11 @@ class Deliverer:
         excerpt: bytes,
     ) -> AttemptResult:
         decision = self.policy.decide(outcome, job.attempts + 1, now=now, rand=self.rand())
-        error = None if decision.state == "delivered" else decision.reason
-        if decision.state == "retry":
+        error = None if decision.state == DeliveryState.DELIVERED else decision.reason
+        if decision.state == DeliveryState.PENDING:
             at = (now + timedelta(seconds=decision.delay or 0.0)).timestamp()
             return self._result(
-                job, now, started, outcome.status_code, error, excerpt, "pending", at
+                job, now, started, outcome.status_code, error, excerpt, DeliveryState.PENDING, at
             )
         return self._result(
             job, now, started, outcome.status_code, error, excerpt, decision.state, None
@@ -404,7 +418,7 @@ class Deliverer:
         status_code: int | None,
         error: str | None,
         excerpt: bytes,
-        state: str,
+        state: DeliveryState,
         next_attempt_at: float | None,
     ) -> AttemptResult:
         latency = time.perf_counter() - started
@@ -450,8 +464,7 @@ class Deliverer:
 
     def _log(self, result: AttemptResult) -> None:
         job = result.job
-        outcome = "retry" if result.state == "pending" else result.state
-        self._outcomes[outcome].inc()
+        self._outcomes[result.state].inc()
         self.metrics.delivery_latency.observe(result.latency_ms / 1000)
         fields = {
             "webhook_id": job.webhook_id,
@@ -463,10 +476,10 @@ class Deliverer:
             "status_code": result.status_code,
             "latency_ms": result.latency_ms,
         }
-        if result.state == "delivered":
+        if result.state == DeliveryState.DELIVERED:
             # One line per delivery is part of the contract (issue 2), so info, not debug.
             log.info("webhook_delivered", **fields)
-        elif result.state == "dead":
+        elif result.state == DeliveryState.DEAD:
             log.error("webhook_dead", error=result.error, **fields)
         else:
             retry_at = result.next_attempt_at

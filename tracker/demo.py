@@ -14,13 +14,13 @@ from pathlib import Path
 
 import httpx
 
-from tracker import config, logs, signing
+from tracker import config, logs, signing, status
 from tracker.testing.receiver import Received, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
 #: the demo gives up after this long (it needs about ten seconds)
 DEADLINE = 55.0
-FINAL_TYPES = ("task.completed", "task.failed", "task.canceled")
+FINAL_TYPES = frozenset(status.FINAL_EVENTS.values())
 
 
 def _settings(

@@ -10,7 +10,7 @@ from typing import Any
 
 from tracker import clock, signing, status
 from tracker.config import WebhookSettings
-from tracker.status import Change
+from tracker.status import Change, EventType
 from tracker.store.records import DueTask, OutboxEntry
 
 
@@ -21,7 +21,7 @@ class Target:
     url: str
     endpoint: str | None  #: the [webhooks.endpoints.NAME] it belongs to; None for the default
     guarded: bool  #: the URL came through the API, so the SSRF guard applies
-    events: frozenset[str]  #: events it wants besides the final ones, which always go
+    events: frozenset[EventType]  #: events it wants besides the final ones, which always go
 
 
 class Targets:
@@ -49,19 +49,21 @@ class Targets:
             return None
         if events is not None:
             wanted &= set(events)
-        return Target(url=url, endpoint=endpoint, guarded=guarded, events=frozenset(wanted))
+        return Target(
+            url=url, endpoint=endpoint, guarded=guarded, events=frozenset(map(EventType, wanted))
+        )
 
     def for_task(self, task: DueTask) -> Target | None:
         """The target of a claimed task."""
         return self.resolve(task.webhook_url, task.endpoint, task.events)
 
 
-def wanted_events(change: Change, target: Target) -> list[str]:
+def wanted_events(change: Change, target: Target) -> list[EventType]:
     """The events of ``change`` this target receives: final events always, others on request."""
     return [e for e in change.events if e in target.events or e in status.FINAL_EVENTS.values()]
 
 
-def payload(task: DueTask, change: Change, event_type: str, now: datetime) -> bytes:
+def payload(task: DueTask, change: Change, event_type: EventType, now: datetime) -> bytes:
     """The webhook body: compact JSON, signed and sent byte for byte on every attempt."""
     after = change.after
     body: Mapping[str, Any] = {

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tracker.retry import DeliveryState
 from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.metrics")
@@ -44,8 +45,8 @@ class _StoreCollector(Collector):
         depth = GaugeMetricFamily(
             "tracker_outbox_depth", "Webhook deliveries by state", labels=["state"]
         )
-        for state in ("pending", "delivered", "dead"):
-            depth.add_metric([state], stats.deliveries.get(state, 0))
+        for state in DeliveryState:
+            depth.add_metric([state.value], stats.deliveries.get(state, 0))
         yield depth
         oldest = stats.oldest_pending_delivery
         age = 0.0 if oldest is None else max(0.0, self._now() - oldest.timestamp())

@@ -1,19 +1,19 @@
-"""Pure retry decision for webhook delivery attempts: delivered, retry after a delay, or dead."""
+"""The states of a webhook delivery and the pure decision that moves it after an attempt."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
-
-DeliveryState = Literal["delivered", "retry", "dead"]
 
 
-def default_schedule() -> tuple[float, ...]:
-    """Return the core default delays: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h."""
-    # Standard Webhooks' example schedule: 10 attempts over about three days
-    return (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+class DeliveryState(enum.StrEnum):
+    """Where a webhook delivery stands; the values are stored, filtered on and shown as is."""
+
+    PENDING = "pending"  #: to be sent: not tried yet, or retried after a delay
+    DELIVERED = "delivered"  #: a receiver answered 2xx
+    DEAD = "dead"  #: given up; only an operator's redeliver or recover sends it again
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to do after an attempt; ``delay`` is set only when ``state == "retry"``."""
+    """What to do after an attempt; ``delay`` (seconds) is set only when ``state`` is PENDING."""
 
     state: DeliveryState
     delay: float | None
@@ -63,14 +63,16 @@ class RetryPolicy:
             raise ValueError("rand must be in [0, 1)")
         code = outcome.status_code
         if code is not None and 200 <= code < 300:
-            return Decision("delivered", None, f"HTTP {code}")
+            return Decision(DeliveryState.DELIVERED, None, f"HTTP {code}")
         if code == 410:
             # the receiver says the endpoint is gone for good (Standard Webhooks)
-            return Decision("dead", None, "410 Gone")
+            return Decision(DeliveryState.DEAD, None, "410 Gone")
         failure = _failure_reason(outcome)
         if attempts > len(self.delays):
             return Decision(
-                "dead", None, f"retries exhausted after {attempts} attempts (last: {failure})"
+                DeliveryState.DEAD,
+                None,
+                f"retries exhausted after {attempts} attempts (last: {failure})",
             )
 
         scheduled = self.delays[attempts - 1]
@@ -81,7 +83,7 @@ class RetryPolicy:
             delay = min(max(retry_after, scheduled), 2 * scheduled)
         if code == 429 or outcome.timed_out:
             delay = max(delay, self.overload_floor)
-        return Decision("retry", delay, failure)
+        return Decision(DeliveryState.PENDING, delay, failure)
 
 
 def _failure_reason(outcome: Outcome) -> str:

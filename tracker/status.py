@@ -36,14 +36,23 @@ _RANK: Mapping[TaskStatus, int] = {
     TaskStatus.CANCELED: 3,
 }
 
-EVENT_STARTED = "task.started"
-EVENT_PROGRESS = "task.progress"
-FINAL_EVENTS: Mapping[TaskStatus, str] = {
-    TaskStatus.COMPLETED: "task.completed",
-    TaskStatus.FAILED: "task.failed",
-    TaskStatus.CANCELED: "task.canceled",
+
+class EventType(enum.StrEnum):
+    """The webhook events a change of a task can fire; the value is the payload's ``type``."""
+
+    STARTED = "task.started"  #: first move into in_progress (sent on request)
+    PROGRESS = "task.progress"  #: progress changed without a status move (sent on request)
+    COMPLETED = "task.completed"  #: moved into completed (always sent)
+    FAILED = "task.failed"  #: moved into failed (always sent)
+    CANCELED = "task.canceled"  #: moved into canceled (always sent)
+
+
+FINAL_EVENTS: Mapping[TaskStatus, EventType] = {
+    TaskStatus.COMPLETED: EventType.COMPLETED,
+    TaskStatus.FAILED: EventType.FAILED,
+    TaskStatus.CANCELED: EventType.CANCELED,
 }
-ALL_EVENTS: frozenset[str] = frozenset({EVENT_STARTED, EVENT_PROGRESS, *FINAL_EVENTS.values()})
+ALL_EVENTS: frozenset[EventType] = frozenset(EventType)
 
 
 def can_move(old: TaskStatus, new: TaskStatus) -> bool:
@@ -122,7 +131,7 @@ class Change:
     before: Snapshot
     after: Snapshot
     result: Mapping[str, Any] | None  #: the upstream item, when the observation carried one
-    events: tuple[str, ...]
+    events: tuple[EventType, ...]
 
     @property
     def moved(self) -> bool:
@@ -135,16 +144,16 @@ class Change:
         return self.after.status in FINAL
 
 
-def _events(before: Snapshot, after: Snapshot) -> tuple[str, ...]:
-    events: list[str] = []
+def _events(before: Snapshot, after: Snapshot) -> tuple[EventType, ...]:
+    events: list[EventType] = []
     if before.status != after.status:
         # A status event carries the progress too, so no separate task.progress for it.
         if after.status == TaskStatus.IN_PROGRESS:
-            events.append(EVENT_STARTED)
+            events.append(EventType.STARTED)
         elif after.status in FINAL:
             events.append(FINAL_EVENTS[after.status])
     elif after.progress != before.progress and after.progress is not None:
-        events.append(EVENT_PROGRESS)
+        events.append(EventType.PROGRESS)
     return tuple(events)
 
 

@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from tracker.retry import DeliveryState
+
 #: Bumped whenever a table changes; `tracker db check` compares it with the database's.
 SCHEMA_VERSION = 1
 
@@ -111,7 +113,7 @@ class DeliveryRow(SQLModel, table=True):
     endpoint: str | None = Field(default=None, max_length=64)
     #: the URL came through the API, so every connection is checked against the SSRF guard
     guarded: bool = False
-    state: str = Field(default="pending", max_length=16)
+    state: str = Field(default=DeliveryState.PENDING.value, max_length=16)
     attempts: int = 0
     next_attempt_at: float = Field(sa_type=sa.Float(precision=53))
     claimed_until: float | None = Field(default=None, sa_type=sa.Float(precision=53))

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from tracker.status import Change, Snapshot
+from tracker.retry import DeliveryState
+from tracker.status import Change, EventType, Snapshot
 
 
 class Keep(enum.Enum):
@@ -28,7 +29,7 @@ class Registration:
     ids: Sequence[str]
     webhook_url: str | None = None
     endpoint: str | None = None
-    events: tuple[str, ...] | None = None
+    events: tuple[EventType, ...] | None = None
     metadata: Mapping[str, Any] | None = None
 
 
@@ -44,7 +45,7 @@ class DueTask:
     missing_since: float | None
     webhook_url: str | None
     endpoint: str | None
-    events: tuple[str, ...] | None
+    events: tuple[EventType, ...] | None
     metadata: Mapping[str, Any] | None
 
 
@@ -53,7 +54,7 @@ class OutboxEntry:
     """A webhook event to deliver, written in the same transaction as the change behind it."""
 
     webhook_id: str
-    event_type: str
+    event_type: EventType
     payload: bytes
     url: str
     endpoint: str | None
@@ -97,7 +98,7 @@ class TaskRecord:
     metadata: Mapping[str, Any] | None
     webhook_url: str | None
     endpoint: str | None
-    events: tuple[str, ...] | None
+    events: tuple[EventType, ...] | None
     result: Mapping[str, Any] | None
     created_at: datetime
     updated_at: datetime
@@ -114,7 +115,7 @@ class DeliveryJob:
     task_pk: int
     platform: str
     task_id: str
-    event_type: str
+    event_type: EventType
     payload: bytes
     url: str
     endpoint: str | None
@@ -132,7 +133,7 @@ class AttemptResult:
     error: str | None
     latency_ms: float
     response_excerpt: str
-    state: str  #: "delivered", "pending" (retry later) or "dead"
+    state: DeliveryState
     next_attempt_at: float | None
 
 
@@ -156,10 +157,10 @@ class DeliveryRecord:
     webhook_id: str
     platform: str
     task_id: str
-    event_type: str
+    event_type: EventType
     url: str
     endpoint: str | None
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt_at: datetime | None
     created_at: datetime
@@ -175,5 +176,5 @@ class Stats:
     """Counts for `tracker stats`, /metrics and the systemd status line."""
 
     tasks: Mapping[tuple[str, str], int]  #: (platform, status) -> count
-    deliveries: Mapping[str, int]  #: state -> count
+    deliveries: Mapping[DeliveryState, int]
     oldest_pending_delivery: datetime | None

@@ -12,7 +12,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel
 
-from tracker.status import FINAL, Snapshot, TaskStatus
+from tracker.retry import DeliveryState
+from tracker.status import FINAL, EventType, Snapshot, TaskStatus
 from tracker.store import records
 from tracker.store.models import (
     SCHEMA_VERSION,
@@ -378,7 +379,10 @@ class SqlStore:
         with self._write() as conn:
             done = conn.execute(
                 deliveries.update()
-                .where(deliveries.c.claimed_until.is_not(None), deliveries.c.state == "pending")
+                .where(
+                    deliveries.c.claimed_until.is_not(None),
+                    deliveries.c.state == DeliveryState.PENDING,
+                )
                 .values(claimed_until=None)
             )
         return int(done.rowcount)
@@ -441,7 +445,7 @@ class SqlStore:
                         "url": entry.url,
                         "endpoint": entry.endpoint,
                         "guarded": entry.guarded,
-                        "state": "pending",
+                        "state": DeliveryState.PENDING,
                         "attempts": 0,
                         "next_attempt_at": epoch,
                         "created_at": now,
@@ -471,7 +475,7 @@ class SqlStore:
             sa.select(earlier.c.id)
             .where(
                 earlier.c.task_pk == deliveries.c.task_pk,
-                earlier.c.state == "pending",
+                earlier.c.state == DeliveryState.PENDING,
                 earlier.c.id < deliveries.c.id,
             )
             # OFFSET 0 keeps this a per-row subplan on ix_deliveries_task: flattened into an
@@ -482,7 +486,7 @@ class SqlStore:
         query = self._lock(
             sa.select(deliveries)
             .where(
-                deliveries.c.state == "pending",
+                deliveries.c.state == DeliveryState.PENDING,
                 deliveries.c.next_attempt_at <= epoch,
                 sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < epoch),
                 ~blocked,
@@ -505,7 +509,7 @@ class SqlStore:
                 task_pk=r.task_pk,
                 platform=r.platform,
                 task_id=r.task_id,
-                event_type=r.event_type,
+                event_type=EventType(r.event_type),
                 payload=r.payload.encode(),
                 url=r.url,
                 endpoint=r.endpoint,
@@ -553,7 +557,7 @@ class SqlStore:
                         "at_": r.at,
                         "code_": r.status_code,
                         "error_": r.error,
-                        "delivered_": r.at if r.state == "delivered" else None,
+                        "delivered_": r.at if r.state == DeliveryState.DELIVERED else None,
                     }
                     for r in results
                 ],
@@ -564,7 +568,7 @@ class SqlStore:
         with self._read() as conn:
             value = conn.execute(
                 sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-                    deliveries.c.state == "pending"
+                    deliveries.c.state == DeliveryState.PENDING
                 )
             ).scalar()
         return _from_epoch(value)
@@ -583,7 +587,7 @@ class SqlStore:
     def list_deliveries(
         self,
         *,
-        state: str | None = None,
+        state: DeliveryState | None = None,
         platform: str | None = None,
         task_id: str | None = None,
         limit: int = 50,
@@ -618,7 +622,7 @@ class SqlStore:
         if pk is not None:
             query = query.where(deliveries.c.id == pk)
         else:
-            query = query.where(deliveries.c.state == "dead")
+            query = query.where(deliveries.c.state == DeliveryState.DEAD)
             if since is not None:
                 query = query.where(deliveries.c.created_at >= since)
             if until is not None:
@@ -630,7 +634,7 @@ class SqlStore:
                     deliveries.update()
                     .where(deliveries.c.id.in_(pks))
                     .values(
-                        state="pending",
+                        state=DeliveryState.PENDING,
                         next_attempt_at=_epoch(now),
                         claimed_until=None,
                         delivered_at=None,
@@ -652,7 +656,7 @@ class SqlStore:
                 )
             }
             delivery_counts = {
-                r.state: r.n
+                DeliveryState(r.state): r.n
                 for r in conn.execute(
                     sa.select(deliveries.c.state, sa.func.count().label("n")).group_by(
                         deliveries.c.state
@@ -661,7 +665,7 @@ class SqlStore:
             }
             oldest = conn.execute(
                 sa.select(sa.func.min(deliveries.c.created_at)).where(
-                    deliveries.c.state == "pending"
+                    deliveries.c.state == DeliveryState.PENDING
                 )
             ).scalar()
         if isinstance(oldest, str):  # SQLite's MIN() over a DATETIME column loses the type
@@ -753,6 +757,10 @@ def _snapshot(row: Any) -> Snapshot:
     )
 
 
+def _event_types(names: Sequence[str] | None) -> tuple[EventType, ...] | None:
+    return None if names is None else tuple(EventType(name) for name in names)
+
+
 def _due(row: Any) -> records.DueTask:
     return records.DueTask(
         pk=row.id,
@@ -763,7 +771,7 @@ def _due(row: Any) -> records.DueTask:
         missing_since=row.missing_since,
         webhook_url=row.webhook_url,
         endpoint=row.endpoint,
-        events=tuple(row.events) if row.events is not None else None,
+        events=_event_types(row.events),
         metadata=row.metadata,
     )
 
@@ -790,7 +798,7 @@ def _task_record(row: Any, history: tuple[records.Transition, ...] = ()) -> reco
         metadata=row.metadata,
         webhook_url=row.webhook_url,
         endpoint=row.endpoint,
-        events=tuple(row.events) if row.events is not None else None,
+        events=_event_types(row.events),
         result=row.result,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -805,12 +813,14 @@ def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
         webhook_id=row.webhook_id,
         platform=row.platform,
         task_id=row.task_id,
-        event_type=row.event_type,
+        event_type=EventType(row.event_type),
         url=row.url,
         endpoint=row.endpoint,
-        state=row.state,
+        state=DeliveryState(row.state),
         attempts=row.attempts,
-        next_attempt_at=_from_epoch(row.next_attempt_at) if row.state == "pending" else None,
+        next_attempt_at=_from_epoch(row.next_attempt_at)
+        if row.state == DeliveryState.PENDING
+        else None,
         created_at=row.created_at,
         last_attempt_at=row.last_attempt_at,
         last_status_code=row.last_status_code,
