@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import PG_ADMIN_URL
-from sqlmodel import SQLModel
 
 from tracker.status import Change, Snapshot, TaskStatus
 from tracker.store import (
@@ -24,11 +23,9 @@ from tracker.store import (
     DueTask,
     OutboxEntry,
     Registration,
-    SchemaMismatchError,
     SqlStore,
     TaskUpdate,
 )
-from tracker.store.models import SCHEMA_VERSION
 from tracker.store.sql import tasks as tasks_table
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -235,29 +232,12 @@ def _pg_stores(pg_url: str) -> Iterator[tuple[SqlStore, SqlStore]]:
 
 
 def test_create_schema_twice_is_harmless(store: SqlStore) -> None:
-    """Creating the schema again keeps the tables, their rows and the recorded version."""
+    """Creating the schema again keeps the tables and their rows."""
     register(store, "a")
 
     store.create_schema()
 
-    assert SCHEMA_VERSION == store.schema_version()
     assert store.get("luma", "a") is not None
-
-
-def test_schema_version_is_none_without_tracker_tables(store: SqlStore) -> None:
-    """A database without the tracker schema reports no version."""
-    SQLModel.metadata.drop_all(store.engine)
-
-    assert store.schema_version() is None
-
-
-def test_create_schema_refuses_another_schema_version(store: SqlStore) -> None:
-    """A database recorded with another schema version is refused, and its version reported."""
-    store.set_meta("schema_version", str(SCHEMA_VERSION + 1))
-
-    with pytest.raises(SchemaMismatchError, match=f"version {SCHEMA_VERSION + 1}"):
-        store.create_schema()
-    assert SCHEMA_VERSION + 1 == store.schema_version()
 
 
 def test_integrity_problems_is_empty_on_a_healthy_database(store: SqlStore) -> None:

@@ -30,7 +30,7 @@ from tracker.metrics import Metrics
 from tracker.poller import Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
-from tracker.store import SqlStore
+from tracker.store import SqlStore, migrate
 
 log = structlog.get_logger("tracker.app")
 
@@ -416,7 +416,9 @@ class Daemon:
 
     async def start(self) -> None:
         """Open the database, start listening and start the scheduler, then say READY=1."""
-        await asyncio.to_thread(self.store.create_schema)
+        schema = await asyncio.to_thread(
+            migrate.ensure, self.store.engine, auto_migrate=self.settings.database.auto_migrate
+        )
         if self.store.dialect == "sqlite":
             # SQLite serves one daemon, so leases left by a crash are ours: resume those
             # deliveries now rather than when the leases run out. (PostgreSQL may be shared
@@ -483,6 +485,7 @@ class Daemon:
             "started",
             api=self.api_url,
             database=self.store.dialect,
+            schema=schema.revision,
             platforms=sorted(self.platforms),
             pid=os.getpid(),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -85,13 +86,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace, *, create: bool = True) -> Any:
-    from tracker.store import SqlStore  # noqa: PLC0415
+    from tracker.store import SqlStore, migrate  # noqa: PLC0415
 
-    store = SqlStore.from_url(_load(args).database.url)
+    settings = _load(args)
+    store = SqlStore.from_url(settings.database.url)
     if create:
-        # The daemon creates the same tables at start; doing it here lets the operator
-        # commands run before the first start too.
-        store.create_schema()
+        # The same rule as the daemon's start: an empty database gets the schema, an older
+        # one is upgraded only when auto_migrate allows it.
+        migrate.ensure(store.engine, auto_migrate=settings.database.auto_migrate)
     return store
 
 
@@ -191,20 +193,83 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_db_check(args: argparse.Namespace) -> int:
-    """Integrity and schema version."""
-    from tracker.store.models import SCHEMA_VERSION  # noqa: PLC0415
+    """Integrity and schema revision."""
+    from tracker.store import migrate  # noqa: PLC0415
 
     store = _store(args, create=False)
-    found = store.schema_version()
     problems = store.integrity_problems()
-    if found != SCHEMA_VERSION:
-        problems.append(f"schema version {found}, expected {SCHEMA_VERSION}")
-    shown = {"schema_version": found, "expected": SCHEMA_VERSION, "problems": problems}
+    try:
+        state = migrate.current(store.engine)
+    except SchemaMismatchError as exc:
+        found, expected = None, migrate.head()
+        problems.append(str(exc))
+    else:
+        found, expected = state.revision, state.head
+        if not state.up_to_date:
+            problems.append(
+                f"schema revision {state.describe()}, expected {state.head}: "
+                f"run `{migrate.UPGRADE_COMMAND}`"
+            )
+    shown = {"schema_version": found, "expected": expected, "problems": problems}
     if _wants_json(args, sys.stdout):
         _print_json(shown, sys.stdout)
     else:
         sys.stdout.write("database OK\n" if not problems else "\n".join(problems) + "\n")
     return EXIT_OK if not problems else EXIT_FAILURE
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Upgrade the schema to this release's (adopting a release 0.1.0 database)."""
+    from tracker.store import migrate  # noqa: PLC0415
+
+    store = _store(args, create=False)
+    try:
+        before, after = migrate.upgrade(store.engine)
+    finally:
+        store.close()
+    shown = {"from": before.revision, "to": after.revision, "shape": before.shape.value}
+    if _wants_json(args, sys.stdout):
+        _print_json(shown, sys.stdout)
+    elif before.up_to_date:
+        sys.stdout.write(f"already at {after.revision}\n")
+    else:
+        sys.stdout.write(f"upgraded from {before.describe()} to {after.revision}\n")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    """The database's schema revision and this release's newest."""
+    from tracker.store import migrate  # noqa: PLC0415
+
+    store = _store(args, create=False)
+    try:
+        state = migrate.current(store.engine)
+    finally:
+        store.close()
+    shown = {
+        "revision": state.revision,
+        "head": state.head,
+        "shape": state.shape.value,
+        "up_to_date": state.up_to_date,
+    }
+    if _wants_json(args, sys.stdout):
+        _print_json(shown, sys.stdout)
+    else:
+        note = "up to date" if state.up_to_date else f"behind {state.head}"
+        sys.stdout.write(f"{state.describe()} ({note})\n")
+    return EXIT_OK if state.up_to_date else EXIT_FAILURE
+
+
+def cmd_db_history(args: argparse.Namespace) -> int:
+    """The migrations this release ships, oldest first."""
+    from tracker.store import migrate  # noqa: PLC0415
+
+    shown = [dataclasses.asdict(r) for r in migrate.history()]
+    if _wants_json(args, sys.stdout):
+        _print_json(shown, sys.stdout)
+    else:
+        _table(shown, ["revision", "down_revision", "title"], sys.stdout)
+    return EXIT_OK
 
 
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
@@ -301,6 +366,10 @@ def parser() -> argparse.ArgumentParser:
         dest="db_command", required=True
     )
     _with_config(command("check", cmd_db_check, db), json_flag=True)
+    _with_config(command("upgrade", cmd_db_upgrade, db), json_flag=True)
+    _with_config(command("current", cmd_db_current, db), json_flag=True)
+    history = command("history", cmd_db_history, db)
+    history.add_argument("--json", action="store_true", help="machine-readable output")
 
     deliveries = sub.add_parser("deliveries", help="webhook deliveries").add_subparsers(
         dest="deliveries_command", required=True

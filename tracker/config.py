@@ -84,6 +84,17 @@ class DatabaseSettings(_Section):
     url: Annotated[StrictStr, Field(pattern=r"^(sqlite|postgresql)(\+\w+)?://")] = (
         "sqlite:///tracker.db"
     )
+    #: upgrade an older schema at start; default on for SQLite, off for PostgreSQL, where
+    #: instances of two releases may share the database during a rolling upgrade
+    auto_migrate: pydantic.StrictBool = True
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_auto_migrate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "auto_migrate" not in data:
+            url = data.get("url", "sqlite")
+            return {**data, "auto_migrate": isinstance(url, str) and url.startswith("sqlite")}
+        return data
 
 
 class UpstreamSettings(_Section):

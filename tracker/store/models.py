@@ -11,9 +11,6 @@ from sqlmodel import Field, SQLModel
 
 from tracker.retry import DeliveryState
 
-#: Bumped whenever a table changes; `tracker db check` compares it with the database's.
-SCHEMA_VERSION = 1
-
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Aware UTC datetimes on every dialect (SQLite keeps no zone, so naive values mean UTC)."""
@@ -142,7 +139,7 @@ class AttemptRow(SQLModel, table=True):
 
 
 class MetaRow(SQLModel, table=True):
-    """Key/value facts about the database itself (the schema version)."""
+    """Key/value facts about the database and the daemons using it."""
 
     __tablename__ = "tracker_meta"
 

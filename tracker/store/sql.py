@@ -10,13 +10,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import SQLModel
 
 from tracker.retry import DeliveryState
 from tracker.status import FINAL, EventType, Snapshot, TaskStatus
 from tracker.store import records
 from tracker.store.models import (
-    SCHEMA_VERSION,
     AttemptRow,
     DeliveryRow,
     MetaRow,
@@ -155,31 +153,10 @@ class SqlStore:
     # -- schema -----------------------------------------------------------------------------
 
     def create_schema(self) -> None:
-        """Create missing tables and record the schema version (refusing a different one)."""
-        with self._write() as conn:
-            if self.dialect == "postgresql":
-                # Two daemons starting at once must not both create the tables.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(868686)"))
-            SQLModel.metadata.create_all(conn)
-            found = conn.execute(
-                sa.select(meta.c.value).where(meta.c.key == "schema_version")
-            ).scalar()
-            if found is None:
-                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif found != str(SCHEMA_VERSION):
-                raise SchemaMismatchError(
-                    f"database schema version {found}, this tracker expects {SCHEMA_VERSION}"
-                )
+        """Create the schema, or upgrade it to the newest revision (see tracker.store.migrate)."""
+        from tracker.store import migrate  # noqa: PLC0415 - alembic loads only when needed
 
-    def schema_version(self) -> int | None:
-        """The version recorded in the database, None when it has no tracker schema."""
-        with self._read() as conn:
-            if not sa.inspect(conn).has_table("tracker_meta"):
-                return None
-            found = conn.execute(
-                sa.select(meta.c.value).where(meta.c.key == "schema_version")
-            ).scalar()
-        return None if found is None else int(found)
+        migrate.upgrade(self.engine)
 
     def integrity_problems(self) -> list[str]:
         """What the database's own consistency check reports (empty when healthy)."""
