@@ -61,6 +61,8 @@ class ServerSettings(_Section):
     api_tokens: tuple[SecretStr, ...] = ()
     #: /metrics and /readyz need a token too when true
     metrics_require_auth: pydantic.StrictBool = False
+    #: the largest request body the API reads, in bytes; larger ones answer 413
+    max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
 
     @pydantic.field_validator("api_tokens", mode="before")
     @classmethod

@@ -1,0 +1,18 @@
+"""The bounds the API holds every request to (the README's "HTTP API" section states them)."""
+
+from __future__ import annotations
+
+#: ids per registration
+MAX_IDS = 1000
+#: characters per task id
+MAX_ID_LENGTH = 200
+#: registration metadata, as compact JSON
+MAX_METADATA_BYTES = 4096
+#: items per page of a listing, and the default
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+#: row ids (delivery ids, cursors) are 64-bit signed integers in both databases
+MAX_ROW_ID = 2**63 - 1
+#: times the API takes (recover's window); what a datetime and an epoch second can both hold
+MIN_YEAR = 1970
+MAX_YEAR = 9999

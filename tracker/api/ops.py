@@ -1,0 +1,85 @@
+"""What operators and tools use: /healthz, /readyz, /metrics and the API's own description."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.concurrency import run_in_threadpool
+
+from tracker.api import models
+from tracker.api.auth import require_token_for_ops
+from tracker.api.errors import ApiError
+from tracker.api.state import Deps
+from tracker.api.strict_json import StrictJSONResponse
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": models.ErrorOut,
+        "description": "missing or invalid bearer token ([server].metrics_require_auth)",
+    },
+}
+#: routes behind the token only when [server].metrics_require_auth is true
+protected = APIRouter(
+    tags=["operations"], dependencies=[Depends(require_token_for_ops)], responses=UNAUTHORIZED
+)
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=models.HealthOut)
+async def healthz() -> Response:
+    """200 while the process is up."""
+    return StrictJSONResponse({"status": "ok"})
+
+
+@protected.get(
+    "/readyz",
+    response_model=models.ReadyOut,
+    responses={503: {"model": models.ReadyOut, "description": "not ready, with the reasons"}},
+)
+async def readyz(deps: Deps) -> Response:
+    """200 when ready, else 503 with the reasons."""
+    checks = await asyncio.gather(*(check() for check in deps.state.readiness))
+    reasons = [r for r in checks if r]
+    if reasons:
+        return StrictJSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
+    return StrictJSONResponse({"status": "ready"})
+
+
+@protected.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        404: {"model": models.ErrorOut, "description": "metrics are not enabled"},
+    },
+)
+async def metrics(deps: Deps) -> Response:
+    """Prometheus text format."""
+    if deps.state.metrics is None:
+        raise ApiError(404, "metrics are not enabled")
+    body = await run_in_threadpool(deps.state.metrics)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, deps: Deps) -> Response:
+    """The OpenAPI document of this API."""
+    document: dict[str, Any] = request.app.openapi()
+    if not deps.state.settings.server.api_tokens:
+        # An API without tokens (loopback only) asks for none; say so rather than mislead.
+        document = copy.deepcopy(document)
+        for path in document.get("paths", {}).values():
+            for operation in path.values():
+                operation.pop("security", None)
+        document.get("components", {}).pop("securitySchemes", None)
+    return StrictJSONResponse(document)
+
+
+@protected.get("/docs", include_in_schema=False)
+async def docs() -> Response:
+    """Swagger UI over /openapi.json."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="tracker API")

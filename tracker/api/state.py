@@ -1,0 +1,43 @@
+"""What the routes reach through dependencies: the store, the clock and the daemon's live state."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tracker.clock import Clock
+from tracker.config import Settings
+from tracker.store import SqlStore
+
+
+@dataclasses.dataclass(slots=True)
+class ApiState:
+    """What the running daemon tells the API: whether it takes work, and live settings."""
+
+    settings: Settings
+    accepting: bool = True
+    #: readiness checks, each returning None when fine or the reason it is not
+    readiness: Sequence[Callable[[], Awaitable[str | None]]] = ()
+    metrics: Callable[[], bytes] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a route may use, built once by ``build`` and kept on the application."""
+
+    store: SqlStore
+    platforms: Sequence[str]
+    state: ApiState
+    clock: Clock
+
+
+def services(request: Request) -> Services:
+    """The dependency that hands a route the application's services."""
+    found: Services = request.app.state.services
+    return found
+
+
+Deps = Annotated[Services, Depends(services)]
