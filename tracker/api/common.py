@@ -23,11 +23,12 @@ def _blank_is_default(value: Any) -> Any:
     return DEFAULT_PAGE if value == "" else value
 
 
-Limit = Annotated[int, BeforeValidator(_blank_is_default), Query(ge=1, le=MAX_PAGE)]
+# Query first: pydantic turns its bounds into minimum/maximum in the OpenAPI document only then.
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE), BeforeValidator(_blank_is_default)]
 Cursor = Annotated[
     int | None,
-    BeforeValidator(blank_is_none),
     Query(ge=1, le=MAX_ROW_ID, description="next_cursor of the page before"),
+    BeforeValidator(blank_is_none),
 ]
 
 

@@ -33,7 +33,7 @@ router = APIRouter(
     responses=ERRORS,
 )
 
-StateFilter = Annotated[DeliveryState | None, BeforeValidator(blank_is_none), Query()]
+StateFilter = Annotated[DeliveryState | None, Query(), BeforeValidator(blank_is_none)]
 
 
 @router.get("", response_model=models.DeliveryPageOut)

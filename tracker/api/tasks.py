@@ -104,8 +104,8 @@ async def register(
     )
 
 
-TaskStatusFilter = Annotated[status.TaskStatus | None, BeforeValidator(blank_is_none), Query()]
-PlatformFilter = Annotated[str | None, BeforeValidator(blank_is_none), Query(max_length=200)]
+TaskStatusFilter = Annotated[status.TaskStatus | None, Query(), BeforeValidator(blank_is_none)]
+PlatformFilter = Annotated[str | None, Query(max_length=200), BeforeValidator(blank_is_none)]
 
 
 @router.get("", response_model=models.TaskPageOut)
