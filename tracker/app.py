@@ -23,7 +23,7 @@ import uvicorn
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from tracker import api, config, events, logs, platforms, sdnotify, ssrf
+from tracker import api, config, dashboard, events, logs, platforms, sdnotify, ssrf
 from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.metrics import Metrics
@@ -244,6 +244,16 @@ class Daemon:
         )
         self.app = api.build(
             store=self.store, platforms=list(self.platforms), state=self.state, clock=self.clock
+        )
+        dashboard.mount(
+            self.app,
+            dashboard.Dashboard(
+                store=self.store,
+                clock=self.clock,
+                settings=lambda: self.settings,
+                platforms=list(self.platforms),
+                activity=self.metrics.activity,
+            ),
         )
         self.scheduler = AsyncIOScheduler(timezone=UTC, logger=_scheduler_logger())
         self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)

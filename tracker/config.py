@@ -223,6 +223,27 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+DEFAULT_SESSION_LIFETIME = 43200.0
+
+
+class DashboardSettings(_Section):
+    """[dashboard]: the operator's web pages under /ui."""
+
+    #: unset means on when [server].host is a loopback address, off elsewhere
+    enabled: pydantic.StrictBool | None = None
+    #: a sign-in token for the dashboard only (API tokens are accepted too)
+    token: SecretStr | None = None
+    #: seconds a sign-in lasts
+    session_lifetime: Seconds = DEFAULT_SESSION_LIFETIME
+
+    @pydantic.field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must be a non-empty string")
+        return value
+
+
 class Settings(_Section):
     """Everything the daemon needs, validated once at start (and at reload)."""
 
@@ -234,6 +255,7 @@ class Settings(_Section):
     platforms: dict[StrictStr, PlatformSettings] = Field(default_factory=dict)
     webhooks: WebhookSettings
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
 
     @pydantic.model_validator(mode="after")
     def _references(self) -> Settings:
@@ -251,11 +273,19 @@ class Settings(_Section):
                     raise ValueError(f"webhooks.endpoints.{name}.events: {exc}") from None
         return self
 
+    def dashboard_enabled(self) -> bool:
+        """Whether /ui is served: as configured, else only on a loopback host."""
+        if self.dashboard.enabled is not None:
+            return self.dashboard.enabled
+        return is_loopback(self.server.host)
+
     def secrets(self) -> list[str]:
         """Every secret value in the settings, for the log redactor."""
         found = [self.upstream.api_key, self.webhooks.secret]
         found += [u.api_key for u in self.upstreams.values()]
         found += list(self.server.api_tokens)
+        if self.dashboard.token is not None:
+            found.append(self.dashboard.token)
         found += [p.secret for p in self.webhooks.previous_secrets]
         for endpoint in self.webhooks.endpoints.values():
             found += [endpoint.secret, *(p.secret for p in endpoint.previous_secrets)]

@@ -22,6 +22,7 @@ import httpx
 import structlog
 
 from tracker import retry, signing, ssrf
+from tracker.activity import Series
 from tracker.clock import Clock
 from tracker.config import EndpointSettings, PreviousSecret, WebhookSettings
 from tracker.metrics import Metrics
@@ -465,6 +466,7 @@ class Deliverer:
     def _log(self, result: AttemptResult) -> None:
         job = result.job
         self._outcomes[result.state].inc()
+        self.metrics.activity.count(Series.WEBHOOKS)
         self.metrics.delivery_latency.observe(result.latency_ms / 1000)
         fields = {
             "webhook_id": job.webhook_id,

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tracker.activity import Activity
 from tracker.retry import DeliveryState
 from tracker.store.records import Stats
 
@@ -62,6 +63,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: the last hour per minute, for the dashboard (Prometheus keeps only totals)
+        self.activity = Activity()
         r = self.registry
         self.transitions = Counter(
             "tracker_transitions", "Status changes recorded", ["platform", "to"], registry=r

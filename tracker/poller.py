@@ -14,6 +14,7 @@ import httpx
 import structlog
 
 from tracker import events, status
+from tracker.activity import Series
 from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
 from tracker.metrics import Metrics
@@ -179,6 +180,7 @@ class Poller:
                 await limiter.wait()
             report.requests += 1
             self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
+            self.metrics.activity.count(Series.POLLS, len(ids))
             try:
                 observations = await platform.fetch(self.client, ids)
             except (UpstreamError, httpx.HTTPError) as exc:
@@ -186,6 +188,7 @@ class Poller:
                 code = _error_code(exc)
                 self.metrics.upstream_requests.labels(platform.name, code).inc()
                 self.metrics.upstream_errors.labels(platform.name, code).inc()
+                self.metrics.activity.relay_error(platform.name, code, _describe(exc))
                 log.warning(
                     "upstream_error",
                     platform=platform.name,

@@ -1,0 +1,201 @@
+"""The dashboard's parts on their own: config, sessions, activity counts, charts, queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from conftest import base_config, merge
+from fastapi import FastAPI
+
+from tracker import config
+from tracker.activity import ERRORS_KEPT, WINDOW_MINUTES, Activity, Series
+from tracker.clock import FakeClock
+from tracker.dashboard import Dashboard, chart, mount
+from tracker.dashboard.sessions import MAX_SESSIONS, Sessions, csrf_ok, tokens_match
+from tracker.store import Registration, SqlStore, dashboard_queries
+from tracker.store.dashboard_queries import DashboardQueries
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def _settings(**overrides: Any) -> config.Settings:
+    document = base_config("http://127.0.0.1:9", "http://127.0.0.1:9/hooks", "sqlite://")
+    return config.parse(merge(document, overrides), environ={})
+
+
+class Ticker:
+    """A settable epoch clock."""
+
+    def __init__(self, at: float = 1_800_000_000.0) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+def test_the_dashboard_is_on_by_default_on_loopback_only() -> None:
+    """Unset, [dashboard].enabled follows the host; set, it wins either way."""
+    public = {"host": "0.0.0.0", "api_tokens": ["t"]}
+
+    assert _settings().dashboard_enabled()
+    assert not _settings(server=public).dashboard_enabled()
+    assert _settings(server=public, dashboard={"enabled": True}).dashboard_enabled()
+    assert not _settings(dashboard={"enabled": False}).dashboard_enabled()
+
+
+def test_dashboard_config_errors_name_the_key_and_the_token_is_a_secret() -> None:
+    """A bad [dashboard] value is reported by its key; the token is redacted from logs."""
+    with pytest.raises(config.ConfigError) as caught:
+        _settings(dashboard={"enabled": "yes", "session_lifetime": 0, "token": "", "x": 1})
+    problems = "\n".join(caught.value.problems)
+    for key in ("enabled", "session_lifetime", "token", "x"):
+        assert f"dashboard.{key}:" in problems
+
+    assert "dash-secret" in _settings(dashboard={"token": "dash-secret"}).secrets()
+
+
+def test_mount_serves_ui_only_when_enabled() -> None:
+    """A disabled dashboard adds no route at all."""
+    store = SqlStore.from_url("sqlite://")
+    for enabled, expected in ((True, ["/ui"]), (False, [])):
+        settings = _settings(dashboard={"enabled": enabled})
+        app = FastAPI()
+        mount(
+            app,
+            Dashboard(store=store, clock=FakeClock(), settings=lambda s=settings: s, platforms=[]),
+        )
+        paths = [getattr(route, "path", "") for route in app.routes]
+        assert expected == [p for p in paths if p == "/ui"]
+    store.close()
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+def test_sessions_expire_after_their_lifetime_and_end_on_sign_out() -> None:
+    """A session is live until its lifetime passes, or until it is ended."""
+    now = Ticker()
+    sessions = Sessions(60, now)
+    first, second = sessions.start(), sessions.start()
+
+    now.at += 59
+    assert first == sessions.get(first.id)
+    sessions.end(second.id)
+    assert sessions.get(second.id) is None
+    now.at += 1
+    assert sessions.get(first.id) is None
+    assert sessions.get("") is None
+    assert sessions.get(None) is None
+
+
+def test_sessions_are_bounded_dropping_the_oldest() -> None:
+    """A flood of sign-ins keeps at most MAX_SESSIONS, the newest."""
+    sessions = Sessions(60, Ticker())
+    first = sessions.start()
+    for _ in range(MAX_SESSIONS):
+        sessions.start()
+
+    assert MAX_SESSIONS == len(sessions)
+    assert sessions.get(first.id) is None
+
+
+def test_csrf_and_token_checks_accept_only_exact_values() -> None:
+    """The CSRF field must be the session's own token; a sign-in token must be listed."""
+    session = Sessions(60, Ticker()).start()
+
+    assert csrf_ok(session, session.csrf)
+    assert not csrf_ok(session, session.csrf[:-1])
+    assert not csrf_ok(session, None)
+    assert tokens_match("b", ["a", "b"])
+    assert not tokens_match("c", ["a", "b"])
+    assert not tokens_match("", [])
+
+
+# -- activity and charts ---------------------------------------------------------------------
+
+
+def test_activity_counts_per_minute_over_the_last_hour() -> None:
+    """Counts land in their minute; minutes older than the window fall out."""
+    now = Ticker(60 * 1000)
+    activity = Activity(now)
+    activity.count(Series.POLLS, 5)
+    now.at += 60
+    activity.count(Series.POLLS, 2)
+    activity.count(Series.WEBHOOKS)
+
+    polls = activity.per_minute(Series.POLLS)
+    assert WINDOW_MINUTES == len(polls)
+    assert [5, 2] == polls[-2:]
+    assert [0] * 59 + [1] == activity.per_minute(Series.WEBHOOKS)
+    now.at += 60 * WINDOW_MINUTES
+    assert [0] * WINDOW_MINUTES == activity.per_minute(Series.POLLS)
+
+
+def test_activity_keeps_the_newest_relay_errors_first_and_cut() -> None:
+    """The error ring holds ERRORS_KEPT entries, newest first, messages cut to size."""
+    activity = Activity(Ticker())
+    for n in range(ERRORS_KEPT + 5):
+        activity.relay_error("luma", "500", f"boom {n}" + "x" * 1000)
+
+    errors = activity.recent_errors()
+    assert ERRORS_KEPT == len(errors)
+    assert errors[0].message.startswith(f"boom {ERRORS_KEPT + 4}")
+    assert 300 == len(errors[0].message)
+
+
+def test_chart_bars_scale_to_the_peak_and_label_their_minute() -> None:
+    """The tallest bar fills the height; an empty hour draws nothing tall."""
+    drawn = chart.per_minute("t", [0, 5, 10])
+
+    assert (10, 15) == (drawn.peak, drawn.total)
+    assert [0.0, chart.HEIGHT / 2, chart.HEIGHT] == [b.height for b in drawn.bars]
+    assert ["2 min ago", "1 min ago", "this minute"] == [b.label for b in drawn.bars]
+    assert all(b.height == 0 for b in chart.per_minute("t", [0] * 60).bars)
+
+
+# -- queries (SQLite and PostgreSQL) ---------------------------------------------------------
+
+
+def test_task_search_matches_id_or_metadata_any_case_with_wildcards_as_text(
+    store: SqlStore,
+) -> None:
+    """Text search reads ids and metadata; % and _ match only themselves."""
+    store.register(Registration("luma", ["Alpha_1", "alphax1"]), NOW)
+    store.register(Registration("suno", ["s-1"], metadata={"who": "100% Zed"}), NOW)
+    queries = DashboardQueries(store)
+
+    def ids(**kwargs: Any) -> list[str]:
+        return [t.task_id for t in queries.tasks_page(**kwargs).tasks]
+
+    assert ["alphax1", "Alpha_1"] == ids(text="ALPHA")
+    assert ["Alpha_1"] == ids(text="a_1")
+    assert ["s-1"] == ids(text="0% zed")
+    assert ["s-1"] == ids(text="zed", platform="suno")
+    assert [] == ids(text="zed", status="completed")
+    exact = queries.tasks_page(text="s-1", platforms=["luma", "suno"]).exact
+    assert [("suno", "s-1")] == [(t.platform, t.task_id) for t in exact]
+
+
+def test_task_pages_go_older_and_a_search_reads_a_bounded_window(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages follow one another newest first; a search stops at the window and offers more."""
+    monkeypatch.setattr(dashboard_queries, "SEARCH_WINDOW", 4)
+    store.register(Registration("luma", [f"t{n}" for n in range(10)]), NOW)
+    queries = DashboardQueries(store)
+
+    first = queries.tasks_page(limit=4)
+    second = queries.tasks_page(limit=4, before=first.next_before)
+    assert ["t9", "t8", "t7", "t6"] == [t.task_id for t in first.tasks]
+    assert ["t5", "t4", "t3", "t2"] == [t.task_id for t in second.tasks]
+
+    searched = queries.tasks_page(text="t", limit=50)
+    assert ["t9", "t8", "t7", "t6"] == [t.task_id for t in searched.tasks]
+    assert searched.next_before is not None
+    older = queries.tasks_page(text="t", limit=50, before=searched.next_before)
+    assert ["t5", "t4", "t3", "t2"] == [t.task_id for t in older.tasks]

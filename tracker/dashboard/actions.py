@@ -1,0 +1,268 @@
+"""Signing in and out, and the dashboard's buttons: each asks first, then says what it did.
+
+Every state-changing request is a POST carrying the session's CSRF token; a GET only ever
+shows the confirmation page.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from tracker.dashboard.sessions import COOKIE, LOGIN_COOKIE, Session, csrf_ok, tokens_match
+from tracker.dashboard.web import RENDER, dashboard_of, href, session_of
+
+log = structlog.get_logger("tracker.dashboard")
+
+router = APIRouter()
+SessionDep = Annotated[Session, Depends(session_of)]
+
+
+def _cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=href(request, "/") or "/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def _refused(request: Request, session: Session | None) -> HTMLResponse:
+    log.warning("dashboard_csrf_refused", path=request.url.path)
+    return RENDER.page(
+        request, "error.html", session=session, status_code=403, title="Refused",
+        problems=["this form is forged or out of date: reload the page and try again"],
+    )  # fmt: skip
+
+
+async def _checked_form(request: Request, session: Session) -> dict[str, str] | None:
+    """The posted form's fields, or None when its CSRF token is not this session's."""
+    form = await request.form()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    return fields if csrf_ok(session, fields.get("csrf")) else None
+
+
+# -- sign-in ---------------------------------------------------------------------------------
+
+
+def _sign_in_page(request: Request, *, problem: str | None, status_code: int) -> HTMLResponse:
+    login_csrf = secrets.token_urlsafe(32)
+    dash = dashboard_of(request)
+    response = RENDER.page(
+        request, "login.html", session=None, status_code=status_code, login_csrf=login_csrf,
+        problem=problem, open_access=not dash.accepted_tokens(),
+    )  # fmt: skip
+    _cookie(request, response, LOGIN_COOKIE, login_csrf, max_age=3600)
+    return response
+
+
+@router.get("/login")
+async def sign_in_form(request: Request) -> HTMLResponse:
+    """The sign-in form (a token in a password field, sent by POST, never in the URL)."""
+    return _sign_in_page(request, problem=None, status_code=200)
+
+
+@router.post("/login")
+async def sign_in(request: Request) -> Response:
+    """Exchange a token for a session cookie."""
+    dash = dashboard_of(request)
+    form = await request.form()
+    presented, login_csrf = form.get("token"), form.get("login_csrf")
+    expected = request.cookies.get(LOGIN_COOKIE)
+    if (
+        not isinstance(login_csrf, str)
+        or expected is None
+        or not tokens_match(login_csrf, [expected])
+    ):
+        return _sign_in_page(request, problem="the form expired; try again", status_code=403)
+    accepted = dash.accepted_tokens()
+    # With no token configured the API itself is open (loopback only), so is the dashboard.
+    if accepted and not (isinstance(presented, str) and tokens_match(presented, accepted)):
+        client = request.client.host if request.client else None
+        log.warning("dashboard_sign_in_refused", client=client)
+        return _sign_in_page(request, problem="that token is not accepted", status_code=401)
+    session = dash.sessions.start()
+    log.info("dashboard_signed_in", sessions=len(dash.sessions))
+    response = RedirectResponse(href(request, "/"), status_code=303)
+    _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))
+    response.delete_cookie(LOGIN_COOKIE, path=href(request, "/") or "/")
+    return response
+
+
+@router.post("/logout")
+async def sign_out(request: Request, session: SessionDep) -> Response:
+    """End the session."""
+    if await _checked_form(request, session) is None:
+        return _refused(request, session)
+    dashboard_of(request).sessions.end(session.id)
+    response = RedirectResponse(href(request, "/login"), status_code=303)
+    response.delete_cookie(COOKIE, path=href(request, "/") or "/")
+    return response
+
+
+# -- redeliver one ---------------------------------------------------------------------------
+
+
+@router.get("/deliveries/{delivery_id}/redeliver")
+async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: int) -> Response:
+    """Ask before sending one delivery again."""
+    delivery = await run_in_threadpool(dashboard_of(request).store.get_delivery, delivery_id)
+    if delivery is None:
+        return _missing(request, session, f"no delivery {delivery_id}")
+    return RENDER.page(
+        request, "confirm.html", session=session, title="Redeliver this webhook?",
+        action=href(request, f"/deliveries/{delivery_id}/redeliver"), fields={},
+        details=[
+            f"Delivery {delivery.id} ({delivery.event_type}) of task {delivery.task_id} "
+            f"on {delivery.platform}, now {delivery.state} after {delivery.attempts} attempts.",
+            f"It is queued again with the same webhook-id {delivery.webhook_id} "
+            f"and sent to {delivery.url}.",
+        ],
+        button="Redeliver",
+    )  # fmt: skip
+
+
+@router.post("/deliveries/{delivery_id}/redeliver")
+async def redeliver(request: Request, session: SessionDep, delivery_id: int) -> Response:
+    """Queue one delivery again, whatever its state, with the same webhook-id."""
+    if await _checked_form(request, session) is None:
+        return _refused(request, session)
+    dash = dashboard_of(request)
+    requeued = await run_in_threadpool(lambda: dash.store.requeue(dash.clock.now(), pk=delivery_id))
+    if not requeued:
+        return _missing(request, session, f"no delivery {delivery_id}")
+    log.info("dashboard_redeliver", delivery=delivery_id)
+    delivery = await run_in_threadpool(dash.store.get_delivery, delivery_id)
+    return RENDER.page(
+        request, "done.html", session=session, title="Queued again",
+        lines=[f"Delivery {delivery_id} is queued again and goes out with the next delivery pass."],
+        requeued=requeued, delivery=delivery,
+    )  # fmt: skip
+
+
+def _missing(request: Request, session: Session, problem: str) -> HTMLResponse:
+    return RENDER.page(
+        request, "error.html", session=session, status_code=404, title="Not found",
+        problems=[problem],
+    )  # fmt: skip
+
+
+# -- recover the dead ones of a window -------------------------------------------------------
+
+
+def _window_time(raw: str | None, name: str, problems: list[str]) -> datetime | None:
+    """A time from a form: ISO 8601, read as UTC when it names no zone (datetime-local)."""
+    if not raw:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        problems.append(f"{name}: must be a time like 2026-11-25T10:00 (UTC)")
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _window(fields: dict[str, str]) -> tuple[datetime | None, datetime | None, list[str]]:
+    problems: list[str] = []
+    since = _window_time(fields.get("since"), "since", problems)
+    until = _window_time(fields.get("until"), "until", problems)
+    if since is None and not problems:
+        problems.append("since: required")
+    if since is not None and until is not None and until <= since:
+        problems.append("until: must be after since")
+    return since, until, problems
+
+
+@router.get("/recover")
+async def recover_confirm(request: Request, session: SessionDep) -> Response:
+    """Ask before queueing again every dead delivery created in a window."""
+    since, until, problems = _window(dict(request.query_params))
+    if problems:
+        return RENDER.page(
+            request, "error.html", session=session, status_code=400, title="Bad request",
+            problems=problems,
+        )  # fmt: skip
+    dash = dashboard_of(request)
+    count = await run_in_threadpool(dash.queries.dead_in_window, since, until)
+    window = f"from {since:%Y-%m-%d %H:%M:%S} UTC" + (
+        f" until {until:%Y-%m-%d %H:%M:%S} UTC" if until is not None else " until now"
+    )
+    fields = {"since": since.isoformat() if since else ""}
+    if until is not None:
+        fields["until"] = until.isoformat()
+    return RENDER.page(
+        request, "confirm.html", session=session, title="Recover dead deliveries?",
+        action=href(request, "/recover"), fields=fields,
+        details=[f"{count} dead deliveries were created {window}.",
+                 "Each is queued again with its own webhook-id."],
+        button=f"Recover {count}",
+    )  # fmt: skip
+
+
+@router.post("/recover")
+async def recover(request: Request, session: SessionDep) -> Response:
+    """Queue again every dead delivery created in the window."""
+    fields = await _checked_form(request, session)
+    if fields is None:
+        return _refused(request, session)
+    since, until, problems = _window(fields)
+    if problems:
+        return RENDER.page(
+            request, "error.html", session=session, status_code=400, title="Bad request",
+            problems=problems,
+        )  # fmt: skip
+    dash = dashboard_of(request)
+    requeued = await run_in_threadpool(
+        lambda: dash.store.requeue(dash.clock.now(), since=since, until=until)
+    )
+    log.info("dashboard_recover", requeued=len(requeued))
+    return RENDER.page(
+        request, "done.html", session=session, title="Recovered",
+        lines=[f"{len(requeued)} dead deliveries are queued again."],
+        requeued=requeued, delivery=None,
+    )  # fmt: skip
+
+
+# -- stop tracking a task --------------------------------------------------------------------
+
+
+@router.get("/remove/{platform}/{task_id:path}")
+async def remove_confirm(
+    request: Request, session: SessionDep, platform: str, task_id: str
+) -> Response:
+    """Ask before forgetting a task."""
+    task = await run_in_threadpool(dashboard_of(request).store.get, platform, task_id)
+    if task is None:
+        return _missing(request, session, f"no task {task_id!r} on platform {platform!r}")
+    return RENDER.page(
+        request, "confirm.html", session=session, title="Stop tracking this task?",
+        action=href(request, f"/remove/{platform}/{task_id}"), fields={},
+        details=[f"Task {task_id} on {platform} ({task.status}) is deleted with its history "
+                 "and its undelivered webhooks; no webhook follows."],
+        button="Stop tracking",
+    )  # fmt: skip
+
+
+@router.post("/remove/{platform}/{task_id:path}")
+async def remove(request: Request, session: SessionDep, platform: str, task_id: str) -> Response:
+    """Stop tracking a task."""
+    if await _checked_form(request, session) is None:
+        return _refused(request, session)
+    removed = await run_in_threadpool(dashboard_of(request).store.remove, platform, task_id)
+    if not removed:
+        return _missing(request, session, f"no task {task_id!r} on platform {platform!r}")
+    log.info("dashboard_remove", platform=platform, task_id=task_id)
+    return RENDER.page(
+        request, "done.html", session=session, title="No longer tracked",
+        lines=[f"Task {task_id} on {platform} is no longer tracked."],
+        requeued=[], delivery=None,
+    )  # fmt: skip
