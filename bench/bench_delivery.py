@@ -279,9 +279,6 @@ def measure_real(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the rounds and print the report; exit status 1 when a target is missed."""
     args = parse_args(argv)
-    # The daemon does this at start (httpcore's failed `import sniffio` per request); the
-    # bare loop gets it too, so both sides run on the same httpx.
-    delivery.avoid_failing_sniffio_import()
     # The daemon logs at info as JSON; pay for that, but not on the terminal.
     log_lines = io.StringIO()
     logs.configure(level="info", fmt="json", stream=log_lines, environ={})

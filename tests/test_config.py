@@ -28,7 +28,7 @@ def problems(document: dict[str, Any], **environ: str) -> list[str]:
 
 
 def test_defaults_match_the_documented_ones() -> None:
-    """A minimal config gets the defaults the issue and config.example.toml document."""
+    """A minimal config gets the defaults the README and config.example.toml document."""
     settings = parse(MINIMAL)
 
     assert ("127.0.0.1", 8686, ()) == (

@@ -22,7 +22,8 @@ from pydantic import SecretStr
 
 from tracker import config, events, signing, ssrf, status
 from tracker.clock import FakeClock
-from tracker.delivery import EXCERPT_BYTES, Deliverer
+from tracker.delivery import Deliverer
+from tracker.delivery.sending import EXCERPT_BYTES
 from tracker.metrics import Metrics
 from tracker.status import TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
@@ -579,7 +580,7 @@ async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
     """Behind a hanging receiver, what would wait too long for a slot is not attempted; a
     later pass takes it once its claim has lapsed.
     """
-    monkeypatch.setattr("tracker.delivery.MIN_WAIT_BUDGET", 0.5)
+    monkeypatch.setattr("tracker.delivery.admission.MIN_WAIT_BUDGET", 0.5)
     settings = hook_settings(receiver.url, timeout=0.3, per_host=1)
     for n in range(4):
         complete(store, clock, settings, f"task-{n}")
@@ -612,7 +613,7 @@ async def test_a_receiver_known_to_hang_gets_only_what_it_can_start_in_time(
     """Once a receiver has timed out, a claim takes on only a few of its deliveries (the rest
     keep their claim for a later pass), and another receiver's deliveries still go out.
     """
-    monkeypatch.setattr("tracker.delivery.MIN_WAIT_BUDGET", 0.5)
+    monkeypatch.setattr("tracker.delivery.admission.MIN_WAIT_BUDGET", 0.5)
     settings = hook_settings(
         timeout=0.3,
         per_host=1,
@@ -701,7 +702,7 @@ async def test_run_drains_more_than_one_claim_batch(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """run() keeps claiming until nothing is due; each event is delivered exactly once."""
-    monkeypatch.setattr("tracker.delivery.CLAIM_BATCH", 4)
+    monkeypatch.setattr("tracker.delivery.passes.CLAIM_BATCH", 4)
     settings = hook_settings(receiver.url)
     for n in range(10):
         complete(store, clock, settings, f"task-{n}")

@@ -21,7 +21,7 @@ _MESSAGE_ID_CHARS = 26
 _MESSAGE_ID_ALPHABET = string.ascii_letters + string.digits + "-_"
 
 
-class InvalidSignature(Exception):  # noqa: N818 - name fixed by the shared design
+class InvalidSignature(Exception):  # noqa: N818 - `except InvalidSignature` reads as what failed
     """A webhook failed verification; the message says which check failed."""
 
 

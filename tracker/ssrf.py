@@ -81,7 +81,7 @@ _GLOBAL_UNICAST_V6 = IPv6Network("2000::/3")
 _NAT64_V6 = IPv6Network("64:ff9b::/96")
 
 
-class UnsafeURL(ValueError):  # noqa: N818 - name fixed by the shared design
+class UnsafeURL(ValueError):  # noqa: N818 - `except UnsafeURL` reads as what was refused
     """A webhook URL that must not be called; the message names the host and the reason."""
 
     def __init__(self, reason: str, *, host: str = "") -> None:

@@ -1,0 +1,181 @@
+"""One delivery attempt: sign, POST, read a capped answer, and decide what happens next."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+from collections.abc import AsyncGenerator, Callable
+from datetime import datetime, timedelta
+from typing import cast
+
+import httpx
+
+from tracker import retry, signing, ssrf
+from tracker.clock import Clock
+from tracker.config import EndpointSettings, PreviousSecret, WebhookSettings
+from tracker.retry import DeliveryState
+from tracker.store.records import AttemptResult, DeliveryJob
+
+#: at most this much of any answer is read; the rest is dropped unread
+MAX_RESPONSE_BYTES = 64 * 1024
+#: this much of it is kept in the delivery log
+EXCERPT_BYTES = 2048
+
+
+def current_secrets(secret: str, previous: tuple[PreviousSecret, ...], now: datetime) -> list[str]:
+    """``secret`` first, then the rotated-out ones not expired at ``now``.
+
+    While a rotated-out secret is unexpired, receivers that still hold it can verify too.
+    """
+    return [secret] + [p.secret.get_secret_value() for p in previous if p.expires_at > now]
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(secret: str) -> bytes:
+    # Decoded once, not on every attempt.
+    return signing.decode_secret(secret)
+
+
+def describe(exc: Exception) -> str:
+    """An exception as the delivery log shows it: its type, and its message when it has one."""
+    detail = str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+async def read_capped(response: httpx.Response) -> bytes:
+    """The first MAX_RESPONSE_BYTES of the answer's body; the rest is never read."""
+    body = bytearray()
+    # aiter_raw is an async generator (typed as a plain iterator); close it, do not leave it
+    # to the garbage collector.
+    raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+    async with contextlib.aclosing(raw) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) >= MAX_RESPONSE_BYTES:
+                # Leaving the stream unfinished closes the connection instead of draining it.
+                break
+    return bytes(body[:MAX_RESPONSE_BYTES])
+
+
+class Sender:
+    """Turns a claimed delivery into an attempt result: sign, POST, let the retry policy decide.
+
+    It knows nothing of limits or of the store: whoever calls ``send`` has taken the slots,
+    and writes the result back.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        guarded_client: httpx.AsyncClient,
+        clock: Clock,
+        settings: WebhookSettings,
+        policy: retry.RetryPolicy,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._guarded_client = guarded_client
+        self._clock = clock
+        self._rand = rand
+        self.configure(settings, policy)
+
+    def configure(self, settings: WebhookSettings, policy: retry.RetryPolicy) -> None:
+        """Sign, time out and decide by these from the next attempt on."""
+        self._settings = settings
+        self._policy = policy
+
+    def secrets_for(self, endpoint: str | None) -> list[str]:
+        """The secrets that sign a delivery to ``endpoint`` right now (current first)."""
+        now = self._clock.now()
+        settings = self._settings
+        named: EndpointSettings | None = settings.endpoints.get(endpoint) if endpoint else None
+        if named is not None:
+            return current_secrets(named.secret.get_secret_value(), named.previous_secrets, now)
+        return current_secrets(settings.secret.get_secret_value(), settings.previous_secrets, now)
+
+    async def send(self, job: DeliveryJob) -> AttemptResult:
+        """One attempt of ``job``; every failure, of the receiver or of the request, is a result."""
+        now = self._clock.now()
+        started = time.perf_counter()
+        outcome, excerpt, fatal = await self._exchange(job, now)
+        return self._result(job, now, started, outcome, excerpt, fatal=fatal)
+
+    def crashed(self, job: DeliveryJob, exc: Exception) -> AttemptResult:
+        """The result of an attempt that raised ``exc``: a failure like any other, so one
+        malformed delivery is retried and in time dies instead of stopping the rest.
+        """
+        outcome = retry.Outcome(error=describe(exc))
+        return self._result(job, self._clock.now(), time.perf_counter(), outcome, b"", fatal=False)
+
+    async def _exchange(self, job: DeliveryJob, now: datetime) -> tuple[retry.Outcome, bytes, bool]:
+        """What the receiver made of one POST: the outcome, the answer's first bytes, and
+        whether the failure is one no retry can cure.
+        """
+        try:
+            keys = [_signing_key(secret) for secret in self.secrets_for(job.endpoint)]
+            headers = signing.webhook_headers(
+                keys, job.webhook_id, int(now.timestamp()), job.payload
+            )
+        except ValueError as exc:
+            # A secret that is not whsec_<base64>: retried, so fixing the config saves it.
+            return retry.Outcome(error=f"cannot sign: {exc}"), b"", False
+        client = self._guarded_client if job.guarded else self._client
+        timeout = self._settings.timeout
+        try:
+            request = client.build_request(
+                "POST", job.url, content=job.payload, headers=headers, timeout=timeout
+            )
+            # httpx's timeouts are per read; this one bounds the whole exchange.
+            async with asyncio.timeout(timeout):
+                response = await client.send(request, stream=True, follow_redirects=False)
+                try:
+                    excerpt = await read_capped(response)
+                finally:
+                    await response.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            return retry.Outcome(error="timeout", timed_out=True), b"", False
+        except httpx.HTTPError as exc:
+            if ssrf.is_blocked_error(exc):
+                return retry.Outcome(error=str(exc)), b"", True
+            return retry.Outcome(error=describe(exc)), b"", False
+        except httpx.InvalidURL as exc:
+            return retry.Outcome(error=f"invalid URL: {exc}"), b"", True
+        outcome = retry.Outcome(
+            status_code=response.status_code, retry_after=response.headers.get("retry-after")
+        )
+        return outcome, excerpt, False
+
+    def _result(
+        self,
+        job: DeliveryJob,
+        now: datetime,
+        started: float,
+        outcome: retry.Outcome,
+        excerpt: bytes,
+        *,
+        fatal: bool,
+    ) -> AttemptResult:
+        """The attempt log row, and the delivery's next state: dead when ``fatal``, else as
+        the retry policy decides.
+        """
+        state, error, next_attempt_at = DeliveryState.DEAD, outcome.error, None
+        if not fatal:
+            decision = self._policy.decide(outcome, job.attempts + 1, now=now, rand=self._rand())
+            state = decision.state
+            error = None if state == DeliveryState.DELIVERED else decision.reason
+            if state == DeliveryState.PENDING:
+                next_attempt_at = (now + timedelta(seconds=decision.delay or 0.0)).timestamp()
+        return AttemptResult(
+            job=job,
+            at=now,
+            status_code=outcome.status_code,
+            error=error,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            response_excerpt=excerpt[:EXCERPT_BYTES].decode("utf-8", "replace"),
+            state=state,
+            next_attempt_at=next_attempt_at,
+        )
