@@ -47,6 +47,8 @@ class TaskRow(SQLModel, table=True):
         # The poll cycle's only query: due tasks in due order. Final tasks have NULL here.
         sa.Index("ix_tasks_next_poll_at", "next_poll_at"),
         sa.Index("ix_tasks_status_id", "status", "id"),
+        # Retention finds final tasks past their keep time without reading the others.
+        sa.Index("ix_tasks_finished_at", "finished_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -96,6 +98,10 @@ class DeliveryRow(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_deliveries_due", "state", "next_attempt_at"),
         sa.Index("ix_deliveries_task", "task_pk", "id"),
+        # The oldest pending delivery (a gauge) in one index lookup, and dead ones by age.
+        sa.Index("ix_deliveries_state_created", "state", "created_at"),
+        # Retention finds delivered deliveries past their keep time without a scan.
+        sa.Index("ix_deliveries_delivered_at", "delivered_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -145,3 +151,25 @@ class MetaRow(SQLModel, table=True):
 
     key: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=255)
+
+
+class CountRow(SQLModel, table=True):
+    """A change to a row count, +n or -n; per key, their sum is the count.
+
+    Written by database triggers on tasks and deliveries (see tracker/store/counts.py), never
+    by tracker's code, so every path that adds, removes or moves a row keeps the counts right.
+    """
+
+    __tablename__ = "tracker_counts"
+
+    # 64-bit on PostgreSQL: two rows per change add up over years. SQLite's INTEGER PRIMARY
+    # KEY is 64-bit already (and BIGINT would not be its rowid).
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    )
+    #: "task" (counted by platform and status) or "delivery" (by state; platform is "")
+    kind: str = Field(max_length=16)
+    platform: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    n: int

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tracker.retry import DeliveryState
 from tracker.status import FINAL, EventType, Snapshot, TaskStatus
-from tracker.store import records
+from tracker.store import counts, records
 from tracker.store.models import (
     AttemptRow,
     DeliveryRow,
@@ -622,24 +622,13 @@ class SqlStore:
     # -- figures ----------------------------------------------------------------------------
 
     def stats(self) -> records.Stats:
-        """Counts by platform and status, deliveries by state, the oldest pending delivery."""
+        """Counts by platform and status, deliveries by state, the oldest pending delivery.
+
+        The counts come from tracker_counts (kept by triggers) and the oldest pending delivery
+        from one index lookup, so the cost does not grow with the tables.
+        """
         with self._read() as conn:
-            task_counts = {
-                (r.platform, r.status): r.n
-                for r in conn.execute(
-                    sa.select(
-                        tasks.c.platform, tasks.c.status, sa.func.count().label("n")
-                    ).group_by(tasks.c.platform, tasks.c.status)
-                )
-            }
-            delivery_counts = {
-                DeliveryState(r.state): r.n
-                for r in conn.execute(
-                    sa.select(deliveries.c.state, sa.func.count().label("n")).group_by(
-                        deliveries.c.state
-                    )
-                )
-            }
+            task_counts, delivery_counts = counts.read(conn)
             oldest = conn.execute(
                 sa.select(sa.func.min(deliveries.c.created_at)).where(
                     deliveries.c.state == DeliveryState.PENDING
@@ -652,6 +641,11 @@ class SqlStore:
         return records.Stats(
             tasks=task_counts, deliveries=delivery_counts, oldest_pending_delivery=oldest
         )
+
+    def compact_counts(self) -> int:
+        """Fold the appended count changes into one row per key (keeps stats() cheap)."""
+        with self._write() as conn:
+            return counts.compact(conn)
 
 
 # One statement for every finished attempt, run as an executemany.
