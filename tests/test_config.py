@@ -58,7 +58,7 @@ def test_the_example_config_is_valid_and_shows_every_default() -> None:
     settings = parse(document)
     defaults = parse(MINIMAL)
 
-    for section in ("poll", "logging", "database"):
+    for section in ("poll", "logging", "database", "retention"):
         assert getattr(defaults, section) == getattr(settings, section), section
     assert defaults.webhooks.retry_delays == settings.webhooks.retry_delays
     assert defaults.webhooks.events == settings.webhooks.events

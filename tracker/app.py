@@ -23,7 +23,7 @@ import uvicorn
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from tracker import api, config, dashboard, events, logs, platforms, sdnotify, ssrf
+from tracker import api, config, dashboard, events, logs, platforms, retention, sdnotify, ssrf
 from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.metrics import Metrics
@@ -31,6 +31,7 @@ from tracker.poller import Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore, migrate
+from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.app")
 
@@ -43,10 +44,12 @@ STOP_DEADLINE = 20.0
 HTTP_SHUTDOWN_DEADLINE = 5
 #: how often the systemd STATUS= line is refreshed
 STATUS_EVERY = 15.0
+#: how often the appended count changes are folded (they are summed on every scrape)
+COMPACT_COUNTS_EVERY = 30.0
 #: /readyz fails when no poll cycle completed within this many intervals
 READY_INTERVALS = 3
 #: sections a reload applies whole, without a restart
-LIVE_SECTIONS = ("poll", "webhooks", "logging")
+LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
 #: [server] keys a reload applies (the API reads them on every request)
 LIVE_SERVER_KEYS = ("api_tokens", "metrics_require_auth")
 #: [webhooks] keys that need a restart: the SSRF guard is built into the transport at start
@@ -150,6 +153,16 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
         applied=applied,
         needs_restart=needs_restart,
         refused=refused,
+    )
+
+
+def status_line(stats: Stats, last_cycle_seconds: float | None) -> str:
+    """The systemd STATUS= line: active tasks, the last cycle's length, the outbox depth."""
+    active = sum(n for (_, s), n in stats.tasks.items() if s not in FINAL)
+    cycle = f"{last_cycle_seconds:.2f}s" if last_cycle_seconds is not None else "none yet"
+    return (
+        f"{active} active tasks, last cycle {cycle}, "
+        f"{stats.deliveries.get(DeliveryState.PENDING, 0)} pending deliveries"
     )
 
 
@@ -329,13 +342,27 @@ class Daemon:
         if not self.notifier.enabled or self.stop_requested.is_set():
             return
         stats = await asyncio.to_thread(self.store.stats)
-        active = sum(n for (_, s), n in stats.tasks.items() if s not in FINAL)
         last = self.poller.last_report
-        cycle = f"{last.seconds:.2f}s" if last is not None else "none yet"
-        self.notifier.status(
-            f"{active} active tasks, last cycle {cycle}, "
-            f"{stats.deliveries.get(DeliveryState.PENDING, 0)} pending deliveries"
-        )
+        self.notifier.status(status_line(stats, None if last is None else last.seconds))
+
+    async def _retention_job(self) -> None:
+        if self.stop_requested.is_set():
+            return
+        with self._tracked():
+            try:
+                await retention.run_async(
+                    self.store.engine, self.settings.retention, self.clock, self.stop_requested
+                )
+            except Exception:
+                log.exception("retention_failed")
+
+    async def _compact_counts_job(self) -> None:
+        if self.stop_requested.is_set():
+            return
+        try:
+            await asyncio.to_thread(self.store.compact_counts)
+        except Exception:
+            log.exception("compact_counts_failed")
 
     def kick_delivery(self) -> None:
         """Start delivering now rather than at the next tick (new events were recorded)."""
@@ -484,6 +511,21 @@ class Daemon:
             next_run_time=now,
             **jobs,
         )
+        self.scheduler.add_job(
+            self._retention_job,
+            "interval",
+            seconds=self.settings.retention.interval,
+            id="retention",
+            next_run_time=now,
+            **jobs,
+        )
+        self.scheduler.add_job(
+            self._compact_counts_job,
+            "interval",
+            seconds=COMPACT_COUNTS_EVERY,
+            id="compact_counts",
+            **jobs,
+        )
         self.scheduler.start()
         interval = self.notifier.watchdog_interval()
         if interval is not None:
@@ -587,6 +629,9 @@ class Daemon:
         job = self.scheduler.get_job("poll")
         if job is not None and current.poll.interval != old.poll.interval:
             job.reschedule("interval", seconds=current.poll.interval)
+        job = self.scheduler.get_job("retention")
+        if job is not None and current.retention.interval != old.retention.interval:
+            job.reschedule("interval", seconds=current.retention.interval)
         log.info("reloaded", applied=plan.applied, needs_restart=plan.needs_restart)
         if plan.needs_restart:
             log.warning("restart_needed", keys=plan.needs_restart)

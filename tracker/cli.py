@@ -272,6 +272,32 @@ def cmd_db_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    """Delete what [retention] no longer keeps (--dry-run: only count it)."""
+    from tracker import retention  # noqa: PLC0415
+
+    settings = _load(args)
+    store = _store(args)
+    now = clock.SystemClock().now()
+    try:
+        if args.dry_run:
+            pruned = retention.preview(store.engine, settings.retention, now)
+        else:
+            pruned = retention.run(store.engine, settings.retention, now)
+    finally:
+        store.close()
+    shown = {"dry_run": args.dry_run, **dataclasses.asdict(pruned)}
+    if _wants_json(args, sys.stdout):
+        _print_json(shown, sys.stdout)
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        sys.stdout.write(
+            f"{verb} {pruned.deliveries} deliveries ({pruned.attempts} attempts), "
+            f"{pruned.tasks} tasks ({pruned.transitions} transitions)\n"
+        )
+    return EXIT_OK
+
+
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
     """List deliveries, newest first."""
     rows, _ = _store(args).list_deliveries(
@@ -368,6 +394,9 @@ def parser() -> argparse.ArgumentParser:
     _with_config(command("check", cmd_db_check, db), json_flag=True)
     _with_config(command("upgrade", cmd_db_upgrade, db), json_flag=True)
     _with_config(command("current", cmd_db_current, db), json_flag=True)
+    prune = command("prune", cmd_db_prune, db)
+    _with_config(prune, json_flag=True)
+    prune.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
     history = command("history", cmd_db_history, db)
     history.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -28,6 +28,7 @@ DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.valu
 DEFAULT_MAX_INTERVAL = 120.0
 
 Seconds = Annotated[float, Strict(), Field(gt=0)]
+Days = Annotated[float, Strict(), Field(ge=0)]
 Count = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -216,6 +217,22 @@ class WebhookSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """[retention]: how long finished work is kept, in days; 0 keeps it forever."""
+
+    #: delivered deliveries and their attempt logs, counted from delivery
+    delivered_days: Days = 30.0
+    #: dead deliveries not replayed, counted from their last attempt
+    dead_days: Days = 90.0
+    #: final tasks and their history, counted from when they finished; a task goes only once
+    #: each of its deliveries is due to go too
+    final_tasks_days: Days = 90.0
+    #: seconds between retention runs
+    interval: Seconds = 3600.0
+    #: rows deleted per transaction, so no run holds a lock for long
+    batch_size: Annotated[StrictInt, Field(ge=1, le=10000)] = 500
+
+
 class LoggingSettings(_Section):
     """[logging]: verbosity and line format."""
 
@@ -256,6 +273,7 @@ class Settings(_Section):
     webhooks: WebhookSettings
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @pydantic.model_validator(mode="after")
     def _references(self) -> Settings:

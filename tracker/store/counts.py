@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from tracker.retry import DeliveryState
 from tracker.store.models import CountRow
 
 counts = CountRow.__table__  # type: ignore[attr-defined]
@@ -22,7 +23,7 @@ TASK = "task"
 DELIVERY = "delivery"
 
 
-def read(conn: sa.Connection) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+def read(conn: sa.Connection) -> tuple[dict[tuple[str, str], int], dict[DeliveryState, int]]:
     """Tasks by (platform, status) and deliveries by state, leaving out zeros."""
     total = sa.func.sum(counts.c.n)
     rows = conn.execute(
@@ -31,12 +32,12 @@ def read(conn: sa.Connection) -> tuple[dict[tuple[str, str], int], dict[str, int
         .having(total != 0)
     )
     tasks: dict[tuple[str, str], int] = {}
-    deliveries: dict[str, int] = {}
+    deliveries: dict[DeliveryState, int] = {}
     for row in rows:
         if row.kind == TASK:
             tasks[(row.platform, row.status)] = int(row.n)
         else:
-            deliveries[row.status] = int(row.n)
+            deliveries[DeliveryState(row.status)] = int(row.n)
     return tasks, deliveries
 
 
