@@ -181,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pg", help="an empty PostgreSQL database URL, e.g. postgresql://postgres@127.0.0.1/x"
     )
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     args = parser.parse_args(argv)
     ok = True
-    with tempfile.TemporaryDirectory() as tmp:
-        ok &= bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.tasks, args.runs)
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok &= bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.tasks, args.runs)
     if args.pg:
         ok &= bench(args.pg, args.tasks, args.runs)
     return 0 if ok else 1

@@ -161,6 +161,11 @@ class CountRow(SQLModel, table=True):
     """
 
     __tablename__ = "tracker_counts"
+    __table_args__ = (
+        # Reading the counts is an index-only scan, whatever size a burst of changes left the
+        # table at: PostgreSQL keeps the pages of folded rows, and a sequential scan reads them.
+        sa.Index("ix_tracker_counts_key", "kind", "platform", "status", "n"),
+    )
 
     # 64-bit on PostgreSQL: two rows per change add up over years. SQLite's INTEGER PRIMARY
     # KEY is 64-bit already (and BIGINT would not be its rowid).

@@ -72,6 +72,7 @@ def upgrade() -> None:
         sa.Column("n", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    op.create_index("ix_tracker_counts_key", "tracker_counts", ["kind", "platform", "status", "n"])
     op.create_index("ix_tasks_finished_at", "tasks", ["finished_at"])
     op.create_index("ix_deliveries_state_created", "deliveries", ["state", "created_at"])
     op.create_index("ix_deliveries_delivered_at", "deliveries", ["delivered_at"])
