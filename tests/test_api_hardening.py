@@ -1,0 +1,299 @@
+"""The API's edge over a real daemon on loopback: strict JSON in and out, bounded bodies,
+parsed and range-checked numbers, ids and tokens, one error shape, and the deliveries route.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from conftest import base_config, merge
+from test_api import TOKEN, Api
+
+from tracker import config
+from tracker.app import Daemon
+from tracker.store import Registration
+
+REGISTRATION = b'{"platform": "luma", "ids": ["a"], "metadata": {"x": %s}}'
+
+
+# One daemon for the module: each case here either stores nothing or uses its own ids.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def started(directory: Path, overrides: dict[str, Any]) -> Api:
+    """A daemon over its own SQLite file with an unreachable relay, and a client."""
+    database = f"sqlite:///{directory / 'tracker.db'}"
+    document = base_config("http://127.0.0.1:9", "http://127.0.0.1:9/hook", database)
+    overrides = {"poll": {"interval": 3600}, **overrides}
+    daemon = Daemon(config.parse(merge(document, overrides), environ={}))
+    await daemon.start()
+    return Api(daemon, httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}"))
+
+
+@pytest_asyncio.fixture(name="api", scope="module", loop_scope="module")
+async def _api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    api = await started(tmp_path_factory.mktemp("api"), {})
+    yield api
+    await api.client.aclose()
+    await api.daemon.stop()
+
+
+@pytest_asyncio.fixture(name="api_for", loop_scope="module")
+async def _api_for(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    apis: list[Api] = []
+
+    async def start(**overrides: Any) -> Api:
+        directory = tmp_path / str(len(apis))
+        directory.mkdir()
+        apis.append(await started(directory, overrides))
+        return apis[-1]
+
+    yield start
+    for api in apis:
+        await api.client.aclose()
+        await api.daemon.stop()
+
+
+async def task_count(api: Api) -> int:
+    """How many tasks the daemon stores."""
+    return len((await api.get("/v1/tasks", params={"limit": "1000"})).json()["tasks"])
+
+
+def strict_loads(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as a strict client would."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def post(api: Api, path: str, body: bytes, **headers: str) -> httpx.Response:
+    return await api.client.post(path, content=body, headers={**TOKEN, **headers})
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (REGISTRATION % b"NaN", "body: NaN is not a JSON number"),
+        (REGISTRATION % b"Infinity", "body: Infinity is not a JSON number"),
+        (REGISTRATION % b"-Infinity", "body: -Infinity is not a JSON number"),
+        (REGISTRATION % b"1e400", "body: holds a number out of the range of a 64-bit float"),
+        (REGISTRATION % (b"9" * 5000), "body: holds a number too long to read"),
+        (REGISTRATION % b'"\\ud800"', "body: holds a lone UTF-16 surrogate"),
+        (REGISTRATION % b'{"\\udfff": 1}', "body: holds a lone UTF-16 surrogate"),
+        (REGISTRATION % b'"caf\xe9"', "body: not valid UTF-8 at byte"),
+        (REGISTRATION % (b"[" * 40 + b"]" * 40), "body: nested more than 32 levels deep"),
+        (b"[" * 100_000 + b"]" * 100_000, "body: nested more than 32 levels deep"),
+        (REGISTRATION % b"tru", "body: not valid JSON"),
+    ],
+)
+async def test_bodies_that_are_not_strict_json_are_refused_and_nothing_is_stored(
+    api: Api, body: bytes, problem: str
+) -> None:
+    """NaN, Infinity, huge numbers, lone surrogates, bad UTF-8 and deep nesting answer 422."""
+    before = await task_count(api)
+    answer = await post(api, "/v1/tasks", body, **{"Content-Type": "application/json"})
+
+    assert 422 == answer.status_code
+    assert answer.json()["problems"][0].startswith(problem), answer.json()
+    assert before == await task_count(api)
+
+
+async def test_a_valid_pair_of_surrogates_is_text_and_is_kept(api: Api) -> None:
+    """An escaped surrogate pair is one character outside the BMP, stored and shown as such."""
+    body = b'{"platform": "luma", "ids": ["pair"], "metadata": {"x": "\\ud83d\\ude00"}}'
+    answer = await post(api, "/v1/tasks", body)
+
+    assert 201 == answer.status_code
+    assert {"x": "\U0001f600"} == (await api.get("/v1/tasks/luma/pair")).json()["metadata"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_a_body_that_is_not_sent_as_json_is_415(api: Api, content_type: str) -> None:
+    """A declared content type other than JSON is refused, naming the type; nothing stored."""
+    body = b'{"platform": "luma", "ids": ["plain"]}'
+    answer = await post(api, "/v1/tasks", body, **{"Content-Type": content_type})
+
+    assert 415 == answer.status_code
+    assert content_type in answer.json()["error"]
+    assert 404 == (await api.get("/v1/tasks/luma/plain")).status_code
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", "application/x+json"]
+)
+async def test_json_content_types_are_taken(api: Api, content_type: str) -> None:
+    """application/json, with a charset or as a +json type, registers."""
+    body = json.dumps({"platform": "luma", "ids": [content_type]}).encode()
+    answer = await post(api, "/v1/tasks", body, **{"Content-Type": content_type})
+
+    assert 201 == answer.status_code
+
+
+async def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(
+    api_for: Callable[..., Any],
+) -> None:
+    """[server].max_body_bytes bounds a body by its Content-Length and while it streams."""
+    api = await api_for(server={"max_body_bytes": 2048})
+    body = json.dumps({"platform": "luma", "ids": [f"id{n}" for n in range(400)]}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 512):
+            yield body[start : start + 512]
+
+    declared = await post(api, "/v1/tasks", body)
+    streamed = await api.client.post("/v1/tasks", content=chunks(), headers=TOKEN)
+
+    assert (413, 413) == (declared.status_code, streamed.status_code)
+    assert "max_body_bytes" in declared.json()["error"]
+    assert [] == (await api.get("/v1/tasks")).json()["tasks"]
+    small = await post(api, "/v1/tasks", b'{"platform": "luma", "ids": ["a"]}')
+    assert 201 == small.status_code
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "problem"),
+    [
+        ("/v1/tasks", {"limit": "\u00b2"}, "limit: must be an integer from 1 to 1000"),
+        ("/v1/tasks", {"limit": "1001"}, "limit: must be an integer from 1 to 1000"),
+        ("/v1/tasks", {"limit": "9" * 30}, "limit: must be an integer from 1 to 1000"),
+        ("/v1/tasks", {"limit": "abc"}, "limit: must be an integer from 1 to 1000"),
+        ("/v1/tasks", {"cursor": "9" * 30}, "cursor: must be a next_cursor value"),
+        ("/v1/tasks", {"cursor": "-1"}, "cursor: must be a next_cursor value"),
+        ("/v1/tasks", {"cursor": "\u0661\u0662"}, "cursor: must be a next_cursor value"),
+        ("/v1/tasks", {"status": "bogus"}, "status: must be a task status"),
+        ("/v1/deliveries", {"cursor": "9" * 30}, "cursor: must be a next_cursor value"),
+        ("/v1/deliveries", {"limit": "\u00b2"}, "limit: must be an integer from 1 to 1000"),
+        ("/v1/deliveries", {"state": "lost"}, "state: must be one of"),
+    ],
+)
+async def test_query_numbers_are_parsed_and_range_checked(
+    api: Api, path: str, params: dict[str, str], problem: str
+) -> None:
+    """A listing parameter out of its range or not a number answers 422 naming it."""
+    answer = await api.get(path, params=params)
+
+    assert 422 == answer.status_code
+    assert {"error", "problems"} == set(answer.json())
+    assert answer.json()["problems"][0].startswith(problem), answer.json()
+
+
+async def test_blank_listing_parameters_mean_the_default(api: Api) -> None:
+    """?limit=&cursor=&status= lists as if they were absent."""
+    await api.register(ids=["blank"])
+    answer = await api.get("/v1/tasks", params={"limit": "", "cursor": "", "status": ""})
+
+    assert 200 == answer.status_code
+    assert "blank" in [t["task_id"] for t in answer.json()["tasks"]]
+
+
+@pytest.mark.parametrize("delivery_id", ["9" * 30, "\u00b2", "-1", "0", "1" * 5000, "x"])
+async def test_a_delivery_id_that_cannot_exist_is_404_naming_it(api: Api, delivery_id: str) -> None:
+    """Redeliver takes 64-bit positive integers; anything else names no delivery."""
+    answer = await api.client.post(f"/v1/deliveries/{delivery_id}/redeliver", headers=TOKEN)
+
+    assert 404 == answer.status_code
+    assert answer.json()["error"].startswith("no delivery")
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "1969-12-31T23:59:59Z",
+        "2026-11-25T10:00:00",
+        "yesterday",
+        12345,
+        None,
+    ],
+)
+async def test_recover_checks_its_window(api: Api, since: object) -> None:
+    """since must be a zoned ISO 8601 time within years 1970-9999 UTC; else 422 naming it."""
+    answer = await api.client.post("/v1/deliveries/recover", json={"since": since}, headers=TOKEN)
+
+    assert 422 == answer.status_code
+    assert answer.json()["problems"][0].startswith("since: must"), answer.json()
+
+
+async def test_a_token_with_other_than_ascii_is_compared_not_crashed_on(
+    api_for: Callable[..., Any],
+) -> None:
+    """A non-ASCII bearer token answers 401 when wrong and 200 when it is the configured one."""
+    api = await api_for(server={"api_tokens": ["t\u00f6k\u00e9n-1"], "metrics_require_auth": True})
+
+    def bearer(token: str) -> dict[str, bytes]:
+        return {"Authorization": b"Bearer " + token.encode()}
+
+    for path in ("/v1/tasks", "/metrics", "/openapi.json"):
+        wrong = await api.client.get(path, headers=bearer("\u00fc\u00f1\u00ee"))
+        right = await api.client.get(path, headers=bearer("t\u00f6k\u00e9n-1"))
+        assert (401, 200) == (wrong.status_code, right.status_code), path
+        assert "Bearer" == wrong.headers["www-authenticate"]
+
+
+async def test_a_task_id_ending_in_deliveries_is_reachable(api: Api) -> None:
+    """A literal /deliveries suffix lists a task's deliveries; with the slash encoded as %2F
+    it is part of the id, so both tasks stay reachable.
+    """
+    await api.register(ids=["x", "x/deliveries", "y/deliveries"])
+
+    own = await api.get("/v1/tasks/luma/x%2Fdeliveries")
+    listed = await api.get("/v1/tasks/luma/x/deliveries")
+    only_suffixed = await api.get("/v1/tasks/luma/y/deliveries")
+
+    assert (200, "x/deliveries") == (own.status_code, own.json()["task_id"])
+    assert {"deliveries": []} == listed.json()
+    assert 404 == only_suffixed.status_code  # the deliveries of a task "y", which is unknown
+    gone = await api.client.delete("/v1/tasks/luma/x%2Fdeliveries", headers=TOKEN)
+    assert 204 == gone.status_code
+    assert 404 == (await api.get("/v1/tasks/luma/x%2Fdeliveries")).status_code
+
+
+async def test_every_error_has_the_api_shape(api: Api) -> None:
+    """Unmatched routes and methods answer {"error"} like the API's own errors, never
+    {"detail"}; under /v1/ a caller without the token learns nothing.
+    """
+    unknown = await api.client.get("/nope")
+    wrong_method = await api.client.put("/v1/tasks", headers=TOKEN)
+    unknown_v1 = await api.get("/v1/nope")
+    anonymous_v1 = await api.client.get("/v1/nope")
+
+    assert (404, ["error"]) == (unknown.status_code, list(unknown.json()))
+    assert (405, ["error"]) == (wrong_method.status_code, list(wrong_method.json()))
+    assert "POST" in wrong_method.headers["allow"]
+    assert (404, ["error"]) == (unknown_v1.status_code, list(unknown_v1.json()))
+    assert 401 == anonymous_v1.status_code
+
+
+async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json(
+    api: Api,
+) -> None:
+    """A NaN or a lone surrogate already in the database is answered as null and U+FFFD,
+    in the task and in the listing, rather than failing the request.
+    """
+    api.daemon.store.register(Registration(platform="luma", ids=["old"]), datetime.now(UTC))
+    with api.daemon.store.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE tasks SET metadata = :m WHERE task_id = 'old'"),
+            {"m": '{"nan": NaN, "text": "\\ud800"}'},
+        )
+
+    one = await api.get("/v1/tasks/luma/old")
+    listed = await api.get("/v1/tasks", params={"limit": "1"})
+
+    assert 200 == one.status_code
+    assert {"nan": None, "text": "\ufffd"} == strict_loads(one.text)["metadata"]
+    assert 200 == listed.status_code
+    assert {"nan": None, "text": "\ufffd"} == strict_loads(listed.text)["tasks"][0]["metadata"]
