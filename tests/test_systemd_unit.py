@@ -68,6 +68,7 @@ def service_values(key: str) -> list[str]:
         ("CapabilityBoundingSet", ""),
         ("MemoryDenyWriteExecute", "yes"),
         ("UMask", "0077"),
+        ("LimitNOFILE", "65536"),
     ],
 )
 def test_unit_sets_directive(key: str, value: str) -> None:

@@ -473,6 +473,13 @@ class Daemon:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=HTTP_SHUTDOWN_DEADLINE,
+                # Idle, silent and half-sent connections are closed, and their number capped.
+                http=api.bounded_protocol(
+                    header_timeout=server_settings.header_timeout,
+                    max_connections=api.connection_cap(server_settings.max_connections),
+                ),
+                timeout_keep_alive=api.KEEP_ALIVE_TIMEOUT,
+                backlog=api.ACCEPT_BACKLOG,
             )
         )
         serving = asyncio.create_task(self.server.serve(), name="api")

@@ -64,6 +64,11 @@ class ServerSettings(_Section):
     metrics_require_auth: pydantic.StrictBool = False
     #: the largest request body the API reads, in bytes; larger ones answer 413
     max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: seconds a client has to send a whole request head, and then its body; else it is dropped
+    header_timeout: Annotated[float, Strict(), Field(gt=0, le=300)] = 10.0
+    #: open API connections at most (half the open-files limit, if that is lower); when full,
+    #: the connection that has waited longest without sending a request is closed
+    max_connections: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
 
     @pydantic.field_validator("api_tokens", mode="before")
     @classmethod

@@ -6,8 +6,24 @@
 from __future__ import annotations
 
 from tracker.api.application import build
+from tracker.api.serving import (
+    ACCEPT_BACKLOG,
+    KEEP_ALIVE_TIMEOUT,
+    bounded_protocol,
+    connection_cap,
+)
 from tracker.api.state import ApiState
 from tracker.api.tasks import validate_registration
 from tracker.api.views import delivery_json, task_json
 
-__all__ = ["ApiState", "build", "delivery_json", "task_json", "validate_registration"]
+__all__ = [
+    "ACCEPT_BACKLOG",
+    "KEEP_ALIVE_TIMEOUT",
+    "ApiState",
+    "bounded_protocol",
+    "build",
+    "connection_cap",
+    "delivery_json",
+    "task_json",
+    "validate_registration",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,10 +40,16 @@ async def read_json(request: Request, title: str) -> Any:
     if declared.isascii() and declared.isdigit() and int(declared) > cap:
         raise too_big
     received = bytearray()
-    async for chunk in request.stream():
-        received += chunk
-        if len(received) > cap:  # a chunked body declares no length; stop reading it here
-            raise too_big
+    # A body trickled or stalled holds a connection and a task; it gets as long as a head.
+    deadline = services(request).state.settings.server.header_timeout
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                received += chunk
+                if len(received) > cap:  # a chunked body declares no length: stop here
+                    raise too_big
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {deadline:g} s") from None
     try:
         return strict_json.parse(bytes(received))
     except strict_json.BodyError as exc:

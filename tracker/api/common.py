@@ -43,6 +43,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": models.ErrorOut, "description": "invalid request; each problem named"},
 }
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": models.ErrorOut, "description": "body not received within header_timeout"},
     413: {"model": models.ErrorOut, "description": "body over [server].max_body_bytes"},
     415: {"model": models.ErrorOut, "description": "body not sent as JSON"},
 }
