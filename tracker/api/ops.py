@@ -68,11 +68,15 @@ async def metrics(deps: Deps) -> Response:
 @protected.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request, deps: Deps) -> Response:
     """The OpenAPI document of this API."""
-    document: dict[str, Any] = request.app.openapi()
+    # A copy: the platforms and tokens in force are filled in on every request.
+    document: dict[str, Any] = copy.deepcopy(request.app.openapi())
+    register = document["paths"]["/v1/tasks"]["post"]["requestBody"]["content"]
+    register["application/json"]["schema"]["properties"]["platform"]["enum"] = sorted(
+        deps.platforms
+    )
     if not deps.state.settings.server.api_tokens:
         # An API without tokens (loopback only) asks for none; say so rather than mislead.
-        document = copy.deepcopy(document)
-        for path in document.get("paths", {}).values():
+        for path in document["paths"].values():
             for operation in path.values():
                 operation.pop("security", None)
         document.get("components", {}).pop("securitySchemes", None)
