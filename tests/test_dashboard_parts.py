@@ -8,12 +8,14 @@ from typing import Any
 import pytest
 from conftest import base_config, merge
 from fastapi import FastAPI
+from test_store import claim_jobs, outcome, queue_events
 
 from tracker import config
 from tracker.activity import ERRORS_KEPT, WINDOW_MINUTES, Activity, Series
 from tracker.clock import FakeClock
 from tracker.dashboard import Dashboard, chart, mount
 from tracker.dashboard.sessions import MAX_SESSIONS, Sessions, csrf_ok, tokens_match
+from tracker.retry import DeliveryState
 from tracker.store import Registration, SqlStore, dashboard_queries
 from tracker.store.dashboard_queries import DashboardQueries
 
@@ -181,11 +183,11 @@ def test_task_search_matches_id_or_metadata_any_case_with_wildcards_as_text(
     assert [("suno", "s-1")] == [(t.platform, t.task_id) for t in exact]
 
 
-def test_task_pages_go_older_and_a_search_reads_a_bounded_window(
+def test_task_pages_go_older_and_a_search_reads_a_bounded_share_per_page(
     store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pages follow one another newest first; a search stops at the window and offers more."""
-    monkeypatch.setattr(dashboard_queries, "SEARCH_WINDOW", 4)
+    """Pages follow one another newest first; a search out of budget stops and offers more."""
+    monkeypatch.setattr(dashboard_queries, "SEARCH_CHUNK", 4)
     store.register(Registration("luma", [f"t{n}" for n in range(10)]), NOW)
     queries = DashboardQueries(store)
 
@@ -194,8 +196,36 @@ def test_task_pages_go_older_and_a_search_reads_a_bounded_window(
     assert ["t9", "t8", "t7", "t6"] == [t.task_id for t in first.tasks]
     assert ["t5", "t4", "t3", "t2"] == [t.task_id for t in second.tasks]
 
-    searched = queries.tasks_page(text="t", limit=50)
-    assert ["t9", "t8", "t7", "t6"] == [t.task_id for t in searched.tasks]
-    assert searched.next_before is not None
-    older = queries.tasks_page(text="t", limit=50, before=searched.next_before)
-    assert ["t5", "t4", "t3", "t2"] == [t.task_id for t in older.tasks]
+    pages = [queries.tasks_page(text="t", limit=50, budget=0)]  # one chunk per page
+    while pages[-1].next_before is not None:
+        pages.append(queries.tasks_page(text="t", before=pages[-1].next_before, budget=0))
+    assert [["t9", "t8", "t7", "t6"], ["t5", "t4", "t3", "t2"], ["t1", "t0"]] == [
+        [t.task_id for t in page.tasks] for page in pages
+    ]
+    whole = queries.tasks_page(text="t", limit=50, budget=60)
+    assert (10, None) == (len(whole.tasks), whole.next_before)
+
+
+@pytest.mark.parametrize("few", [dashboard_queries.FEW_IN_STATE, 0])
+def test_deliveries_page_pages_one_state_newest_first_by_either_route(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch, few: int
+) -> None:
+    """Rare states come from the state index, common ones from the table: same pages."""
+    monkeypatch.setattr(dashboard_queries, "FEW_IN_STATE", few)
+    queue_events(store, "a", "b", "c", "d", "e", now=NOW)
+    jobs = sorted(claim_jobs(store, NOW), key=lambda j: j.pk)
+    store.finish_attempts(
+        [outcome(j, "dead", NOW, status_code=500) for j in jobs[:3]]
+        + [outcome(j, "delivered", NOW) for j in jobs[3:4]]
+    )
+    queries = DashboardQueries(store)
+
+    first, cursor = queries.deliveries_page(state=DeliveryState.DEAD, limit=2)
+    second, last = queries.deliveries_page(state=DeliveryState.DEAD, limit=2, before=cursor)
+
+    dead = [j.pk for j in reversed(jobs[:3])]
+    assert dead == [d.id for d in first + second]
+    assert last is None
+    assert all(d.state == "dead" and len(d.log) == 1 for d in first + second)
+    pending, _ = queries.deliveries_page(state=DeliveryState.PENDING)
+    assert [jobs[4].pk] == [d.id for d in pending]

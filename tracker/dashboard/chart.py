@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-WIDTH = 600
-HEIGHT = 120
+WIDTH = 1100
+HEIGHT = 90
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

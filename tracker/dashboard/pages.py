@@ -10,12 +10,11 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from tracker.activity import Series
-from tracker.dashboard import chart
+from tracker.dashboard import chart, figures
 from tracker.dashboard.sessions import Session
 from tracker.dashboard.web import RENDER, dashboard_of, session_of
 from tracker.retry import DeliveryState
 from tracker.status import FINAL, TaskStatus
-from tracker.store.dashboard_queries import SEARCH_WINDOW
 
 PAGE_SIZE = 50
 #: longest search text accepted (ids are at most 200 characters)
@@ -45,7 +44,7 @@ def _cursor(raw: str | None, problems: list[str]) -> int | None:
 async def overview(request: Request, session: SessionDep) -> HTMLResponse:
     """Tasks by platform and status, the outbox, activity over the last hour, relay errors."""
     dash = dashboard_of(request)
-    stats = await run_in_threadpool(dash.store.stats)
+    stats, counted_at = await dash.counts.get()
     dead, _ = await run_in_threadpool(
         lambda: dash.store.list_deliveries(state=DeliveryState.DEAD, limit=5)
     )
@@ -71,6 +70,8 @@ async def overview(request: Request, session: SessionDep) -> HTMLResponse:
         totals=totals,
         deliveries={s: stats.deliveries.get(s, 0) for s in DeliveryState},
         oldest_pending=stats.oldest_pending_delivery,
+        counted_at=counted_at,
+        counts_max_age=figures.MAX_AGE,
         poll_lag=lag,
         charts=charts,
         relay_errors=activity.recent_errors()[:10] if activity is not None else [],
@@ -113,7 +114,6 @@ async def tasks(request: Request, session: SessionDep) -> HTMLResponse:
         statuses=list(TaskStatus),
         filters={"platform": platform or "", "status": status or "", "q": text or ""},
         first_page=before is None,
-        window=SEARCH_WINDOW,
     )
 
 
@@ -148,7 +148,7 @@ async def deliveries(request: Request, session: SessionDep) -> HTMLResponse:
     if problems:
         return _bad_request(request, session, problems)
     rows, next_before = await run_in_threadpool(
-        lambda: dash.store.list_deliveries(state=state, limit=PAGE_SIZE, before=before)
+        lambda: dash.queries.deliveries_page(state=state, limit=PAGE_SIZE, before=before)
     )
     return RENDER.page(
         request,

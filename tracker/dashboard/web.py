@@ -18,6 +18,7 @@ from tracker import clock as clock_module
 from tracker.activity import Activity
 from tracker.clock import Clock
 from tracker.config import Settings
+from tracker.dashboard.figures import CountsCache
 from tracker.dashboard.sessions import COOKIE, Session, Sessions
 from tracker.store import SqlStore
 from tracker.store.dashboard_queries import DashboardQueries
@@ -53,11 +54,13 @@ class Dashboard:
     poll_lag: Callable[[], float | None] | None = None
     sessions: Sessions = dataclasses.field(init=False)
     queries: DashboardQueries = dataclasses.field(init=False)
+    counts: CountsCache = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         lifetime = self.settings().dashboard.session_lifetime
         self.sessions = Sessions(lifetime, time.time)
         self.queries = DashboardQueries(self.store)
+        self.counts = CountsCache(self.store.stats, self.clock)
 
     def accepted_tokens(self) -> list[str]:
         """Tokens that sign in: every API token and the dashboard's own."""
@@ -110,8 +113,15 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _from_epoch(seconds: float) -> str | None:
-    return clock_module.isoformat(datetime.fromtimestamp(seconds, UTC))
+def _when(moment: datetime | None) -> str:
+    """A time as the pages show it: UTC to the millisecond, readable at a glance."""
+    if moment is None:
+        return ""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _from_epoch(seconds: float) -> str:
+    return _when(datetime.fromtimestamp(seconds, UTC))
 
 
 def _pretty(value: Any, limit: int = 20_000) -> str:
@@ -127,6 +137,7 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["iso"] = clock_module.isoformat
+    env.filters["when"] = _when
     env.filters["pretty"] = _pretty
     env.filters["epoch"] = _from_epoch
     env.globals["age"] = _age

@@ -7,18 +7,24 @@ fast with millions of tasks stored.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
+from tracker.retry import DeliveryState
 from tracker.store import records
 from tracker.store.sql import SqlStore, _delivery_record, _task_record, attempts, deliveries, tasks
 
-#: ids of tasks a text search reads per page: a search for a rare word stays bounded, and
-#: the page offers to go on into older tasks
-SEARCH_WINDOW = 100_000
+#: ids of tasks a text search reads per query
+SEARCH_CHUNK = 10_000
+#: seconds a text search keeps reading chunks for one page: a search for a rare word stays
+#: bounded, and the page offers to go on into older tasks
+SEARCH_BUDGET = 0.03
+#: deliveries in one state few enough to read from the state index and sort
+FEW_IN_STATE = 20_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,15 +34,23 @@ class TaskPage:
     tasks: list[records.TaskRecord]
     #: the ``before`` of the next (older) page, None when this is the last
     next_before: int | None
-    #: for a text search: the lowest id this page searched down to
+    #: for a text search: the id this page searched down to (None: to the oldest task)
     searched_from: int | None = None
     #: tasks whose id is exactly the search text, on any platform
     exact: list[records.TaskRecord] = dataclasses.field(default_factory=list)
 
 
-def _contains(column: Any, text: str) -> Any:
-    # Case-insensitive on both dialects; % and _ in the text match themselves.
-    return sa.func.lower(column).contains(text.lower(), autoescape=True)
+def _with_logs(conn: sa.Connection, rows: Sequence[Any]) -> list[records.DeliveryRecord]:
+    """Delivery rows as records, each with its attempt log (one query for all)."""
+    logs: dict[int, list[Any]] = {r.id: [] for r in rows}
+    if rows:
+        for a in conn.execute(
+            sa.select(attempts)
+            .where(attempts.c.delivery_pk.in_(list(logs)))
+            .order_by(attempts.c.id)
+        ):
+            logs[a.delivery_pk].append(a)
+    return [_delivery_record(r, logs[r.id]) for r in rows]
 
 
 class DashboardQueries:
@@ -55,51 +69,89 @@ class DashboardQueries:
         before: int | None = None,
         limit: int = 50,
         platforms: Sequence[str] = (),
+        budget: float = SEARCH_BUDGET,
     ) -> TaskPage:
         """Tasks newest first, filtered; ``text`` matches the id or the metadata, any case.
 
-        A text search reads at most SEARCH_WINDOW ids below ``before`` per page.
+        A text search reads SEARCH_CHUNK ids at a time below ``before``, and stops after
+        ``budget`` seconds; the page's ``next_before`` goes on where it stopped.
         """
-        query = sa.select(tasks).order_by(tasks.c.id.desc()).limit(limit + 1)
+        query = sa.select(tasks).order_by(tasks.c.id.desc())
         if platform:
             query = query.where(tasks.c.platform == platform)
         if status:
             query = query.where(tasks.c.status == status)
-        if before is not None:
-            query = query.where(tasks.c.id < before)
         floor = None
+        exact: Sequence[Any] = []
         with self.engine.connect() as conn, conn.begin():
             if text:
-                top = before
-                if top is None:
-                    top = (conn.execute(sa.select(sa.func.max(tasks.c.id))).scalar() or 0) + 1
-                floor = max(top - SEARCH_WINDOW, 0)
-                metadata_text = sa.cast(tasks.c.metadata, sa.Text)
-                query = query.where(
-                    tasks.c.id >= floor,
-                    sa.or_(_contains(tasks.c.task_id, text), _contains(metadata_text, text)),
+                rows, floor = self._search(
+                    conn, query=query, text=text, before=before, limit=limit, budget=budget
                 )
-            rows = conn.execute(query).all()
-            exact: Sequence[Any] = []
-            if text and before is None and platforms:
-                # The unique (platform, task_id) index answers this at once.
-                exact = conn.execute(
-                    sa.select(tasks)
-                    .where(tasks.c.platform.in_(list(platforms)), tasks.c.task_id == text)
-                    .order_by(tasks.c.id.desc())
-                ).all()
+                if before is None and platforms:
+                    # The unique (platform, task_id) index answers this at once.
+                    exact = conn.execute(
+                        sa.select(tasks)
+                        .where(tasks.c.platform.in_(list(platforms)), tasks.c.task_id == text)
+                        .order_by(tasks.c.id.desc())
+                    ).all()
+            else:
+                if before is not None:
+                    query = query.where(tasks.c.id < before)
+                rows = list(conn.execute(query.limit(limit + 1)).all())
         if len(rows) > limit:
             rows, next_before = rows[:limit], rows[limit - 1].id
-        elif floor is not None and floor > 0:
-            next_before = floor
         else:
-            next_before = None
+            next_before = floor
         return TaskPage(
             tasks=[_task_record(r) for r in rows],
             next_before=next_before,
             searched_from=floor,
             exact=[_task_record(r) for r in exact],
         )
+
+    def _search(
+        self,
+        conn: sa.Connection,
+        *,
+        query: sa.Select[Any],
+        text: str,
+        before: int | None,
+        limit: int,
+        budget: float,
+    ) -> tuple[list[Any], int | None]:
+        """Matches below ``before``, newest first, and the id the search stopped at (None at
+        the oldest task): chunks of ids are read until the page fills or the budget runs out.
+        """
+        lowest = conn.execute(sa.select(sa.func.min(tasks.c.id))).scalar()
+        if lowest is None:
+            return [], None
+        top = before
+        if top is None:
+            top = int(conn.execute(sa.select(sa.func.max(tasks.c.id))).scalar() or 0) + 1
+        matches = sa.or_(
+            self._contains(tasks.c.task_id, text),
+            self._contains(sa.cast(tasks.c.metadata, sa.Text), text),
+        )
+        found: list[Any] = []
+        floor = top
+        # Wall time on purpose: this bounds how long a page takes, whatever the machine does.
+        deadline = time.monotonic() + budget
+        while floor > lowest and len(found) <= limit:
+            bottom = max(floor - SEARCH_CHUNK, lowest)
+            chunk = query.where(tasks.c.id < floor, tasks.c.id >= bottom, matches)
+            found += conn.execute(chunk.limit(limit + 1 - len(found))).all()
+            floor = bottom
+            if time.monotonic() >= deadline:
+                break
+        return found, (floor if floor > lowest else None)
+
+    def _contains(self, column: Any, text: str) -> Any:
+        # % and _ in the text match themselves. SQLite's LIKE already ignores ASCII case
+        # (lower() on every row would double the cost); PostgreSQL needs ILIKE.
+        if self.store.dialect == "postgresql":
+            return column.icontains(text, autoescape=True)
+        return column.contains(text, autoescape=True)
 
     def task_deliveries(self, platform: str, task_id: str) -> list[records.DeliveryRecord]:
         """Every delivery of one task with every attempt, oldest first (by the task's index)."""
@@ -114,15 +166,47 @@ class DashboardQueries:
                 .where(deliveries.c.task_pk == task_pk)
                 .order_by(deliveries.c.id)
             ).all()
-            logs: dict[int, list[Any]] = {r.id: [] for r in rows}
-            if rows:
-                for a in conn.execute(
-                    sa.select(attempts)
-                    .where(attempts.c.delivery_pk.in_(list(logs)))
-                    .order_by(attempts.c.id)
-                ):
-                    logs[a.delivery_pk].append(a)
-        return [_delivery_record(r, logs[r.id]) for r in rows]
+            return _with_logs(conn, rows)
+
+    def deliveries_page(
+        self, *, state: DeliveryState | None = None, before: int | None = None, limit: int = 50
+    ) -> tuple[list[records.DeliveryRecord], int | None]:
+        """Deliveries newest first, each with its attempts; the second value is the next
+        page's ``before``.
+
+        Walking the table newest first finds a common state at once but reads nearly every
+        row to find a rare one (the few dead among a million delivered): up to
+        FEW_IN_STATE rows of a state are read from the state index and sorted instead.
+        """
+        if state is None or self._in_state_above(state, FEW_IN_STATE):
+            return self.store.list_deliveries(state=state, limit=limit, before=before)
+        newest = sa.select(deliveries.c.id).where(deliveries.c.state == state)
+        if before is not None:
+            newest = newest.where(deliveries.c.id < before)
+        # Ids only, from the covering state index ("+ 0" keeps SQLite from walking the table
+        # in id order to skip the sort); then the page's rows by primary key.
+        newest = newest.order_by((deliveries.c.id + 0).desc()).limit(limit + 1)
+        query = (
+            sa.select(deliveries)
+            .where(deliveries.c.id.in_(newest.scalar_subquery()))
+            .order_by(deliveries.c.id.desc())
+        )
+        with self.engine.connect() as conn, conn.begin():
+            rows = conn.execute(query).all()
+            next_before = rows[limit - 1].id if len(rows) > limit else None
+            return _with_logs(conn, rows[:limit]), next_before
+
+    def _in_state_above(self, state: DeliveryState, bound: int) -> bool:
+        few = (
+            sa.select(deliveries.c.id)
+            .where(deliveries.c.state == state)
+            .limit(bound + 1)
+            .subquery()
+        )
+        with self.engine.connect() as conn, conn.begin():
+            return (
+                int(conn.execute(sa.select(sa.func.count()).select_from(few)).scalar() or 0) > bound
+            )
 
     def dead_in_window(self, since: datetime | None, until: datetime | None) -> int:
         """How many dead deliveries were created in [since, until) (what a recover would take)."""

@@ -1,0 +1,177 @@
+"""The dashboard in headless Chromium, on a running daemon with the simulated relay."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import base_config, merge
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tracker import config, sdnotify
+from tracker.app import Daemon
+from tracker.testing import browser
+from tracker.testing.receiver import Reply, WebhookReceiver
+from tracker.testing.running import DaemonThread
+from tracker.testing.simulator import SimulatedRelay
+
+TOKEN = "test-token"
+
+pytestmark = pytest.mark.skipif(
+    browser.available() is not None, reason=f"headless Chromium {browser.available()}"
+)
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def arrive(chrome: webdriver.Chrome, url: str) -> None:
+    """Wait for the browser to land on ``url`` (a click's navigation may still be going)."""
+    WebDriverWait(chrome, 10).until(expected_conditions.url_to_be(url))
+
+
+@pytest.fixture(name="down")
+def _down() -> Iterator[WebhookReceiver]:
+    """A receiver that answers 500 until told otherwise."""
+    with WebhookReceiver() as receiver:
+        receiver.default = Reply(status=500, body=b"receiver is down")
+        yield receiver
+
+
+@pytest.fixture(name="daemon")
+def _daemon(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> Iterator[Daemon]:
+    """A daemon serving the dashboard, polling fast, giving up on a webhook quickly."""
+    document = merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {
+            "poll": {"interval": 0.2, "max_interval": 1},
+            "webhooks": {"retry_delays": [0.05, 0.05]},
+        },
+    )
+    settings = config.parse(document, environ={})
+    with DaemonThread(settings, notifier=sdnotify.Notifier("/nonexistent/notify")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(name="chrome")
+def _chrome() -> Iterator[webdriver.Chrome]:
+    with browser.chromium() as driver:
+        yield driver
+
+
+def test_an_operator_finds_a_task_sees_its_timeline_and_replays_a_dead_webhook(
+    daemon: Daemon,
+    down: WebhookReceiver,
+    chrome: webdriver.Chrome,
+    tmp_path: Path,
+) -> None:
+    """Sign in, search, open the task, redeliver its dead webhook: the receiver gets it."""
+    base = daemon.api_url
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        api.post(
+            "/v1/tasks",
+            json={"platform": "luma", "ids": ["vid-ok-1"], "metadata": {"customer": "acme"}},
+        ).raise_for_status()
+        api.post(
+            "/v1/tasks",
+            json={
+                "platform": "luma",
+                "ids": ["vid-lost-7"],
+                "webhook_url": down.url,
+                "metadata": {"customer": "globex-42"},
+            },
+        ).raise_for_status()
+
+        def dead() -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = api.get("/v1/deliveries?state=dead").json()["deliveries"]
+            return rows
+
+        wait_until(dead, 15, "the webhook to vid-lost-7 to die")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    chrome.get(f"{base}/ui/")
+    arrive(chrome, f"{base}/ui/login")
+    chrome.save_screenshot(str(shots / "sign-in.png"))
+    chrome.find_element(By.ID, "token").send_keys(TOKEN)
+    chrome.find_element(By.CSS_SELECTOR, "form.signin button").click()
+    arrive(chrome, f"{base}/ui/")
+    assert "1" == chrome.find_element(By.ID, "dead-count").text
+    chrome.save_screenshot(str(shots / "overview.png"))
+
+    chrome.find_element(By.LINK_TEXT, "Tasks").click()
+    search = chrome.find_element(By.NAME, "q")
+    search.send_keys("globex")
+    search.submit()
+    rows = chrome.find_elements(By.CSS_SELECTOR, "#task-list tbody tr")
+    assert ["vid-lost-7"] == [r.find_element(By.CSS_SELECTOR, "td a").text for r in rows]
+    chrome.save_screenshot(str(shots / "tasks.png"))
+    chrome.find_element(By.LINK_TEXT, "vid-lost-7").click()
+
+    timeline = [li.text for li in chrome.find_elements(By.CSS_SELECTOR, "#timeline li")]
+    assert "registered as pending" in timeline[0]
+    assert any("→ completed" in step for step in timeline)
+    assert "dead" in chrome.find_element(By.CSS_SELECTOR, ".delivery .state").text
+    chrome.save_screenshot(str(shots / "task.png"))
+
+    down.default = Reply(status=204)
+    arrived = down.count
+    chrome.find_element(By.CSS_SELECTOR, ".delivery a.button").click()
+    assert "Redeliver this webhook?" in chrome.find_element(By.TAG_NAME, "h1").text
+    chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
+    assert "queued again" in chrome.find_element(By.CSS_SELECTOR, ".done").text
+    down.wait_for(arrived + 1, timeout=10)
+    assert 204 == down.received[-1].status
+    assert down.received[-1].json()["data"]["task_id"] == "vid-lost-7"
+
+
+def test_without_a_session_or_with_a_forged_csrf_token_nothing_happens(
+    daemon: Daemon, down: WebhookReceiver, chrome: webdriver.Chrome
+) -> None:
+    """A confirm form posted with a forged CSRF token is refused; without a session, too."""
+    base = daemon.api_url
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        api.post(
+            "/v1/tasks",
+            json={"platform": "luma", "ids": ["vid-forged-1"], "webhook_url": down.url},
+        ).raise_for_status()
+        delivery = wait_until(
+            lambda: api.get("/v1/deliveries?state=dead").json()["deliveries"], 15, "a dead webhook"
+        )[0]["id"]
+    down.default = Reply(status=204)
+    arrived = down.count
+
+    chrome.get(f"{base}/ui/deliveries")
+    arrive(chrome, f"{base}/ui/login")
+    chrome.find_element(By.ID, "token").send_keys(TOKEN)
+    chrome.find_element(By.CSS_SELECTOR, "form.signin button").click()
+    arrive(chrome, f"{base}/ui/")
+
+    chrome.get(f"{base}/ui/deliveries/{delivery}/redeliver")
+    chrome.execute_script(
+        "document.querySelector('main form input[name=csrf]').value = 'forged-token'"
+    )  # a page elsewhere cannot read the real one
+    chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
+    assert "Refused" == chrome.find_element(By.TAG_NAME, "h1").text
+
+    chrome.get(f"{base}/ui/deliveries/{delivery}/redeliver")
+    chrome.delete_all_cookies()
+    chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
+    arrive(chrome, f"{base}/ui/login")
+
+    time.sleep(1.5)  # two delivery ticks: a queued redelivery would have gone out by now
+    assert arrived == down.count
