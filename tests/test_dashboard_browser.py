@@ -24,10 +24,6 @@ from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
 
-pytestmark = pytest.mark.skipif(
-    browser.available() is not None, reason=f"headless Chromium {browser.available()}"
-)
-
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` s."""
@@ -42,6 +38,14 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 def arrive(chrome: webdriver.Chrome, url: str) -> None:
     """Wait for the browser to land on ``url`` (a click's navigation may still be going)."""
     WebDriverWait(chrome, 10).until(expected_conditions.url_to_be(url))
+
+
+def heading(chrome: webdriver.Chrome, text: str) -> None:
+    """Wait for the page's h1 to read ``text`` (the page a click leads to may still load)."""
+    located = (By.TAG_NAME, "h1")
+    WebDriverWait(chrome, 10).until(
+        expected_conditions.text_to_be_present_in_element(located, text)
+    )
 
 
 @pytest.fixture(name="down")
@@ -69,6 +73,10 @@ def _daemon(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -
 
 @pytest.fixture(name="chrome")
 def _chrome() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium; the browser tests fail, not skip, where it is not installed."""
+    missing = browser.available()
+    if missing is not None:
+        pytest.fail(f"headless Chromium {missing}: apt-get install chromium chromium-driver")
     with browser.chromium() as driver:
         yield driver
 
@@ -114,13 +122,16 @@ def test_an_operator_finds_a_task_sees_its_timeline_and_replays_a_dead_webhook(
     chrome.save_screenshot(str(shots / "overview.png"))
 
     chrome.find_element(By.LINK_TEXT, "Tasks").click()
+    heading(chrome, "Tasks")
     search = chrome.find_element(By.NAME, "q")
     search.send_keys("globex")
     search.submit()
+    arrive(chrome, f"{base}/ui/tasks?platform=&status=&q=globex")
     rows = chrome.find_elements(By.CSS_SELECTOR, "#task-list tbody tr")
     assert ["vid-lost-7"] == [r.find_element(By.CSS_SELECTOR, "td a").text for r in rows]
     chrome.save_screenshot(str(shots / "tasks.png"))
     chrome.find_element(By.LINK_TEXT, "vid-lost-7").click()
+    heading(chrome, "vid-lost-7")
 
     timeline = [li.text for li in chrome.find_elements(By.CSS_SELECTOR, "#timeline li")]
     assert "registered as pending" in timeline[0]
@@ -131,8 +142,9 @@ def test_an_operator_finds_a_task_sees_its_timeline_and_replays_a_dead_webhook(
     down.default = Reply(status=204)
     arrived = down.count
     chrome.find_element(By.CSS_SELECTOR, ".delivery a.button").click()
-    assert "Redeliver this webhook?" in chrome.find_element(By.TAG_NAME, "h1").text
+    heading(chrome, "Redeliver this webhook?")
     chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
+    heading(chrome, "Queued again")
     assert "queued again" in chrome.find_element(By.CSS_SELECTOR, ".done").text
     down.wait_for(arrived + 1, timeout=10)
     assert 204 == down.received[-1].status
@@ -162,11 +174,12 @@ def test_without_a_session_or_with_a_forged_csrf_token_nothing_happens(
     arrive(chrome, f"{base}/ui/")
 
     chrome.get(f"{base}/ui/deliveries/{delivery}/redeliver")
+    heading(chrome, "Redeliver this webhook?")
     chrome.execute_script(
         "document.querySelector('main form input[name=csrf]').value = 'forged-token'"
     )  # a page elsewhere cannot read the real one
     chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
-    assert "Refused" == chrome.find_element(By.TAG_NAME, "h1").text
+    heading(chrome, "Refused")
 
     chrome.get(f"{base}/ui/deliveries/{delivery}/redeliver")
     chrome.delete_all_cookies()
