@@ -10,11 +10,15 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tracker import api, clock, config, logs
 from tracker.retry import DeliveryState
 from tracker.store.sql import SchemaMismatchError
+
+if TYPE_CHECKING:
+    from tracker.store import SqlStore
+    from tracker.store.abc import Store
 
 #: exit codes scripts can rely on
 EXIT_OK = 0
@@ -85,7 +89,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- operator commands -----------------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace, *, create: bool = True) -> Any:
+def _database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
+    """The SQL store itself, for the ``db`` commands that work on its engine."""
     from tracker.store import SqlStore, migrate  # noqa: PLC0415
 
     settings = _load(args)
@@ -95,6 +100,11 @@ def _store(args: argparse.Namespace, *, create: bool = True) -> Any:
         # one is upgraded only when auto_migrate allows it.
         migrate.ensure(store.engine, auto_migrate=settings.database.auto_migrate)
     return store
+
+
+def _store(args: argparse.Namespace) -> Store:
+    """The store as the task and delivery commands use it."""
+    return _database(args)
 
 
 def cmd_tasks_add(args: argparse.Namespace) -> int:
@@ -196,7 +206,7 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     """Integrity and schema revision."""
     from tracker.store import migrate  # noqa: PLC0415
 
-    store = _store(args, create=False)
+    store = _database(args, create=False)
     problems = store.integrity_problems()
     try:
         state = migrate.current(store.engine)
@@ -222,7 +232,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Upgrade the schema to this release's (adopting a release 0.1.0 database)."""
     from tracker.store import migrate  # noqa: PLC0415
 
-    store = _store(args, create=False)
+    store = _database(args, create=False)
     try:
         before, after = migrate.upgrade(store.engine)
     finally:
@@ -241,7 +251,7 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     """The database's schema revision and this release's newest."""
     from tracker.store import migrate  # noqa: PLC0415
 
-    store = _store(args, create=False)
+    store = _database(args, create=False)
     try:
         state = migrate.current(store.engine)
     finally:
@@ -277,7 +287,7 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     from tracker import retention  # noqa: PLC0415
 
     settings = _load(args)
-    store = _store(args)
+    store = _database(args)
     now = clock.SystemClock().now()
     try:
         if args.dry_run:

@@ -19,7 +19,7 @@ from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
 from tracker.metrics import Metrics
 from tracker.platforms.base import Platform, UpstreamError
-from tracker.store import SqlStore
+from tracker.store.abc import TaskStore
 from tracker.store.records import KEEP, DueTask, Keep, TaskUpdate
 
 log = structlog.get_logger("tracker.poller")
@@ -68,7 +68,7 @@ class Poller:
     def __init__(
         self,
         *,
-        store: SqlStore,
+        store: TaskStore,
         platforms: Mapping[str, Platform],
         client: httpx.AsyncClient,
         clock: Clock,

@@ -14,7 +14,7 @@ from tracker.api.errors import ApiError, problems, unauthorized
 from tracker.api.state import ApiState, Services
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.clock import Clock
-from tracker.store import SqlStore
+from tracker.store.abc import Store
 
 log = structlog.get_logger("tracker.api")
 
@@ -50,7 +50,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return StrictJSONResponse({"error": "internal error"}, status_code=500)
 
 
-def build(*, store: SqlStore, platforms: Sequence[str], state: ApiState, clock: Clock) -> FastAPI:
+def build(*, store: Store, platforms: Sequence[str], state: ApiState, clock: Clock) -> FastAPI:
     """The FastAPI application over ``store``."""
     app = FastAPI(
         title="tracker",

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from tracker.clock import Clock
 from tracker.config import Settings
-from tracker.store import SqlStore
+from tracker.store.abc import Store
 
 
 @dataclasses.dataclass(slots=True)
@@ -28,7 +28,7 @@ class ApiState:
 class Services:
     """Everything a route may use, built once by ``build`` and kept on the application."""
 
-    store: SqlStore
+    store: Store
     platforms: Sequence[str]
     state: ApiState
     clock: Clock

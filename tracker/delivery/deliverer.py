@@ -17,7 +17,7 @@ from tracker.delivery.outbox import Outbox
 from tracker.delivery.passes import DeliveryPass
 from tracker.delivery.sending import Sender
 from tracker.metrics import Metrics
-from tracker.store import SqlStore
+from tracker.store.abc import OutboxStore
 
 
 class Deliverer:
@@ -32,7 +32,7 @@ class Deliverer:
     def __init__(
         self,
         *,
-        store: SqlStore,
+        store: OutboxStore,
         client: httpx.AsyncClient,
         guarded_client: httpx.AsyncClient,
         clock: Clock,

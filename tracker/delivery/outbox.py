@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tracker.clock import Clock
 from tracker.delivery.journal import Journal
-from tracker.store import SqlStore
+from tracker.store.abc import OutboxStore
 from tracker.store.records import AttemptResult, DeliveryJob
 
 #: seconds a claim outlives the wait for slots and the attempt, for the write that records it
@@ -24,7 +24,7 @@ class Outbox:
     whose busy handler sleeps in steps of up to 100 ms.
     """
 
-    def __init__(self, store: SqlStore, clock: Clock, journal: Journal) -> None:
+    def __init__(self, store: OutboxStore, clock: Clock, journal: Journal) -> None:
         self._store = store
         self._clock = clock
         self._journal = journal
