@@ -177,7 +177,7 @@ def preload(store: SqlStore, url: str, count: int) -> None:
     store.register(Registration(platform="suno", ids=ids, metadata={"user": "bench"}), now)
     targets = events.Targets(webhook_settings(url, 1))
     updates = []
-    for task in store.claim_due(now, count, interval=600, max_interval=600):
+    for task in store.claim_due(now, count, lease=600):
         change = status.apply(task.snapshot, dataclasses.replace(FINISHED, task_id=task.task_id))
         assert change is not None
         entries = events.outbox_entries(task, change, targets.for_task(task), now)

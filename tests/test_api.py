@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +37,18 @@ class Api:
 
     async def get(self, path: str, **kw: Any) -> httpx.Response:
         return await self.client.get(path, headers=TOKEN, **kw)
+
+
+async def polled(api: Api, task_id: str, status: str, within: float = 5.0) -> dict[str, Any]:
+    """The task once the poll engine (woken by its registration) has recorded ``status``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        task: dict[str, Any] = (await api.get(f"/v1/tasks/luma/{task_id}")).json()
+        if task.get("status") == status:
+            return task
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{task_id} did not become {status} within {within:g} s")
 
 
 @pytest.fixture(name="api_for")
@@ -145,10 +158,9 @@ async def test_webhook_url_to_a_private_address_is_refused(api_for: Callable[...
 
 async def test_get_task_shows_the_contract_fields(api: Api, relay: SimulatedRelay) -> None:
     """GET answers every documented field, with transitions oldest first; 404 when unknown."""
-    await api.register(ids=["t/1"], webhook_url="http://127.0.0.1:9/h")
     relay.set("luma", "t/1", "IN_PROGRESS", "40%")
-    await api.daemon.poller.run_cycle()
-    task = (await api.get("/v1/tasks/luma/t%2F1")).json()
+    await api.register(ids=["t/1"], webhook_url="http://127.0.0.1:9/h")
+    task = await polled(api, "t%2F1", "in_progress")
 
     assert TASK_FIELDS == set(task)
     assert ("in_progress", 40, "40%") == (
@@ -162,8 +174,9 @@ async def test_get_task_shows_the_contract_fields(api: Api, relay: SimulatedRela
     assert 404 == (await api.get("/v1/tasks/luma/unknown")).status_code
 
 
-async def test_listing_pages_newest_first_with_filters(api: Api) -> None:
+async def test_listing_pages_newest_first_with_filters(api: Api, relay: SimulatedRelay) -> None:
     """GET /v1/tasks pages newest first through every task exactly once, and filters."""
+    relay.auto_create = False  # the ids stay pending however soon they are polled
     await api.register(ids=[f"id{n}" for n in range(7)])
     await api.register(platform="suno", ids=["s1"])
     seen: list[str] = []
@@ -189,7 +202,9 @@ async def test_delete_stops_tracking_and_no_webhook_follows(
     api: Api, relay: SimulatedRelay
 ) -> None:
     """DELETE answers 204, then 404; the task is never polled again and no event is queued."""
+    relay.set("luma", "gone", "IN_PROGRESS", "10%")
     await api.register(ids=["gone"])
+    await polled(api, "gone", "in_progress")  # the poll its registration started is over
     assert 204 == (await api.client.delete("/v1/tasks/luma/gone", headers=TOKEN)).status_code
     assert 404 == (await api.client.delete("/v1/tasks/luma/gone", headers=TOKEN)).status_code
     relay.set("luma", "gone", "SUCCESS", "100%")
@@ -215,10 +230,11 @@ async def test_deliveries_can_be_listed_redelivered_and_recovered(
 ) -> None:
     """Deliveries are listed per task and by state; redeliver and recover re-queue them."""
     api.daemon.scheduler.pause()  # keep the delivery loop from racing the edits below
-    await api.register(ids=["d1", "d2"])
     relay.set("luma", "d1", "SUCCESS", "100%")
     relay.set("luma", "d2", "FAILURE", "100%", fail_reason="nope")
-    await api.daemon.poller.run_cycle()
+    await api.register(ids=["d1", "d2"])
+    await polled(api, "d1", "completed")
+    await polled(api, "d2", "failed")
     with api.daemon.store.engine.begin() as conn:
         conn.execute(deliveries.update().values(state="dead", last_error="HTTP 500"))
 

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import base_config, toml_text
 
 from tracker import cli
+from tracker.store import Registration, SqlStore
 from tracker.testing.simulator import SimulatedRelay
 
 
@@ -72,6 +74,27 @@ def test_stats_and_db_check(config_file: Path, capsys: pytest.CaptureFixture[str
     assert (0, {"pending": 2}) == (code, json.loads(out)["tasks"])
     code, out, _ = run(capsys, "db", "check", *c)
     assert (0, []) == (code, json.loads(out)["problems"])
+
+
+def test_stats_shows_how_late_the_most_overdue_poll_is(
+    config_file: Path,
+    sqlite_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stats reports poll_lag_seconds, in JSON and in the human table."""
+    store = SqlStore.from_url(sqlite_url)
+    store.create_schema()
+    store.register(Registration("luma", ["late"]), datetime.now(UTC) - timedelta(seconds=120))
+    store.close()
+
+    code, out, _ = run(capsys, "stats", "--config", str(config_file), "--json")
+    assert 0 == code
+    assert 120 <= json.loads(out)["poll_lag_seconds"] < 180
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _, human, _ = run(capsys, "stats", "--config", str(config_file))
+    [line] = [row for row in human.splitlines() if row.startswith("poll_lag_seconds")]
+    assert 120 <= float(line.split()[1]) < 180
 
 
 def test_db_check_fails_on_a_foreign_database(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -300,16 +301,16 @@ async def test_sign_out_ends_the_session(browser: httpx.AsyncClient) -> None:
     assert 303 == (await browser.get("/ui/")).status_code
 
 
-async def test_the_overview_shows_counts_outbox_activity_and_n_a_for_an_unknown_lag(
+async def test_the_overview_shows_counts_outbox_activity_and_the_poll_lag(
     daemon: Daemon, browser: httpx.AsyncClient, receiver: WebhookReceiver
 ) -> None:
-    """Tasks by status, the dead count, the per-minute SVG charts; poll lag n/a when unknown."""
-    await _dead_delivery(daemon, receiver, "overview-1")
+    """Tasks by status, the dead count, the per-minute SVG charts and the poller's lag."""
+    await _dead_delivery(daemon, receiver, "overview-1")  # polled, so the lag is known
     await sign_in(browser, TOKEN)
 
     page = (await browser.get("/ui/")).text
 
-    assert '<span class="value" id="poll-lag">n/a</span>' in page
+    assert re.search(r'<span class="value" id="poll-lag">\d+\.\d s</span>', page)
     assert 'id="dead-count"><a href="/ui/deliveries?state=dead">1</a>' in page
     assert page.count("<svg") == 2
     assert "Webhook attempts per minute: 4 in the last hour" in page

@@ -97,7 +97,7 @@ def register(
 ) -> DueTask:
     """Register one task and claim it for a poll, as the poller would."""
     store.register(Registration(platform="suno", ids=[task_id], **registration), clock.now())
-    claimed = store.claim_due(clock.now(), 1000, interval=1, max_interval=10)
+    claimed = store.claim_due(clock.now(), 1000, lease=10)
     [task] = [t for t in claimed if t.task_id == task_id]
     return task
 

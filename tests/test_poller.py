@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from tracker.clock import FakeClock
 from tracker.metrics import Metrics
 from tracker.poller import NOT_FOUND_REASON, Poller
 from tracker.store import Registration, SqlStore
-from tracker.store.sql import deliveries
+from tracker.store.sql import deliveries, tasks
 from tracker.testing.simulator import SimulatedRelay
 
 
@@ -543,3 +544,71 @@ async def test_an_empty_cycle_still_logs_its_line(rig: Rig) -> None:
 
     [line] = [e for e in logs if e["event"] == "poll_cycle"]
     assert ("info", 0) == (line["log_level"], line["claimed"])
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def next_poll_at(rig: Rig, task_id: str) -> float:
+    """The stored next poll of a task, in epoch seconds."""
+    with rig.store.engine.connect() as conn:
+        value: float = conn.execute(
+            sa.select(tasks.c.next_poll_at).where(tasks.c.task_id == task_id)
+        ).scalar_one()
+    return value
+
+
+async def test_the_plan_never_drifts_when_polls_run_late(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Polls answered 3 s late keep their plan: the k-th poll stays planned at T0 + k * 10 s."""
+    rig = rig_for(poll={"interval": 10, "max_interval": 10})
+    start = rig.clock.now().timestamp()
+    rig.register("steady")
+    relay.set("luma", "steady", "IN_PROGRESS", "50%")
+    await rig.cycle(advance=3)
+    for k in range(1, 20):
+        assert start + k * 10 == next_poll_at(rig, "steady")
+        rig.clock.advance(10)
+        await rig.cycle()
+
+    assert start + 20 * 10 == next_poll_at(rig, "steady")
+    assert 20 == len(relay.requests)
+
+
+async def test_a_task_a_whole_interval_late_is_asked_once_not_once_per_missed_interval(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """After an outage the plan restarts from the answer: no burst of catch-up polls."""
+    rig = rig_for(poll={"interval": 10, "max_interval": 10})
+    rig.register("back")
+    relay.set("luma", "back", "IN_PROGRESS", "50%")
+    await rig.cycle(advance=35)
+    await rig.cycle()
+    await rig.cycle(advance=9)
+
+    assert 1 == len(relay.requests)
+    assert rig.clock.now().timestamp() + 1 == pytest.approx(next_poll_at(rig, "back"))
+
+
+async def test_a_backlog_drains_oldest_first_without_a_cap(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """120 overdue tasks, one per request, one request at a time: all are asked in one drain,
+    most overdue first, whatever the order they were registered in.
+    """
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    start = rig.clock.now()
+    offsets = list(range(120))
+    random.Random(8).shuffle(offsets)
+    for offset in offsets:
+        rig.store.register(
+            Registration("luma", [f"o{offset:03}"]), start + timedelta(seconds=offset)
+        )
+    rig.clock.advance(200)
+
+    report = await rig.cycle()
+
+    assert 120 == report.claimed
+    assert [f"o{n:03}" for n in range(120)] == [r.json_body["ids"][0] for r in relay.requests]
+    assert report.lag == pytest.approx(200)

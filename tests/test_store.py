@@ -49,7 +49,7 @@ def register(
 
 
 def claim(store: SqlStore, now: datetime, limit: int = 100) -> list[DueTask]:
-    return store.claim_due(now, limit, interval=INTERVAL, max_interval=MAX_INTERVAL)
+    return store.claim_due(now, limit, lease=INTERVAL)
 
 
 def claim_ids(store: SqlStore, now: datetime, limit: int = 100) -> list[str]:
@@ -414,54 +414,62 @@ def test_final_tasks_are_never_claimed(store: SqlStore) -> None:
     assert ["b"] == claim_ids(store, at(10**7))
 
 
-def test_claim_due_backs_off_by_a_quarter_of_the_quiet_time(store: SqlStore) -> None:
-    """The next poll is a quarter of the time since the last move, within [interval, max]."""
+def test_a_claim_leases_its_tasks_until_the_answer_plans_the_next_poll(store: SqlStore) -> None:
+    """The claim moves the next poll to the lease's end; the record sets the planned one."""
     register(store, "a")
+    (task,) = claim(store, T0)
 
-    def next_poll_is(seconds: float) -> None:
-        assert [] == claim_ids(store, at(seconds - 0.01))
-        assert ["a"] == claim_ids(store, at(seconds))
-
-    claim(store, T0)  # quiet 0 s: the interval is the floor
-    next_poll_is(10)  # quiet 10 s: a quarter is 2.5 s, still the floor
-    next_poll_is(20)
-    claim(store, at(100))  # quiet 100 s: a quarter is 25 s
-    next_poll_is(125)  # quiet 125 s: 31.25 s
-    next_poll_is(156.25)
-    claim(store, at(1000))  # quiet 1000 s: a quarter is 250 s, capped at max_interval
-    next_poll_is(1060)
-    (task,) = claim(store, at(1200))
-    store.record([TaskUpdate(task, change(task, TaskStatus.QUEUED))], at(1200))
-    # The move restarts the quiet time: 1260 s is 60 s after it, a quarter is 15 s.
-    claim(store, at(1260))
-    next_poll_is(1275)
-
-
-def test_a_progress_move_restarts_the_back_off_too(store: SqlStore) -> None:
-    """A progress change without a status change also counts as a move for the back-off."""
-    register(store, "a")
-    claim(store, at(1000))
-    (task,) = claim(store, at(1060))
-    store.record([TaskUpdate(task, change(task, TaskStatus.PENDING, progress=5))], at(1060))
-
-    claim(store, at(1120))  # 60 s after the move: a quarter is 15 s, not the 60 s cap
-
-    assert [] == claim_ids(store, at(1134.99))
-    assert ["a"] == claim_ids(store, at(1135))
-
-
-def test_reschedule_moves_the_next_poll_of_live_tasks_only(store: SqlStore) -> None:
-    """Rescheduled tasks fall due at the given time; final tasks stay unscheduled."""
-    register(store, "a", "b", "c")
-    due = {t.task_id: t for t in claim(store, T0)}
-    store.record([TaskUpdate(due["c"], change(due["c"], TaskStatus.FAILED))], T0)
-
-    store.reschedule([due["a"].pk, due["c"].pk], at(3))
-    store.reschedule([], at(3))
+    assert 0.0 == task.planned - T0.timestamp()
+    assert at(INTERVAL).timestamp() == task.lease_until
+    assert [] == claim_ids(store, at(INTERVAL - 0.01))
+    store.record([TaskUpdate(task, next_poll_at=at(3).timestamp())], at(1))
 
     assert ["a"] == claim_ids(store, at(3))
-    assert ["b"] == claim_ids(store, at(INTERVAL))
-    assert task_row(store, "c").next_poll_at is None
+
+
+def test_claim_due_takes_tasks_due_by_a_later_time_when_asked(store: SqlStore) -> None:
+    """due_by lets a claim take tasks falling due a moment later into the same batch."""
+    register(store, "now", now=T0)
+    register(store, "soon", now=at(0.04))
+    register(store, "later", now=at(1))
+
+    taken = store.claim_due(T0, 100, lease=INTERVAL, due_by=at(0.05))
+
+    assert ["now", "soon"] == [t.task_id for t in taken]
+
+
+def test_an_answer_after_the_lease_was_taken_over_changes_nothing(store: SqlStore) -> None:
+    """A late answer (its lease ran out, another claim took the task) neither moves the task
+    backwards nor fires an event twice; the newer claim's answer is written.
+    """
+    register(store, "a")
+    (slow,) = claim(store, T0)
+    (fresh,) = claim(store, at(INTERVAL))  # the lease ran out: another daemon's claim
+    store.record([TaskUpdate(fresh, change(fresh, TaskStatus.PENDING, progress=60))], at(INTERVAL))
+
+    written = store.record(
+        [TaskUpdate(slow, change(slow, TaskStatus.PENDING, progress=20))], at(INTERVAL + 1)
+    )
+
+    assert 0 == written
+    assert (TaskStatus.PENDING.value, 60) == (
+        task_row(store, "a").status,
+        task_row(store, "a").progress,
+    )
+
+
+def test_earliest_poll_is_the_first_live_task_due(store: SqlStore) -> None:
+    """earliest_poll names the soonest next poll of a live task; None when none is live."""
+    assert store.earliest_poll() is None
+    register(store, "a", now=at(5))
+    register(store, "b", now=at(2))
+
+    assert at(2) == store.earliest_poll()
+    assert at(2) == store.stats().earliest_poll
+    due = claim(store, at(10))
+    store.record([TaskUpdate(t, change(t, TaskStatus.COMPLETED)) for t in due], at(10))
+
+    assert store.earliest_poll() is None
 
 
 # -- record -----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sqlite3
-import time
 import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,14 +19,13 @@ import httpx
 import pydantic
 import structlog
 import uvicorn
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tracker import api, config, dashboard, events, logs, platforms, retention, sdnotify, ssrf
 from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
-from tracker.metrics import Metrics
-from tracker.poller import Poller
+from tracker.metrics import Metrics, poll_lag
+from tracker.poller import PollEngine, Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore, migrate
@@ -46,8 +44,6 @@ HTTP_SHUTDOWN_DEADLINE = 5
 STATUS_EVERY = 15.0
 #: how often the appended count changes are folded (they are summed on every scrape)
 COMPACT_COUNTS_EVERY = 30.0
-#: /readyz fails when no poll cycle completed within this many intervals
-READY_INTERVALS = 3
 #: sections a reload applies whole, without a restart
 LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
 #: [server] keys a reload applies (the API reads them on every request)
@@ -59,8 +55,7 @@ RESTART_WEBHOOK_KEYS = ("allow_private",)
 class _NoSkipWarnings(logging.Filter):
     """Drops APScheduler's warning for a run skipped because the last one is still going.
 
-    For the delivery job that is routine (a pass outlasts the tick); for the poll job the
-    daemon logs poll_cycle_skipped and counts it in a metric itself.
+    For the delivery job that is routine (a pass outlasts the tick).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -156,12 +151,13 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
     )
 
 
-def status_line(stats: Stats, last_cycle_seconds: float | None) -> str:
-    """The systemd STATUS= line: active tasks, the last cycle's length, the outbox depth."""
+def status_line(stats: Stats, last_cycle_seconds: float | None, lag: float = 0.0) -> str:
+    """The systemd STATUS= line: active tasks, the poll lag, the last drain's length, the
+    outbox depth."""
     active = sum(n for (_, s), n in stats.tasks.items() if s not in FINAL)
     cycle = f"{last_cycle_seconds:.2f}s" if last_cycle_seconds is not None else "none yet"
     return (
-        f"{active} active tasks, last cycle {cycle}, "
+        f"{active} active tasks, poll lag {lag:.1f}s, last cycle {cycle}, "
         f"{stats.deliveries.get(DeliveryState.PENDING, 0)} pending deliveries"
     )
 
@@ -211,7 +207,7 @@ class Daemon:
         self.store = SqlStore.from_url(settings.database.url)
         self.sqlite_file = _sqlite_file(self.store)
         self.metrics = Metrics()
-        self.metrics.watch_store(self.store.stats, time.time)
+        self.metrics.watch_store(self.store.stats, lambda: self.clock.now().timestamp())
         self.platforms = platforms.build(settings)
         # The pools never bind: the poller's and the deliverer's own limits do, and those
         # follow a reload, which a pool's size could not.
@@ -242,6 +238,9 @@ class Daemon:
             metrics=self.metrics,
             on_events=self.kick_delivery,
         )
+        # Polling is a task of its own, not a scheduler job: see tracker/poller/engine.py.
+        self.engine = PollEngine(self.poller, self.clock)
+        self._polling: asyncio.Task[None] | None = None
         self.deliverer = Deliverer(
             store=self.store,
             client=self.webhook_client,
@@ -252,8 +251,9 @@ class Daemon:
         )
         self.state = api.ApiState(
             settings=settings,
-            readiness=(self._database_ready, self._scheduler_ready, self._cycles_ready),
+            readiness=(self._database_ready, self._scheduler_ready, self._lag_ready),
             metrics=self.metrics.render,
+            on_registered=self.engine.wake,
         )
         self.app = api.build(
             store=self.store, platforms=list(self.platforms), state=self.state, clock=self.clock
@@ -266,10 +266,10 @@ class Daemon:
                 settings=lambda: self.settings,
                 platforms=list(self.platforms),
                 activity=self.metrics.activity,
+                poll_lag=self.poller.lag,
             ),
         )
         self.scheduler = AsyncIOScheduler(timezone=UTC, logger=_scheduler_logger())
-        self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
         self.server: _Server | None = None
         self.stop_requested = asyncio.Event()
         self._busy: set[asyncio.Task[Any]] = set()
@@ -296,14 +296,9 @@ class Daemon:
             if task is not None:
                 self._busy.discard(task)
 
-    async def _poll_job(self) -> None:
-        if self.stop_requested.is_set():
-            return
+    async def _poll_loop(self) -> None:
         with self._tracked():
-            try:
-                await self.poller.run_cycle(until=self.stop_requested)
-            except Exception:
-                log.exception("poll_cycle_failed")
+            await self.engine.run(self.stop_requested)
 
     async def _deliver_job(self) -> None:
         if self.stop_requested.is_set():
@@ -343,7 +338,8 @@ class Daemon:
             return
         stats = await asyncio.to_thread(self.store.stats)
         last = self.poller.last_report
-        self.notifier.status(status_line(stats, None if last is None else last.seconds))
+        lag = poll_lag(stats, self.clock.now().timestamp())
+        self.notifier.status(status_line(stats, None if last is None else last.seconds, lag))
 
     async def _retention_job(self) -> None:
         if self.stop_requested.is_set():
@@ -373,16 +369,11 @@ class Daemon:
         if job is not None and self.scheduler.running:
             job.modify(next_run_time=datetime.now(UTC))
 
-    def _on_skipped(self, event: JobExecutionEvent) -> None:
-        if event.job_id == "poll":
-            self.metrics.cycles_skipped.inc()
-            log.warning("poll_cycle_skipped", reason="previous cycle still running")
-
     # -- readiness --------------------------------------------------------------------------
 
     async def readiness(self) -> list[str]:
         """Why the daemon is not ready (empty when it is), as /readyz reports it."""
-        checks = (self._database_ready(), self._scheduler_ready(), self._cycles_ready())
+        checks = (self._database_ready(), self._scheduler_ready(), self._lag_ready())
         return [r for r in await asyncio.gather(*checks) if r]
 
     async def _database_ready(self) -> str | None:
@@ -410,20 +401,20 @@ class Daemon:
             return "shutting down"
         return None if self.scheduler.running else "scheduler is not running"
 
-    async def _cycles_ready(self) -> str | None:
-        window = READY_INTERVALS * self.settings.poll.interval
-        last = self.poller.last_cycle_at
-        if last is None:
-            started = self._started_at
-            if started is not None and (self.clock.now() - started).total_seconds() > window:
-                return f"no poll cycle has completed within {window:g} s"
+    async def _lag_ready(self) -> str | None:
+        # Only lateness counts, never the size of the work: a long drain that keeps up is fine.
+        if self._polling is not None and self._polling.done() and not self.stop_requested.is_set():
+            return "the poll engine has stopped"
+        try:
+            earliest = await asyncio.to_thread(self.store.earliest_poll)
+        except Exception:  # noqa: BLE001 - the database check names the failure
             return None
-        age = (self.clock.now() - last).total_seconds()
-        if age > window:
-            return (
-                f"last poll cycle completed {age:.0f} s ago "
-                f"(more than {READY_INTERVALS} intervals of {self.settings.poll.interval:g} s)"
-            )
+        if earliest is None:
+            return None
+        lag = (self.clock.now() - earliest).total_seconds()
+        limit = self.settings.poll.max_lag
+        if lag > limit:
+            return f"polls are {lag:.0f} s late (more than [poll].max_lag = {limit:g} s)"
         return None
 
     def _note_readiness(self, check: str, reason: str | None, detail: str | None = None) -> None:
@@ -494,14 +485,7 @@ class Daemon:
         self._started_at = self.clock.now()
         now = datetime.now(UTC)
         jobs = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
-        self.scheduler.add_job(
-            self._poll_job,
-            "interval",
-            seconds=self.settings.poll.interval,
-            id="poll",
-            next_run_time=now,
-            **jobs,
-        )
+        self._polling = asyncio.create_task(self._poll_loop(), name="poll")
         self.scheduler.add_job(
             self._deliver_job,
             "interval",
@@ -629,16 +613,15 @@ class Daemon:
         self._update_log_setup(old, current)
         self.settings = current
         self.state.settings = current
-        self.poller.configure(current.poll)
+        # Rebuilt from the settings now in force, for the batch sizes [poll] implies.
+        self.poller.configure(current.poll, platforms.build(current))
         self.targets = events.Targets(current.webhooks)
         self.poller.targets = self.targets
         self.deliverer.configure(current.webhooks)
-        job = self.scheduler.get_job("poll")
-        if job is not None and current.poll.interval != old.poll.interval:
-            job.reschedule("interval", seconds=current.poll.interval)
         job = self.scheduler.get_job("retention")
         if job is not None and current.retention.interval != old.retention.interval:
             job.reschedule("interval", seconds=current.retention.interval)
+        self.engine.wake()
         log.info("reloaded", applied=plan.applied, needs_restart=plan.needs_restart)
         if plan.needs_restart:
             log.warning("restart_needed", keys=plan.needs_restart)

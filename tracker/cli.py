@@ -180,7 +180,9 @@ def cmd_tasks_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Counts by status, outbox depth, last poll activity."""
+    """Counts by status, outbox depth, poll lag, last poll activity."""
+    from tracker.metrics import poll_lag  # noqa: PLC0415 - prometheus_client only when asked
+
     store = _store(args)
     stats = store.stats()
     by_status: dict[str, int] = {}
@@ -192,6 +194,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "tasks_by_platform": {f"{p}/{s}": n for (p, s), n in sorted(stats.tasks.items())},
         "deliveries": dict(stats.deliveries),
         "oldest_pending_delivery": clock.isoformat(stats.oldest_pending_delivery),
+        "poll_lag_seconds": round(poll_lag(stats, clock.SystemClock().now().timestamp()), 3),
         "last_cycle_at": last,
     }
     if _wants_json(args, sys.stdout):

@@ -125,6 +125,8 @@ class PollSettings(_Section):
     not_found_after: Seconds = 600.0
     #: default 120, or interval when that is longer
     max_interval: Seconds = 120.0
+    #: /readyz fails while the most overdue live task is later than this (seconds)
+    max_lag: Seconds = 300.0
 
     @pydantic.model_validator(mode="before")
     @classmethod

@@ -24,7 +24,7 @@ class _StoreCollector(Collector):
         self._now = now
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Tasks by platform and status, outbox depth, oldest pending delivery age."""
+        """Tasks by platform and status, outbox depth, oldest pending delivery age, poll lag."""
         up = GaugeMetricFamily(
             "tracker_database_up", "1 when the database answered this scrape's queries, else 0"
         )
@@ -56,6 +56,17 @@ class _StoreCollector(Collector):
             "Age of the oldest webhook delivery not yet delivered",
             value=age,
         )
+        yield GaugeMetricFamily(
+            "tracker_poll_lag_seconds",
+            "How overdue the most overdue live task's poll is (0 when none is overdue)",
+            value=poll_lag(stats, self._now()),
+        )
+
+
+def poll_lag(stats: Stats, now: float) -> float:
+    """Seconds the most overdue live task's poll is late, 0 when none is."""
+    earliest = stats.earliest_poll
+    return 0.0 if earliest is None else max(0.0, now - earliest.timestamp())
 
 
 class Metrics:
@@ -90,13 +101,8 @@ class Metrics:
         )
         self.cycle_duration = Histogram(
             "tracker_poll_cycle_duration_seconds",
-            "Wall time of one poll cycle",
+            "Wall time of one poll drain (or of one interval of a longer one)",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=r,
-        )
-        self.cycles_skipped = Counter(
-            "tracker_poll_cycles_skipped",
-            "Poll cycles not started because the previous one was still running",
             registry=r,
         )
         self.deliveries = Counter(

@@ -22,6 +22,8 @@ class ApiState:
     #: readiness checks, each returning None when fine or the reason it is not
     readiness: Sequence[Callable[[], Awaitable[str | None]]] = ()
     metrics: Callable[[], bytes] | None = None
+    #: called after new ids were stored, so the poll engine asks about them at once
+    on_registered: Callable[[], None] = lambda: None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

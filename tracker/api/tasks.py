@@ -99,6 +99,8 @@ async def register(
     if registration is None:
         raise ApiError(422, "invalid registration", problems=found)
     new, existing = await run_in_threadpool(deps.store.register, registration, deps.clock.now())
+    if new:
+        deps.state.on_registered()
     return StrictJSONResponse(
         {"registered": new, "existing": existing}, status_code=201 if new else 200
     )

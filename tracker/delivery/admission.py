@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Mapping
 
 from tracker.config import WebhookSettings
-from tracker.poller import RateLimiter
+from tracker.limits import RateLimiter
 from tracker.store.records import DeliveryJob
 
 #: a claimed delivery waits at most this long (or the timeout, if longer) for its slots

@@ -44,13 +44,14 @@ class TaskStore(Protocol):
         ...
 
     def claim_due(
-        self, now: datetime, limit: int, *, interval: float, max_interval: float
+        self, now: datetime, limit: int, *, lease: float, due_by: datetime | None = None
     ) -> list[records.DueTask]:
-        """Take up to ``limit`` due tasks and schedule their next poll."""
+        """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first,
+        leased for ``lease`` seconds."""
         ...
 
-    def reschedule(self, pks: Sequence[int], at: datetime) -> None:
-        """Poll these tasks again at ``at``."""
+    def earliest_poll(self) -> datetime | None:
+        """When the earliest live task is due (None when none is live)."""
         ...
 
     def pull_in(self, latest: datetime) -> None:

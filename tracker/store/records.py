@@ -47,6 +47,12 @@ class DueTask:
     endpoint: str | None
     events: tuple[EventType, ...] | None
     metadata: Mapping[str, Any] | None
+    #: epoch seconds the poll was planned for (the next one is planned from it, not from now)
+    planned: float = 0.0
+    #: epoch seconds of the last status or progress move, for the back-off
+    last_change_at: float = 0.0
+    #: epoch seconds the claim lasts; record() writes the task only while it still holds it
+    lease_until: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,3 +184,5 @@ class Stats:
     tasks: Mapping[tuple[str, str], int]  #: (platform, status) -> count
     deliveries: Mapping[DeliveryState, int]
     oldest_pending_delivery: datetime | None
+    #: when the earliest live task is due for a poll (None when no task is live)
+    earliest_poll: datetime | None = None

@@ -150,6 +150,21 @@ class SqlStore:
             found.update((row[0], row[1]) for row in conn.execute(query))
         return found
 
+    def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
+        """Status and next poll (the claim's token) of these tasks, locked as _current locks."""
+        found: dict[int, tuple[str, float | None]] = {}
+        ordered = sorted(pks)
+        for start in range(0, len(ordered), IN_CHUNK):
+            query = (
+                sa.select(tasks.c.id, tasks.c.status, tasks.c.next_poll_at)
+                .where(tasks.c.id.in_(ordered[start : start + IN_CHUNK]))
+                .order_by(tasks.c.id)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
+        return found
+
     # -- schema -----------------------------------------------------------------------------
 
     def create_schema(self) -> None:
@@ -302,45 +317,39 @@ class SqlStore:
     # -- the poll cycle ---------------------------------------------------------------------
 
     def claim_due(
-        self, now: datetime, limit: int, *, interval: float, max_interval: float
+        self, now: datetime, limit: int, *, lease: float, due_by: datetime | None = None
     ) -> list[records.DueTask]:
-        """Take up to ``limit`` due tasks in due order and schedule their next poll.
+        """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first.
 
-        The next poll is set here, in the same write as the claim, so a task whose state does
-        not change costs no further write. Tasks unchanged for long are polled less often:
-        a quarter of the time since their last move, between ``interval`` and ``max_interval``.
+        The claim moves each task's next poll to the end of its ``lease`` (seconds), so no
+        other claim takes it meanwhile, and that exact value is the claim's token: record()
+        writes a task only while it still holds it, so an answer that arrives after the lease
+        ran out (and another claim took the task) changes nothing. The poll is planned anew
+        when its answer is recorded.
         """
         epoch = _epoch(now)
         query = self._lock(
             sa.select(tasks)
-            .where(tasks.c.next_poll_at <= epoch)
+            .where(tasks.c.next_poll_at <= _epoch(due_by or now))
             .order_by(tasks.c.next_poll_at, tasks.c.id)
             .limit(limit)
         )
-        quiet = (epoch - tasks.c.last_change_at) / 4
-        backoff = sa.case(
-            (quiet <= interval, interval), (quiet >= max_interval, max_interval), else_=quiet
-        )
+        until = epoch + lease
         with self._write() as conn:
             rows = conn.execute(query).all()
             if rows:
                 conn.execute(
                     tasks.update()
                     .where(tasks.c.id.in_([r.id for r in rows]))
-                    .values(next_poll_at=epoch + backoff)
+                    .values(next_poll_at=until)
                 )
-        return [_due(r) for r in rows]
+        return [_due(r, until) for r in rows]
 
-    def reschedule(self, pks: Sequence[int], at: datetime) -> None:
-        """Poll these tasks again at ``at`` (after a relay error)."""
-        if not pks:
-            return
-        with self._write() as conn:
-            conn.execute(
-                tasks.update()
-                .where(tasks.c.id.in_(list(pks)), tasks.c.next_poll_at.is_not(None))
-                .values(next_poll_at=_epoch(at))
-            )
+    def earliest_poll(self) -> datetime | None:
+        """When the earliest live task is due (None when none is live): one index lookup."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(sa.func.min(tasks.c.next_poll_at))).scalar()
+        return _from_epoch(value)
 
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
@@ -383,12 +392,18 @@ class SqlStore:
         in_pending: set[int] = set()
         written = 0
         with self._write() as conn:
-            # The compare-and-set: statuses read under lock, then checked here.
-            current = self._current(conn, tasks.c.status, {u.task.pk for u, _ in planned})
+            # The compare-and-set: statuses and claims read under lock, then checked here.
+            current = self._claims(conn, {u.task.pk for u, _ in planned})
+            held: set[int] = set()  # claims checked once in this call hold for its later updates
             for update, values in planned:
                 task = update.task
-                if current.get(task.pk) != task.snapshot.status.value:
+                found = current.get(task.pk)
+                if found is None or found[0] != task.snapshot.status.value:
                     continue
+                if task.pk not in held:
+                    if task.lease_until is not None and found[1] != task.lease_until:
+                        continue  # the lease ran out and another claim took the task
+                    held.add(task.pk)
                 if values:
                     if task.pk in in_pending:
                         # The same task twice in one call: the later update must land last.
@@ -397,7 +412,7 @@ class SqlStore:
                         in_pending.clear()
                     pending.setdefault(tuple(sorted(values)), []).append({"pk_": task.pk, **values})
                     in_pending.add(task.pk)
-                    current[task.pk] = values.get("status", current[task.pk])
+                    current[task.pk] = (values.get("status", found[0]), found[1])
                 written += 1
                 change = update.change
                 if change is not None and change.moved:
@@ -639,7 +654,10 @@ class SqlStore:
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=UTC)
         return records.Stats(
-            tasks=task_counts, deliveries=delivery_counts, oldest_pending_delivery=oldest
+            tasks=task_counts,
+            deliveries=delivery_counts,
+            oldest_pending_delivery=oldest,
+            earliest_poll=self.earliest_poll(),
         )
 
     def compact_counts(self) -> int:
@@ -732,7 +750,7 @@ def _event_types(names: Sequence[str] | None) -> tuple[EventType, ...] | None:
     return None if names is None else tuple(EventType(name) for name in names)
 
 
-def _due(row: Any) -> records.DueTask:
+def _due(row: Any, lease_until: float) -> records.DueTask:
     return records.DueTask(
         pk=row.id,
         platform=row.platform,
@@ -744,6 +762,9 @@ def _due(row: Any) -> records.DueTask:
         endpoint=row.endpoint,
         events=_event_types(row.events),
         metadata=row.metadata,
+        planned=row.next_poll_at,
+        last_change_at=row.last_change_at,
+        lease_until=lease_until,
     )
 
 

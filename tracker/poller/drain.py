@@ -1,0 +1,373 @@
+"""One drain: claim due tasks in due order, fetch them in batches within limits, record answers.
+
+Claims, requests and records overlap: while batches wait on the relay, the next claim is
+taken and earlier answers are written, so the relay never idles on the daemon's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+
+from tracker import events
+from tracker.activity import Series
+from tracker.clock import Clock, isoformat
+from tracker.config import PollSettings
+from tracker.limits import RateLimiter
+from tracker.metrics import Metrics
+from tracker.platforms.base import Platform, UpstreamError
+from tracker.poller.plan import Planner
+from tracker.store.abc import TaskStore
+from tracker.store.records import DueTask, TaskUpdate
+
+log = structlog.get_logger("tracker.poller")
+
+T = TypeVar("T")
+
+#: seconds a claim outlives the request it is for, covering the wait for a free slot
+LEASE_MARGIN = 10.0
+#: share of the interval a drain looks ahead: tasks due that soon join the current batches
+#: rather than waking the engine again a few milliseconds later
+AHEAD_SHARE = 0.05
+#: the look-ahead never exceeds this many seconds, whatever the interval
+MAX_AHEAD = 1.0
+#: the last-poll time is written for `tracker stats` at most this often (seconds)
+META_EVERY = 5.0
+
+
+@dataclasses.dataclass(slots=True)
+class CycleReport:
+    """What a drain did since its last log line, for that line and the health checks."""
+
+    claimed: int = 0
+    requests: int = 0
+    errors: int = 0
+    changed: int = 0
+    events: int = 0
+    given_up: int = 0
+    #: how overdue the most overdue task claimed was, in seconds
+    lag: float = 0.0
+    seconds: float = 0.0
+    #: seconds requests waited on each platform's rate limit (not logged)
+    rate_waits: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def line(self) -> dict[str, Any]:
+        """The figures of the log line."""
+        return {
+            "claimed": self.claimed,
+            "requests": self.requests,
+            "errors": self.errors,
+            "changed": self.changed,
+            "events": self.events,
+            "given_up": self.given_up,
+            "lag": round(self.lag, 3),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Poller:
+    """Drains due tasks against the relays; the engine decides when."""
+
+    def __init__(
+        self,
+        *,
+        store: TaskStore,
+        platforms: Mapping[str, Platform],
+        client: httpx.AsyncClient,
+        clock: Clock,
+        settings: PollSettings,
+        targets: events.Targets,
+        metrics: Metrics,
+        on_events: Callable[[], None] = lambda: None,
+        on_report: Callable[[CycleReport], None] = lambda _report: None,
+    ) -> None:
+        self.store = store
+        self.platforms = platforms
+        self.client = client
+        self.clock = clock
+        self.settings = settings
+        self.planner = Planner(settings, targets)
+        self.metrics = metrics
+        self.on_events = on_events
+        self.on_report = on_report
+        self.last_cycle_at: datetime | None = None
+        self.last_report: CycleReport | None = None
+        self._meta_written = -META_EVERY
+        self._report = CycleReport()
+        self._pull_in = False
+        self._limiters = {
+            name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
+        }
+        # One store call at a time, on a thread of our own: a claim and a record at once would
+        # only queue on SQLite's write lock, whose busy handler sleeps in steps of up to 100 ms.
+        self._store_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tracker-poll-store"
+        )
+        weakref.finalize(self, self._store_thread.shutdown, wait=False)
+
+    @property
+    def targets(self) -> events.Targets:
+        """Where webhooks of the tasks polled from now on go."""
+        return self.planner.targets
+
+    @targets.setter
+    def targets(self, targets: events.Targets) -> None:
+        self.planner.targets = targets
+
+    def configure(
+        self, settings: PollSettings, platforms: Mapping[str, Platform] | None = None
+    ) -> None:
+        """Take new [poll] settings (a reload); they apply from the next claim on.
+
+        ``platforms``, built from the new settings, carries the batch sizes to use from now on.
+        """
+        # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now.
+        self._pull_in = settings.max_interval < self.settings.max_interval
+        self.settings = settings
+        self.planner.settings = settings
+        for name, fresh in (platforms or {}).items():
+            if name in self.platforms:
+                self.platforms[name].batch_size = fresh.batch_size
+
+    def lag(self) -> float | None:
+        """Seconds the most overdue task was late when last claimed; None before any drain."""
+        return None if self.last_report is None else self.last_report.lag
+
+    def ahead(self) -> float:
+        """Seconds ahead of its due time a task may be polled, to join a batch."""
+        return min(self.settings.interval * AHEAD_SHARE, MAX_AHEAD)
+
+    def lease(self) -> float:
+        """Seconds a claim holds its tasks: the slowest relay's timeout and a margin."""
+        timeouts = [p.upstream.timeout for p in self.platforms.values()] or [0.0]
+        return max(timeouts) + LEASE_MARGIN
+
+    async def _store_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, lambda: call(*args, **kwargs))
+
+    async def earliest(self) -> datetime | None:
+        """When the earliest live task falls due (None when none is live)."""
+        return await self._store_call(self.store.earliest_poll)
+
+    async def run_cycle(
+        self, until: asyncio.Event | None = None, *, log_empty: bool = True
+    ) -> CycleReport:
+        """Poll every task due now (or until ``until`` is set), pipelined; log its line(s).
+
+        A drain that runs longer than one interval logs a line each interval, so the log keeps
+        its heartbeat while a backlog is worked off. ``log_empty`` False leaves out the line of
+        a drain that found nothing due (the engine keeps one such line per interval).
+        """
+        self._report = report = CycleReport()
+        started = time.monotonic()
+        if self._pull_in:
+            self._pull_in = False
+            latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
+            await self._store_call(self.store.pull_in, latest)
+        settings = self.settings
+        claim_size = settings.batch_size * settings.concurrency
+        # One set of request slots per upstream: relays are limited independently.
+        lanes: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.concurrency)
+        )
+        in_flight: set[asyncio.Task[None]] = set()
+        outstanding = [0]
+        try:
+            while until is None or not until.is_set():
+                # Prefetch one claim while the previous one is being fetched, no more.
+                while in_flight and outstanding[0] >= claim_size:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                now = self.clock.now()
+                due = await self._store_call(
+                    self.store.claim_due,
+                    now,
+                    claim_size,
+                    lease=self.lease(),
+                    due_by=now + timedelta(seconds=self.ahead()),
+                )
+                if due:
+                    report.lag = max(report.lag, now.timestamp() - due[0].planned)
+                report.claimed += len(due)
+                for batch in self._batches(due, lanes):
+                    outstanding[0] += batch.size
+
+                    def done(_: asyncio.Task[None], size: int = batch.size) -> None:
+                        outstanding[0] -= size
+
+                    task = asyncio.create_task(batch.run())
+                    task.add_done_callback(done)
+                    task.add_done_callback(in_flight.discard)
+                    in_flight.add(task)
+                if time.monotonic() - started >= max(settings.interval, 1.0):
+                    report = await self._close(report, started)
+                    started = time.monotonic()
+                if len(due) < claim_size:
+                    break
+            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+        finally:
+            for task in in_flight:
+                task.cancel()  # only when cut off (a stop past its deadline)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await self._close(report, started, log_line=log_empty or report.claimed > 0)
+        return report
+
+    async def _close(
+        self, report: CycleReport, started: float, *, log_line: bool = True
+    ) -> CycleReport:
+        """Log the report's line, publish it, and start a new one."""
+        report.seconds = time.monotonic() - started
+        self.last_cycle_at = self.clock.now()
+        self.last_report = report
+        if time.monotonic() - self._meta_written >= META_EVERY:
+            self._meta_written = time.monotonic()
+            # For `tracker stats` in another process.
+            await self._store_call(
+                self.store.set_meta, "last_cycle_at", isoformat(self.last_cycle_at) or ""
+            )
+        self.metrics.cycle_duration.observe(report.seconds)
+        if log_line:
+            # One line per drain (per interval in a long one), and a heartbeat when idle.
+            log.info("poll_cycle", **report.line())
+        self.on_report(report)
+        self._report = CycleReport()
+        return self._report
+
+    def _batches(
+        self, due: Sequence[DueTask], lanes: Mapping[str, asyncio.Semaphore]
+    ) -> list[_Batch]:
+        now = self.clock.now()
+        given_up: list[TaskUpdate] = []
+        by_platform: dict[str, list[DueTask]] = defaultdict(list)
+        for task in due:
+            update = self.planner.expired(task, now)
+            if update is not None:
+                given_up.append(update)
+            else:
+                by_platform[task.platform].append(task)
+        batches = []
+        if given_up:
+            self._report.given_up += len(given_up)
+            batches.append(_Batch(self, None, given_up, None))
+        for name, tasks in by_platform.items():
+            platform = self.platforms.get(name)
+            if platform is None:
+                # The platform was removed from the config; keep the tasks for when it returns.
+                log.warning("unknown_platform", platform=name, tasks=len(tasks))
+                kept = [self.planner.unchanged(t, now) for t in tasks]
+                batches.append(_Batch(self, None, kept, None))
+                continue
+            size = platform.batch_size
+            lane = lanes[platform.upstream.name]
+            batches.extend(
+                _Batch(self, platform, tasks[i : i + size], lane)
+                for i in range(0, len(tasks), size)
+            )
+        return batches
+
+    async def fetch(self, platform: Platform, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
+        """Ask the relay about ``tasks`` (a slot already held) and decide each one's update."""
+        report = self._report
+        ids = [t.task_id for t in tasks]
+        limiter = self._limiters.get(platform.name)
+        if limiter is not None:
+            before = limiter.waited
+            await limiter.wait()
+            waited = limiter.waited - before
+            report.rate_waits[platform.name] = report.rate_waits.get(platform.name, 0.0) + waited
+        lease_until = min(t.lease_until or float("inf") for t in tasks)
+        if self.clock.now().timestamp() + platform.upstream.timeout > lease_until:
+            # The claim could lapse mid-request; the tasks fall due again when it does.
+            log.info("poll_claim_lapsing", platform=platform.name, ids=len(ids))
+            return []
+        report.requests += 1
+        self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
+        self.metrics.activity.count(Series.POLLS, len(ids))
+        try:
+            observations = await platform.fetch(self.client, ids)
+        except (UpstreamError, httpx.HTTPError) as exc:
+            self._report.errors += 1
+            code = _error_code(exc)
+            self.metrics.upstream_requests.labels(platform.name, code).inc()
+            self.metrics.upstream_errors.labels(platform.name, code).inc()
+            self.metrics.activity.relay_error(platform.name, code, _describe(exc))
+            log.warning(
+                "upstream_error", platform=platform.name, ids=len(ids), error=_describe(exc)
+            )
+            now = self.clock.now()
+            return [self.planner.retry(t, now) for t in tasks]
+        self.metrics.upstream_requests.labels(platform.name, "200").inc()
+        return self.planner.decide(platform.name, tasks, observations, self.clock.now())
+
+    async def record(self, updates: Sequence[TaskUpdate]) -> None:
+        """Write one batch's updates in one transaction; count what moved."""
+        if not updates:
+            return
+        written = await self._store_call(self.store.record, updates, self.clock.now())
+        report = self._report
+        fired = 0
+        for update in updates:
+            change = update.change
+            if change is None:
+                continue
+            fired += len(update.outbox)
+            if change.moved:
+                report.changed += 1
+                self.metrics.transitions.labels(
+                    update.task.platform, change.after.status.value
+                ).inc()
+        report.events += fired
+        if written and fired:
+            self.on_events()
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """One relay request's worth of tasks (or updates decided without asking)."""
+
+    poller: Poller
+    platform: Platform | None
+    items: Sequence[Any]  #: DueTasks to fetch, or TaskUpdates ready to record
+    lane: asyncio.Semaphore | None
+
+    @property
+    def size(self) -> int:
+        """Tasks in the batch."""
+        return len(self.items)
+
+    async def run(self) -> None:
+        """Fetch within the lane's slots, then record outside them."""
+        if self.platform is None or self.lane is None:
+            await self.poller.record(self.items)
+            return
+        async with self.lane:
+            updates = await self.poller.fetch(self.platform, self.items)
+        await self.poller.record(updates)
+
+
+def _error_code(exc: Exception) -> str:
+    if isinstance(exc, UpstreamError) and exc.status_code is not None:
+        return str(exc.status_code)
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "error"
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timeout: {type(exc).__name__}"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}"
+    return str(exc)

@@ -1,0 +1,122 @@
+"""The poll engine: drains whatever is due, then sleeps until the earliest task falls due.
+
+A long-running task of the daemon rather than a scheduler job on a fixed tick: a tick makes a
+task wait for the next one whenever it falls due in between, and a job that outlasts its tick
+is skipped. Woken early by a registration or a reload, so new work never waits for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+from tracker.clock import Clock
+from tracker.poller.drain import CycleReport, Poller
+
+log = structlog.get_logger("tracker.poller")
+
+#: longest sleep without looking at the store again, in seconds: tasks registered by another
+#: process (the CLI, another daemon on the same PostgreSQL) are picked up within this
+MAX_SLEEP = 1.0
+#: seconds to wait after a drain failed (the database away, say) before the next try
+FAILURE_PAUSE = 1.0
+#: seconds to wait when a task is due but no claim could take it (another daemon holds it)
+BLOCKED_PAUSE = 0.1
+#: a lag warning is logged at most this often (seconds)
+LAG_WARNING_EVERY = 60.0
+#: a batch style asking fewer ids per request than this is told to ask more when lagging
+SUGGESTED_BATCH = 1000
+
+
+class PollEngine:
+    """Runs the poller's drains back to back while work is due, and sleeps in between."""
+
+    def __init__(self, poller: Poller, clock: Clock) -> None:
+        self.poller = poller
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._heartbeat = time.monotonic()
+        self._warned_at = -LAG_WARNING_EVERY
+        poller.on_report = self.check_lag
+
+    def wake(self) -> None:
+        """Look for due work now (new tasks were registered, or the settings changed)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain and sleep until ``stop`` is set; in-flight batches finish before returning."""
+        while not stop.is_set():
+            self._wake.clear()
+            beat = time.monotonic() - self._heartbeat >= self.poller.settings.interval
+            try:
+                report = await self.poller.run_cycle(until=stop, log_empty=beat)
+            except Exception:
+                log.exception("poll_cycle_failed")
+                await self._sleep(stop, FAILURE_PAUSE)
+                continue
+            if beat or report.claimed:
+                self._heartbeat = time.monotonic()
+            await self._idle(stop, blocked=not report.claimed)
+
+    async def _idle(self, stop: asyncio.Event, *, blocked: bool) -> None:
+        """Return when a task is due, when woken, or when an empty drain is due as a heartbeat."""
+        while not stop.is_set() and not self._wake.is_set():
+            try:
+                earliest = await self.poller.earliest()
+            except Exception:
+                log.exception("poll_cycle_failed")
+                await self._sleep(stop, FAILURE_PAUSE)
+                return
+            # Measured on the real clock: the heartbeat keeps the log line once per interval.
+            beat = self.poller.settings.interval - (time.monotonic() - self._heartbeat)
+            wait = min(MAX_SLEEP, beat)
+            if earliest is not None:
+                ahead = self.poller.ahead()
+                wait = min(wait, (earliest - self.clock.now()).total_seconds() - ahead)
+            if wait <= 0:
+                if blocked and beat > 0:
+                    await self._sleep(stop, BLOCKED_PAUSE)
+                return
+            await self._sleep(stop, wait)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+
+    def check_lag(self, report: CycleReport) -> None:
+        """Warn (at most once a minute) when polls run late, naming what would help."""
+        settings = self.poller.settings
+        if report.lag <= settings.interval:
+            return
+        now = time.monotonic()
+        if now - self._warned_at < LAG_WARNING_EVERY:
+            return
+        self._warned_at = now
+        setting = self.helpful_setting(report)
+        log.warning(
+            "poll_lagging",
+            lag_seconds=round(report.lag, 1),
+            interval=settings.interval,
+            setting=setting,
+            hint=f"polls run {report.lag:.0f} s late; raise {setting} if the relay allows it",
+        )
+
+    def helpful_setting(self, report: CycleReport) -> str:
+        """The setting most likely to shorten the lag, as a dotted config key."""
+        limited = [name for name, waited in report.rate_waits.items() if waited > 0]
+        if limited:
+            worst = max(limited, key=lambda name: report.rate_waits[name])
+            return f"platforms.{worst}.rate_limit"
+        batching = [p for p in self.poller.platforms.values() if not p.per_id]
+        if any(p.batch_size < SUGGESTED_BATCH for p in batching):
+            return "poll.batch_size"
+        return "poll.concurrency"

@@ -1,0 +1,136 @@
+"""What one answer means for each polled task, and when each is asked next (pure: no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import structlog
+
+from tracker import events, status
+from tracker.config import PollSettings
+from tracker.store.records import KEEP, DueTask, Keep, TaskUpdate
+
+log = structlog.get_logger("tracker.poller")
+
+NOT_FOUND_REASON = "not found upstream"
+
+#: A poll answered later than this share of its back-off before the next planned one is
+#: re-planned from the answer; otherwise the next poll would follow the late one too closely.
+REPHASE_SHARE = 0.25
+
+
+def back_off(settings: PollSettings, now: float, last_change_at: float) -> float:
+    """Seconds to the next poll: ``interval`` while the task moves, then a quarter of the time
+    since it last moved, up to ``max_interval``."""
+    quiet = (now - last_change_at) / 4
+    return min(max(quiet, settings.interval), settings.max_interval)
+
+
+def next_poll(planned: float, now: float, gap: float) -> float:
+    """The poll after one planned at ``planned`` and answered at ``now``, ``gap`` seconds on.
+
+    Planned from the planned time, not from the answer, so the time a claim, a request and
+    its record take never adds up from one poll to the next. A task answered so late that
+    the next planned poll would follow within a quarter of ``gap`` (work beyond capacity, or
+    a restart) starts a new phase from now instead, so no backlog is polled twice in a row.
+    """
+    following = planned + gap
+    if following < now + gap * REPHASE_SHARE:
+        return now + gap
+    return following
+
+
+class Planner:
+    """Turns a relay's answer about a batch into one TaskUpdate per task."""
+
+    def __init__(self, settings: PollSettings, targets: events.Targets) -> None:
+        self.settings = settings
+        self.targets = targets
+
+    def decide(
+        self,
+        platform: str,
+        tasks: Sequence[DueTask],
+        observations: Sequence[status.Observation],
+        now: datetime,
+    ) -> list[TaskUpdate]:
+        """Every task of the batch gets an update: at least its next poll (which ends the claim)."""
+        epoch = now.timestamp()
+        seen = {o.task_id: o for o in observations}
+        updates = []
+        for task in tasks:
+            observation = seen.get(task.task_id)
+            if observation is None:
+                updates.append(self._missing(task, now))
+                continue
+            if observation.status is None:
+                log.warning(
+                    "unknown_upstream_status",
+                    platform=platform,
+                    task_id=task.task_id,
+                    upstream_status=observation.upstream_status,
+                )
+            change = status.apply(task.snapshot, observation)
+            missing = None if task.missing_since is not None else KEEP
+            moved = change is not None and (
+                change.moved or change.after.progress != change.before.progress
+            )
+            last_change = epoch if moved else task.last_change_at
+            planned = next_poll(task.planned, epoch, back_off(self.settings, epoch, last_change))
+            following = self._hinted(observation, epoch, planned)
+            if change is None:
+                updates.append(TaskUpdate(task, missing_since=missing, next_poll_at=following))
+                continue
+            target = self.targets.for_task(task)
+            updates.append(
+                TaskUpdate(
+                    task,
+                    change,
+                    events.outbox_entries(task, change, target, now),
+                    missing_since=missing,
+                    next_poll_at=following,
+                )
+            )
+        return updates
+
+    def unchanged(self, task: DueTask, now: datetime) -> TaskUpdate:
+        """Nothing learnt (a platform left the config): just the next poll, on plan."""
+        epoch = now.timestamp()
+        gap = back_off(self.settings, epoch, task.last_change_at)
+        return TaskUpdate(task, next_poll_at=next_poll(task.planned, epoch, gap))
+
+    def retry(self, task: DueTask, now: datetime) -> TaskUpdate:
+        """After an unusable answer: asked again one interval on, not after the back-off."""
+        return TaskUpdate(task, next_poll_at=now.timestamp() + self.settings.interval)
+
+    def expired(self, task: DueTask, now: datetime) -> TaskUpdate | None:
+        """The give-up update when ``task`` has run past give_up_after, else None."""
+        if (now - task.created_at).total_seconds() < self.settings.give_up_after:
+            return None
+        reason = f"gave up after {self.settings.give_up_after:g} s without a final status"
+        return self._give_up(task, reason, now)
+
+    def _hinted(self, observation: status.Observation, epoch: float, planned: float) -> float:
+        # The upstream's own estimate moves the next poll, but only later, never past the cap.
+        hint = observation.wait_hint
+        if hint is None or hint <= self.settings.interval:
+            return planned
+        return max(planned, epoch + min(hint, self.settings.max_interval))
+
+    def _missing(self, task: DueTask, now: datetime) -> TaskUpdate:
+        epoch = now.timestamp()
+        if task.missing_since is not None and (
+            epoch - task.missing_since >= self.settings.not_found_after
+        ):
+            return self._give_up(task, NOT_FOUND_REASON, now)
+        update = self.unchanged(task, now)
+        since: float | Keep = epoch if task.missing_since is None else KEEP
+        return TaskUpdate(task, missing_since=since, next_poll_at=update.next_poll_at)
+
+    def _give_up(self, task: DueTask, reason: str, now: datetime) -> TaskUpdate:
+        change = status.give_up(task.snapshot, reason)
+        if change is None:  # claimed tasks are never final; kept for the type checker
+            return self.unchanged(task, now)
+        target = self.targets.for_task(task)
+        return TaskUpdate(task, change, events.outbox_entries(task, change, target, now))
