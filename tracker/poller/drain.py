@@ -35,7 +35,7 @@ log = structlog.get_logger("tracker.poller")
 T = TypeVar("T")
 
 #: seconds a claim outlives the request it is for, covering the wait for a free slot
-LEASE_MARGIN = 10.0
+LEASE_MARGIN = 30.0
 #: share of the interval a drain looks ahead: tasks due that soon join the current batches
 #: rather than waking the engine again a few milliseconds later
 AHEAD_SHARE = 0.05
@@ -55,6 +55,8 @@ class CycleReport:
     changed: int = 0
     events: int = 0
     given_up: int = 0
+    #: tasks whose claim ran too short to ask about them (asked again when it lapses)
+    lapsed: int = 0
     #: how overdue the most overdue task claimed was, in seconds
     lag: float = 0.0
     seconds: float = 0.0
@@ -70,6 +72,7 @@ class CycleReport:
             "changed": self.changed,
             "events": self.events,
             "given_up": self.given_up,
+            "lapsed": self.lapsed,
             "lag": round(self.lag, 3),
             "seconds": round(self.seconds, 3),
         }
@@ -290,7 +293,7 @@ class Poller:
         lease_until = min(t.lease_until or float("inf") for t in tasks)
         if self.clock.now().timestamp() + platform.upstream.timeout > lease_until:
             # The claim could lapse mid-request; the tasks fall due again when it does.
-            log.info("poll_claim_lapsing", platform=platform.name, ids=len(ids))
+            report.lapsed += len(ids)
             return []
         report.requests += 1
         self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
