@@ -631,3 +631,20 @@ async def test_a_claim_too_short_for_a_request_sends_nothing(
     [line] = [e for e in logs if e["event"] == "poll_cycle"]
     assert (1, 1, 0) == (line["claimed"], line["lapsed"], line["requests"])
     assert rig.clock.now().timestamp() + 1.0 == next_poll_at(rig, "short")
+
+
+async def test_a_drain_longer_than_an_interval_logs_a_line_per_interval_and_returns_all(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """The log keeps its heartbeat during a long drain; the report returned covers it all."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    relay.slow_seconds = 0.06
+    relay.fail_next("slow", 30)
+    rig.register(*(f"s{n}" for n in range(30)))
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    lines = [e for e in logs if e["event"] == "poll_cycle"]
+    assert len(lines) >= 2
+    assert (30, 30) == (report.claimed, report.requests)
+    assert 30 == sum(line["claimed"] for line in lines)

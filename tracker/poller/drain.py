@@ -63,6 +63,20 @@ class CycleReport:
     #: seconds requests waited on each platform's rate limit (not logged)
     rate_waits: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def total(cls, parts: Sequence[CycleReport]) -> CycleReport:
+        """One report for a whole drain that logged several lines."""
+        if len(parts) == 1:
+            return parts[0]
+        whole = cls(lag=max(p.lag for p in parts))
+        for name in ("claimed", "requests", "errors", "changed", "events", "given_up", "lapsed"):
+            setattr(whole, name, sum(getattr(p, name) for p in parts))
+        whole.seconds = sum(p.seconds for p in parts)
+        for part in parts:
+            for platform, waited in part.rate_waits.items():
+                whole.rate_waits[platform] = whole.rate_waits.get(platform, 0.0) + waited
+        return whole
+
     def line(self) -> dict[str, Any]:
         """The figures of the log line."""
         return {
@@ -173,6 +187,7 @@ class Poller:
         a drain that found nothing due (the engine keeps one such line per interval).
         """
         self._report = report = CycleReport()
+        logged: list[CycleReport] = []  # the lines a long drain logged before its last
         started = time.monotonic()
         if self._pull_in:
             self._pull_in = False
@@ -213,6 +228,7 @@ class Poller:
                     task.add_done_callback(in_flight.discard)
                     in_flight.add(task)
                 if time.monotonic() - started >= max(settings.interval, 1.0):
+                    logged.append(report)
                     report = await self._close(report, started)
                     started = time.monotonic()
                 if len(due) < claim_size:
@@ -225,7 +241,7 @@ class Poller:
             if isinstance(outcome, BaseException):
                 raise outcome
         await self._close(report, started, log_line=log_empty or report.claimed > 0)
-        return report
+        return CycleReport.total([*logged, report])
 
     async def _close(
         self, report: CycleReport, started: float, *, log_line: bool = True
