@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 import structlog
 from conftest import base_config, merge
@@ -344,3 +345,48 @@ async def test_task_search_finds_by_id_and_metadata_and_filters_by_status(
     assert "alpha-1" not in by_platform
     assert 400 == wrong.status_code
     assert "status: must be one of" in wrong.text
+
+
+async def test_a_token_taken_out_of_the_config_ends_its_sessions(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """After a reload drops an API token, its sessions go to sign-in; others stay."""
+    await sign_in(browser, TOKEN)
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as other:
+        await sign_in(other, DASHBOARD_TOKEN)
+        daemon.apply(
+            daemon.settings.model_copy(
+                update={
+                    "server": daemon.settings.server.model_copy(
+                        update={"api_tokens": (pydantic.SecretStr("next-token"),)}
+                    )
+                }
+            )
+        )
+
+        assert 303 == (await browser.get("/ui/")).status_code
+        assert 200 == (await other.get("/ui/")).status_code
+    await sign_in(browser, "next-token")
+    assert 200 == (await browser.get("/ui/")).status_code
+
+
+async def test_with_no_token_configured_sign_in_asks_for_none_but_still_makes_a_session(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
+) -> None:
+    """An open loopback API means an open dashboard, yet pages still need the session cookie."""
+    document = merge(
+        base_config(relay.base_url, receiver.url, sqlite_url), {"server": {"api_tokens": []}}
+    )
+    daemon = Daemon(
+        config.parse(document, environ={}), notifier=sdnotify.Notifier("/nonexistent/notify")
+    )
+    await daemon.start()
+    try:
+        async with httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as client:
+            form = await client.get("/ui/login")
+            assert 'name="token"' not in form.text
+            assert 303 == (await client.get("/ui/tasks")).status_code
+            await sign_in(client, "")
+            assert 200 == (await client.get("/ui/tasks")).status_code
+    finally:
+        await daemon.stop()

@@ -83,7 +83,7 @@ def test_sessions_expire_after_their_lifetime_and_end_on_sign_out() -> None:
     """A session is live until its lifetime passes, or until it is ended."""
     now = Ticker()
     sessions = Sessions(60, now)
-    first, second = sessions.start(), sessions.start()
+    first, second = sessions.start("d"), sessions.start("d")
 
     now.at += 59
     assert first == sessions.get(first.id)
@@ -98,9 +98,9 @@ def test_sessions_expire_after_their_lifetime_and_end_on_sign_out() -> None:
 def test_sessions_are_bounded_dropping_the_oldest() -> None:
     """A flood of sign-ins keeps at most MAX_SESSIONS, the newest."""
     sessions = Sessions(60, Ticker())
-    first = sessions.start()
+    first = sessions.start("d")
     for _ in range(MAX_SESSIONS):
-        sessions.start()
+        sessions.start("d")
 
     assert MAX_SESSIONS == len(sessions)
     assert sessions.get(first.id) is None
@@ -108,7 +108,7 @@ def test_sessions_are_bounded_dropping_the_oldest() -> None:
 
 def test_csrf_and_token_checks_accept_only_exact_values() -> None:
     """The CSRF field must be the session's own token; a sign-in token must be listed."""
-    session = Sessions(60, Ticker()).start()
+    session = Sessions(60, Ticker()).start("d")
 
     assert csrf_ok(session, session.csrf)
     assert not csrf_ok(session, session.csrf[:-1])

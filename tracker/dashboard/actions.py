@@ -15,7 +15,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from tracker.dashboard.sessions import COOKIE, LOGIN_COOKIE, Session, csrf_ok, tokens_match
+from tracker.dashboard.sessions import (
+    COOKIE,
+    LOGIN_COOKIE,
+    Session,
+    csrf_ok,
+    digest,
+    tokens_match,
+)
 from tracker.dashboard.web import RENDER, dashboard_of, href, session_of
 
 log = structlog.get_logger("tracker.dashboard")
@@ -86,11 +93,12 @@ async def sign_in(request: Request) -> Response:
         return _sign_in_page(request, problem="the form expired; try again", status_code=403)
     accepted = dash.accepted_tokens()
     # With no token configured the API itself is open (loopback only), so is the dashboard.
-    if accepted and not (isinstance(presented, str) and tokens_match(presented, accepted)):
+    token = presented if isinstance(presented, str) else ""
+    if accepted and not tokens_match(token, accepted):
         client = request.client.host if request.client else None
         log.warning("dashboard_sign_in_refused", client=client)
         return _sign_in_page(request, problem="that token is not accepted", status_code=401)
-    session = dash.sessions.start()
+    session = dash.sessions.start(digest(token) if accepted else "")
     log.info("dashboard_signed_in", sessions=len(dash.sessions))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))

@@ -7,6 +7,7 @@ sign-out takes effect at once (a signed, stateless cookie could not be revoked).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import secrets
 import threading
@@ -27,6 +28,13 @@ class Session:
     id: str
     csrf: str
     expires_at: float  #: epoch seconds
+    #: digest of the token it signed in with: the session lasts only while that token does
+    token_digest: str
+
+
+def digest(token: str) -> str:
+    """What a session remembers of its token (never the token itself)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def tokens_match(presented: str, accepted: Sequence[str]) -> bool:
@@ -45,12 +53,13 @@ class Sessions:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
 
-    def start(self) -> Session:
-        """A new session, valid for ``lifetime`` seconds."""
+    def start(self, token_digest: str) -> Session:
+        """A new session, valid for ``lifetime`` seconds while its token stays accepted."""
         session = Session(
             id=secrets.token_urlsafe(32),
             csrf=secrets.token_urlsafe(32),
             expires_at=self._now() + self.lifetime,
+            token_digest=token_digest,
         )
         with self._lock:
             self._prune()

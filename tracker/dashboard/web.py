@@ -19,7 +19,7 @@ from tracker.activity import Activity
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
-from tracker.dashboard.sessions import COOKIE, Session, Sessions
+from tracker.dashboard.sessions import COOKIE, Session, Sessions, digest
 from tracker.store import SqlStore
 from tracker.store.dashboard_queries import DashboardQueries
 
@@ -62,6 +62,11 @@ class Dashboard:
         self.queries = DashboardQueries(self.store)
         self.counts = CountsCache(self.store.stats, self.clock)
 
+    def live_digests(self) -> set[str]:
+        """Digests of the tokens that sign in now; the empty string when none is needed."""
+        tokens = self.accepted_tokens()
+        return {digest(t) for t in tokens} if tokens else {""}
+
     def accepted_tokens(self) -> list[str]:
         """Tokens that sign in: every API token and the dashboard's own."""
         settings = self.settings()
@@ -83,8 +88,10 @@ def dashboard_of(request: Request) -> Dashboard:
 
 def session_of(request: Request) -> Session:
     """The request's live session; redirects to the sign-in page without one (a dependency)."""
-    session = dashboard_of(request).sessions.get(request.cookies.get(COOKIE))
-    if session is None:
+    dash = dashboard_of(request)
+    session = dash.sessions.get(request.cookies.get(COOKIE))
+    # A token taken out of the config (and reloaded) ends the sessions it opened.
+    if session is None or session.token_digest not in dash.live_digests():
         raise SignInRequired
     return session
 
