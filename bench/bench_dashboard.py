@@ -263,6 +263,11 @@ def main() -> int:
             figures = populate(database, args.tasks, datetime.now(UTC))
             print(f"stored {figures} in {time.perf_counter() - started:.0f} s")
         paths = pages(database)
+        store = SqlStore.from_url(f"sqlite:///{database}")
+        started = time.perf_counter()
+        store.stats()
+        recount = (time.perf_counter() - started) * 1000
+        store.close()
         with Server(database) as base_url:
             timings = measure(base_url, paths, args.rounds)
     baseline = p99(timings["login (baseline, no database)"])
@@ -274,6 +279,7 @@ def main() -> int:
         if late > MAX_P99_MS:
             missed.append(name)
     print(f"\n{len(timings)} pages x {args.rounds} requests; target p99 < {MAX_P99_MS:g} ms")
+    print(f"the overview's background recount (store.stats()) took {recount:.0f} ms")
     if missed:
         print(f"MISSED: {', '.join(missed)}")
         return 1

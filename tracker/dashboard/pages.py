@@ -52,7 +52,8 @@ async def overview(request: Request, session: SessionDep) -> HTMLResponse:
     for (platform, task_status), count in sorted(stats.tasks.items()):
         by_platform[platform][task_status] = count
     totals = {s: sum(row.get(s, 0) for row in by_platform.values()) for s in TaskStatus}
-    lag = dash.poll_lag() if dash.poll_lag is not None else None
+    # The figure may come from the database: off the event loop.
+    lag = await run_in_threadpool(dash.poll_lag) if dash.poll_lag is not None else None
     activity = dash.activity
     charts = []
     if activity is not None:
