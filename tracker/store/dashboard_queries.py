@@ -22,7 +22,7 @@ from tracker.store.sql import SqlStore, _delivery_record, _task_record, attempts
 SEARCH_CHUNK = 10_000
 #: seconds a text search keeps reading chunks for one page: a search for a rare word stays
 #: bounded, and the page offers to go on into older tasks
-SEARCH_BUDGET = 0.03
+SEARCH_BUDGET = 0.02
 #: deliveries in one state few enough to read from the state index and sort
 FEW_IN_STATE = 20_000
 
