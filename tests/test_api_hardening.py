@@ -297,3 +297,22 @@ async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json
     assert {"nan": None, "text": "\ufffd"} == strict_loads(one.text)["metadata"]
     assert 200 == listed.status_code
     assert {"nan": None, "text": "\ufffd"} == strict_loads(listed.text)["tasks"][0]["metadata"]
+
+
+@pytest.mark.postgres
+async def test_a_nul_in_a_path_or_filter_is_a_miss_on_postgresql(
+    api_for: Callable[..., Any], make_pg_url: Callable[[], str]
+) -> None:
+    """PostgreSQL refuses NUL in text parameters; the API answers 404 / an empty page
+    without asking it, and a NUL inside metadata is kept as JSON's \\u0000.
+    """
+    api = await api_for(database={"url": make_pg_url()})
+
+    for path in ("/v1/tasks/luma/a%00b", "/v1/tasks/lu%00ma/a", "/v1/tasks/luma/a%00b/deliveries"):
+        assert 404 == (await api.get(path)).status_code, path
+    assert 404 == (await api.client.delete("/v1/tasks/luma/a%00b", headers=TOKEN)).status_code
+    listed = await api.get("/v1/tasks", params={"platform": "lu\x00ma"})
+    assert (200, []) == (listed.status_code, listed.json()["tasks"])
+    registered = await api.register(ids=["nul"], metadata={"k": "a\x00b"})
+    assert 201 == registered.status_code
+    assert {"k": "a\x00b"} == (await api.get("/v1/tasks/luma/nul")).json()["metadata"]

@@ -4,6 +4,7 @@ true of a real daemon over loopback, with a token and without one.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import base_config, merge, toml_text
+import sqlalchemy as sa
+from conftest import PG_ADMIN_URL, base_config, merge, toml_text
 from hypothesis import HealthCheck, given, settings, strategies
 from schemathesis import GenerationMode, checks
 from test_e2e import Tracker, clean_env, wait_until
@@ -94,6 +96,7 @@ def test_the_description_is_behind_the_token_when_metrics_are(
         assert 200 == tracker.client.get(path).status_code
 
 
+@pytest.mark.postgres
 def test_an_api_without_tokens_documents_no_security(open_tracker: Tracker) -> None:
     """On loopback without api_tokens nothing asks for a token, and the document says so."""
     tracker = open_tracker
@@ -133,11 +136,20 @@ def _tokened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
 
 @pytest.fixture(name="open_tracker", scope="module")
 def _open_tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
-    """A daemon on loopback without api_tokens."""
-    tracker = start_tracker(tmp_path_factory.mktemp("open"), {"server": {"api_tokens": []}})
+    """A daemon on loopback without api_tokens, over PostgreSQL (the tokened one is SQLite)."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"tracker_test_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    overrides = {"server": {"api_tokens": []}, "database": {"url": url}}
+    tracker = start_tracker(tmp_path_factory.mktemp("open"), overrides)
     yield tracker
     tracker.stop()
     tracker.client.close()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
 
 
 @pytest.fixture(name="tokened_schema", scope="module")
@@ -222,9 +234,12 @@ def test_schemathesis_without_the_token_gets_answers_in_the_documented_shape(
     fuzz(tokened_schema, method, path, {})
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize(("method", "path"), sorted(OPERATIONS))
 def test_schemathesis_finds_no_5xx_and_no_schema_violation_without_tokens(
     open_schema: Any, method: str, path: str
 ) -> None:
-    """Generated requests to an API without tokens: every answer matches the document."""
+    """Generated requests to an API without tokens, over PostgreSQL: every answer matches the
+    document.
+    """
     fuzz(open_schema, method, path, {})

@@ -46,8 +46,13 @@ class RegistrationRules:
     has_default_url: bool
 
 
+def is_task_id(value: str) -> bool:
+    """Whether ``value`` can be a task id: what a registration accepts, so what is stored."""
+    return 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and value.strip() == value
+
+
 def _printable_id(value: str) -> str:
-    if not value.isprintable() or value.strip() != value:
+    if not is_task_id(value):
         raise ValueError("not printable")  # shown as the ids[] rule, which says it all
     return value
 

@@ -119,16 +119,29 @@ async def list_tasks(
     cursor: Cursor = None,
 ) -> Response:
     """A page of tasks, newest first; pass next_cursor back as cursor for the next page."""
+    if platform is not None and platform not in deps.platforms:
+        return page_json("tasks", [], None)  # no task can be there; and no NUL reaches SQL
     rows, next_cursor = await run_in_threadpool(
         lambda: deps.store.list_tasks(status=status, platform=platform, limit=limit, before=cursor)
     )
     return page_json("tasks", [views.task_json(t, with_history=False) for t in rows], next_cursor)
 
 
+def _no_task(platform: str, task_id: str) -> ApiError:
+    return ApiError(404, f"no task {task_id[:200]!r} on platform {platform[:80]!r}")
+
+
+def _could_exist(deps: Deps, platform: str, task_id: str) -> bool:
+    # Answered without a query: a NUL in a parameter is an error on PostgreSQL, not a miss.
+    return platform in deps.platforms and models.is_task_id(task_id)
+
+
 async def _task(deps: Deps, platform: str, task_id: str) -> Response:
-    task = await run_in_threadpool(deps.store.get, platform, task_id)
+    task = None
+    if _could_exist(deps, platform, task_id):
+        task = await run_in_threadpool(deps.store.get, platform, task_id)
     if task is None:
-        raise ApiError(404, f"no task {task_id!r} on platform {platform!r}")
+        raise _no_task(platform, task_id)
     return StrictJSONResponse(views.task_json(task))
 
 
@@ -145,9 +158,11 @@ async def task_deliveries(request: Request, deps: Deps, platform: str, task_id: 
     """
     if not request.scope.get("raw_path", b"/deliveries").endswith(b"/deliveries"):
         return await _task(deps, platform, f"{task_id}/deliveries")
+    if not _could_exist(deps, platform, task_id):
+        raise _no_task(platform, task_id)
     task = await run_in_threadpool(deps.store.get, platform, task_id)
     if task is None:
-        raise ApiError(404, f"no task {task_id!r} on platform {platform!r}")
+        raise _no_task(platform, task_id)
     rows, _ = await run_in_threadpool(
         lambda: deps.store.list_deliveries(platform=platform, task_id=task_id, limit=MAX_PAGE)
     )
@@ -163,7 +178,9 @@ async def get_task(deps: Deps, platform: str, task_id: str) -> Response:
 @router.delete("/{platform}/{task_id:path}", status_code=204, responses=NOT_FOUND)
 async def remove_task(deps: Deps, platform: str, task_id: str) -> Response:
     """Stop tracking the task; no webhook follows."""
-    removed = await run_in_threadpool(deps.store.remove, platform, task_id)
+    removed = _could_exist(deps, platform, task_id) and await run_in_threadpool(
+        deps.store.remove, platform, task_id
+    )
     if not removed:
-        raise ApiError(404, f"no task {task_id!r} on platform {platform!r}")
+        raise _no_task(platform, task_id)
     return Response(status_code=204)
