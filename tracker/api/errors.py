@@ -12,8 +12,10 @@ from typing import Any
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from tracker.api.limits import MAX_ID_LENGTH, MAX_PAGE, MAX_ROW_ID
+from tracker.api.limits import MAX_ID_LENGTH, MAX_PAGE
 from tracker.api.strict_json import StrictJSONResponse
+from tracker.retry import DeliveryState
+from tracker.status import TaskStatus
 
 #: the pydantic error type of a rule of ours, whose message is already the user's
 RULE_ERROR = "api_rule"
@@ -34,9 +36,8 @@ RULES: Mapping[str, str] = {
     "until": "must be an ISO 8601 time with a zone, e.g. 2026-11-25T10:00:00Z",
     "limit": f"must be an integer from 1 to {MAX_PAGE}",
     "cursor": "must be a next_cursor value from an earlier page",
-    "status": "must be a task status",
-    "state": "must be one of ['dead', 'delivered', 'pending']",
-    "delivery_id": f"must be an integer from 1 to {MAX_ROW_ID}",
+    "status": f"must be one of {sorted(s.value for s in TaskStatus)}",
+    "state": f"must be one of {sorted(s.value for s in DeliveryState)}",
 }
 #: where FastAPI says a value came from; the problem names the field only
 _SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
