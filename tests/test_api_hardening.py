@@ -198,9 +198,11 @@ async def test_blank_listing_parameters_mean_the_default(api: Api) -> None:
     assert "blank" in [t["task_id"] for t in answer.json()["tasks"]]
 
 
-@pytest.mark.parametrize("delivery_id", ["9" * 30, "\u00b2", "-1", "0", "1" * 5000, "x"])
+@pytest.mark.parametrize(
+    "delivery_id", ["9" * 30, str(2**31), "\u00b2", "-1", "0", "1" * 5000, "x"]
+)
 async def test_a_delivery_id_that_cannot_exist_is_404_naming_it(api: Api, delivery_id: str) -> None:
-    """Redeliver takes 64-bit positive integers; anything else names no delivery."""
+    """Redeliver takes ids from 1 to 2^31-1; anything else names no delivery."""
     answer = await api.client.post(f"/v1/deliveries/{delivery_id}/redeliver", headers=TOKEN)
 
     assert 404 == answer.status_code
@@ -300,13 +302,18 @@ async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json
 
 
 @pytest.mark.postgres
-async def test_a_nul_in_a_path_or_filter_is_a_miss_on_postgresql(
+async def test_values_postgresql_would_refuse_are_answered_without_asking_it(
     api_for: Callable[..., Any], make_pg_url: Callable[[], str]
 ) -> None:
-    """PostgreSQL refuses NUL in text parameters; the API answers 404 / an empty page
-    without asking it, and a NUL inside metadata is kept as JSON's \\u0000.
+    """PostgreSQL refuses NUL in text parameters and ids beyond its 32-bit INTEGER; the API
+    answers 404, 422 or an empty page without a query, and a NUL inside metadata is kept as
+    JSON's \\u0000.
     """
     api = await api_for(database={"url": make_pg_url()})
+    largest = await api.get("/v1/deliveries", params={"cursor": str(2**31 - 1)})
+    beyond = await api.get("/v1/tasks", params={"cursor": str(2**31)})
+    redeliver = await api.client.post(f"/v1/deliveries/{2**31}/redeliver", headers=TOKEN)
+    assert (200, 422, 404) == (largest.status_code, beyond.status_code, redeliver.status_code)
 
     for path in ("/v1/tasks/luma/a%00b", "/v1/tasks/lu%00ma/a", "/v1/tasks/luma/a%00b/deliveries"):
         assert 404 == (await api.get(path)).status_code, path

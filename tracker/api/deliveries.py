@@ -75,7 +75,7 @@ async def recover(
 )
 async def redeliver(deps: Deps, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
-    # Delivery ids are positive 64-bit integers; anything else names no delivery.
+    # Delivery ids are positive and at most MAX_ROW_ID; anything else names no delivery.
     digits = delivery_id.isascii() and delivery_id.isdigit() and len(delivery_id) <= 19
     pk = int(delivery_id) if digits else 0
     if not 1 <= pk <= MAX_ROW_ID:

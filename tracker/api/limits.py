@@ -11,8 +11,9 @@ MAX_METADATA_BYTES = 4096
 #: items per page of a listing, and the default
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
-#: row ids (delivery ids, cursors) are 64-bit signed integers in both databases
-MAX_ROW_ID = 2**63 - 1
+#: row ids (delivery ids, cursors) live in INTEGER columns: 32-bit signed on PostgreSQL, so a
+#: larger one cannot name a row and would make the query fail rather than miss
+MAX_ROW_ID = 2**31 - 1
 #: times the API takes (recover's window); what a datetime and an epoch second can both hold
 MIN_YEAR = 1970
 MAX_YEAR = 9999
