@@ -716,6 +716,59 @@ async def test_run_drains_more_than_one_claim_batch(
     assert 10 * ["delivered"] == [d.state for d in outbox(store)]
 
 
+class SlowWritingStore(SqlStore):
+    """A real SQLite store whose result writes first wait ``delay`` seconds, as a write does
+    behind a lock another daemon or the poller holds.
+    """
+
+    delay = 0.6
+    writes: list[tuple[float, float]]  #: monotonic (start, end) of each write
+
+    def finish_attempts(self, results: Sequence[Any]) -> None:
+        started = time.monotonic()
+        time.sleep(self.delay)
+        super().finish_attempts(results)
+        self.writes.append((started, time.monotonic()))
+
+
+async def test_a_slow_store_write_holds_up_neither_the_event_loop_nor_the_sends(
+    sqlite_url: str, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """Store rounds run on their own thread: while a write waits, the event loop keeps turning
+    and the pass keeps sending.
+    """
+    store = SlowWritingStore.from_url(sqlite_url)
+    store.writes = []
+    store.create_schema()
+    settings = hook_settings(receiver.url, per_host=1)
+    for n in range(8):
+        complete(store, clock, settings, f"task-{n}")
+    # one at a time, 0.15 s each: the first write (after 0.5 s) starts while sends remain
+    receiver.default = Reply(status=204, delay=0.15)
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        async with deliverer_for(store, clock, settings) as deliverer:
+            assert 8 == await deliverer.run_once()
+    finally:
+        beating.cancel()
+        store.close()
+
+    first_start, first_end = store.writes[0]
+    assert any(first_start < r.at < first_end for r in receiver.received)
+    assert max(gaps) < store.delay / 2
+    assert 8 * ["delivered"] == [d.state for d in outbox(store)]
+
+
 async def test_run_claims_nothing_once_told_to_stop(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
 ) -> None:
