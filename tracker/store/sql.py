@@ -478,8 +478,22 @@ class SqlStore:
             .offset(0)
             .exists()
         )
+        c = deliveries.c
         query = self._lock(
-            sa.select(deliveries)
+            # Only what a DeliveryJob carries: each datetime column read costs a conversion.
+            sa.select(
+                c.id,
+                c.webhook_id,
+                c.task_pk,
+                c.platform,
+                c.task_id,
+                c.event_type,
+                c.payload,
+                c.url,
+                c.endpoint,
+                c.guarded,
+                c.attempts,
+            )
             .where(
                 deliveries.c.state == DeliveryState.PENDING,
                 deliveries.c.next_attempt_at <= epoch,
