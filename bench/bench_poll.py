@@ -1,0 +1,375 @@
+"""Poll engine benchmark: the real poll path against a bare httpx loop, and the cadence a real
+`tracker run` keeps, measured at a simulated relay in a child process.
+
+    python bench/bench_poll.py            # the full run (about 8 minutes)
+    python bench/bench_poll.py --quick    # a smaller one (about 1 minute)
+
+Prints a table and writes the figures as JSON (``--out``, default bench_poll.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from poll_rig import (
+    Outside,
+    config_text,
+    daemon,
+    free_port,
+    get_latencies,
+    machine,
+    populate,
+    rss_mb,
+)
+
+from tracker import config, events, logs, platforms
+from tracker.clock import SystemClock
+from tracker.metrics import Metrics
+from tracker.poller import Poller
+from tracker.store import SqlStore
+from tracker.store.sql import tasks
+from tracker.testing.cadence import poll_gaps, quantile
+
+CONCURRENCY = 4
+#: share of the live tasks the relay finishes per interval (or per timed drain)
+FINISHING = 0.01
+#: the targets
+MAX_RATIO = 1.25
+CADENCE_SLACK = 2.0  # seconds, p99 of the poll gap and of flip-to-webhook beyond the interval
+SHORT_P99 = 3.0  # seconds, p99 poll gap at 1,000 tasks and interval 2 s
+MAX_EXTRA_MB = 30.0
+MAX_GET_P99 = 0.010
+
+
+# -- drains against a bare loop ----------------------------------------------------------------
+
+
+async def bare_sweep(relay_url: str, batches: Sequence[list[str]]) -> float:
+    """Seconds a plain httpx loop takes to POST and decode every batch, CONCURRENCY at a time."""
+    queue = list(reversed(batches))
+    headers = {"Authorization": "Bearer sk-sim"}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            while queue:
+                ids = queue.pop()
+                answer = await client.post(
+                    f"{relay_url}/luma/tasks", json={"ids": ids}, headers=headers
+                )
+                answer.raise_for_status()
+                answer.json()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return time.perf_counter() - started
+
+
+async def real_drain(poller: Poller, statements: list[int]) -> tuple[float, int]:
+    """Seconds one drain of every due task takes, and the write statements it issued."""
+    before = statements[0]
+    started = time.perf_counter()
+    await poller.run_cycle()
+    return time.perf_counter() - started, statements[0] - before
+
+
+def make_poller(outside: Outside, store: SqlStore, batch: int, client: httpx.AsyncClient) -> Poller:
+    settings = config.parse(
+        {
+            "upstream": {"base_url": outside.relay_url, "api_key": "sk-sim"},
+            "poll": {"interval": 30, "batch_size": batch, "concurrency": CONCURRENCY},
+            "webhooks": {"url": outside.hook_url, "secret": outside.secret},
+        },
+        environ={},
+    )
+    return Poller(
+        store=store,
+        platforms=platforms.build(settings),
+        client=client,
+        clock=SystemClock(),
+        settings=settings.poll,
+        targets=events.Targets(settings.webhooks),
+        metrics=Metrics(),
+    )
+
+
+async def ratio_case(
+    outside: Outside, work: Path, live: int, batch: int, rounds: int
+) -> dict[str, Any]:
+    """Bare and real sweeps over the same ids, interleaved B R B R ... B."""
+    url = f"sqlite:///{work / f'ratio-{live}-{batch}.db'}"
+    ids = populate(url, live, prefix=f"r{live}-{batch}-")
+    store = SqlStore.from_url(url)
+    statements = [0]
+
+    def count(_conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            statements[0] += 1
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
+    client = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        timeout=30,
+    )
+    poller = make_poller(outside, store, batch, client)
+    await poller.run_cycle()  # untimed: every task moves from pending to queued once
+    bare = [await bare_sweep(outside.relay_url, batches)]
+    real: list[float] = []
+    writes: list[int] = []
+    finished = 0
+    for _ in range(rounds):
+        # Every live task due again, and 1 % of them finished at the relay.
+        with store.engine.begin() as conn:
+            conn.execute(
+                tasks.update().where(tasks.c.next_poll_at.is_not(None)).values(next_poll_at=0.0)
+            )
+        step = max(1, round(live * FINISHING))
+        outside.call("flip", ids[finished : finished + step])
+        finished += step
+        seconds, written = await real_drain(poller, statements)
+        real.append(seconds)
+        writes.append(written)
+        bare.append(await bare_sweep(outside.relay_url, batches))
+    outside.results()  # forget this case's requests
+    await client.aclose()
+    store.close()
+    ratios = [r / ((bare[i] + bare[i + 1]) / 2) for i, r in enumerate(real)]
+    return {
+        "live": live,
+        "batch": batch,
+        "bare_s": round(statistics.median(bare), 3),
+        "real_s": round(statistics.median(real), 3),
+        "ratio": round(statistics.median(ratios), 3),
+        "writes_per_cycle": round(statistics.median(writes)),
+        "requests_per_cycle": len(batches),
+    }
+
+
+# -- the cadence of a real daemon --------------------------------------------------------------
+
+
+def cadence_case(  # noqa: PLR0917 - one case, described by its figures
+    outside: Outside,
+    work: Path,
+    live: int,
+    interval: float,
+    batch: int,
+    cycles: float,
+    final: int = 0,
+    warm: float = 1.5,
+) -> dict[str, Any]:
+    """Run `tracker run` over ``live`` tasks for ``cycles`` intervals; gaps, flip-to-webhook,
+    memory (and, with ``final`` finished tasks stored too, GET latency)."""
+    name = f"cadence-{live}-{final}"
+    url = f"sqlite:///{work / f'{name}.db'}"
+    ids = populate(url, live, final, prefix=f"{name}-")
+    port = free_port()
+    poll = {
+        "interval": interval,
+        "max_interval": interval,
+        "batch_size": batch,
+        "concurrency": CONCURRENCY,
+    }
+    path = work / f"{name}.toml"
+    path.write_text(config_text(outside, url, port, poll))
+    outside.results()
+    with daemon(path, work / f"{name}.log", port) as process:
+        outside.call("schedule", ids, FINISHING, interval, live)
+        # Gaps count once the first drain (every task at once, each one a change) has
+        # settled into the plan: after ``warm`` intervals.
+        time.sleep(interval * warm)
+        outside.call("log")
+        time.sleep(interval * (cycles - warm))
+        resident, peak = rss_mb(process.pid)
+        every = [f"{name}-{i:07d}" for i in range(live + final)]
+        took = get_latencies(port, every, 500) if final else []
+        time.sleep(min(interval, 5.0))  # the last flips' webhooks
+    requests, flips, hooks = outside.results()
+    gaps = [g for per in poll_gaps(_Logged(at, ids) for at, ids in requests).values() for g in per]
+    arrived = dict(hooks)
+    delays = [arrived[t] - at for t, at in flips.items() if t in arrived]
+    return {
+        "live": live,
+        "final": final,
+        "interval": interval,
+        "batch": batch,
+        "gaps": len(gaps),
+        "gap_p1": _round(quantile(gaps, 0.01)),
+        "gap_p50": _round(quantile(gaps, 0.5)),
+        "gap_p99": _round(quantile(gaps, 0.99)),
+        "flipped": len(flips),
+        "webhooks": len(delays),
+        "webhook_p50": _round(quantile(delays, 0.5)),
+        "webhook_p99": _round(quantile(delays, 0.99)),
+        "rss_mb": round(resident, 1),
+        "peak_rss_mb": round(peak, 1),
+        "get_p99_ms": _round(1000 * quantile(took, 0.99)) if took else None,
+    }
+
+
+class _Logged:
+    def __init__(self, at: float, ids: list[str]) -> None:
+        self.at = at
+        self.json_body = {"ids": ids}
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def plan(quick: bool) -> dict[str, Any]:
+    """The cases of a full or a quick run."""
+    if quick:
+        return {
+            "ratio": [(10_000, 100), (10_000, 1000)],
+            "rounds": 2,
+            "big": (10_000, 10.0, 1000, 4.0),
+            "short": (1_000, 2.0, 100, 8),
+            "memory": (2_000, 98_000),
+        }
+    return {
+        "ratio": [(10_000, 100), (10_000, 1000), (100_000, 100), (100_000, 1000)],
+        "rounds": 3,
+        "big": (100_000, 30.0, 1000, 5.5),
+        "short": (1_000, 2.0, 100, 15),
+        "memory": (10_000, 990_000),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    cases = plan(args.quick)
+    wanted = set(args.only.split(",")) if args.only else {"ratio", "big", "short", "memory"}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "started": datetime.now(UTC).isoformat(),
+    }
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(tempfile.mkdtemp(prefix="bench-poll-"))
+            print(f"work files in {work}")
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-poll-")))
+        outside = stack.enter_context(Outside())
+        if "ratio" in wanted:
+            results["ratio"] = [
+                await ratio_case(outside, work, live, batch, cases["rounds"])
+                for live, batch in cases["ratio"]
+            ]
+        for name, warm in (("big", 2.5), ("short", 1.5)):
+            if name in wanted:
+                live, interval, batch, cycles = cases[name]
+                results[name] = cadence_case(
+                    outside, work, live, interval, batch, cycles, warm=warm
+                )
+        if "memory" in wanted:
+            live, final = cases["memory"]
+            results["memory_live"] = cadence_case(outside, work, live, 30.0, 1000, 1.5)
+            results["memory_all"] = cadence_case(outside, work, live, 30.0, 1000, 1.5, final=final)
+    results["machine"]["load_at_end"] = machine()["load_at_start"]
+    return results
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, bool]:
+    """Each target measured in this run, met or not (a figure that could not be taken misses)."""
+
+    def at_most(value: float | None, limit: float) -> bool:
+        return value is not None and value <= limit
+
+    found: dict[str, bool] = {}
+    if "ratio" in results:
+        found["ratio <= 1.25"] = all(at_most(r["ratio"], MAX_RATIO) for r in results["ratio"])
+    if "big" in results:
+        big = results["big"]
+        every = big["interval"]
+        found["big: gaps p1..p99 within interval +- 2 s"] = at_most(
+            every + CADENCE_SLACK, big["gap_p1"] + 2 * CADENCE_SLACK
+        ) and at_most(big["gap_p99"], every + CADENCE_SLACK)
+        found["big: webhook p99 <= interval + 2 s"] = at_most(
+            big["webhook_p99"], every + CADENCE_SLACK
+        )
+    if "short" in results:
+        found["1,000 tasks at 2 s: gap p99 <= 3 s"] = at_most(
+            results["short"]["gap_p99"], SHORT_P99
+        )
+    if "memory_all" in results:
+        extra = results["memory_all"]["rss_mb"] - results["memory_live"]["rss_mb"]
+        found["1M stored: RSS within 30 MB"] = extra <= MAX_EXTRA_MB
+        found["1M stored: GET p99 < 10 ms"] = at_most(
+            results["memory_all"]["get_p99_ms"], 1000 * MAX_GET_P99
+        )
+    return found
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| live | batch | bare s | real s | ratio | writes/cycle | requests/cycle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
+        f"| {r['writes_per_cycle']} | {r['requests_per_cycle']} |"
+        for r in results.get("ratio", [])
+    ]
+    lines += [
+        "",
+        (
+            "| run | live | final | interval | gap p1 | gap p50 | gap p99 | webhook p50 "
+            "| webhook p99 | RSS MB | GET p99 ms |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("big", "short", "memory_live", "memory_all"):
+        if name not in results:
+            continue
+        c = {k: "-" if v is None else v for k, v in results[name].items()}
+        lines.append(
+            f"| {name} | {c['live']:,} | {c['final']:,} | {c['interval']:g} s | {c['gap_p1']} "
+            f"| {c['gap_p50']} "
+            f"| {c['gap_p99']} | {c['webhook_p50']} | {c['webhook_p99']} | {c['rss_mb']} "
+            f"| {c['get_p99_ms']} |"
+        )
+    lines += [
+        "",
+        *(f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in results["verdicts"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller cases, about a minute")
+    parser.add_argument("--out", type=Path, default=Path("bench_poll.json"), help="JSON results")
+    parser.add_argument("--only", help="comma-separated cases: ratio,big,short,memory")
+    parser.add_argument("--keep", action="store_true", help="keep databases, configs and logs")
+    args = parser.parse_args(argv)
+    logs.configure(level="warning", fmt="json", secrets=[])
+    results = asyncio.run(run(args))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results["verdicts"] = verdicts(results)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0 if all(results["verdicts"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
