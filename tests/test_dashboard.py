@@ -390,3 +390,16 @@ async def test_with_no_token_configured_sign_in_asks_for_none_but_still_makes_a_
             assert 200 == (await client.get("/ui/tasks")).status_code
     finally:
         await daemon.stop()
+
+
+async def test_the_overview_says_n_a_when_the_poller_reports_no_lag(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """A poll-lag source that knows nothing yet shows as n/a, not as zero."""
+    (ui,) = [r for r in daemon.app.routes if getattr(r, "path", "") == "/ui"]
+    ui.app.state.dashboard.poll_lag = lambda: None
+    await sign_in(browser, TOKEN)
+
+    page = (await browser.get("/ui/")).text
+
+    assert '<span class="value" id="poll-lag">n/a</span>' in page
