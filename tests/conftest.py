@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import secrets
@@ -22,11 +23,46 @@ from tracker.testing.simulator import SimulatedRelay
 PG_ADMIN_URL = os.environ.get(
     "TRACKER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
+#: set to 1 (CI does) to fail instead of skipping when the PostgreSQL server is unreachable
+PG_REQUIRED = os.environ.get("TRACKER_TEST_PG_REQUIRED") == "1"
 
 # Just ensuring the tests are not polluted by the environment.
 for _name in list(os.environ):
     if _name.startswith("TRACKER_"):
         del os.environ[_name]
+
+
+@functools.cache
+def _pg_problem() -> str | None:
+    """Why the PostgreSQL server cannot be used, or None; asked once per session."""
+    engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return None
+    except sa.exc.SQLAlchemyError as exc:
+        return type(exc.orig or exc).__name__
+    finally:
+        engine.dispose()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (or, with TRACKER_TEST_PG_REQUIRED=1, fail) the PostgreSQL tests without a server.
+
+    Raised from this one place so pytest's summary folds every such skip into one line.
+    """
+    if item.get_closest_marker("postgres") is None:
+        return
+    problem = _pg_problem()
+    if problem is None:
+        return
+    where = sa.engine.make_url(PG_ADMIN_URL).render_as_string(hide_password=True)
+    message = (
+        f"PostgreSQL tests need a server at {where} ({problem}): start one, or point "
+        "TRACKER_TEST_PG at a server URL; -m 'not postgres' leaves them out"
+    )
+    if PG_REQUIRED:
+        pytest.fail(f"TRACKER_TEST_PG_REQUIRED=1: {message}", pytrace=False)
+    pytest.skip(message)
 
 WEBHOOK_SECRET = signing.new_secret()
 
