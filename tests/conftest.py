@@ -64,6 +64,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(f"TRACKER_TEST_PG_REQUIRED=1: {message}", pytrace=False)
     pytest.skip(message)
 
+
 WEBHOOK_SECRET = signing.new_secret()
 
 

@@ -20,8 +20,20 @@ import pydantic
 import structlog
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import exc as sa_exc
 
-from tracker import api, config, dashboard, events, logs, platforms, retention, sdnotify, ssrf
+from tracker import (
+    api,
+    config,
+    dashboard,
+    events,
+    logs,
+    platforms,
+    retention,
+    sdnotify,
+    ssrf,
+    startup,
+)
 from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.metrics import Metrics, poll_lag
@@ -30,6 +42,7 @@ from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore, migrate
 from tracker.store.records import Stats
+from tracker.store.sql import SchemaMismatchError
 
 log = structlog.get_logger("tracker.app")
 
@@ -281,6 +294,7 @@ class Daemon:
         self._stopped = False
         self._not_ready: list[str] = []
         self._log_secrets = set(settings.secrets())
+        self._lock: startup.DatabaseLock | None = None
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -443,10 +457,11 @@ class Daemon:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}"
 
     async def start(self) -> None:
-        """Open the database, start listening and start the scheduler, then say READY=1."""
-        schema = await asyncio.to_thread(
-            migrate.ensure, self.store.engine, auto_migrate=self.settings.database.auto_migrate
-        )
+        """Open the database, start listening and start the scheduler, then say READY=1.
+
+        Raises StartupError, one line with an exit code, for every failure an operator fixes.
+        """
+        schema = await asyncio.to_thread(self._open_database)
         if self.store.dialect == "sqlite":
             # SQLite serves one daemon, so leases left by a crash are ours: resume those
             # deliveries now rather than when the leases run out. (PostgreSQL may be shared
@@ -473,12 +488,18 @@ class Daemon:
                 backlog=api.ACCEPT_BACKLOG,
             )
         )
-        serving = asyncio.create_task(self.server.serve(), name="api")
+        sock = startup.listen(server_settings.host, server_settings.port)
+        serving = asyncio.create_task(self.server.serve(sockets=[sock]), name="api")
         while not self.server.started:
             if serving.done():
-                await serving  # re-raises why it could not start
-                raise RuntimeError(
-                    f"the API could not listen on {server_settings.host}:{server_settings.port}"
+                # uvicorn ends a failed start with SystemExit; retrieved here, so asyncio has
+                # no "exception was never retrieved" traceback to print.
+                with contextlib.suppress(BaseException):
+                    await serving
+                sock.close()
+                raise startup.StartupError(
+                    f"the API could not start on {server_settings.host}:{server_settings.port}",
+                    startup.ExitCode.LISTEN,
                 )
             await asyncio.sleep(0.01)
         self._serving = serving
@@ -558,7 +579,24 @@ class Daemon:
         await self.webhook_client.aclose()
         await self.guarded_client.aclose()
         self.store.close()
-        log.info("stopped")
+        if self._lock is not None:
+            self._lock.release()
+        if self._started_at is not None:  # a failed start has said why already
+            log.info("stopped")
+
+    def _open_database(self) -> migrate.SchemaState:
+        if self.sqlite_file is not None:
+            startup.check_database(self.settings.database.url)
+            self._lock = startup.DatabaseLock(self.sqlite_file)
+            self._lock.acquire()
+        try:
+            return migrate.ensure(
+                self.store.engine, auto_migrate=self.settings.database.auto_migrate
+            )
+        except SchemaMismatchError as exc:
+            raise startup.StartupError(str(exc), startup.ExitCode.SCHEMA) from None
+        except sa_exc.SQLAlchemyError as exc:
+            raise startup.unreachable(self.settings.database.url, exc) from None
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tracker import api, clock, config, logs
+from tracker import api, cli_io, clock, config, logs, startup
 from tracker.retry import DeliveryState
+from tracker.startup import ExitCode, StartupError
 from tracker.store.sql import SchemaMismatchError
 
 if TYPE_CHECKING:
     from tracker.store import SqlStore
     from tracker.store.abc import Store
 
-#: exit codes scripts can rely on
-EXIT_OK = 0
-EXIT_FAILURE = 1  #: the command ran but what it reports is bad (not found, check failed)
-EXIT_USAGE = 2  #: bad arguments or an unusable config
+#: exit codes scripts can rely on (the README's table lists them all)
+EXIT_OK = ExitCode.OK
+EXIT_FAILURE = ExitCode.FAILURE
+EXIT_USAGE = ExitCode.USAGE
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -37,20 +39,13 @@ def _load(args: argparse.Namespace) -> config.Settings:
     return config.load(_config_path(args))
 
 
-def _print_json(value: Any, out: TextIO) -> None:
-    out.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+def _known_platform(args: argparse.Namespace, name: str | None) -> None:
+    """Refuse a platform the config does not define (a typo would read as "no such task")."""
+    from tracker import platforms  # noqa: PLC0415
 
-
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], out: TextIO) -> None:
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)) + "\n")
-    for row in cells:
-        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
-
-
-def _wants_json(args: argparse.Namespace, out: TextIO) -> bool:
-    return bool(args.json) or not out.isatty()
+    known = sorted(platforms.build(_load(args)))
+    if name is not None and name not in known:
+        raise config.ConfigError([f"unknown platform {name!r}; known: {', '.join(known)}"])
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -62,20 +57,61 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     settings = config.load(path)
-    logs.configure(
-        level=settings.logging.level, fmt=settings.logging.format, secrets=settings.secrets()
-    )
-    asyncio.run(Daemon(settings, config_path=path).run())
+    with contextlib.ExitStack() as stack:
+        if args.simulate:
+            from tracker import simulate  # noqa: PLC0415
+
+            step = args.step if args.step is not None else simulate.STEP
+            settings = stack.enter_context(
+                simulate.simulated(settings, receiver=args.receiver, step=step)
+            )
+        elif args.receiver:
+            raise config.ConfigError(["--receiver goes with --simulate"])
+        problems = config.placeholder_problems(settings)
+        if problems:
+            raise config.ConfigError(problems)
+        startup.check_database(settings.database.url)
+        logs.configure(
+            level=settings.logging.level, fmt=settings.logging.format, secrets=settings.secrets()
+        )
+        asyncio.run(Daemon(settings, config_path=path).run())
     return EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and say so."""
-    settings = _load(args)
+    path = _config_path(args)
+    settings = config.load(path)
+    problems = config.placeholder_problems(settings)
+    database = startup.database_problem(settings.database.url)
+    if problems or database:
+        raise config.ConfigError([*problems, *([f"database.url: {database}"] if database else [])])
     from tracker import platforms  # noqa: PLC0415
 
     names = sorted(platforms.build(settings))
-    print(f"config OK: {len(names)} platforms ({', '.join(names)})")  # noqa: T201
+    shown = {"config": path, "platforms": names, "database": settings.database.url}
+    cli_io.show(
+        args,
+        {"ok": True, **shown},
+        lambda out: out.write(f"config OK: {len(names)} platforms ({', '.join(names)})\n"),
+    )
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a fresh config with a new API token and webhook secret (mode 0600)."""
+    from tracker import init_config  # noqa: PLC0415
+
+    path = Path(args.path)
+    try:
+        token = init_config.write(path)
+    except init_config.InitError as exc:
+        raise config.ConfigError([str(exc)]) from None
+    cli_io.show(
+        args,
+        {"path": str(path.absolute()), "api_token": token},
+        lambda out: out.write(init_config.next_steps(path, token)),
+    )
     return EXIT_OK
 
 
@@ -91,14 +127,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
     """The SQL store itself, for the ``db`` commands that work on its engine."""
+    from sqlalchemy import exc as sa_exc  # noqa: PLC0415
+
     from tracker.store import SqlStore, migrate  # noqa: PLC0415
 
     settings = _load(args)
-    store = SqlStore.from_url(settings.database.url)
-    if create:
-        # The same rule as the daemon's start: an empty database gets the schema, an older
-        # one is upgraded only when auto_migrate allows it.
-        migrate.ensure(store.engine, auto_migrate=settings.database.auto_migrate)
+    url = settings.database.url
+    startup.check_database(url)
+    store = SqlStore.from_url(url)
+    try:
+        if create:
+            # The same rule as the daemon's start: an empty database gets the schema, an older
+            # one is upgraded only when auto_migrate allows it.
+            migrate.ensure(store.engine, auto_migrate=settings.database.auto_migrate)
+        else:
+            store.engine.connect().close()
+    except sa_exc.SQLAlchemyError as exc:
+        raise startup.unreachable(url, exc) from None
     return store
 
 
@@ -133,8 +178,8 @@ def cmd_tasks_add(args: argparse.Namespace) -> int:
     store = _store(args)
     new, existing = store.register(registration, clock.SystemClock().now())
     out = sys.stdout
-    if _wants_json(args, out):
-        _print_json({"registered": new, "existing": existing}, out)
+    if cli_io.wants_json(args, out):
+        cli_io.print_json({"registered": new, "existing": existing}, out)
     else:
         out.write(f"registered {len(new)}, already tracked {len(existing)}\n")
     return EXIT_OK
@@ -142,30 +187,32 @@ def cmd_tasks_add(args: argparse.Namespace) -> int:
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     """List tasks, newest first."""
+    _known_platform(args, args.platform)
     store = _store(args)
     filters = {k: v for k, v in (("status", args.status), ("platform", args.platform)) if v}
     rows, _ = store.list_tasks(limit=args.limit, **filters)
     shown = [api.task_json(t, with_history=False) for t in rows]
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
-        _table(shown, ["platform", "task_id", "status", "progress", "updated_at"], sys.stdout)
+        cli_io.table(shown, ["platform", "task_id", "status", "progress", "updated_at"], sys.stdout)
     return EXIT_OK
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:
     """Show one task with its history."""
+    _known_platform(args, args.platform)
     task = _store(args).get(args.platform, args.task_id)
     if task is None:
         print(f"no task {args.task_id!r} on platform {args.platform!r}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILURE
     shown = api.task_json(task)
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
         for key in ("platform", "task_id", "status", "upstream_status", "progress", "fail_reason"):
             sys.stdout.write(f"{key:16} {shown[key]}\n")
-        _table(
+        cli_io.table(
             shown["transitions"], ["from", "to", "upstream_status", "progress", "at"], sys.stdout
         )
     return EXIT_OK
@@ -173,9 +220,15 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
 
 def cmd_tasks_remove(args: argparse.Namespace) -> int:
     """Stop tracking a task."""
+    _known_platform(args, args.platform)
     if not _store(args).remove(args.platform, args.task_id):
         print(f"no task {args.task_id!r} on platform {args.platform!r}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILURE
+    cli_io.show(
+        args,
+        {"removed": {"platform": args.platform, "task_id": args.task_id}},
+        lambda out: out.write(f"removed {args.platform}/{args.task_id}\n"),
+    )
     return EXIT_OK
 
 
@@ -197,11 +250,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "poll_lag_seconds": round(poll_lag(stats, clock.SystemClock().now().timestamp()), 3),
         "last_cycle_at": last,
     }
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
-    else:
-        for key, value in shown.items():
-            sys.stdout.write(f"{key:24} {value}\n")
+    cli_io.show(args, shown, lambda out: cli_io.stats_tables(shown, out))
     return EXIT_OK
 
 
@@ -224,8 +273,8 @@ def cmd_db_check(args: argparse.Namespace) -> int:
                 f"run `{migrate.UPGRADE_COMMAND}`"
             )
     shown = {"schema_version": found, "expected": expected, "problems": problems}
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
         sys.stdout.write("database OK\n" if not problems else "\n".join(problems) + "\n")
     return EXIT_OK if not problems else EXIT_FAILURE
@@ -241,8 +290,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     finally:
         store.close()
     shown = {"from": before.revision, "to": after.revision, "shape": before.shape.value}
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     elif before.up_to_date:
         sys.stdout.write(f"already at {after.revision}\n")
     else:
@@ -265,8 +314,8 @@ def cmd_db_current(args: argparse.Namespace) -> int:
         "shape": state.shape.value,
         "up_to_date": state.up_to_date,
     }
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
         note = "up to date" if state.up_to_date else f"behind {state.head}"
         sys.stdout.write(f"{state.describe()} ({note})\n")
@@ -278,10 +327,10 @@ def cmd_db_history(args: argparse.Namespace) -> int:
     from tracker.store import migrate  # noqa: PLC0415
 
     shown = [dataclasses.asdict(r) for r in migrate.history()]
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
-        _table(shown, ["revision", "down_revision", "title"], sys.stdout)
+        cli_io.table(shown, ["revision", "down_revision", "title"], sys.stdout)
     return EXIT_OK
 
 
@@ -300,8 +349,8 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     finally:
         store.close()
     shown = {"dry_run": args.dry_run, **dataclasses.asdict(pruned)}
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
         verb = "would delete" if args.dry_run else "deleted"
         sys.stdout.write(
@@ -317,11 +366,11 @@ def cmd_deliveries_list(args: argparse.Namespace) -> int:
         state=DeliveryState(args.state) if args.state else None, limit=args.limit
     )
     shown = [api.delivery_json(d) for d in rows]
-    if _wants_json(args, sys.stdout):
-        _print_json(shown, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json(shown, sys.stdout)
     else:
         columns = ["id", "event_type", "task_id", "state", "attempts", "last_status_code", "url"]
-        _table(shown, columns, sys.stdout)
+        cli_io.table(shown, columns, sys.stdout)
     return EXIT_OK
 
 
@@ -331,22 +380,15 @@ def cmd_deliveries_redeliver(args: argparse.Namespace) -> int:
     if not ids:
         print(f"no delivery {args.id}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILURE
-    sys.stdout.write(f"requeued {args.id}\n")
+    cli_io.show(args, {"requeued": ids}, lambda out: out.write(f"requeued {args.id}\n"))
     return EXIT_OK
-
-
-def _aware(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{value!r} has no time zone (add Z or +00:00)")
-    return parsed
 
 
 def cmd_deliveries_recover(args: argparse.Namespace) -> int:
     """Queue every dead delivery created in a time window again."""
     ids = _store(args).requeue(clock.SystemClock().now(), since=args.since, until=args.until)
-    if _wants_json(args, sys.stdout):
-        _print_json({"requeued": ids}, sys.stdout)
+    if cli_io.wants_json(args, sys.stdout):
+        cli_io.print_json({"requeued": ids}, sys.stdout)
     else:
         sys.stdout.write(f"requeued {len(ids)} dead deliveries\n")
     return EXIT_OK
@@ -355,78 +397,104 @@ def cmd_deliveries_recover(args: argparse.Namespace) -> int:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def _with_config(parser: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
-    parser.add_argument("--config", help="config file (default: $TRACKER_CONFIG)")
-    if json_flag:
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
+def _global_flags(*, top: bool) -> argparse.ArgumentParser:
+    """--config and --json, accepted before the command and after it alike.
+
+    The sub-commands' copies default to SUPPRESS, so a flag given before the command is not
+    reset by the sub-command's parser.
+    """
+    flags = argparse.ArgumentParser(add_help=False)
+    default: Any = None if top else argparse.SUPPRESS
+    flags.add_argument("--config", default=default, help="config file (default: $TRACKER_CONFIG)")
+    flags.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="JSON output (also whenever stdout is not a terminal)",
+    )
+    return flags
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    top = argparse.ArgumentParser(prog="tracker", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="tracker", description=__doc__, parents=[_global_flags(top=True)]
+    )
     sub = top.add_subparsers(dest="command", required=True)
+    flags = _global_flags(top=False)
+
+    def group(name: str, help_text: str) -> Any:
+        p = sub.add_parser(name, help=help_text, parents=[flags])
+        return p.add_subparsers(dest=f"{name}_command", required=True)
 
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], parent: Any = sub, **kw: Any
     ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=handler.__doc__, **kw)
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=handler.__doc__, parents=[flags], **kw
+        )
         p.set_defaults(handler=handler)
         return p
 
-    _with_config(command("run", cmd_run))
-    _with_config(command("check-config", cmd_check_config))
-    demo = command("demo", cmd_demo)
-    demo.add_argument("--tasks", type=int, default=5, help="tasks to register (default 5)")
-    demo.add_argument("--step", type=float, default=1.0, help="seconds per simulated status step")
-
-    tasks = sub.add_parser("tasks", help="inspect and change tracked tasks").add_subparsers(
-        dest="tasks_command", required=True
+    run = command("run", cmd_run)
+    run.add_argument(
+        "--simulate", action="store_true", help="poll the built-in simulated relay (no account)"
     )
+    run.add_argument(
+        "--receiver",
+        action="store_true",
+        help="with --simulate: send webhooks to a local receiver that prints them",
+    )
+    run.add_argument(
+        "--step",
+        type=cli_io.seconds,
+        help="with --simulate: seconds per simulated status (default 2)",
+    )
+    command("check-config", cmd_check_config)
+    init = command("init", cmd_init)
+    init.add_argument("path", nargs="?", default="tracker.toml", help="default: ./tracker.toml")
+    demo = command("demo", cmd_demo)
+    demo.add_argument(
+        "--tasks", type=cli_io.positive, default=5, help="tasks to register (default 5)"
+    )
+    demo.add_argument("--step", type=cli_io.seconds, default=1.0, help="seconds per simulated step")
+
+    tasks = group("tasks", "inspect and change tracked tasks")
     add = command("add", cmd_tasks_add, tasks)
-    _with_config(add, json_flag=True)
     add.add_argument("platform")
     add.add_argument("ids", nargs="+")
     add.add_argument("--webhook-url")
     add.add_argument("--endpoint")
     add.add_argument("--metadata", help="a JSON object")
     listing = command("list", cmd_tasks_list, tasks)
-    _with_config(listing, json_flag=True)
     listing.add_argument("--status")
     listing.add_argument("--platform")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=cli_io.positive, default=50)
     for name, handler in (("show", cmd_tasks_show), ("remove", cmd_tasks_remove)):
         one = command(name, handler, tasks)
-        _with_config(one, json_flag=True)
         one.add_argument("platform")
         one.add_argument("task_id")
 
-    _with_config(command("stats", cmd_stats), json_flag=True)
-    db = sub.add_parser("db", help="database maintenance").add_subparsers(
-        dest="db_command", required=True
-    )
-    _with_config(command("check", cmd_db_check, db), json_flag=True)
-    _with_config(command("upgrade", cmd_db_upgrade, db), json_flag=True)
-    _with_config(command("current", cmd_db_current, db), json_flag=True)
+    command("stats", cmd_stats)
+    db = group("db", "database maintenance")
+    command("check", cmd_db_check, db)
+    command("upgrade", cmd_db_upgrade, db)
+    command("current", cmd_db_current, db)
     prune = command("prune", cmd_db_prune, db)
-    _with_config(prune, json_flag=True)
     prune.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
-    history = command("history", cmd_db_history, db)
-    history.add_argument("--json", action="store_true", help="machine-readable output")
+    command("history", cmd_db_history, db)
 
-    deliveries = sub.add_parser("deliveries", help="webhook deliveries").add_subparsers(
-        dest="deliveries_command", required=True
-    )
+    deliveries = group("deliveries", "webhook deliveries")
     dl = command("list", cmd_deliveries_list, deliveries)
-    _with_config(dl, json_flag=True)
     dl.add_argument("--state", choices=[s.value for s in DeliveryState])
-    dl.add_argument("--limit", type=int, default=50)
+    dl.add_argument("--limit", type=cli_io.positive, default=50)
     rd = command("redeliver", cmd_deliveries_redeliver, deliveries)
-    _with_config(rd, json_flag=True)
-    rd.add_argument("id", type=int)
+    rd.add_argument("id", type=cli_io.positive)
     rc = command("recover", cmd_deliveries_recover, deliveries)
-    _with_config(rc, json_flag=True)
-    rc.add_argument("--since", type=_aware, required=True, help="ISO time, e.g. 2026-11-25T00:00Z")
-    rc.add_argument("--until", type=_aware, help="ISO time (default: now)")
+    rc.add_argument(
+        "--since", type=cli_io.aware, required=True, help="ISO time, e.g. 2026-11-25T00:00Z"
+    )
+    rc.add_argument("--until", type=cli_io.aware, help="ISO time (default: now)")
     return top
 
 
@@ -436,13 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except config.ConfigError as exc:
-        print("configuration error:", file=sys.stderr)  # noqa: T201
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)  # noqa: T201
-        return EXIT_USAGE
+        return cli_io.fail(args, ExitCode.USAGE, exc.problems)
+    except StartupError as exc:
+        return cli_io.fail(args, exc.code, [str(exc)])
     except SchemaMismatchError as exc:
-        print(f"database error: {exc}", file=sys.stderr)  # noqa: T201
-        return EXIT_FAILURE
+        return cli_io.fail(args, ExitCode.SCHEMA, [f"database: {exc}"])
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     return code

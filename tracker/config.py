@@ -27,6 +27,18 @@ DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 7
 DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.value)
 DEFAULT_MAX_INTERVAL = 120.0
 
+#: values config.example.toml ships with: anyone who read the repository knows them
+PLACEHOLDER_TOKENS = frozenset({"change-me"})
+PLACEHOLDER_KEYS = frozenset({"sk-..."})
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "whsec_CHANGE+ME+run+tracker+init",
+        # the example's secret up to version 0.1.0
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+)
+MAKE_REAL_ONES = "`tracker init` writes a config with a fresh API token and webhook secret"
+
 Seconds = Annotated[float, Strict(), Field(gt=0)]
 Days = Annotated[float, Strict(), Field(ge=0)]
 Count = Annotated[StrictInt, Field(ge=1)]
@@ -317,6 +329,66 @@ class Settings(_Section):
         return [s.get_secret_value() for s in found if s.get_secret_value()]
 
 
+def placeholder_problems(settings: Settings) -> list[str]:
+    """The example config's placeholder credentials still in ``settings``, one line each."""
+    problems = []
+    if any(t.get_secret_value() in PLACEHOLDER_TOKENS for t in settings.server.api_tokens):
+        problems.append(f"server.api_tokens: the example's placeholder token; {MAKE_REAL_ONES}")
+    upstreams = {"upstream": settings.upstream} | {
+        f"upstreams.{name}": u for name, u in settings.upstreams.items()
+    }
+    for where, upstream in upstreams.items():
+        if upstream.api_key.get_secret_value() in PLACEHOLDER_KEYS:
+            problems.append(
+                f"{where}.api_key: the example's placeholder; put your relay key here or in "
+                "TRACKER_UPSTREAM_API_KEY (`tracker run --simulate` needs none)"
+            )
+    hooks = settings.webhooks
+    secrets = {"webhooks.secret": hooks.secret} | {
+        f"webhooks.previous_secrets.{i}": p.secret for i, p in enumerate(hooks.previous_secrets)
+    }
+    for name, endpoint in hooks.endpoints.items():
+        secrets[f"webhooks.endpoints.{name}.secret"] = endpoint.secret
+    for where, secret in secrets.items():
+        if secret.get_secret_value() in PLACEHOLDER_SECRETS:
+            problems.append(
+                f"{where}: the example's published secret; {MAKE_REAL_ONES} (or run "
+                "python -c 'from tracker import signing; print(signing.new_secret())')"
+            )
+    return problems
+
+
+_SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>[^?]*)")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL; None for another database or an in-memory one."""
+    match = _SQLITE_URL.match(url)
+    if match is None:
+        return None
+    database = match.group("path")
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def resolve_database(settings: Settings, base: Path) -> Settings:
+    """``settings`` with a relative SQLite path made absolute against ``base``.
+
+    The config file's directory is the base, so the daemon and every CLI command open the
+    same file whatever directory they were started from.
+    """
+    url = settings.database.url
+    path = sqlite_path(url)
+    match = _SQLITE_URL.match(url)
+    if path is None or path.is_absolute() or match is None:
+        return settings
+    start, end = match.span("path")
+    absolute = url[:start] + str((base / path).resolve()) + url[end:]
+    database = settings.database.model_copy(update={"url": absolute})
+    return settings.model_copy(update={"database": database})
+
+
 def check_events(events: tuple[str, ...]) -> tuple[str, ...]:
     """Refuse event names the tracker never emits."""
     unknown = sorted(set(events) - status.ALL_EVENTS)
@@ -381,4 +453,4 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML ({exc})"]) from None
-    return parse(raw, environ)
+    return resolve_database(parse(raw, environ), file.absolute().parent)

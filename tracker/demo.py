@@ -54,7 +54,8 @@ def say(text: str, *, err: bool = False) -> None:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _show(hook: Received) -> None:
+def show_webhook(hook: Received) -> None:
+    """Print one received webhook on one line, saying whether its signature verified."""
     body = hook.json()
     data = body["data"]
     mark = "verified" if hook.verified else "NOT VERIFIED"
@@ -130,7 +131,7 @@ def run(*, tasks: int = 5, step: float = 1.0) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="tracker-demo-") as workdir,
         SimulatedRelay(step=step) as relay,
-        WebhookReceiver(verify=verify, on_receive=_show) as receiver,
+        WebhookReceiver(verify=verify, on_receive=show_webhook) as receiver,
     ):
         say(f"simulated relay on {relay.base_url}, webhook receiver on {receiver.url}")
         settings = _settings(relay, receiver, Path(workdir), token, secret)

@@ -1,0 +1,49 @@
+"""`tracker run --simulate`: the daemon against the built-in simulated relay, no account needed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+
+from pydantic import SecretStr
+
+from tracker import config, demo, signing
+from tracker.testing.receiver import WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
+
+#: seconds per simulated status step: a task finishes about ten seconds after it is registered
+STEP = 2.0
+
+
+@contextlib.contextmanager
+def simulated(
+    settings: config.Settings, *, receiver: bool, step: float = STEP
+) -> Iterator[config.Settings]:
+    """``settings`` pointed at a simulated relay (and a printing receiver) while inside."""
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(SimulatedRelay(step=step))
+        moved = {"base_url": relay.base_url, "api_key": SecretStr(relay.api_key)}
+        update: dict[str, object] = {
+            "upstream": settings.upstream.model_copy(update=moved),
+            "upstreams": {n: u.model_copy(update=moved) for n, u in settings.upstreams.items()},
+        }
+        if settings.poll.interval > step:
+            # Polled every step, so each simulated status shows up as it happens.
+            update["poll"] = settings.poll.model_copy(update={"interval": step})
+        demo.say(
+            f"simulated relay on {relay.base_url}: any id finishes in about {5 * step:g} s, "
+            "an id containing 'fail' fails"
+        )
+        if receiver:
+            secret = settings.webhooks.secret.get_secret_value()
+
+            def verify(body: bytes, headers: Mapping[str, str]) -> None:
+                signing.verify(secret, body, headers, now=time.time())
+
+            hooks = stack.enter_context(
+                WebhookReceiver(verify=verify, on_receive=demo.show_webhook)
+            )
+            update["webhooks"] = settings.webhooks.model_copy(update={"url": hooks.url})
+            demo.say(f"webhook receiver on {hooks.url}: prints every webhook it verifies")
+        yield settings.model_copy(update=update)
