@@ -38,6 +38,7 @@ from tracker.clock import Clock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.metrics import Metrics, poll_lag
 from tracker.poller import PollEngine, Poller
+from tracker.relay_health import RelayHealth
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore, migrate
@@ -241,6 +242,7 @@ class Daemon:
             timeout=hooks.timeout,
         )
         self.targets = events.Targets(hooks)
+        self.relay_health = RelayHealth(self.clock, settings.poll.interval)
         self.poller = Poller(
             store=self.store,
             platforms=self.platforms,
@@ -250,6 +252,7 @@ class Daemon:
             targets=self.targets,
             metrics=self.metrics,
             on_events=self.kick_delivery,
+            report_relay=self.relay_health.report,
         )
         # Polling is a task of its own, not a scheduler job: see tracker/poller/engine.py.
         self.engine = PollEngine(self.poller, self.clock)
@@ -264,7 +267,12 @@ class Daemon:
         )
         self.state = api.ApiState(
             settings=settings,
-            readiness=(self._database_ready, self._scheduler_ready, self._lag_ready),
+            readiness=(
+                self._database_ready,
+                self._scheduler_ready,
+                self._lag_ready,
+                self._relays_ready,
+            ),
             metrics=self.metrics.render,
             on_registered=self.engine.wake,
         )
@@ -387,7 +395,12 @@ class Daemon:
 
     async def readiness(self) -> list[str]:
         """Why the daemon is not ready (empty when it is), as /readyz reports it."""
-        checks = (self._database_ready(), self._scheduler_ready(), self._lag_ready())
+        checks = (
+            self._database_ready(),
+            self._scheduler_ready(),
+            self._lag_ready(),
+            self._relays_ready(),
+        )
         return [r for r in await asyncio.gather(*checks) if r]
 
     async def _database_ready(self) -> str | None:
@@ -430,6 +443,11 @@ class Daemon:
         if lag > limit:
             return f"polls are {lag:.0f} s late (more than [poll].max_lag = {limit:g} s)"
         return None
+
+    async def _relays_ready(self) -> str | None:
+        reason = "; ".join(self.relay_health.problems()) or None
+        self._note_readiness("relay", reason)
+        return reason
 
     def _note_readiness(self, check: str, reason: str | None, detail: str | None = None) -> None:
         # One log line when a check starts or stops failing, not one per probe.
@@ -653,6 +671,7 @@ class Daemon:
         self.state.settings = current
         # Rebuilt from the settings now in force, for the batch sizes [poll] implies.
         self.poller.configure(current.poll, platforms.build(current))
+        self.relay_health.interval = current.poll.interval
         self.targets = events.Targets(current.webhooks)
         self.poller.targets = self.targets
         self.deliverer.configure(current.webhooks)

@@ -25,7 +25,7 @@ from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
 from tracker.limits import RateLimiter
 from tracker.metrics import Metrics
-from tracker.platforms.base import Platform, UpstreamError
+from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
 from tracker.store.abc import TaskStore
 from tracker.store.records import DueTask, TaskUpdate
@@ -107,6 +107,7 @@ class Poller:
         metrics: Metrics,
         on_events: Callable[[], None] = lambda: None,
         on_report: Callable[[CycleReport], None] = lambda _report: None,
+        report_relay: Callable[[Upstream, Exception | None], None] = lambda _u, _e: None,
     ) -> None:
         self.store = store
         self.platforms = platforms
@@ -117,6 +118,8 @@ class Poller:
         self.metrics = metrics
         self.on_events = on_events
         self.on_report = on_report
+        #: told the outcome of every relay request (None: answered), for the health checks
+        self.report_relay = report_relay
         self.last_cycle_at: datetime | None = None
         self.last_report: CycleReport | None = None
         self._meta_written = -META_EVERY
@@ -317,6 +320,7 @@ class Poller:
         try:
             observations = await platform.fetch(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
+            self.report_relay(platform.upstream, exc)
             self._report.errors += 1
             code = _error_code(exc)
             self.metrics.upstream_requests.labels(platform.name, code).inc()
@@ -327,6 +331,7 @@ class Poller:
             )
             now = self.clock.now()
             return [self.planner.retry(t, now) for t in tasks]
+        self.report_relay(platform.upstream, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return self.planner.decide(platform.name, tasks, observations, self.clock.now())
 

@@ -1,0 +1,71 @@
+"""Relay problems only a human can fix (a refused key, a relay gone for long), for /readyz."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+import httpx
+
+from tracker.clock import Clock
+from tracker.platforms import DEFAULT_UPSTREAM
+from tracker.platforms.base import Upstream, UpstreamError
+
+#: a relay that gave no answer for this many poll intervals makes the daemon not ready
+UNREACHABLE_INTERVALS = 3
+#: answers that mean the relay refused our key
+REFUSED = frozenset({401, 403})
+
+
+@dataclasses.dataclass(slots=True)
+class _Relay:
+    where: str  #: the config section, e.g. "upstream" or "upstreams.second"
+    refused: int | None = None  #: the status code of a refusal not followed by an answer
+    silent_since: datetime | None = None  #: first request without an answer since the last
+    error: str = ""  #: why the last request got no answer
+
+
+class RelayHealth:
+    """The outcome of the latest requests to each relay, reported once per request."""
+
+    def __init__(self, clock: Clock, interval: float) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._relays: dict[str, _Relay] = {}
+        #: outcomes reported so far (tests wait on it)
+        self.reports = 0
+
+    def report(self, upstream: Upstream, error: Exception | None) -> None:
+        """Note what a request to ``upstream`` came to: ``None`` for a usable answer."""
+        where = "upstream" if upstream.name == DEFAULT_UPSTREAM else f"upstreams.{upstream.name}"
+        relay = self._relays.setdefault(upstream.base_url, _Relay(where))
+        self.reports += 1
+        if isinstance(error, httpx.TransportError):
+            # No answer at all (refused connection, DNS, timeout): down or unreachable.
+            if relay.silent_since is None:
+                relay.silent_since = self.clock.now()
+            relay.error = type(error).__name__
+            return
+        relay.silent_since = None
+        code = error.status_code if isinstance(error, UpstreamError) else None
+        relay.refused = code if code in REFUSED else None
+
+    def problems(self) -> list[str]:
+        """What needs a human, one line per relay; never the key itself."""
+        window = UNREACHABLE_INTERVALS * self.interval
+        now = self.clock.now()
+        found = []
+        for url, relay in sorted(self._relays.items()):
+            if relay.refused is not None:
+                found.append(
+                    f"relay {url} refused the API key (HTTP {relay.refused}): "
+                    f"check {relay.where}.api_key"
+                )
+            elif relay.silent_since is not None:
+                silent = (now - relay.silent_since).total_seconds()
+                if silent > window:
+                    found.append(
+                        f"relay {url} unreachable for {silent:.0f} s ({relay.error}; "
+                        f"more than {UNREACHABLE_INTERVALS} poll intervals)"
+                    )
+        return found
