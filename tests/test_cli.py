@@ -227,6 +227,19 @@ def test_stats_on_a_terminal_is_tables_not_python_reprs(
     assert "last poll cycle          none yet" in text
 
 
+def test_tasks_show_on_a_terminal_shows_no_python_none(
+    config_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task with no progress yet shows "-" rather than None."""
+    run(capsys, "tasks", "add", "--config", str(config_file), "luma", "a")
+
+    code, text = human(monkeypatch, "tasks", "show", "--config", str(config_file), "luma", "a")
+
+    assert 0 == code
+    assert "None" not in text
+    assert "progress         -" in text
+
+
 def test_every_command_prints_json_with_the_flag(
     config_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,7 +211,8 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
         cli_io.print_json(shown, sys.stdout)
     else:
         for key in ("platform", "task_id", "status", "upstream_status", "progress", "fail_reason"):
-            sys.stdout.write(f"{key:16} {shown[key]}\n")
+            value = shown[key]
+            sys.stdout.write(f"{key:16} {'-' if value in (None, '') else value}\n")
         cli_io.table(
             shown["transitions"], ["from", "to", "upstream_status", "progress", "at"], sys.stdout
         )
