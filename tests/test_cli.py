@@ -180,6 +180,7 @@ def test_demo_runs_end_to_end_in_a_fresh_process(tmp_path: Path) -> None:
     assert 0 == done.returncode, done.stdout + done.stderr
     assert "done: 5 tasks finished" in done.stdout
     assert "0 failed verification" in done.stdout
+    assert "next: `tracker init`" in done.stdout
     assert 4 == done.stdout.count("webhook task.completed")
     assert 1 == done.stdout.count("webhook task.failed")
 

@@ -20,6 +20,12 @@ from tracker.testing.simulator import SimulatedRelay
 
 #: the demo gives up after this long (it needs about ten seconds)
 DEADLINE = 55.0
+#: what the demo says last: the way from here to the newcomer's own first webhook
+NEXT = (
+    "next: `tracker init` writes a config of your own, then "
+    "`tracker run --config tracker.toml --simulate --receiver` and register a task with curl "
+    "(the README's five-minute path)"
+)
 FINAL_TYPES = frozenset(status.FINAL_EVENTS.values())
 
 
@@ -111,6 +117,7 @@ async def _run(
             f"done: {len(ids)} tasks finished, {receiver.count} webhooks received, "
             f"{len(unverified)} failed verification",
         )
+        say(NEXT)
         return 0 if not unverified else 1
     finally:
         await daemon.stop()
