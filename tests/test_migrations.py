@@ -361,7 +361,7 @@ async def test_the_daemon_upgrades_a_release_0_1_sqlite_database_at_start(
 def test_the_daemon_refuses_an_older_postgresql_schema_naming_the_command(
     tmp_path: Path, make_pg_url: Callable[[], str]
 ) -> None:
-    """`tracker run` on an un-upgraded PostgreSQL database exits 1 saying what to run; after
+    """`tracker run` on an un-upgraded PostgreSQL database exits 5 saying what to run; after
     `tracker db upgrade` the schema is current.
     """
     url = make_pg_url()
@@ -377,7 +377,7 @@ def test_the_daemon_refuses_an_older_postgresql_schema_naming_the_command(
         check=False,
     )
 
-    assert 1 == done.returncode
+    assert 5 == done.returncode  # the schema's exit code in the README's table
     assert "run `tracker db upgrade --config PATH`" in done.stderr
     assert migrate.Shape.RELEASE_0_1 == state_of(url).shape
     assert 0 == cli.main(["db", "upgrade", "--config", str(path), "--json"])
