@@ -337,7 +337,8 @@ async def test_bare_array_of_raw_luma_objects_uses_their_state(
     queued["estimate_wait_seconds"] = 90
     relay.answer("/luma/tasks", [samples.RAW_LUMA_OBJECT, failed, queued])
 
-    seen = by_id(await luma(relay).fetch(client, ["x"]))
+    asked = [samples.RAW_LUMA_OBJECT["id"], "luma-2", "luma-3"]
+    seen = by_id(await luma(relay).fetch(client, asked))
 
     assert seen[samples.RAW_LUMA_OBJECT["id"]].status == DONE
     assert (seen["luma-2"].status, seen["luma-2"].fail_reason) == (FAIL, "400: prompt not allowed")
@@ -665,7 +666,8 @@ async def test_midjourney_bare_array_is_normalised(
     """Each MJ word maps as documented; a failure's "" progress is None with "" kept."""
     relay.answer("/mj/task/list-by-condition", samples.MJ_ANSWER)
 
-    seen = by_id(await midjourney(relay).fetch(client, ["x"]))
+    asked = [item["id"] for item in samples.MJ_ANSWER]
+    seen = by_id(await midjourney(relay).fetch(client, asked))
 
     summary = {k: (o.status, o.progress, o.upstream_progress) for k, o in seen.items()}
     assert summary == {

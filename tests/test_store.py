@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import PG_ADMIN_URL
+from structlog.testing import capture_logs
 
 from tracker.status import Change, Snapshot, TaskStatus
 from tracker.store import (
@@ -572,15 +573,19 @@ def test_record_skips_a_task_removed_meanwhile(store: SqlStore) -> None:
     assert ["b"] == [d.task_id for d in store.list_deliveries()[0]]
 
 
-def test_record_rolls_back_the_whole_call_when_one_write_fails(store: SqlStore) -> None:
-    """An error mid-call (a duplicate webhook id) leaves no task row, history or event written."""
+def test_record_leaves_out_a_task_whose_write_fails_and_writes_the_others(
+    store: SqlStore,
+) -> None:
+    """A write refused for one task (a duplicate webhook id) leaves that task untouched, with
+    no history or event, while the other task of the call is written whole.
+    """
     queue_events(store, "first")
     (existing,) = store.list_deliveries()[0]
     register(store, "a", "b", now=at(1))
     due = {t.task_id: t for t in claim(store, at(1))}
 
-    with pytest.raises(sa.exc.IntegrityError):
-        store.record(
+    with capture_logs() as logs:
+        written = store.record(
             [
                 TaskUpdate(due["a"], change(due["a"], TaskStatus.IN_PROGRESS), (entry("ok"),)),
                 TaskUpdate(
@@ -590,19 +595,19 @@ def test_record_rolls_back_the_whole_call_when_one_write_fails(store: SqlStore) 
             at(2),
         )
 
-    for task_id in ("a", "b"):
-        task = store.get("luma", task_id)
-        assert task is not None
-        assert ("pending", at(1), ()) == (task.status, task.updated_at, task.transitions)
-        assert [] == store.list_deliveries(task_id=task_id)[0]
-    assert [existing.id] == [d.id for d in store.list_deliveries()[0]]
-    # Nothing half-written blocks the retry of the same decisions.
-    assert 2 == store.record(
-        [
-            TaskUpdate(due["a"], change(due["a"], TaskStatus.IN_PROGRESS), (entry("ok"),)),
-            TaskUpdate(due["b"], change(due["b"], TaskStatus.FAILED), (entry(),)),
-        ],
-        at(3),
+    assert 1 == written
+    assert ["b"] == [e["task_id"] for e in logs if e["event"] == "task_write_refused"]
+    task = store.get("luma", "a")
+    assert task is not None
+    assert ("in_progress", 1) == (task.status, len(task.transitions))
+    assert ["ok"] == [d.webhook_id for d in store.list_deliveries(task_id="a")[0]]
+    task = store.get("luma", "b")
+    assert task is not None
+    assert ("pending", at(1), ()) == (task.status, task.updated_at, task.transitions)
+    assert [] == store.list_deliveries(task_id="b")[0]
+    # Nothing half-written blocks the retry of the refused task with sound values.
+    assert 1 == store.record(
+        [TaskUpdate(due["b"], change(due["b"], TaskStatus.FAILED), (entry(),))], at(3)
     )
 
 

@@ -26,6 +26,8 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.value)
 DEFAULT_MAX_INTERVAL = 120.0
+#: bytes of one relay answer read at most (32 MiB: a 10,000-id batch is about 12 MiB)
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 #: values config.example.toml ships with: anyone who read the repository knows them
 PLACEHOLDER_TOKENS = frozenset({"change-me"})
@@ -122,9 +124,12 @@ class UpstreamSettings(_Section):
 
     base_url: HttpUrl
     api_key: SecretStr
+    #: seconds one whole request may take, the answer's body included
     timeout: Seconds = 30.0
     #: "mj-api-secret" for a midjourney-proxy upstream, "bearer" for relays
     auth: Literal["bearer", "mj-api-secret"] = "bearer"
+    #: bytes of one answer read at most; a longer answer is a relay error, never read whole
+    max_response_bytes: Annotated[StrictInt, Field(ge=1024)] = DEFAULT_MAX_RESPONSE_BYTES
 
 
 class PollSettings(_Section):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from tracker import clock, signing, status
+from tracker import clock, sanitize, signing, status
 from tracker.config import WebhookSettings
 from tracker.status import Change, EventType
 from tracker.store.records import DueTask, OutboxEntry
@@ -64,7 +63,7 @@ def wanted_events(change: Change, target: Target) -> list[EventType]:
 
 
 def payload(task: DueTask, change: Change, event_type: EventType, now: datetime) -> bytes:
-    """The webhook body: compact JSON, signed and sent byte for byte on every attempt."""
+    """The webhook body: compact strict JSON, signed and sent byte for byte on every attempt."""
     after = change.after
     body: Mapping[str, Any] = {
         "type": event_type,
@@ -83,7 +82,9 @@ def payload(task: DueTask, change: Change, event_type: EventType, now: datetime)
             "finished_at": clock.isoformat(now) if change.final else None,
         },
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # Cleaned on the way out: metadata stored before it was validated (a lone surrogate,
+    # a NaN) must still give strict JSON in UTF-8, never an error that stops the batch.
+    return sanitize.dumps(body).encode()
 
 
 def outbox_entries(

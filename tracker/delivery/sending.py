@@ -13,7 +13,7 @@ from typing import cast
 
 import httpx
 
-from tracker import retry, signing, ssrf
+from tracker import retry, sanitize, signing, ssrf
 from tracker.clock import Clock
 from tracker.config import EndpointSettings, PreviousSecret, WebhookSettings
 from tracker.retry import DeliveryState
@@ -21,7 +21,7 @@ from tracker.store.records import AttemptResult, DeliveryJob
 
 #: at most this much of any answer is read; the rest is dropped unread
 MAX_RESPONSE_BYTES = 64 * 1024
-#: this much of it is kept in the delivery log
+#: this many characters of it are kept in the delivery log (after secrets are redacted)
 EXCERPT_BYTES = 2048
 
 
@@ -86,6 +86,16 @@ class Sender:
     def configure(self, settings: WebhookSettings, policy: retry.RetryPolicy) -> None:
         """Sign, time out and decide by these from the next attempt on."""
         self._settings = settings
+        # A receiver may echo a signing secret back; it must not reach the delivery log.
+        self._secrets = tuple(
+            secret.get_secret_value()
+            for secret in (
+                settings.secret,
+                *(p.secret for p in settings.previous_secrets),
+                *(e.secret for e in settings.endpoints.values()),
+                *(p.secret for e in settings.endpoints.values() for p in e.previous_secrets),
+            )
+        )
         self._policy = policy
 
     def secrets_for(self, endpoint: str | None) -> list[str]:
@@ -175,7 +185,9 @@ class Sender:
             status_code=outcome.status_code,
             error=error,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            response_excerpt=excerpt[:EXCERPT_BYTES].decode("utf-8", "replace"),
+            # Redacted before it is cut, cleaned so any database takes it (a NUL byte in an
+            # answer once made PostgreSQL refuse the whole batch of results).
+            response_excerpt=sanitize.excerpt(excerpt, self._secrets, EXCERPT_BYTES),
             state=state,
             next_attempt_at=next_attempt_at,
         )

@@ -80,6 +80,7 @@ def upstream_from(name: str, settings: config.UpstreamSettings) -> Upstream:
         api_key=settings.api_key.get_secret_value(),
         timeout=settings.timeout,
         auth=settings.auth,
+        max_response_bytes=settings.max_response_bytes,
     )
 
 

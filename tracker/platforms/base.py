@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import dataclasses
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, ClassVar, cast
 from urllib.parse import quote
 
 import httpx
+import structlog
 
-from tracker import status
+from tracker import config, sanitize, status
 from tracker.status import Observation, TaskStatus
 
-# How much of a relay's error answer we keep for the log line: enough to see what it said.
-ERROR_EXCERPT = 300
+log = structlog.get_logger("tracker.platforms")
+
+#: ids named in one log line about an odd answer (duplicates, unasked ids)
+LOGGED_IDS = 5
 
 #: The placeholder a per-id path carries, replaced by the URL-quoted task id.
 TASK_ID_PLACEHOLDER = "{task_id}"
@@ -41,8 +45,11 @@ class Upstream:
     name: str
     base_url: str
     api_key: str = dataclasses.field(repr=False)
+    #: seconds one whole request may take, body included, however slowly it trickles
     timeout: float = 30.0
     auth: str = "bearer"  #: "bearer" or "mj-api-secret"
+    #: bytes of an answer read at most; a longer one is a relay error, and is not read whole
+    max_response_bytes: int = config.DEFAULT_MAX_RESPONSE_BYTES
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` on this relay."""
@@ -96,20 +103,37 @@ class Platform(abc.ABC):
             f"path={self.path!r}, batch_size={self.batch_size})"
         )
 
-    @abc.abstractmethod
     async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
-        """Ask the upstream about ``ids``; ids it leaves out are simply absent from the result.
+        """Ask the upstream about ``ids``: one clean observation per id it answered.
+
+        Ids it leaves out are simply absent from the result; ids nobody asked about are
+        dropped; an id listed twice is settled by `settle`. Raises UpstreamError (or an
+        httpx.HTTPError) when the answer is unusable.
+        """
+        return settle(self.name, ids, await self.ask(client, ids))
+
+    @abc.abstractmethod
+    async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+        """The observations in the upstream's answer(s) about ``ids``, as it gave them.
 
         Raises UpstreamError when the answer is unusable.
         """
 
+    async def send(
+        self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+    ) -> httpx.Response:
+        """One request to the relay within its bounds, the answer read (see `read_bounded`)."""
+        request = client.build_request(
+            method, url, headers=self.upstream.headers(), timeout=self.upstream.timeout, **kwargs
+        )
+        return await read_bounded(
+            client, request, self.upstream.timeout, self.upstream.max_response_bytes
+        )
+
     async def post_ids(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Any]:
         """`POST {path} {"ids": [...]}` and the items of the answer (envelope or bare array)."""
-        response = await client.post(
-            self.upstream.url(self.path),
-            json={"ids": list(ids)},
-            headers=self.upstream.headers(),
-            timeout=self.upstream.timeout,
+        response = await self.send(
+            client, "POST", self.upstream.url(self.path), json={"ids": list(ids)}
         )
         return new_api_items(read_json(response), status_code=response.status_code)
 
@@ -143,15 +167,11 @@ class PerIdPlatform(Platform):
         """The URL asking about one task (the id quoted, slashes included)."""
         return self.upstream.url(self.path.replace(TASK_ID_PLACEHOLDER, quote(task_id, safe="")))
 
-    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+    async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for each id in turn; any unusable answer fails the whole call."""
         observations = []
         for task_id in ids:
-            response = await client.get(
-                self.task_url(task_id),
-                headers=self.upstream.headers(),
-                timeout=self.upstream.timeout,
-            )
+            response = await self.send(client, "GET", self.task_url(task_id))
             observation = self.read_one(task_id, response)
             if observation is not None:
                 observations.append(observation)
@@ -165,32 +185,173 @@ class PerIdPlatform(Platform):
         """
 
 
+async def read_bounded(
+    client: httpx.AsyncClient, request: httpx.Request, deadline: float, max_bytes: int
+) -> httpx.Response:
+    """Send ``request`` and read its answer, all within ``deadline`` seconds and ``max_bytes``.
+
+    httpx's own timeouts bound each read, so a body trickled a byte at a time would never
+    time out; this bounds the whole exchange (httpx.ReadTimeout when it runs out). An answer
+    declaring more than ``max_bytes`` is refused before its body is read, and one that turns
+    out longer is cut off there (UpstreamError either way), so memory stays bounded too.
+    """
+    try:
+        async with asyncio.timeout(deadline):
+            response = await client.send(request, stream=True)
+            try:
+                body = await _read_limited(response, max_bytes)
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"no whole answer within {deadline:g} s", request=request) from None
+    # The body is decoded already; the rebuilt response must not decode it again.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
+    ]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=request)
+
+
+async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise UpstreamError(
+            f"answer of {int(declared)} bytes is over the {max_bytes} byte limit",
+            status_code=response.status_code,
+        )
+    body = bytearray()
+    # aiter_bytes is an async generator (typed as a plain iterator); close it, do not leave it
+    # to the garbage collector.
+    chunks = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+    async with contextlib.aclosing(chunks) as stream:
+        async for chunk in stream:
+            body += chunk
+            if len(body) > max_bytes:
+                raise UpstreamError(
+                    f"answer is over the {max_bytes} byte limit (cut off unread)",
+                    status_code=response.status_code,
+                )
+    return bytes(body)
+
+
 def read_json(response: httpx.Response) -> Any:
-    """The decoded JSON body of a 2xx answer, or UpstreamError saying what came back instead."""
+    """The decoded, cleaned JSON body of a 2xx answer, or UpstreamError saying what came back.
+
+    A body whose Content-Type says it is something else (text/plain, text/html) is not read
+    as JSON; nor is one that is not strict JSON (see `sanitize.loads`).
+    """
     if not response.is_success:
         raise UpstreamError(
             f"HTTP {response.status_code}: {excerpt(response)}", status_code=response.status_code
         )
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    media_type = _media_type(response)
+    if media_type and "json" not in media_type:
         raise UpstreamError(
-            f"answer is not JSON: {excerpt(response)}", status_code=response.status_code
-        ) from exc
+            f"answer is not JSON but {media_type}: {excerpt(response)}",
+            status_code=response.status_code,
+        )
+    try:
+        return sanitize.loads(response.content)
+    except sanitize.BadJSONError as exc:
+        raise UpstreamError(
+            f"answer is not JSON ({exc}): {excerpt(response)}", status_code=response.status_code
+        ) from None
 
 
 def try_json(response: httpx.Response) -> Any:
-    """The decoded JSON body whatever the HTTP status, None when it is not JSON."""
+    """The decoded, cleaned JSON body whatever the HTTP status, None when it is not JSON."""
+    media_type = _media_type(response)
+    if media_type and "json" not in media_type:
+        return None
     try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return sanitize.loads(response.content)
+    except sanitize.BadJSONError:
         return None
 
 
+def _media_type(response: httpx.Response) -> str:
+    declared: str = response.headers.get("content-type", "")
+    return declared.split(";", 1)[0].strip().lower()
+
+
 def excerpt(response: httpx.Response) -> str:
-    """The first bytes of an answer, for log lines."""
-    text = response.content[:ERROR_EXCERPT].decode("utf-8", "replace")
+    """The start of an answer for log lines, with the key the request carried redacted."""
+    text = sanitize.excerpt(response.content, _request_secrets(response))
     return text if text else "(empty body)"
+
+
+def _request_secrets(response: httpx.Response) -> list[str]:
+    # A relay that echoes the request (some error pages do) echoes its key.
+    try:
+        headers = response.request.headers
+    except RuntimeError:  # a response built without its request
+        return []
+    found = [headers.get("mj-api-secret", "")]
+    authorization = headers.get("authorization", "")
+    found.append(authorization.removeprefix("Bearer ").removeprefix("bearer "))
+    return [secret for secret in found if secret]
+
+
+def settle(
+    platform: str, asked: Sequence[str], observations: Sequence[Observation]
+) -> list[Observation]:
+    """Clean observations, keep those of asked ids, one per id.
+
+    An id the answer lists twice keeps its most advanced copy (statuses only move forward,
+    so an older copy from a stale replica cannot undo a newer one; among equally advanced
+    copies the first listed wins), and copies that disagree are logged. Ids nobody asked
+    about are dropped and logged.
+    """
+    wanted = set(asked)
+    kept: dict[str, Observation] = {}
+    unasked: list[str] = []
+    conflicts: dict[str, set[str]] = {}
+    for raw in observations:
+        observation = clean_observation(raw)
+        task_id = observation.task_id
+        if task_id not in wanted:
+            unasked.append(task_id)
+            continue
+        earlier = kept.get(task_id)
+        if earlier is None:
+            kept[task_id] = observation
+            continue
+        if earlier.upstream_status != observation.upstream_status:
+            conflicts.setdefault(task_id, {earlier.upstream_status}).add(
+                observation.upstream_status
+            )
+        if _further(observation, earlier):
+            kept[task_id] = observation
+    if unasked:
+        log.warning(
+            "upstream_unasked_ids", platform=platform, count=len(unasked), ids=unasked[:LOGGED_IDS]
+        )
+    if conflicts:
+        log.warning(
+            "upstream_conflicting_duplicates",
+            platform=platform,
+            count=len(conflicts),
+            statuses={k: sorted(v) for k, v in list(conflicts.items())[:LOGGED_IDS]},
+        )
+    return list(kept.values())
+
+
+def _further(new: Observation, old: Observation) -> bool:
+    if new.status is None:
+        return False
+    return old.status is None or status.can_move(old.status, new.status)
+
+
+def clean_observation(observation: Observation) -> Observation:
+    """The observation with every text cleaned and capped, its result strict-JSON clean."""
+    return dataclasses.replace(
+        observation,
+        upstream_status=sanitize.clean_text(observation.upstream_status, sanitize.MAX_WORD),
+        upstream_progress=sanitize.clean_optional(observation.upstream_progress, sanitize.MAX_WORD),
+        fail_reason=sanitize.clean_text(observation.fail_reason, sanitize.MAX_REASON),
+        result=sanitize.clean_json(dict(observation.result)),
+    )
 
 
 def new_api_items(body: Any, *, status_code: int | None = None) -> list[Any]:
@@ -252,7 +413,7 @@ def reason_of(value: object) -> str:
             text = value.get(key)
             if isinstance(text, str) and text:
                 return text
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return sanitize.dumps(value)
 
 
 def positive_seconds(value: object) -> float | None:

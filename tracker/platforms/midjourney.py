@@ -44,7 +44,7 @@ class Midjourney(Platform):
 
     style: ClassVar[str] = "midjourney"
 
-    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+    async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
         observations = []
         for item in await self.post_ids(client, ids):

@@ -116,7 +116,7 @@ class NewApiBatch(Platform):
 
     style: ClassVar[str] = "newapi-batch"
 
-    async def fetch(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+    async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
         observations = []
         for item in await self.post_ids(client, ids):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
+from tracker import sanitize
 from tracker.retry import DeliveryState
 from tracker.status import FINAL, EventType, Snapshot, TaskStatus
 from tracker.store import counts, records
@@ -22,6 +25,8 @@ from tracker.store.models import (
     TransitionRow,
 )
 from tracker.store.records import KEEP
+
+log = structlog.get_logger("tracker.store")
 
 tasks = TaskRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
@@ -378,8 +383,14 @@ class SqlStore:
 
         Each task row is updated only if it still has the status the decision was made on; a
         task that moved or was removed meanwhile keeps its state and gets no history or event.
-        Any error rolls the whole call back. Returns how many tasks were written.
+        A task whose own values the database refuses is left out (logged as
+        `task_write_refused`; it is polled again) and the others are written without it; any
+        other error (a lock, a full disk, a lost connection) rolls the whole call back.
+        Returns how many tasks were written.
         """
+        return _isolated(updates, lambda part: self._record_once(part, now), _refused_update)
+
+    def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         epoch = _epoch(now)
         replanned, updates = _split_replanned(updates)
         planned = [(u, _update_values(u, now, epoch)) for u in updates]
@@ -528,19 +539,43 @@ class SqlStore:
             for r in rows
         ]
 
-    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
-        """Log attempts and move their deliveries on, in one transaction.
+    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> int:
+        """Log attempts and move their deliveries on, in one transaction; returns how many.
 
         A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
-        not fail the results of the whole batch.
+        not fail the results of the whole batch. A result whose own values the database
+        refuses is written again without the receiver's answer text, and the others without
+        it; an unrecorded result would leave its delivery to be sent again at every lease.
         """
         if not results:
-            return
+            return 0
+        return _isolated(results, self._finish_once, self._refused_result)
+
+    def _refused_result(self, result: records.AttemptResult, exc: Exception) -> int:
+        log.error(
+            "attempt_write_refused",
+            webhook_id=result.job.webhook_id,
+            task_id=result.job.task_id,
+            error=_describe_error(exc),
+        )
+        error = None if result.error is None else sanitize.clean_text(result.error, 500)
+        plain = dataclasses.replace(result, response_excerpt="", error=error)
+        try:
+            return self._finish_once([plain])
+        except Exception as again:
+            if not _is_row_error(again):
+                raise
+            log.error(  # noqa: TRY400 - the row's values would only repeat in a traceback
+                "attempt_unrecorded", webhook_id=result.job.webhook_id, error=_describe_error(again)
+            )
+            return 0
+
+    def _finish_once(self, results: Sequence[records.AttemptResult]) -> int:
         with self._write() as conn:
             live = self._current(conn, deliveries.c.id, {r.job.pk for r in results})
             results = [r for r in results if r.job.pk in live]
             if not results:
-                return
+                return 0
             conn.execute(
                 attempts.insert(),
                 [
@@ -571,6 +606,7 @@ class SqlStore:
                     for r in results
                 ],
             )
+        return len(results)
 
     def next_delivery_at(self) -> datetime | None:
         """When the earliest pending delivery falls due (None when none is pending)."""
@@ -681,6 +717,59 @@ class SqlStore:
         """Fold the appended count changes into one row per key (keeps stats() cheap)."""
         with self._write() as conn:
             return counts.compact(conn)
+
+
+_T = TypeVar("_T")
+
+
+def _is_row_error(exc: Exception) -> bool:
+    """Whether ``exc`` is the database (or the driver) refusing the values of some row.
+
+    Those are worth retrying without the row; a lock, a full disk or a lost connection
+    (OperationalError and the like) would fail every smaller write as well.
+    """
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True  # a bind parameter could not be converted
+    return isinstance(exc, ValueError | TypeError)  # e.g. text the driver cannot encode
+
+
+def _describe_error(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    first_line = str(cause).split("\n", 1)[0]
+    return sanitize.clean_text(f"{type(cause).__name__}: {first_line}", 300)
+
+
+def _isolated(
+    items: Sequence[_T],
+    write: Callable[[Sequence[_T]], int],
+    refused: Callable[[_T, Exception], int],
+) -> int:
+    """``write(items)``; when the database refuses some row's values, the halves apart.
+
+    Halving until the refused rows stand alone costs about 2 log2(n) extra transactions per
+    bad row, and only when there is one; each lone refused row goes to ``refused``.
+    """
+    try:
+        return write(items)
+    except Exception as exc:
+        if not _is_row_error(exc):
+            raise
+        if len(items) == 1:
+            return refused(items[0], exc)
+    middle = len(items) // 2
+    return _isolated(items[:middle], write, refused) + _isolated(items[middle:], write, refused)
+
+
+def _refused_update(update: records.TaskUpdate, exc: Exception) -> int:
+    log.error(
+        "task_write_refused",
+        platform=update.task.platform,
+        task_id=update.task.task_id,
+        error=_describe_error(exc),
+    )
+    return 0
 
 
 # One statement for every finished attempt, run as an executemany.

@@ -8,20 +8,69 @@ import functools
 import json
 import math
 import random
+import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from tracker.testing.loopback import LoopbackServer, QuietHandler
 
 FAMILIES: Final = frozenset({"luma", "suno", "midjourney", "video", "kling", "replicate"})
+#: Whole-answer faults `fail_next` queues: each spoils one request whatever its path.
 FAULT_KINDS: Final = frozenset(
-    {"http_500", "http_429", "code_error", "bad_json", "wrong_shape", "slow"}
+    {
+        "http_500",
+        "http_429",
+        "code_error",
+        "bad_json",
+        "wrong_shape",
+        "slow",
+        # more statuses and bodies no relay should send
+        "http_502_html",
+        "http_503_empty",
+        "http_200_empty",
+        "truncated_json",
+        "text_plain",
+        "invalid_utf8",
+        "deep_nesting",
+        "nan_answer",
+        "huge_number",
+        "null_envelope",
+        "junk_items",
+        # the transport itself
+        "stall",
+        "trickle",
+        "huge_body",
+        "huge_chunked",
+        "reset",
+        "hang_up",
+    }
 )
+#: Item faults `poison` attaches to one task: its item is malformed in every answer.
+POISON_KINDS: Final = frozenset(
+    {
+        "nul",
+        "surrogate",
+        "nan",
+        "long_strings",
+        "huge_int",
+        "odd_types",
+        "null_fields",
+        "duplicate_conflict",
+        "unasked_extra",
+        "deep_result",
+    }
+)
+#: bytes a `huge_body` or `huge_chunked` answer declares or sends (it stops when the client goes)
+HUGE_BODY_BYTES: Final = 400 * 1024 * 1024
+#: integer digits of a `huge_number` or `huge_int` value
+HUGE_DIGITS: Final = 5000
+_HUGE_MARK: Final = "__sim_huge_int__"
 RESULT_HOST: Final = "https://cdn.example.invalid"
 PROMPT: Final = "cat dance"
 
@@ -341,24 +390,80 @@ class _RelayHandler(QuietHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
-        status, body, content_type, extra = self._owner._answer(
+        answer = self._owner._answer(
             self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, raw
         )
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in extra.items():
+        if answer.transport in ("reset", "hang_up"):
+            self._drop(reset=answer.transport == "reset")
+            return
+        chunked = answer.transport == "huge_chunked"
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            size = HUGE_BODY_BYTES if answer.transport == "huge_body" else len(answer.body)
+            self.send_header("Content-Length", str(size))
+        for name, value in answer.extra.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self._send_body(answer)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+
+    def _send_body(self, answer: _Answer) -> None:
+        owner = self._owner
+        if answer.transport == "stall":
+            self.wfile.flush()
+            owner.stopping.wait(owner.stall_seconds)
+            self.close_connection = True
+        elif answer.transport == "trickle":
+            for byte in answer.body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if owner.stopping.wait(owner.trickle_seconds):
+                    break
+        elif answer.transport in ("huge_body", "huge_chunked"):
+            filler = b" " * 65536
+            for _ in range(HUGE_BODY_BYTES // len(filler)):
+                if answer.transport == "huge_chunked":
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(filler), filler))
+                else:
+                    self.wfile.write(filler)
+                if owner.stopping.is_set():
+                    break
+            self.close_connection = True
+        else:
+            self.wfile.write(answer.body)
+
+    def _drop(self, *, reset: bool) -> None:
+        """Close without answering; with ``reset``, abort the connection (TCP RST)."""
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
 
 
-_Answer = tuple[int, bytes, str, dict[str, str]]
+class _Answer(NamedTuple):
+    status: int
+    body: bytes
+    content_type: str
+    extra: dict[str, str]
+    #: how the body goes out: "whole", or a transport fault kind (stall, trickle, ...)
+    transport: str = "whole"
 
 
 def _json_answer(status: int, payload: object, extra: dict[str, str] | None = None) -> _Answer:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return status, body, "application/json", extra or {}
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        body = text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a poisoned item) can only go out as a \uXXXX escape.
+        text = json.dumps(payload, separators=(",", ":"))
+        body = text.encode()
+    if _HUGE_MARK.encode() in body:
+        body = body.replace(f'"{_HUGE_MARK}"'.encode(), b"1" + b"0" * (HUGE_DIGITS - 1))
+    return _Answer(status, body, "application/json", extra or {})
 
 
 class SimulatedRelay(LoopbackServer):
@@ -392,12 +497,19 @@ class SimulatedRelay(LoopbackServer):
         #: what Luma items say in data.estimate_wait_seconds while not finished
         self.luma_estimate_wait: float | None = None
         self.slow_seconds = 2.0
+        #: how long a `stall` answer holds its body back (it ends sooner when the relay stops)
+        self.stall_seconds = 60.0
+        #: seconds between two bytes of a `trickle` answer
+        self.trickle_seconds = 0.05
+        #: set while stopping, so stalled and trickling answers end
+        self.stopping = threading.Event()
         super().__init__(host=host, port=port)
         # Order shuffling is for realism, not security.
         self._rng = random.Random(seed)  # noqa: S311
         self._tasks: dict[tuple[str, str], _Task] = {}
         self._hidden: set[tuple[str, str]] = set()
         self._faults: deque[str] = deque()
+        self._poisons: dict[tuple[str, str], str] = {}
         # Bounded so a benchmark's thousands of 1000-id batches do not eat the memory; 0 = off.
         self._requests: deque[RecordedRequest] = deque(maxlen=record_limit)
         self._next_row_id = 1
@@ -462,6 +574,27 @@ class SimulatedRelay(LoopbackServer):
         with self._lock:
             self._faults.extend([kind] * count)
 
+    def poison(self, family: str, task_id: str, kind: str) -> None:
+        """Make this task's item malformed in every answer from now on (see POISON_KINDS)."""
+        _check_family(family)
+        if kind not in POISON_KINDS:
+            raise ValueError(
+                f"unknown poison kind {kind!r}; expected one of {sorted(POISON_KINDS)}"
+            )
+        with self._lock:
+            self._poisons[family, task_id] = kind
+
+    def start(self) -> SimulatedRelay:
+        """Serve (again)."""
+        self.stopping.clear()
+        super().start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; stalled and trickling answers end."""
+        self.stopping.set()
+        super().stop()
+
     @property
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -502,12 +635,13 @@ class SimulatedRelay(LoopbackServer):
             fault = self._faults.popleft() if self._faults else None
         if fault == "slow":
             time.sleep(self.slow_seconds)
-        elif fault is not None:
+        elif fault is not None and fault not in _SPOILERS:
             return _fault_answer(fault)
         route = path.split("?", 1)[0].rstrip("/")
         if not self._authorized(route, headers):
             return _json_answer(401, _UNAUTHORIZED)
-        return self._route(method, route, body)
+        answer = self._route(method, route, body)
+        return answer if fault is None or fault == "slow" else _spoil(answer, fault)
 
     def _authorized(self, route: str, headers: dict[str, str]) -> bool:
         if headers.get("authorization") == f"Bearer {self.api_key}":
@@ -549,27 +683,121 @@ class SimulatedRelay(LoopbackServer):
             self._rng.shuffle(snaps)
             bare_luma, int_times = self.luma_bare_array, self.luma_int_times
             wait = self.luma_estimate_wait
+            poisons = dict(self._poisons)
         if family == "midjourney":
-            return _json_answer(200, [_mj_item(s) for s in snaps])
-        if family == "suno":
+            items = [_mj_item(s) for s in snaps]
+        elif family == "suno":
             items = [_suno_item(s) for s in snaps]
         else:
             items = [_luma_item(s, int_times=int_times, wait=wait) for s in snaps]
-            if bare_luma:
-                return _json_answer(200, items)
+        items = [
+            poisoned
+            for snap, item in zip(snaps, items, strict=True)
+            for poisoned in _poisoned(item, poisons.get((family, snap.task_id)))
+        ]
+        if family == "midjourney" or bare_luma:
+            return _json_answer(200, items)
         return _json_answer(200, {"code": "success", "message": "", "data": items})
 
     def _single(self, family: str, task_id: str, action: str) -> _Answer:
         with self._lock:
             snap = self._lookup(family, task_id, time.monotonic())
+            poison = self._poisons.get((family, task_id))
         if family == "replicate":
             if snap is None:
                 return _json_answer(404, {"detail": "Not found."})
-            return _json_answer(200, _prediction(snap, self.base_url))
+            return _json_answer(200, _poisoned(_prediction(snap, self.base_url), poison)[0])
         if snap is None:
             return _json_answer(400, _TASK_NOT_EXIST)
         dto = _kling_dto(snap, action) if family == "kling" else _video_dto(snap)
+        dto = _poisoned(dto, poison)[0]
         return _json_answer(200, {"code": "success", "message": "", "data": dto})
+
+
+#: faults that spoil the real answer (or how it is sent) rather than replace it
+_SPOILERS: Final = frozenset(
+    {"truncated_json", "text_plain", "stall", "trickle", "huge_body", "huge_chunked"}
+    | {"reset", "hang_up"}
+)
+_STATUS_KEYS: Final = ("status", "state")
+_REASON_KEYS: Final = ("fail_reason", "failReason", "error")
+_ID_KEYS: Final = ("task_id", "id")
+
+
+def _spoil(answer: _Answer, kind: str) -> _Answer:
+    if kind == "truncated_json":
+        return answer._replace(body=answer.body[: max(1, len(answer.body) // 2)])
+    if kind == "text_plain":
+        return answer._replace(content_type="text/plain; charset=utf-8")
+    return answer._replace(transport=kind)
+
+
+def _poisoned(item: dict[str, Any], kind: str | None) -> list[dict[str, Any]]:
+    """``item`` spoiled the ``kind`` way (see POISON_KINDS), possibly as several items."""
+    if kind is None:
+        return [item]
+    item = dict(item)
+    if kind == "duplicate_conflict":
+        # The same id again, still running: a stale replica beside a fresh one.
+        other = {**item, "status": "IN_PROGRESS", "progress": "50%"}
+        return [item, other]
+    if kind == "unasked_extra":
+        key = next(k for k in _ID_KEYS if k in item)
+        return [item, {**item, key: f"unasked-{item[key]}"}]
+    spoiled = _SPOILED_FIELDS[kind](item)
+    # Fields are spoiled only where the item has them.
+    for field in (*_STATUS_KEYS, *_REASON_KEYS, "progress"):
+        if field in item and field in spoiled:
+            item[field] = spoiled[field]
+    item.update({k: v for k, v in spoiled.items() if k.startswith("x_")})
+    return [item]
+
+
+def _status_of(item: dict[str, Any]) -> str:
+    word = item.get("status", item.get("state", ""))
+    return word if isinstance(word, str) else ""
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+_SPOILED_FIELDS: Final[dict[str, Any]] = {
+    "nul": lambda item: {
+        "status": _status_of(item) + "\x00",
+        "progress": "5\x000%",
+        **dict.fromkeys(_REASON_KEYS, "bad\x00reason"),
+        "x_note": "a\x00b",
+    },
+    "surrogate": lambda _item: {
+        **dict.fromkeys(_REASON_KEYS, "lone \ud800 surrogate"),
+        "progress": "\udc00",
+        "x_note": "\ud83d",
+    },
+    "nan": lambda _item: {"progress": math.nan, "x_score": math.inf, "x_low": -math.inf},
+    "long_strings": lambda item: {
+        "status": _status_of(item) + "_" + "X" * 200,
+        "progress": "9" * 100 + "%",
+        **dict.fromkeys(_REASON_KEYS, "r" * 100_000),
+    },
+    "huge_int": lambda _item: {"progress": _HUGE_MARK, "x_seed": _HUGE_MARK},
+    "odd_types": lambda _item: {
+        "status": 42,
+        "state": 42,
+        "progress": [1, 2],
+        **{key: {"nested": {"deep": True}} for key in _REASON_KEYS},
+    },
+    "null_fields": lambda _item: {
+        "status": None,
+        "state": None,
+        "progress": None,
+        **dict.fromkeys(_REASON_KEYS),
+    },
+    "deep_result": lambda _item: {"x_deep": _deep(40)},
+}
 
 
 def _fault_answer(kind: str) -> _Answer:
@@ -583,8 +811,30 @@ def _fault_answer(kind: str) -> _Answer:
         return _json_answer(200, {"code": "fail", "message": "upstream busy", "data": None})
     if kind == "bad_json":
         # What a CDN error page in front of a relay looks like.
-        return 200, b"<html><body>502 Bad Gateway</body></html>", "text/html; charset=utf-8", {}
-    return _json_answer(200, {"code": "success", "message": "", "data": "unexpected"})
+        html = b"<html><body>502 Bad Gateway</body></html>"
+        return _Answer(200, html, "text/html; charset=utf-8", {})
+    return _odd_answer(kind)
+
+
+_JSON: Final = "application/json"
+_JUNK_ITEMS: Final = [1, "x", None, [], {"task_id": None}, {"task_id": {}}, {"id": [1]}]
+_ODD_ANSWERS: Final[dict[str, _Answer]] = {
+    "http_502_html": _Answer(502, b"<html><body>502 Bad Gateway</body></html>", "text/html", {}),
+    "http_503_empty": _Answer(503, b"", "text/plain", {}),
+    "http_200_empty": _Answer(200, b"", _JSON, {}),
+    "invalid_utf8": _Answer(200, b'{"code":"success","message":"\xff\xfe","data":[]}', _JSON, {}),
+    "deep_nesting": _Answer(200, b"[" * 100_000 + b"]" * 100_000, _JSON, {}),
+    "nan_answer": _Answer(200, b"NaN", _JSON, {}),
+    "huge_number": _Answer(200, b"1" + b"0" * (HUGE_DIGITS - 1), _JSON, {}),
+    "null_envelope": _json_answer(200, {"code": "success", "message": "", "data": None}),
+    "junk_items": _json_answer(200, {"code": "success", "message": "", "data": _JUNK_ITEMS}),
+}
+
+
+def _odd_answer(kind: str) -> _Answer:
+    return _ODD_ANSWERS.get(
+        kind, _json_answer(200, {"code": "success", "message": "", "data": "unexpected"})
+    )
 
 
 def _check_family(family: str) -> None:

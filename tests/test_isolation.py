@@ -1,0 +1,328 @@
+"""One bad value, item, answer or delivery result affects only itself (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from conftest import WEBHOOK_SECRET
+from structlog.testing import capture_logs
+
+from tracker import config, events, platforms, sanitize
+from tracker.clock import FakeClock
+from tracker.metrics import Metrics
+from tracker.platforms.base import Platform, UpstreamError
+from tracker.poller import Poller
+from tracker.status import Change, Snapshot, TaskStatus
+from tracker.store import AttemptResult, Registration, SqlStore, TaskUpdate
+from tracker.store.records import DueTask
+from tracker.store.sql import deliveries
+from tracker.testing.simulator import FAULT_KINDS, POISON_KINDS, SimulatedRelay
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TLS = ssl.create_default_context()
+HEALTHY = [f"ok-{n}" for n in range(6)]
+#: answers that are a relay error for that request; the others are usable (maybe empty)
+RELAY_ERRORS = FAULT_KINDS - {"slow", "null_envelope", "junk_items"}
+
+
+@pytest.fixture(name="client")
+async def _client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(verify=TLS) as client:
+        yield client
+
+
+def built(relay: SimulatedRelay, **upstream: Any) -> dict[str, Platform]:
+    document = {
+        "upstream": {"base_url": relay.base_url, "api_key": "sk-sim", **upstream},
+        "webhooks": {"url": "http://127.0.0.1:9/hooks", "secret": WEBHOOK_SECRET},
+    }
+    return platforms.build(config.parse(document, environ={}))
+
+
+def storable(observation: Any) -> None:
+    """Everything an observation carries is strict JSON, UTF-8, NUL-free and within its cap."""
+    for text, cap in (
+        (observation.upstream_status, sanitize.MAX_WORD),
+        (observation.upstream_progress or "", sanitize.MAX_WORD),
+        (observation.fail_reason, sanitize.MAX_REASON),
+    ):
+        assert len(text) <= cap
+        assert "\x00" not in text
+        text.encode("utf-8")
+    dumped = json.dumps(observation.result, allow_nan=False, ensure_ascii=False)
+    assert "\x00" not in dumped
+    dumped.encode("utf-8")
+
+
+# -- relay answers, read by the adapters ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["luma", "midjourney", "video", "replicate"])
+@pytest.mark.parametrize("kind", sorted(RELAY_ERRORS))
+async def test_every_malformed_answer_is_a_relay_error_and_the_next_is_read(
+    client: httpx.AsyncClient, family: str, kind: str
+) -> None:
+    """Each malformed answer (status, body, encoding, nesting, stall, trickle, size, reset)
+    is an UpstreamError or an httpx error within the deadline; the next request is read.
+    """
+    with SimulatedRelay(step=0.0) as relay:
+        relay.trickle_seconds = 0.05
+        platform = built(relay, timeout=0.5, max_response_bytes=1024 * 1024)[family]
+        relay.fail_next(kind)
+        with pytest.raises((UpstreamError, httpx.HTTPError)):
+            await platform.fetch(client, ["ok-1"])
+        [observation] = await platform.fetch(client, ["ok-1"])
+    assert TaskStatus.COMPLETED == observation.status
+
+
+@pytest.mark.parametrize("kind", ["null_envelope", "junk_items"])
+async def test_answers_without_usable_items_observe_nothing(
+    client: httpx.AsyncClient, kind: str
+) -> None:
+    """A null `data` or items of the wrong types give no observation and no error."""
+    with SimulatedRelay(step=0.0) as relay:
+        relay.fail_next(kind)
+        assert [] == await built(relay)["luma"].fetch(client, ["ok-1"])
+
+
+async def test_an_answer_declaring_400_mb_is_refused_unread(client: httpx.AsyncClient) -> None:
+    """The Content-Length alone refuses a 400 MB answer, naming the limit."""
+    with SimulatedRelay(step=0.0) as relay:
+        relay.fail_next("huge_body")
+        with pytest.raises(UpstreamError, match="over the 33554432 byte limit"):
+            await built(relay)["luma"].fetch(client, ["ok-1"])
+
+
+async def test_a_relay_echoing_its_key_leaves_no_part_of_it_in_the_error() -> None:
+    """An error page quoting the request's key is redacted before it is cut to an excerpt."""
+    key = "sk-live-" + "k" * 40
+    # Cut at 300 characters, the page would keep the key's first 12.
+    page = b"x" * (sanitize.EXCERPT_CHARS - 12) + key.encode()
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, content=page, headers={"content-type": "text/html"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(echo)) as client:
+        with SimulatedRelay(step=0.0) as relay:
+            platform = built(relay)["luma"]
+            platform.upstream = platforms.Upstream("r", relay.base_url, key)
+            with pytest.raises(UpstreamError) as caught:
+                await platform.fetch(client, ["ok-1"])
+    assert key[:9] not in str(caught.value)
+    assert "[redacted]" in str(caught.value)
+
+
+@pytest.mark.parametrize("family", ["luma", "suno", "midjourney", "video", "kling", "replicate"])
+@pytest.mark.parametrize("kind", sorted(POISON_KINDS))
+async def test_a_poisoned_item_is_cleaned_and_its_neighbours_read(
+    client: httpx.AsyncClient, family: str, kind: str
+) -> None:
+    """Beside a malformed item, every healthy id reads COMPLETED; what the bad one gives, if
+    anything, is clean enough for any database and strict JSON.
+    """
+    with SimulatedRelay(step=0.0) as relay:
+        relay.poison(family, "bad", kind)
+        platform = built(relay)[family]
+        with capture_logs() as logs:
+            if platform.per_id:
+                # One id per request: a bad answer may be a relay error, for itself alone.
+                seen = []
+                for task_id in ("ok-1", "bad", "ok-2"):
+                    try:
+                        seen += await platform.fetch(client, [task_id])
+                    except UpstreamError:
+                        assert "bad" == task_id
+            else:
+                seen = await platform.fetch(client, ["ok-1", "bad", "ok-2"])
+    by_id = {o.task_id: o for o in seen}
+    assert {"ok-1", "ok-2"} <= set(by_id)
+    assert {"ok-1", "ok-2", "bad"} >= set(by_id)
+    for observation in seen:
+        storable(observation)
+    assert TaskStatus.COMPLETED == by_id["ok-1"].status == by_id["ok-2"].status
+    if kind == "duplicate_conflict" and not platform.per_id:
+        [line] = [e for e in logs if e["event"] == "upstream_conflicting_duplicates"]
+        assert {"bad": ["IN_PROGRESS", by_id["bad"].upstream_status]} == line["statuses"]
+        assert TaskStatus.COMPLETED == by_id["bad"].status  # the most advanced copy wins
+    if kind == "unasked_extra" and not platform.per_id:
+        [line] = [e for e in logs if e["event"] == "upstream_unasked_ids"]
+        assert ["unasked-bad"] == line["ids"]
+
+
+# -- the poll cycle and the store, on both databases ---------------------------------------
+
+
+@pytest.fixture(name="poller_for")
+async def _poller_for(
+    store: SqlStore, relay: SimulatedRelay
+) -> AsyncIterator[Callable[[], Poller]]:
+    async with httpx.AsyncClient(verify=TLS) as client:
+        settings = config.parse(
+            {
+                "upstream": {"base_url": relay.base_url, "api_key": "sk-sim"},
+                "webhooks": {"url": "http://127.0.0.1:9/hooks", "secret": WEBHOOK_SECRET},
+            },
+            environ={},
+        )
+
+        def make() -> Poller:
+            return Poller(
+                store=store,
+                platforms=platforms.build(settings),
+                client=client,
+                clock=FakeClock(T0),
+                settings=settings.poll,
+                targets=events.Targets(settings.webhooks),
+                metrics=Metrics(),
+            )
+
+        yield make
+
+
+async def test_poisoned_items_in_one_batch_stop_none_of_the_healthy_tasks(
+    store: SqlStore, relay: SimulatedRelay, poller_for: Callable[[], Poller]
+) -> None:
+    """Every poison kind in the same batch as healthy tasks: each healthy task completes with
+    its final event in the outbox, on SQLite and PostgreSQL, and the cycle reports no error.
+    """
+    poisoned = [f"bad-{kind}" for kind in sorted(POISON_KINDS)]
+    for task_id, kind in zip(poisoned, sorted(POISON_KINDS), strict=True):
+        relay.poison("luma", task_id, kind)
+    store.register(
+        Registration("luma", [*HEALTHY, *poisoned], metadata={"m": 1}), T0 - timedelta(seconds=1)
+    )
+    report = await poller_for().run_cycle()
+
+    assert 0 == report.errors
+    for task_id in HEALTHY:
+        task = store.get("luma", task_id)
+        assert task is not None
+        assert "completed" == task.status
+    with store.engine.connect() as conn:
+        finals = conn.execute(
+            sa.select(deliveries.c.task_id).where(deliveries.c.event_type == "task.completed")
+        ).scalars()
+        assert set(HEALTHY) <= set(finals)
+
+
+def bad_change(task: Any, **after: Any) -> Change:
+    before = task.snapshot
+    return Change(
+        before=before,
+        after=Snapshot(status=TaskStatus.FAILED, **after),
+        result=None,
+        events=("task.failed",),
+    )
+
+
+def test_record_writes_every_task_but_those_whose_values_the_database_refuses(
+    store: SqlStore,
+) -> None:
+    """Values that slipped past cleaning (a lone surrogate; on PostgreSQL also NUL, a 200-char
+    status and NaN in JSON) cost only their own task, logged once each; the rest is written.
+    """
+    ids = [f"t{n}" for n in range(9)]
+    store.register(Registration("luma", ids), T0)
+    due = {t.task_id: t for t in store.claim_due(T0, 100, interval=1, max_interval=10)}
+    bad = {
+        "t1": {"fail_reason": "lone \ud800"},
+        "t4": {"fail_reason": "nul \x00"},
+        "t6": {"upstream_status": "X" * 200},
+    }
+    updates = [
+        TaskUpdate(due[i], bad_change(due[i], **bad.get(i, {"fail_reason": "fine"}))) for i in ids
+    ]
+    nan_result = dataclass_replace_result(updates[7], {"score": math.nan})
+    updates[7] = nan_result
+    with capture_logs() as logs:
+        written = store.record(updates, T0)
+
+    refused = sorted(e["task_id"] for e in logs if e["event"] == "task_write_refused")
+    expected = ["t1"] if store.dialect == "sqlite" else ["t1", "t4", "t6", "t7"]
+    assert expected == refused
+    assert len(ids) - len(expected) == written
+    for task_id in ids:
+        task = store.get("luma", task_id)
+        assert task is not None
+        assert ("pending" if task_id in expected else "failed") == task.status
+
+
+def dataclass_replace_result(update: TaskUpdate, result: dict[str, Any]) -> TaskUpdate:
+    assert update.change is not None
+    change = Change(update.change.before, update.change.after, result, update.change.events)
+    return TaskUpdate(update.task, change)
+
+
+def test_a_result_the_database_refuses_is_written_without_the_answer_text(
+    store: SqlStore,
+) -> None:
+    """An attempt whose answer text the database refuses (NUL on PostgreSQL, a lone surrogate
+    anywhere) is still recorded, so the delivery is not sent again; its neighbours are whole.
+    """
+    store.register(Registration("luma", ["a", "b", "c"], webhook_url="http://h/x"), T0)
+    due = store.claim_due(T0, 10, interval=1, max_interval=10)
+    entries = {
+        t.task_id: events.outbox_entries(
+            t,
+            bad_change(t, fail_reason="r"),
+            events.Target("http://h/x", None, guarded=False, events=frozenset()),
+            T0,
+        )
+        for t in due
+    }
+    store.record(
+        [TaskUpdate(t, bad_change(t, fail_reason="r"), entries[t.task_id]) for t in due], T0
+    )
+    jobs = store.claim_deliveries(T0, 10, lease=60)
+    answers = {"a": "fine", "b": "nul \x00 here", "c": "lone \ud800"}
+    results = [
+        AttemptResult(
+            job=job,
+            at=T0,
+            status_code=200,
+            error=None,
+            latency_ms=1.0,
+            response_excerpt=answers[job.task_id],
+            state="delivered",
+            next_attempt_at=None,
+        )
+        for job in jobs
+    ]
+    with capture_logs() as logs:
+        assert 3 == store.finish_attempts(results)
+
+    refused = sorted(e["task_id"] for e in logs if e["event"] == "attempt_write_refused")
+    assert (["c"] if store.dialect == "sqlite" else ["b", "c"]) == refused
+    rows, _ = store.list_deliveries()
+    assert {"delivered"} == {d.state for d in rows}
+    excerpts = {d.task_id: d.log[0].response_excerpt for d in rows}
+    assert "fine" == excerpts["a"]
+    assert "" == excerpts["c"]
+
+
+def test_event_building_never_raises_for_metadata_stored_before_validation() -> None:
+    """Metadata with a lone surrogate and NaN gives a strict-JSON, UTF-8 webhook body."""
+    task = DueTask(
+        pk=1,
+        platform="luma",
+        task_id="t",
+        snapshot=Snapshot(TaskStatus.IN_PROGRESS),
+        created_at=T0,
+        missing_since=None,
+        webhook_url=None,
+        endpoint=None,
+        events=None,
+        metadata={"name": "\ud800", "score": math.nan, "big": math.inf},
+    )
+    change = bad_change(task, fail_reason="r")
+    body = events.payload(task, change, "task.failed", T0)
+    data = json.loads(body.decode("utf-8"), parse_constant=pytest.fail)
+    assert {"name": "\ufffd", "score": None, "big": None} == data["data"]["metadata"]

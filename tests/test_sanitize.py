@@ -1,0 +1,119 @@
+"""The one cleaning discipline for outside text and JSON (tracker/sanitize.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tracker import sanitize
+
+
+def test_clean_text_removes_nul_replaces_lone_surrogates_and_caps() -> None:
+    """NUL goes, a lone surrogate becomes U+FFFD, a surrogate pair becomes its character."""
+    assert "ab" == sanitize.clean_text("a\x00b")
+    assert "a\ufffdb" == sanitize.clean_text("a\ud800b")
+    assert "\U0001f600" == sanitize.clean_text("\ud83d\ude00")
+    assert "abc" == sanitize.clean_text("abcdef", 3)
+    assert "x" * sanitize.MAX_TEXT == sanitize.clean_text("x" * (sanitize.MAX_TEXT + 5))
+    sanitize.clean_text("\udfff" * 10).encode("utf-8")  # encodable, whatever came in
+
+
+def test_clean_json_makes_any_value_strict_json() -> None:
+    """NaN, infinities, huge ints, bad keys and strings, tuples and objects all come out as
+    something strict JSON and UTF-8 accept.
+    """
+    dirty = {
+        "nan": math.nan,
+        "inf": [math.inf, -math.inf],
+        "huge": 10**200,
+        "fine": 10**20,
+        "k\ud800": ("v\x00", object.__name__),
+        "nested": {"deeper": [True, None, 1.5]},
+    }
+    clean = sanitize.clean_json(dirty)
+    assert {
+        "nan": None,
+        "inf": [None, None],
+        "huge": None,
+        "fine": 10**20,
+        "k\ufffd": ["v", "object"],
+        "nested": {"deeper": [True, None, 1.5]},
+    } == clean
+    json.dumps(clean, allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+def test_clean_json_cuts_containers_below_the_depth_cap() -> None:
+    """Containers deeper than MAX_DEPTH become null instead of recursing without end."""
+    value: object = 1
+    for _ in range(sanitize.MAX_DEPTH + 10):
+        value = [value]
+    clean = sanitize.clean_json(value)
+    depth = 0
+    while isinstance(clean, list):
+        clean, depth = clean[0], depth + 1
+    assert (None, sanitize.MAX_DEPTH) == (clean, depth)
+
+
+def test_loads_reads_odd_values_as_null_and_keeps_the_rest() -> None:
+    """NaN, Infinity, an overflowing float and a 5,000-digit integer are null; others stay."""
+    body = (
+        b'{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1e999, "e": 1'
+        + b"0" * 5000
+        + b', "f": 12, "g": "x\\u0000y\\ud800"}'
+    )
+    assert {
+        "a": None,
+        "b": None,
+        "c": None,
+        "d": None,
+        "e": None,
+        "f": 12,
+        "g": "xy\ufffd",
+    } == sanitize.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+        (b"[" * (sanitize.MAX_DEPTH + 1) + b"]" * (sanitize.MAX_DEPTH + 1), "nested deeper"),
+        (b'{"a": "\xff"}', "not UTF-8"),
+        (b'{"a": 1', "not JSON"),
+        (b"", "not JSON"),
+        (b"<html>", "not JSON"),
+        (b'{"a": 1} trailing', "not JSON"),
+    ],
+)
+def test_loads_refuses_answers_that_are_not_strict_json(body: bytes, why: str) -> None:
+    """Bad encoding, bad syntax and absurd nesting are BadJSONError, saying which."""
+    with pytest.raises(sanitize.BadJSONError, match=why):
+        sanitize.loads(body)
+
+
+def test_dumps_never_raises_and_gives_strict_utf8_json() -> None:
+    """Values that json.dumps would refuse or turn into non-JSON come out clean."""
+    text = sanitize.dumps({"m": {"s": "\ud800", "n": math.nan}})
+    assert '{"m":{"s":"\ufffd","n":null}}' == text
+    text.encode("utf-8")
+
+
+def test_redact_replaces_secrets_and_their_cut_off_starts() -> None:
+    """A whole secret, and a start of one longer than 8 characters, are both redacted."""
+    secret = "sk-live-0123456789abcdef"
+    text = f"key={secret} and cut={secret[:-1]} and short={secret[:8]}"
+    assert (
+        f"key={sanitize.REDACTED} and cut={sanitize.REDACTED} and short={secret[:8]}"
+        == sanitize.redact(text, [secret])
+    )
+
+
+def test_excerpt_redacts_before_it_cuts() -> None:
+    """An answer echoing a key right at the excerpt's edge keeps none of the key."""
+    secret = "sk-live-0123456789abcdef"
+    body = ("x" * (sanitize.EXCERPT_CHARS - 5) + secret + "tail").encode()
+    text = sanitize.excerpt(body, [secret])
+    assert secret[:9] not in text
+    assert len(text) <= sanitize.EXCERPT_CHARS
+    assert text.startswith("x" * (sanitize.EXCERPT_CHARS - 5) + "[reda")

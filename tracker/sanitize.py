@@ -1,0 +1,200 @@
+"""One discipline for what comes from outside (relay answers, receiver answers, old rows).
+
+Text that reaches the database or a webhook body is cleaned here, and only here:
+
+- NUL characters are removed (PostgreSQL text cannot hold them);
+- lone UTF-16 surrogates (``"\\ud800"`` in a JSON string) become U+FFFD, as they cannot be
+  encoded as UTF-8;
+- strings are cut to a stated length (the caps below);
+- NaN and +-Infinity, which JSON cannot carry, become ``null``, as do integers longer than
+  `MAX_INT_DIGITS` digits.
+
+Relay answers are parsed strictly by `loads`: valid UTF-8, at most `MAX_DEPTH` levels of
+nesting, nothing after the value. An answer that breaks those rules is unusable as a whole
+(`BadJSONError`); a value that merely cannot be stored is cleaned, so one bad field never
+costs the other items of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+#: characters kept of an upstream status word or progress text (the columns hold 64)
+MAX_WORD: Final = 64
+#: characters kept of a failure reason
+MAX_REASON: Final = 2000
+#: characters kept of any other string inside a stored upstream item or metadata
+MAX_TEXT: Final = 8192
+#: deepest nesting of arrays and objects accepted in an answer (real ones use under 10)
+MAX_DEPTH: Final = 64
+#: longest integer kept as a number; longer ones become null (ids are strings, or short)
+MAX_INT_DIGITS: Final = 40
+#: characters of an answer quoted in an error message or a delivery log, after redaction
+EXCERPT_CHARS: Final = 300
+#: what a secret found in quoted text is replaced with
+REDACTED: Final = "[redacted]"
+#: a secret's leading characters that count as the secret when found cut off in quoted text
+MIN_SECRET_PREFIX: Final = 9
+
+_REPLACEMENT: Final = "\ufffd"
+
+
+class BadJSONError(ValueError):
+    """The answer is not strict JSON (or is nested deeper than MAX_DEPTH)."""
+
+
+def clean_text(value: str, limit: int | None = MAX_TEXT) -> str:
+    """``value`` without NUL characters or lone surrogates, cut to ``limit`` characters."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Through UTF-16, paired surrogates become the one character they stand for and lone
+        # ones become U+FFFD.
+        value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if limit is not None and len(value) > limit:
+        value = value[:limit]
+    return value
+
+
+def clean_optional(value: str | None, limit: int | None = MAX_TEXT) -> str | None:
+    """`clean_text` for a value that may be None."""
+    return None if value is None else clean_text(value, limit)
+
+
+def clean_json(value: Any, *, limit: int | None = MAX_TEXT, depth: int = 0) -> Any:
+    """A copy of a decoded JSON value that strict JSON, UTF-8 and PostgreSQL all accept.
+
+    Strings (keys too) go through `clean_text`; NaN and +-Infinity become None; containers
+    deeper than MAX_DEPTH become None; tuples become lists; anything that is not a JSON type
+    becomes its ``str()``, cleaned.
+    """
+    if isinstance(value, Mapping | list | tuple):
+        if depth >= MAX_DEPTH:
+            return None
+        if isinstance(value, Mapping):
+            return {
+                clean_text(str(key), limit): clean_json(item, limit=limit, depth=depth + 1)
+                for key, item in value.items()
+            }
+        return [clean_json(item, limit=limit, depth=depth + 1) for item in value]
+    return _clean_scalar(value, limit)
+
+
+def _clean_scalar(value: Any, limit: int | None) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if _int_fits(value) else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return clean_text(value if isinstance(value, str) else str(value), limit)
+
+
+def _int_fits(value: int) -> bool:
+    # bit_length, not str(): str() of a huge int is itself the slow, refused operation.
+    return value.bit_length() <= MAX_INT_DIGITS * 3.33
+
+
+def _parse_int(text: str) -> int | None:
+    digits = len(text) - text.startswith("-")
+    return int(text) if digits <= MAX_INT_DIGITS else None
+
+
+def _parse_float(text: str) -> float | None:
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
+def _no_constant(_name: str) -> None:
+    return None
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode one JSON answer strictly, then clean it (see `clean_json`).
+
+    NaN, Infinity, numbers that overflow a float and integers over MAX_INT_DIGITS digits are
+    read as null. Raises BadJSONError for anything that is not one valid UTF-8 JSON value
+    nested at most MAX_DEPTH deep.
+    """
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        value = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_no_constant,
+        )
+    except UnicodeDecodeError as exc:
+        raise BadJSONError(f"not UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise BadJSONError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise BadJSONError(f"not JSON: {exc}") from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise BadJSONError(f"nested deeper than {MAX_DEPTH} levels")
+    return clean_json(value)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` deep (the outermost one is level 1)."""
+    # Level by level, so checking a deep value cannot itself hit the recursion limit.
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        below: list[Any] = []
+        containers = False
+        for item in level:
+            if isinstance(item, dict):
+                below.extend(item.values())
+                containers = True
+            elif isinstance(item, list):
+                below.extend(item)
+                containers = True
+        if not containers:
+            return False
+        level = below
+    return True
+
+
+def dumps(value: Any) -> str:
+    """Compact strict JSON of ``value`` after `clean_json` (never raises for odd values)."""
+    return json.dumps(
+        clean_json(value, limit=None), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret, and every cut-off start of one, replaced by REDACTED.
+
+    A start counts from MIN_SECRET_PREFIX characters on: quoted text cut in the middle of a
+    secret must not keep all but its last characters.
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+        if len(secret) > MIN_SECRET_PREFIX:
+            text = _redact_prefixes(text, secret)
+    return text
+
+
+def _redact_prefixes(text: str, secret: str) -> str:
+    head = secret[:MIN_SECRET_PREFIX]
+    start = text.find(head)
+    while start != -1:
+        end = start + MIN_SECRET_PREFIX
+        while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+            end += 1
+        text = text[:start] + REDACTED + text[end:]
+        start = text.find(head, start + len(REDACTED))
+    return text
+
+
+def excerpt(body: bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_CHARS) -> str:
+    """The start of an answer as clean text for a log line: redacted first, then cut."""
+    # Redaction runs on more than is kept, so a secret straddling the cut is still caught.
+    text = body[: 4 * limit + 1024].decode("utf-8", "replace")
+    return clean_text(redact(text, secrets), limit)
