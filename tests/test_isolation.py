@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,14 +15,18 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import WEBHOOK_SECRET
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from test_sanitize import dirty_json, dirty_scalars, dirty_text
 
-from tracker import config, events, platforms, sanitize
+from tracker import config, events, platforms, sanitize, status
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
-from tracker.platforms.base import Platform, UpstreamError
+from tracker.platforms import NewApiBatch
+from tracker.platforms.base import Platform, UpstreamError, clean_observation, read_progress
 from tracker.poller import Poller
-from tracker.status import Change, Snapshot, TaskStatus
+from tracker.status import Change, Observation, Snapshot, TaskStatus
 from tracker.store import AttemptResult, Registration, SqlStore, TaskUpdate
 from tracker.store.records import DueTask
 from tracker.store.sql import deliveries
@@ -31,6 +37,8 @@ TLS = ssl.create_default_context()
 HEALTHY = [f"ok-{n}" for n in range(6)]
 #: answers that are a relay error for that request; the others are usable (maybe empty)
 RELAY_ERRORS = FAULT_KINDS - {"slow", "null_envelope", "junk_items"}
+#: examples of the store fuzz, per database; docs/reliability.md quotes the total
+FUZZ_STORE_EXAMPLES = 100
 
 
 @pytest.fixture(name="client")
@@ -81,6 +89,23 @@ async def test_every_malformed_answer_is_a_relay_error_and_the_next_is_read(
             await platform.fetch(client, ["ok-1"])
         [observation] = await platform.fetch(client, ["ok-1"])
     assert TaskStatus.COMPLETED == observation.status
+
+
+async def test_an_answer_no_adapter_foresaw_is_a_relay_error_not_a_crash(
+    client: httpx.AsyncClient,
+) -> None:
+    """A parsing bug tripped by an odd answer (here a TypeError) is an UpstreamError."""
+
+    class Brittle(NewApiBatch):
+        async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
+            items = await self.post_ids(client, ids)
+            return [items[0]["status"] + 1]  # a str + int: the kind of slip odd data trips
+
+    with SimulatedRelay(step=0.0) as relay:
+        platform = built(relay)["luma"]
+        brittle = Brittle("luma", platform.upstream, "/luma/tasks", platform.statuses, batch_size=9)
+        with pytest.raises(UpstreamError, match="unreadable answer: TypeError"):
+            await brittle.fetch(client, ["ok-1"])
 
 
 @pytest.mark.parametrize("kind", ["null_envelope", "junk_items"])
@@ -231,7 +256,7 @@ def test_record_writes_every_task_but_those_whose_values_the_database_refuses(
     """
     ids = [f"t{n}" for n in range(9)]
     store.register(Registration("luma", ids), T0)
-    due = {t.task_id: t for t in store.claim_due(T0, 100, interval=1, max_interval=10)}
+    due = {t.task_id: t for t in store.claim_due(T0, 100, lease=10)}
     bad = {
         "t1": {"fail_reason": "lone \ud800"},
         "t4": {"fail_reason": "nul \x00"},
@@ -268,7 +293,7 @@ def test_a_result_the_database_refuses_is_written_without_the_answer_text(
     anywhere) is still recorded, so the delivery is not sent again; its neighbours are whole.
     """
     store.register(Registration("luma", ["a", "b", "c"], webhook_url="http://h/x"), T0)
-    due = store.claim_due(T0, 10, interval=1, max_interval=10)
+    due = store.claim_due(T0, 10, lease=10)
     entries = {
         t.task_id: events.outbox_entries(
             t,
@@ -297,12 +322,13 @@ def test_a_result_the_database_refuses_is_written_without_the_answer_text(
         for job in jobs
     ]
     with capture_logs() as logs:
-        assert 3 == store.finish_attempts(results)
+        store.finish_attempts(results)
 
     refused = sorted(e["task_id"] for e in logs if e["event"] == "attempt_write_refused")
     assert (["c"] if store.dialect == "sqlite" else ["b", "c"]) == refused
     rows, _ = store.list_deliveries()
     assert {"delivered"} == {d.state for d in rows}
+    assert [1, 1, 1] == [len(d.log) for d in rows]  # each attempt on record, once
     excerpts = {d.task_id: d.log[0].response_excerpt for d in rows}
     assert "fine" == excerpts["a"]
     assert "" == excerpts["c"]
@@ -326,3 +352,55 @@ def test_event_building_never_raises_for_metadata_stored_before_validation() -> 
     body = events.payload(task, change, "task.failed", T0)
     data = json.loads(body.decode("utf-8"), parse_constant=pytest.fail)
     assert {"name": "\ufffd", "score": None, "big": None} == data["data"]["metadata"]
+
+
+_fuzz_ids = itertools.count()
+
+
+@settings(
+    max_examples=FUZZ_STORE_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    word=dirty_text,
+    progress=dirty_scalars,
+    reason=dirty_text,
+    result=st.dictionaries(dirty_text, dirty_json, max_size=4),
+    metadata=st.dictionaries(dirty_text, dirty_json, max_size=3),
+)
+def test_fuzz_whatever_a_relay_says_once_cleaned_both_databases_store_it(
+    store: SqlStore,
+    *,
+    word: str,
+    progress: object,
+    reason: str,
+    result: dict[str, Any],
+    metadata: dict[str, Any],
+) -> None:
+    """A dirty status word, progress, reason and result (NUL, surrogates, NaN, huge numbers,
+    any length), cleaned by the adapters' one path, is written whole with its event, even
+    beside metadata that was stored dirty.
+    """
+    task_id = f"fuzz-{next(_fuzz_ids)}"
+    store.register(Registration("luma", [task_id], metadata=sanitize.clean_json(metadata)), T0)
+    claimed = store.claim_due(T0, 1000, lease=10)
+    [task] = [t for t in claimed if t.task_id == task_id]
+    task = dataclasses.replace(task, metadata=metadata)  # as if stored before validation
+    numbers, text = read_progress(progress)
+    observation = clean_observation(
+        Observation(
+            task_id=task_id,
+            upstream_status=word,
+            status=TaskStatus.FAILED,
+            progress=numbers,
+            upstream_progress=text,
+            fail_reason=reason,
+            result=result,
+        )
+    )
+    change = status.apply(task.snapshot, observation)
+    assert change is not None
+    target = events.Target("http://h/x", None, guarded=False, events=frozenset())
+    update = TaskUpdate(task, change, events.outbox_entries(task, change, target, T0))
+    assert 1 == store.record([update], T0)

@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracker import sanitize
 
@@ -117,3 +119,55 @@ def test_excerpt_redacts_before_it_cuts() -> None:
     assert secret[:9] not in text
     assert len(text) <= sanitize.EXCERPT_CHARS
     assert text.startswith("x" * (sanitize.EXCERPT_CHARS - 5) + "[reda")
+
+
+#: examples per fuzz test; docs/reliability.md quotes the total
+FUZZ_EXAMPLES = 300
+
+dirty_text = st.text(
+    alphabet=st.one_of(
+        st.characters(codec="utf-8"),
+        st.sampled_from(["\x00", "\ud800", "\udfff", "\ud83d", "\ufffd"]),
+    ),
+    max_size=80,
+)
+dirty_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**60), max_value=10**60),
+    st.floats(allow_nan=True, allow_infinity=True),
+    dirty_text,
+)
+dirty_json = st.recursive(
+    dirty_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(dirty_text, inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(dirty_json)
+def test_fuzz_clean_json_always_gives_strict_utf8_json(value: object) -> None:
+    """Whatever a decoder could produce, cleaned it is strict JSON, UTF-8, NUL-free."""
+    text = json.dumps(sanitize.clean_json(value), allow_nan=False, ensure_ascii=False)
+    text.encode("utf-8")
+    assert "\x00" not in text
+    assert sanitize.dumps(value) == json.dumps(
+        sanitize.clean_json(value, limit=None),
+        allow_nan=False,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.one_of(st.binary(max_size=200), dirty_json.map(lambda v: json.dumps(v).encode())))
+def test_fuzz_loads_either_refuses_or_gives_clean_json(body: bytes) -> None:
+    """Random bytes and dirty JSON texts: BadJSONError, or a value that dumps strictly."""
+    try:
+        value = sanitize.loads(body)
+    except sanitize.BadJSONError:
+        return
+    json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")

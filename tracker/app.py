@@ -187,6 +187,16 @@ def _sqlite_file(store: SqlStore) -> Path | None:
     return Path(database).resolve()
 
 
+def _readiness_reason(exc: Exception) -> str:
+    """What /readyz says about a failed cycle: SQLite's own message (a lock, a full disk), for
+    anything else the type alone, as driver messages can name hosts and users.
+    """
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, sqlite3.Error):
+        return f"{type(cause).__name__}: {cause}"
+    return type(cause).__name__
+
+
 def _probe_sqlite_file(path: Path) -> None:
     """Open the file afresh and read from it; raises when that fails.
 
@@ -432,6 +442,10 @@ class Daemon:
         # Only lateness counts, never the size of the work: a long drain that keeps up is fine.
         if self._polling is not None and self._polling.done() and not self.stop_requested.is_set():
             return "the poll engine has stopped"
+        failure = self.engine.last_error
+        if failure is not None:
+            # Said at once, not only when polls fall late: a lock or a full disk is the why.
+            return f"last poll cycle failed: {_readiness_reason(failure)}"
         try:
             earliest = await asyncio.to_thread(self.store.earliest_poll)
         except Exception:  # noqa: BLE001 - the database check names the failure

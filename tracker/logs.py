@@ -6,11 +6,15 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from tracker import sanitize
 
 __all__ = ["REDACTED", "configure", "get_level", "reset", "set_level"]
 
@@ -43,12 +47,86 @@ _SYSLOG_PRIORITY: dict[str, int] = {
 # stdlib loggers (uvicorn, apscheduler, httpx) are chatty at INFO; only their problems matter.
 _STDLIB_FLOOR = logging.WARNING
 
+#: lines one warning-or-worse event may write in a burst before it is rate limited
+LOG_BURST = 50
+#: lines per second one warning-or-worse event may write once its burst is spent
+LOG_RATE = 5.0
+#: events whose rate is tracked at once; beyond, the quietest are forgotten
+_MAX_TRACKED_EVENTS = 1024
+
+
+class _RateLimiter:
+    """A token bucket per event: a flood of one warning cannot fill the journal.
+
+    Info and debug lines are not limited: they count work done (one per cycle, one per
+    delivery) and are bounded by it. A line let through after others were dropped says how
+    many (`suppressed`).
+    """
+
+    def __init__(
+        self,
+        burst: int = LOG_BURST,
+        rate: float = LOG_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = burst
+        self._rate = rate
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: event -> (tokens, when they were counted, lines dropped since the last one written)
+        self._buckets: dict[str, tuple[float, float, int]] = {}
+
+    def take(self, key: str) -> int | None:
+        """None when this line is to be dropped, else how many were dropped before it."""
+        now = self._clock()
+        with self._lock:
+            tokens, then, dropped = self._buckets.get(key, (float(self._burst), now, 0))
+            tokens = min(float(self._burst), tokens + (now - then) * self._rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now, dropped + 1)
+                return None
+            if key not in self._buckets and len(self._buckets) >= _MAX_TRACKED_EVENTS:
+                self._buckets.clear()
+            self._buckets[key] = (tokens - 1.0, now, 0)
+            return dropped
+
+    def __call__(
+        self, _logger: WrappedLogger, method_name: str, event_dict: EventDict
+    ) -> EventDict:
+        """The structlog processor."""
+        if _LEVELS.get(method_name, logging.INFO) < logging.WARNING:
+            return event_dict
+        dropped = self.take(str(event_dict.get("event")))
+        if dropped is None:
+            raise structlog.DropEvent
+        if dropped:
+            event_dict["suppressed"] = dropped
+        return event_dict
+
+
+class _StdlibRateFilter(logging.Filter):
+    """The same limit for stdlib records (uvicorn's complaints about bad connections)."""
+
+    def __init__(self, limiter: _RateLimiter) -> None:
+        super().__init__()
+        self._limiter = limiter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether the record is written."""
+        dropped = self._limiter.take(f"{record.name}:{record.msg}")
+        if dropped is None:
+            return False
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} similar lines suppressed)"
+        return True
+
 
 class _State:
     """Mutable settings read on every log call, so set_level works on already-bound loggers."""
 
     level: int = logging.INFO
     handler: logging.Handler | None = None
+    limiter: _RateLimiter = _RateLimiter()
     # The root logger's level before the first configure(), for reset().
     saved_root_level: int | None = None
 
@@ -85,10 +163,8 @@ class _Redactor:
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            # A cut-off start of a secret counts too (sanitize.redact).
+            return sanitize.redact(value, self._secrets)
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, Mapping):
@@ -182,9 +258,11 @@ def configure(
         shared.append(_Redactor(secrets))
 
     _state.level = numeric_level
+    _state.limiter = _RateLimiter()
     structlog.configure(
         processors=[
             _filter_by_level,
+            _state.limiter,
             structlog.contextvars.merge_contextvars,
             *shared,
             renderer,
@@ -212,6 +290,7 @@ def _route_stdlib(out: TextIO, shared: list[Processor], renderer: _Renderer) -> 
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(_StdlibRateFilter(_state.limiter))
     root = logging.getLogger()
     if _state.saved_root_level is None:
         _state.saved_root_level = root.level

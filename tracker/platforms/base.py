@@ -110,7 +110,15 @@ class Platform(abc.ABC):
         dropped; an id listed twice is settled by `settle`. Raises UpstreamError (or an
         httpx.HTTPError) when the answer is unusable.
         """
-        return settle(self.name, ids, await self.ask(client, ids))
+        try:
+            observations = await self.ask(client, ids)
+        except (UpstreamError, httpx.HTTPError):
+            raise
+        except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:
+            # An answer shaped in a way no adapter foresaw is that request's problem alone: a
+            # relay error like any other, never a failed cycle.
+            raise UpstreamError(f"unreadable answer: {type(exc).__name__}: {exc}") from exc
+        return settle(self.name, ids, observations)
 
     @abc.abstractmethod
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:

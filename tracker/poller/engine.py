@@ -40,6 +40,8 @@ class PollEngine:
         self._wake = asyncio.Event()
         self._heartbeat = time.monotonic()
         self._warned_at = -LAG_WARNING_EVERY
+        #: why the last drain failed (for /readyz); None once one succeeds
+        self.last_error: Exception | None = None
         poller.on_report = self.check_lag
 
     def wake(self) -> None:
@@ -53,10 +55,12 @@ class PollEngine:
             beat = time.monotonic() - self._heartbeat >= self.poller.settings.interval
             try:
                 report = await self.poller.run_cycle(until=stop, log_empty=beat)
-            except Exception:
+            except Exception as exc:
+                self.last_error = exc
                 log.exception("poll_cycle_failed")
                 await self._sleep(stop, FAILURE_PAUSE)
                 continue
+            self.last_error = None
             if beat or report.claimed:
                 self._heartbeat = time.monotonic()
             await self._idle(stop, blocked=not report.claimed)

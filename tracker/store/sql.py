@@ -539,17 +539,16 @@ class SqlStore:
             for r in rows
         ]
 
-    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> int:
-        """Log attempts and move their deliveries on, in one transaction; returns how many.
+    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
+        """Log attempts and move their deliveries on, in one transaction.
 
         A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
         not fail the results of the whole batch. A result whose own values the database
         refuses is written again without the receiver's answer text, and the others without
         it; an unrecorded result would leave its delivery to be sent again at every lease.
         """
-        if not results:
-            return 0
-        return _isolated(results, self._finish_once, self._refused_result)
+        if results:
+            _isolated(results, self._finish_once, self._refused_result)
 
     def _refused_result(self, result: records.AttemptResult, exc: Exception) -> int:
         log.error(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -19,13 +21,18 @@ _BODILESS: Final = frozenset({204, 304})
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """How to answer one request: `delay` seconds late, with `body` or `body_size` filler bytes."""
+    """How to answer one request: `delay` seconds late, with `body` or `body_size` filler bytes,
+    trickled out or not at all (`drop`)."""
 
     status: int = 204
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     delay: float = 0.0
     body_size: int | None = None
+    #: seconds between two bytes of the body: an answer trickled out
+    trickle: float = 0.0
+    #: "reset" aborts the connection (TCP RST), "hang_up" closes it; neither answers
+    drop: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,13 @@ class _ReceiverHandler(QuietHandler):
             self.close_connection = True
 
     def _send(self, reply: Reply) -> None:
+        if reply.drop is not None:
+            if reply.drop == "reset":
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         for name, value in reply.headers.items():
             if name.lower() != "content-length":
@@ -94,6 +108,12 @@ class _ReceiverHandler(QuietHandler):
         size = reply.body_size if reply.body_size is not None else len(reply.body)
         self.send_header("Content-Length", str(size))
         self.end_headers()
+        if reply.trickle > 0:
+            for byte in reply.body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(reply.trickle)
+            return
         if reply.body_size is None:
             self.wfile.write(reply.body)
             return

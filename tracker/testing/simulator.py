@@ -49,6 +49,8 @@ FAULT_KINDS: Final = frozenset(
         "huge_chunked",
         "reset",
         "hang_up",
+        # an error page quoting the request, key and all
+        "echo_key",
     }
 )
 #: Item faults `poison` attaches to one task: its item is malformed in every answer.
@@ -596,6 +598,12 @@ class SimulatedRelay(LoopbackServer):
         super().stop()
 
     @property
+    def pending_faults(self) -> int:
+        """Faults queued by `fail_next` and not served yet."""
+        with self._lock:
+            return len(self._faults)
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
@@ -635,6 +643,10 @@ class SimulatedRelay(LoopbackServer):
             fault = self._faults.popleft() if self._faults else None
         if fault == "slow":
             time.sleep(self.slow_seconds)
+        elif fault == "echo_key":
+            quoted = headers.get("authorization") or headers.get("mj-api-secret") or ""
+            page = f"<html>502: upstream refused request with {quoted}</html>"
+            return _Answer(502, page.encode(), "text/html", {})
         elif fault is not None and fault not in _SPOILERS:
             return _fault_answer(fault)
         route = path.split("?", 1)[0].rstrip("/")
