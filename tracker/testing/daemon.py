@@ -196,7 +196,13 @@ class Forkserver:
         stdin.write(f"{config}\t{log}\n".encode())
         stdin.flush()
         pid = int(stdout.readline())
-        return ForkedDaemon(pid, log, token=token)
+        try:
+            return ForkedDaemon(pid, log, token=token)
+        except BaseException:
+            # One that never said `started` must not live on polling a relay nobody reads.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise
 
     def close(self) -> None:
         """Stop the fork server (its children are the caller's to kill)."""
