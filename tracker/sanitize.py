@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -137,7 +138,22 @@ def loads(data: bytes | str) -> Any:
         raise BadJSONError(f"not JSON: {exc}") from None
     if _deeper_than(value, MAX_DEPTH):
         raise BadJSONError(f"nested deeper than {MAX_DEPTH} levels")
-    return clean_json(value)
+    # The walk costs ten times the parse; most answers have nothing it would change.
+    return clean_json(value) if _may_need_cleaning(text) else value
+
+
+#: a \u escape of NUL or of a UTF-16 surrogate (paired ones too: rare, and then merely slow)
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _may_need_cleaning(text: str) -> bool:
+    """False only when no string in the JSON ``text`` holds NUL, a surrogate or over MAX_TEXT
+    characters (NaN and odd numbers are handled while parsing).
+    """
+    if '\\"' in text or _SUSPECT_ESCAPE.search(text):
+        return True
+    # Without escaped quotes every string lies whole between two quote characters.
+    return max(map(len, text.split('"'))) > MAX_TEXT
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

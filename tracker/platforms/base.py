@@ -352,13 +352,14 @@ def _further(new: Observation, old: Observation) -> bool:
 
 
 def clean_observation(observation: Observation) -> Observation:
-    """The observation with every text cleaned and capped, its result strict-JSON clean."""
+    """The observation with its texts cleaned and capped to their columns."""
     return dataclasses.replace(
         observation,
         upstream_status=sanitize.clean_text(observation.upstream_status, sanitize.MAX_WORD),
         upstream_progress=sanitize.clean_optional(observation.upstream_progress, sanitize.MAX_WORD),
         fail_reason=sanitize.clean_text(observation.fail_reason, sanitize.MAX_REASON),
-        result=sanitize.clean_json(dict(observation.result)),
+        # Kept as it is: items come from sanitize.loads, whose answer is clean already.
+        result=dict(observation.result),
     )
 
 
