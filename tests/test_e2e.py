@@ -349,7 +349,8 @@ def test_kill_9_mid_run_then_restart_loses_nothing_and_duplicates_nothing(
         tasks = all_pages(restarted.client, "/v1/tasks", "tasks")
         return len(tasks) == len(ids) and all(t["status"] in FINAL_STATUSES for t in tasks)
 
-    wait_until(all_final, 20, "every task to reach a final status", every=0.2)
+    # Tasks the killed daemon had claimed wait for the claim's lease to lapse (timeout + 30 s).
+    wait_until(all_final, 45, "every task to reach a final status", every=0.2)
 
     def all_delivered() -> list[dict[str, Any]] | None:
         rows = all_pages(restarted.client, "/v1/deliveries", "deliveries")
