@@ -14,6 +14,7 @@ from tracker import config, events, platforms
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import PollEngine, Poller
+from tracker.poller.plan import next_poll
 from tracker.store import Registration, SqlStore
 from tracker.testing.cadence import poll_gaps, quantile
 from tracker.testing.simulator import SimulatedRelay
@@ -116,3 +117,13 @@ def test_poll_gaps_are_measured_per_task_from_the_relay_log() -> None:
 
     assert {"a": [1.0, 1.5], "b": [2.5]} == gaps
     assert 2.0 == quantile([1.0, 2.0, 3.0], 0.5)
+
+
+def test_a_poll_that_waited_behind_a_burst_starts_a_new_phase_from_its_answer() -> None:
+    """Tasks sharing one planned instant spread out: one that waited 3 s within the drain is
+    planned from its answer; one answered within a second, or late only because the drain
+    itself started late, keeps its plan."""
+    assert 133.0 == next_poll(100.0, 103.0, 30.0, started=99.5)
+    assert 130.0 == next_poll(100.0, 100.5, 30.0, started=99.5)
+    assert 130.0 == next_poll(100.0, 103.0, 30.0, started=102.5)
+    assert 130.0 == next_poll(100.0, 103.0, 30.0)

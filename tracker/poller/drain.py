@@ -192,6 +192,7 @@ class Poller:
         self._report = report = CycleReport()
         logged: list[CycleReport] = []  # the lines a long drain logged before its last
         started = time.monotonic()
+        self.planner.drain_started = self.clock.now().timestamp()
         if self._pull_in:
             self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)

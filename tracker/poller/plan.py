@@ -18,6 +18,13 @@ NOT_FOUND_REASON = "not found upstream"
 #: A poll answered later than this share of its back-off before the next planned one is
 #: re-planned from the answer; otherwise the next poll would follow the late one too closely.
 REPHASE_SHARE = 0.25
+#: A poll that waited more than this many seconds within a drain (behind other due tasks) is
+#: re-planned from its answer too. Tasks sharing one planned instant (a bulk registration)
+#: are claimed one claim after another; keeping each one's phase would keep them in one burst
+#: for good, and where a task falls in the burst moves with the load, so its gaps would swing
+#: by the burst's length. Re-planned from their answers they spread into a steady flow. A
+#: task already late when the drain started (the engine was held up) keeps its phase.
+LATE_TOLERANCE = 1.0
 
 
 def back_off(settings: PollSettings, now: float, last_change_at: float) -> float:
@@ -27,16 +34,19 @@ def back_off(settings: PollSettings, now: float, last_change_at: float) -> float
     return min(max(quiet, settings.interval), settings.max_interval)
 
 
-def next_poll(planned: float, now: float, gap: float) -> float:
+def next_poll(planned: float, now: float, gap: float, started: float | None = None) -> float:
     """The poll after one planned at ``planned`` and answered at ``now``, ``gap`` seconds on.
 
     Planned from the planned time, not from the answer, so the time a claim, a request and
     its record take never adds up from one poll to the next. A task answered so late that
     the next planned poll would follow within a quarter of ``gap`` (work beyond capacity, or
-    a restart) starts a new phase from now instead, so no backlog is polled twice in a row.
+    a restart) starts a new phase from now instead, so no backlog is polled twice in a row;
+    so does one that waited more than LATE_TOLERANCE in the drain that ``started`` then.
     """
     following = planned + gap
     if following < now + gap * REPHASE_SHARE:
+        return now + gap
+    if started is not None and now - max(planned, started) > LATE_TOLERANCE:
         return now + gap
     return following
 
@@ -47,6 +57,8 @@ class Planner:
     def __init__(self, settings: PollSettings, targets: events.Targets) -> None:
         self.settings = settings
         self.targets = targets
+        #: epoch seconds the current drain started (None outside one): see LATE_TOLERANCE
+        self.drain_started: float | None = None
 
     def decide(
         self,
@@ -77,7 +89,8 @@ class Planner:
                 change.moved or change.after.progress != change.before.progress
             )
             last_change = epoch if moved else task.last_change_at
-            planned = next_poll(task.planned, epoch, back_off(self.settings, epoch, last_change))
+            gap = back_off(self.settings, epoch, last_change)
+            planned = next_poll(task.planned, epoch, gap, self.drain_started)
             following = self._hinted(observation, epoch, planned)
             if change is None:
                 updates.append(TaskUpdate(task, missing_since=missing, next_poll_at=following))
@@ -98,7 +111,9 @@ class Planner:
         """Nothing learnt (a platform left the config): just the next poll, on plan."""
         epoch = now.timestamp()
         gap = back_off(self.settings, epoch, task.last_change_at)
-        return TaskUpdate(task, next_poll_at=next_poll(task.planned, epoch, gap))
+        return TaskUpdate(
+            task, next_poll_at=next_poll(task.planned, epoch, gap, self.drain_started)
+        )
 
     def retry(self, task: DueTask, now: datetime) -> TaskUpdate:
         """After an unusable answer: asked again one interval on, not after the back-off."""
