@@ -243,6 +243,17 @@ async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+#: answer items read between two yields to the event loop: a 1,000-item answer read in one go
+#: would hold up the API's requests on the same loop for tens of milliseconds
+READ_CHUNK = 100
+
+
+async def pause_every(count: int) -> None:
+    """Yield to the event loop before every READ_CHUNK-th item (and right after the decode)."""
+    if count % READ_CHUNK == 0:
+        await asyncio.sleep(0)
+
+
 def read_json(response: httpx.Response) -> Any:
     """The decoded, cleaned JSON body of a 2xx answer, or UpstreamError saying what came back.
 

@@ -11,6 +11,7 @@ from tracker.platforms.base import (
     CANCELED_WORDS,
     Platform,
     observe_item,
+    pause_every,
     task_id_of,
 )
 from tracker.status import Observation, TaskStatus
@@ -47,7 +48,8 @@ class Midjourney(Platform):
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
         observations = []
-        for item in await self.post_ids(client, ids):
+        for count, item in enumerate(await self.post_ids(client, ids)):
+            await pause_every(count)
             if isinstance(item, dict):
                 observation = observe_midjourney_item(self, item)
                 if observation is not None:

@@ -14,6 +14,7 @@ from tracker.platforms.base import (
     UpstreamError,
     observe_item,
     observe_new_api_item,
+    pause_every,
     positive_seconds,
     read_json,
     read_progress,
@@ -119,7 +120,8 @@ class NewApiBatch(Platform):
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
         observations = []
-        for item in await self.post_ids(client, ids):
+        for count, item in enumerate(await self.post_ids(client, ids)):
+            await pause_every(count)
             if not isinstance(item, dict):
                 continue
             if "task_id" not in item and "state" in item:

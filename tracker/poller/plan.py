@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import structlog
@@ -64,12 +64,19 @@ class Planner:
         self,
         platform: str,
         tasks: Sequence[DueTask],
-        observations: Sequence[status.Observation],
+        observations: Sequence[status.Observation] | Mapping[str, status.Observation],
         now: datetime,
     ) -> list[TaskUpdate]:
-        """Every task of the batch gets an update: at least its next poll (which ends the claim)."""
+        """Every task of the batch gets an update: at least its next poll (which ends the claim).
+
+        ``observations`` may come keyed by task id already (one batch decided in parts).
+        """
         epoch = now.timestamp()
-        seen = {o.task_id: o for o in observations}
+        seen = (
+            observations
+            if isinstance(observations, Mapping)
+            else {o.task_id: o for o in observations}
+        )
         updates = []
         for task in tasks:
             observation = seen.get(task.task_id)
