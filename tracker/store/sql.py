@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -333,8 +334,9 @@ class SqlStore:
         when its answer is recorded.
         """
         epoch = _epoch(now)
+        raw = self.dialect == "sqlite"
         query = self._lock(
-            sa.select(*_DUE_COLUMNS)
+            sa.select(*(_DUE_COLUMNS_RAW if raw else _DUE_COLUMNS))
             .where(tasks.c.next_poll_at <= _epoch(due_by or now))
             .order_by(tasks.c.next_poll_at, tasks.c.id)
             .limit(limit)
@@ -348,7 +350,8 @@ class SqlStore:
                     .where(tasks.c.id.in_([r.id for r in rows]))
                     .values(next_poll_at=until)
                 )
-        return [_due(r, until) for r in rows]
+        decoded = _Decoded()
+        return [_due(r, until, decoded) for r in rows]
 
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live): one index lookup."""
@@ -405,7 +408,7 @@ class SqlStore:
         written = 0
         with self._write() as conn:
             if replanned:
-                written += max(0, conn.execute(_REPLAN, replanned).rowcount)
+                written += max(0, self._replan(conn, replanned))
             # The compare-and-set: statuses and claims read under lock, then checked here.
             current = self._claims(conn, {u.task.pk for u, _ in planned})
             held: set[int] = set()  # claims checked once in this call hold for its later updates
@@ -464,6 +467,15 @@ class SqlStore:
             if outbox:
                 conn.execute(deliveries.insert(), outbox)
         return written
+
+    def _replan(self, conn: sa.Connection, replanned: list[tuple[float, int, float]]) -> int:
+        """Run _REPLAN for (next poll, id, lease end) rows; how many rows it changed."""
+        if self.dialect == "sqlite":
+            # Straight to the driver: SQLAlchemy's per-row parameter processing costs more
+            # than the UPDATE itself, and a drain sends one row per polled task.
+            return conn.exec_driver_sql(_REPLAN_SQLITE, replanned).rowcount
+        params = [{"next_": n, "pk_": pk, "lease_": lease} for n, pk, lease in replanned]
+        return conn.execute(_REPLAN, params).rowcount
 
     # -- the delivery loop ------------------------------------------------------------------
 
@@ -791,6 +803,8 @@ _FINISH = (
 )
 
 
+_RAW_NAMES = ("created_at", "events", "metadata")
+
 # The columns a poll needs: not the stored result, which can be large and is never read back.
 _DUE_COLUMNS = tuple(
     tasks.c[name]
@@ -808,17 +822,25 @@ _REPLAN = (
     .where(tasks.c.id == sa.bindparam("pk_"), tasks.c.next_poll_at == sa.bindparam("lease_"))
     .values(next_poll_at=sa.bindparam("next_"))
 )
+_REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
+
+# _DUE_COLUMNS with the time and JSON columns as SQLite stores them (text): a claim's tasks
+# mostly share these values (one bulk registration), so each is decoded once per claim.
+_DUE_COLUMNS_RAW = tuple(
+    sa.type_coerce(column, sa.Text) if column.name in _RAW_NAMES else column
+    for column in _DUE_COLUMNS
+)
 
 
 def _split_replanned(
     updates: Sequence[records.TaskUpdate],
-) -> tuple[list[dict[str, Any]], list[records.TaskUpdate]]:
-    """The parameters of _REPLAN for updates that only move a claimed task's next poll (and
-    whose task the call names once), and the other updates."""
+) -> tuple[list[tuple[float, int, float]], list[records.TaskUpdate]]:
+    """(next poll, id, lease end) for _REPLAN of updates that only move a claimed task's next
+    poll (and whose task the call names once), and the other updates."""
     seen: dict[int, int] = {}
     for update in updates:
         seen[update.task.pk] = seen.get(update.task.pk, 0) + 1
-    replanned: list[dict[str, Any]] = []
+    replanned: list[tuple[float, int, float]] = []
     rest: list[records.TaskUpdate] = []
     for update in updates:
         task = update.task
@@ -830,9 +852,7 @@ def _split_replanned(
             and task.lease_until is not None
             and seen[task.pk] == 1
         ):
-            replanned.append(
-                {"pk_": task.pk, "next_": update.next_poll_at, "lease_": task.lease_until}
-            )
+            replanned.append((update.next_poll_at, task.pk, task.lease_until))
         else:
             rest.append(update)
     return replanned, rest
@@ -892,7 +912,42 @@ def _event_types(names: Sequence[str] | None) -> tuple[EventType, ...] | None:
     return None if names is None else tuple(EventType(name) for name in names)
 
 
-def _due(row: Any, lease_until: float) -> records.DueTask:
+_STATUSES = {s.value: s for s in TaskStatus}
+
+
+class _Decoded:
+    """The raw values of one claim decoded, each distinct one once (see _DUE_COLUMNS_RAW)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, datetime] = {}
+        self.json: dict[str, Any] = {}
+        self.events: dict[str, tuple[EventType, ...] | None] = {}
+
+    def time(self, value: Any) -> datetime:
+        if not isinstance(value, str):
+            return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
+        found = self.times.get(value)
+        if found is None:
+            # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
+            found = self.times[value] = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return found
+
+    def document(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value not in self.json:
+            self.json[value] = json.loads(value)
+        return self.json[value]
+
+    def event_types(self, value: Any) -> tuple[EventType, ...] | None:
+        if not isinstance(value, str):
+            return _event_types(value)
+        if value not in self.events:
+            self.events[value] = _event_types(json.loads(value))
+        return self.events[value]
+
+
+def _due(row: Any, lease_until: float, decoded: _Decoded) -> records.DueTask:
     # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
     (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
      created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
@@ -902,18 +957,18 @@ def _due(row: Any, lease_until: float) -> records.DueTask:
         platform=platform,
         task_id=task_id,
         snapshot=Snapshot(
-            status=TaskStatus(status),
+            status=_STATUSES[status],
             upstream_status=upstream_status,
             progress=progress,
             upstream_progress=upstream_progress,
             fail_reason=fail_reason,
         ),
-        created_at=created_at,
+        created_at=decoded.time(created_at),
         missing_since=missing_since,
         webhook_url=webhook_url,
         endpoint=endpoint,
-        events=_event_types(events),
-        metadata=metadata,
+        events=decoded.event_types(events),
+        metadata=decoded.document(metadata),
         planned=planned,
         last_change_at=last_change_at,
         lease_until=lease_until,
