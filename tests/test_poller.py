@@ -648,3 +648,39 @@ async def test_a_drain_longer_than_an_interval_logs_a_line_per_interval_and_retu
     assert len(lines) >= 2
     assert (30, 30) == (report.claimed, report.requests)
     assert 30 == sum(line["claimed"] for line in lines)
+
+
+async def test_a_large_answer_is_read_and_decided_in_parts_with_other_work_in_between(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """250 ids in one request: the answer is decided 100 tasks at a time, and the event loop
+    runs other coroutines (an API request, say) between the parts."""
+    rig = rig_for(poll={"batch_size": 250, "concurrency": 1})
+    ids = [f"many{n:03}" for n in range(250)]
+    rig.register(*ids)
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "10%")
+    turns = 0
+    seen: list[tuple[int, int]] = []  # (tasks decided, loop turns so far) per part
+    decide = rig.poller.planner.decide
+
+    def counting(platform: str, tasks: Any, observations: Any, now: Any) -> Any:
+        seen.append((len(tasks), turns))
+        return decide(platform, tasks, observations, now)
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(rig.poller.planner, "decide", counting)
+    ticking = asyncio.create_task(ticker())
+    try:
+        await rig.cycle()
+    finally:
+        ticking.cancel()
+
+    assert [100, 100, 50] == [size for size, _ in seen]
+    assert seen[0][1] < seen[1][1] < seen[2][1]
+    assert 250 == sum(1 for t in ids if rig.task(t).status == "in_progress")
