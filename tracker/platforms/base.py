@@ -6,6 +6,7 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, ClassVar, cast
 from urllib.parse import quote
@@ -408,8 +409,16 @@ def read_progress(raw: object) -> tuple[int | None, str | None]:
     A float in [0, 1] is a fraction of one (Runway's 0.45 through a relay is 45; 1.0 is 100),
     a larger float is a percentage. "" (a failed Midjourney task) and junk give None.
     """
+    if isinstance(raw, str):
+        return _read_progress_text(raw)
     if isinstance(raw, float) and 0.0 <= raw <= 1.0:
         return status.parse_progress(raw, fraction=True), status.raw_progress(raw)
+    return status.parse_progress(raw), status.raw_progress(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_progress_text(raw: str) -> tuple[int | None, str | None]:
+    # Answers repeat a handful of progress texts ("0%", "45%"): each is parsed once.
     return status.parse_progress(raw), status.raw_progress(raw)
 
 
