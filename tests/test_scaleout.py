@@ -1,0 +1,155 @@
+"""Three real `tracker run` processes on one PostgreSQL database, one killed with SIGKILL halfway.
+
+The acceptance size is 20,000 tasks; this run keeps the suite fast with fewer.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import base_config, merge, toml_text
+from test_e2e import FINAL_STATUSES, Tracker, all_pages, check_history, verified, wait_until
+
+from tracker.store.sql import make_engine, tasks
+from tracker.testing.receiver import WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+INSTANCES = 3
+TASKS = 300
+#: registrations arrive in waves, so the kill finds tasks at every stage
+WAVES = 6
+INTERVAL = 1.0
+#: seconds per relay script step (NOT_START, SUBMITTED, IN_PROGRESS twice, then the end)
+STEP = 0.4
+#: how far along the relay's script each tracker status is
+ORDER = {"pending": 0, "queued": 1, "in_progress": 2, "completed": 3, "failed": 3}
+#: what the takeover may take beyond two intervals: a cycle's own request and write
+SLACK = 0.5
+
+
+@pytest.fixture(name="instances")
+def _instances() -> Iterator[list[Tracker]]:
+    started: list[Tracker] = []
+    yield started
+    for tracker in started:
+        if tracker.proc.poll() is None:
+            tracker.proc.kill()
+            tracker.proc.wait(10)
+        tracker.client.close()
+
+
+def open_tasks(url: str) -> set[str]:
+    """Ids of the tasks not final yet, read straight from the database."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = sa.select(tasks.c.task_id).where(tasks.c.status.not_in(FINAL_STATUSES))
+            return set(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+def first_polled(relay: SimulatedRelay, since: float) -> dict[str, float]:
+    """When the relay was first asked about each id after ``since`` (monotonic seconds)."""
+    first: dict[str, float] = {}
+    for request in relay.requests:
+        body = request.json_body
+        if request.at >= since and isinstance(body, dict):
+            for task_id in body.get("ids", []):
+                first.setdefault(task_id, request.at)
+    return first
+
+
+def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
+    tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Tracker]
+) -> None:
+    """Tasks registered through all three APIs, one instance SIGKILLed halfway: every task
+    ends with its statuses in the relay's order and one final status, each final event
+    reaches the receiver under one webhook id (no task gets two), and the survivors poll
+    every task left open at the kill within two intervals.
+    """
+    url = make_pg_url()
+    with SimulatedRelay(step=STEP) as relay, WebhookReceiver() as receiver:
+        document = merge(
+            base_config(relay.base_url, receiver.url, url),
+            {"poll": {"interval": INTERVAL, "max_interval": INTERVAL, "batch_size": 50}},
+        )
+        path = tmp_path / "config.toml"
+        path.write_text(toml_text(document))
+        instances.extend(Tracker(path) for _ in range(INSTANCES))
+        ids = [f"s-{n}" + ("-fail" if n % 9 == 0 else "") for n in range(TASKS)]
+        size = TASKS // WAVES
+        killed_at, left_open = 0.0, set[str]()
+        for wave in range(WAVES):
+            chunk = ids[wave * size : (wave + 1) * size]
+            alive = instances[1:] if killed_at else instances
+            for api, part in zip(itertools.cycle(alive), _split(chunk, INSTANCES), strict=False):
+                for task_id in part:
+                    relay.add("luma", task_id)
+                answer = api.register(part)
+                assert 201 == answer.status_code, answer.text
+            if wave == WAVES // 2:
+                instances[0].kill()
+                killed_at = time.monotonic()
+                left_open = open_tasks(url)
+            time.sleep(STEP)
+        survivor = instances[1]
+
+        def all_final() -> list[dict[str, Any]] | None:
+            rows = all_pages(survivor.client, "/v1/tasks", "tasks")
+            final = len(rows) == TASKS and all(r["status"] in FINAL_STATUSES for r in rows)
+            return rows if final else None
+
+        wait_until(all_final, 60, "every task to reach a final status", every=0.3)
+
+        def all_delivered() -> list[dict[str, Any]] | None:
+            rows = all_pages(survivor.client, "/v1/deliveries", "deliveries")
+            done = len(rows) == TASKS and all(d["state"] == "delivered" for d in rows)
+            return rows if done else None
+
+        # A delivery the killed instance had claimed waits for its lease to lapse.
+        outbox = wait_until(all_delivered, 90, "every final event to be delivered", every=0.3)
+
+        assert left_open, "the kill came too late to interrupt anything"
+        polled = first_polled(relay, killed_at)
+        late = {
+            task_id: round(polled.get(task_id, float("inf")) - killed_at, 2)
+            for task_id in left_open
+            if polled.get(task_id, float("inf")) - killed_at > 2 * INTERVAL + SLACK
+        }
+        assert {} == late
+
+        by_task = collections.defaultdict(list)
+        for delivery in outbox:
+            by_task[delivery["task_id"]].append(delivery)
+        assert set(ids) == set(by_task)
+        seen = collections.defaultdict(set)
+        # A request cut off by the kill arrives without its whole body; no receiver takes it.
+        for hook in receiver.received:
+            if len(hook.body) == int(hook.headers["content-length"]):
+                seen[verified(hook)["data"]["task_id"]].add(hook.headers["webhook-id"])
+        assert {task_id: {rows[0]["webhook_id"]} for task_id, rows in by_task.items()} == dict(seen)
+        for task_id in ids:
+            (delivery,) = by_task[task_id]
+            expected = "task.failed" if task_id.endswith("-fail") else "task.completed"
+            assert expected == delivery["event_type"]
+            task = survivor.client.get(f"/v1/tasks/luma/{task_id}").json()
+            check_history(task)
+            steps = [ORDER[t["to"]] for t in task["transitions"]]
+            assert steps == sorted(set(steps)), task["transitions"]
+            assert expected.removeprefix("task.") == task["status"]
+        for tracker in instances[1:]:
+            assert 0 == tracker.stop()
+
+
+def _split(items: list[str], parts: int) -> list[list[str]]:
+    return [items[i::parts] for i in range(parts)]
