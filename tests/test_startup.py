@@ -162,12 +162,27 @@ def test_database_problem_names_a_missing_directory_or_an_unusable_file(tmp_path
     assert f"{tmp_path / 'no'} does not exist" in missing
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write any file, so none is unwritable")
-def test_an_unwritable_database_file_is_named(tmp_path: Path) -> None:
-    """A database file this user cannot write is named by the check."""
+@pytest.fixture(name="unwritable")
+def _unwritable(tmp_path: Path) -> Iterator[Path]:
+    """A database file this user cannot write: mode 0400, or immutable for root."""
     path = tmp_path / "ro.db"
     path.touch(mode=0o400)
-    assert f"{path} is not readable and writable" in (database_problem(f"sqlite:///{path}") or "")
+    if os.geteuid() != 0:
+        yield path
+        return
+    # Root writes any file whatever its mode; an immutable one it cannot.
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_unwritable_database_file_is_named(unwritable: Path) -> None:
+    """A database file this user cannot write is named by the check."""
+    assert f"{unwritable} is not readable and writable" in (
+        database_problem(f"sqlite:///{unwritable}") or ""
+    )
 
 
 def test_relative_sqlite_paths_resolve_against_the_config_directory(
