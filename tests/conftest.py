@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from tracker import config, signing
 from tracker.store import SqlStore
+from tracker.testing import browser
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -25,6 +26,8 @@ PG_ADMIN_URL = os.environ.get(
 )
 #: set to 1 (CI does) to fail instead of skipping when the PostgreSQL server is unreachable
 PG_REQUIRED = os.environ.get("TRACKER_TEST_PG_REQUIRED") == "1"
+#: CI sets it: the dashboard's browser tests then fail, rather than skip, without Chromium
+BROWSER_REQUIRED = os.environ.get("TRACKER_TEST_BROWSER_REQUIRED") == "1"
 
 # Just ensuring the tests are not polluted by the environment.
 for _name in list(os.environ):
@@ -46,12 +49,19 @@ def _pg_problem() -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip (or, with TRACKER_TEST_PG_REQUIRED=1, fail) the PostgreSQL tests without a server.
+    """Skip (or, where CI requires them, fail) the tests whose outside parts are missing.
 
-    Raised from this one place so pytest's summary folds every such skip into one line.
+    Raised from this one place so pytest's summary folds every such skip into one line each:
+    PostgreSQL tests without a server (TRACKER_TEST_PG_REQUIRED=1 makes it a failure), browser
+    tests without Chromium and its driver (TRACKER_TEST_BROWSER_REQUIRED=1 likewise).
     """
-    if item.get_closest_marker("postgres") is None:
-        return
+    if item.get_closest_marker("postgres") is not None:
+        _require_postgres()
+    if item.get_closest_marker("browser") is not None:
+        _require_browser()
+
+
+def _require_postgres() -> None:
     problem = _pg_problem()
     if problem is None:
         return
@@ -62,6 +72,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     )
     if PG_REQUIRED:
         pytest.fail(f"TRACKER_TEST_PG_REQUIRED=1: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def _require_browser() -> None:
+    problem = browser.available()
+    if problem is None:
+        return
+    message = (
+        f"browser tests need headless Chromium ({problem}): "
+        "apt-get install chromium chromium-driver; -m 'not browser' leaves them out"
+    )
+    if BROWSER_REQUIRED:
+        pytest.fail(f"TRACKER_TEST_BROWSER_REQUIRED=1: {message}", pytrace=False)
     pytest.skip(message)
 
 
