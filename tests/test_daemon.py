@@ -17,9 +17,10 @@ import structlog
 from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
 
 from tracker import app, config, logs, sdnotify, signing
-from tracker.app import Daemon, plan_reload
+from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
+from tracker.reload import plan_reload
 from tracker.store import Registration, SqlStore
 from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay

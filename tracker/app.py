@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pydantic
 import structlog
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -39,6 +37,7 @@ from tracker.delivery import Deliverer
 from tracker.metrics import Metrics, poll_lag
 from tracker.poller import PollEngine, Poller
 from tracker.relay_health import RelayHealth
+from tracker.reload import ReloadPlan, plan_reload
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
 from tracker.store import SqlStore, migrate
@@ -58,12 +57,6 @@ HTTP_SHUTDOWN_DEADLINE = 5
 STATUS_EVERY = 15.0
 #: how often the appended count changes are folded (they are summed on every scrape)
 COMPACT_COUNTS_EVERY = 30.0
-#: sections a reload applies whole, without a restart
-LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
-#: [server] keys a reload applies (the API reads them on every request)
-LIVE_SERVER_KEYS = ("api_tokens", "metrics_require_auth")
-#: [webhooks] keys that need a restart: the SSRF guard is built into the transport at start
-RESTART_WEBHOOK_KEYS = ("allow_private",)
 
 
 class _NoSkipWarnings(logging.Filter):
@@ -89,80 +82,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ReloadPlan:
-    """What a reload does: the settings that will be in force and what changed."""
-
-    settings: config.Settings  #: the old settings with every live change applied
-    applied: list[str]  #: dotted keys whose new value takes effect now
-    needs_restart: list[str]  #: dotted keys whose new value waits for a restart
-    refused: list[str]  #: live keys kept at their old value, with the reason
-
-
-def _changed_keys(prefix: str, old: pydantic.BaseModel, new: pydantic.BaseModel) -> list[str]:
-    return [
-        f"{prefix}.{name}"
-        for name in type(old).model_fields
-        if getattr(old, name) != getattr(new, name)
-    ]
-
-
-def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
-    """Split the difference between two configs into what applies live and what cannot."""
-    applied: list[str] = []
-    needs_restart: list[str] = []
-    refused: list[str] = []
-    live: dict[str, Any] = {}
-    for section in type(old).model_fields:
-        before, after = getattr(old, section), getattr(new, section)
-        if before == after:
-            continue
-        keys = (
-            _changed_keys(section, before, after)
-            if isinstance(before, pydantic.BaseModel)
-            else [section]
-        )
-        if section in LIVE_SECTIONS:
-            live[section] = after
-            applied += keys
-        elif section != "server":
-            needs_restart += keys
-    held = [k for k in RESTART_WEBHOOK_KEYS if getattr(old.webhooks, k) != getattr(new.webhooks, k)]
-    if held:
-        live["webhooks"] = new.webhooks.model_copy(
-            update={k: getattr(old.webhooks, k) for k in held}
-        )
-        applied = [k for k in applied if k not in {f"webhooks.{h}" for h in held}]
-        needs_restart += [f"webhooks.{k}" for k in held]
-    server_update = {
-        k: getattr(new.server, k)
-        for k in LIVE_SERVER_KEYS
-        if getattr(old.server, k) != getattr(new.server, k)
-    }
-    # An open API is allowed on loopback only, and the host in force is the old one.
-    emptied = "api_tokens" in server_update and not server_update["api_tokens"]
-    if emptied and not config.is_loopback(old.server.host):
-        del server_update["api_tokens"]
-        refused.append(
-            "server.api_tokens: cannot be emptied while listening on "
-            f"{old.server.host!r}; restart with a loopback host first"
-        )
-    if server_update:
-        live["server"] = old.server.model_copy(update=server_update)
-        applied += [f"server.{k}" for k in server_update]
-    needs_restart += [
-        f"server.{name}"
-        for name in type(old.server).model_fields
-        if name not in LIVE_SERVER_KEYS and getattr(old.server, name) != getattr(new.server, name)
-    ]
-    return ReloadPlan(
-        settings=old.model_copy(update=live),
-        applied=applied,
-        needs_restart=needs_restart,
-        refused=refused,
-    )
 
 
 def status_line(stats: Stats, last_cycle_seconds: float | None, lag: float = 0.0) -> str:
