@@ -1253,3 +1253,27 @@ def test_release_claims_frees_every_pending_lease(store: SqlStore) -> None:
 
     assert 2 == store.release_claims()
     assert 2 == len(claim_jobs(store, T0))
+
+
+def test_one_tasks_deliveries_are_read_through_the_task_index(sqlite_url: str) -> None:
+    """Listing a task's deliveries uses the (task_pk, id) index, not a scan of all deliveries."""
+    store = SqlStore.from_url(sqlite_url)
+    store.create_schema()
+    statements: list[tuple[str, Any]] = []
+
+    def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.startswith("SELECT deliveries."):
+            statements.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", keep)
+    try:
+        store.list_deliveries(platform="luma", task_id="t1", limit=10)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", keep)
+    assert 1 == len(statements)
+    statement, parameters = statements[0]
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
+    store.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "ix_deliveries_task" in details, details

@@ -650,7 +650,21 @@ class SqlStore:
         before: int | None = None,
     ) -> tuple[list[records.DeliveryRecord], int | None]:
         """A page of deliveries, newest first, each with its attempt log."""
-        query = _page(deliveries, limit, before, state=state, platform=platform, task_id=task_id)
+        if platform is not None and task_id is not None:
+            # One task's deliveries through its row id: (task_pk, id) is indexed, the
+            # (platform, task_id) copies on the delivery rows are not.
+            task_pk = (
+                sa.select(tasks.c.id)
+                .where(tasks.c.platform == platform, tasks.c.task_id == task_id)
+                .scalar_subquery()
+            )
+            query = _page(deliveries, limit, before, state=state).where(
+                deliveries.c.task_pk == task_pk
+            )
+        else:
+            query = _page(
+                deliveries, limit, before, state=state, platform=platform, task_id=task_id
+            )
         with self._read() as conn:
             rows, cursor = _cut(conn.execute(query).all(), limit)
             logs: dict[int, list[Any]] = {r.id: [] for r in rows}
