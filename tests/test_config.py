@@ -50,6 +50,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400) == settings.webhooks.retry_delays
     assert 15 == settings.webhooks.timeout
     assert ("task.completed", "task.failed") == settings.webhooks.events
+    assert 65536 == settings.webhooks.max_response_bytes
 
 
 def test_the_example_config_is_valid_and_shows_every_default() -> None:
@@ -62,6 +63,7 @@ def test_the_example_config_is_valid_and_shows_every_default() -> None:
         assert getattr(defaults, section) == getattr(settings, section), section
     assert defaults.webhooks.retry_delays == settings.webhooks.retry_delays
     assert defaults.webhooks.events == settings.webhooks.events
+    assert defaults.webhooks.max_response_bytes == settings.webhooks.max_response_bytes
     assert defaults.server.port == settings.server.port
 
 
@@ -103,6 +105,14 @@ def test_secrets_may_come_only_from_the_environment() -> None:
         ({"platforms": {"x": {"upstream": "missing"}}}, "platforms.x.upstream names 'missing'"),
         ({"logging": {"level": "loud"}}, "logging.level"),
         ({"webhooks": {"secret": "not base64!"}}, "webhooks.secret: must be a Standard Webhooks"),
+        (
+            {"webhooks": {"max_response_bytes": 1023}},
+            "webhooks.max_response_bytes: Input should be greater than or equal to 1024",
+        ),
+        (
+            {"webhooks": {"max_response_bytes": "64k"}},
+            "webhooks.max_response_bytes: Input should be a valid integer",
+        ),
     ],
 )
 def test_bad_values_are_named(overrides: dict[str, Any], expected: str) -> None:

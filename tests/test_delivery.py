@@ -356,6 +356,42 @@ async def test_a_huge_answer_is_read_only_in_part(
     assert took < 1.0
 
 
+@pytest.mark.parametrize(("code", "state"), [(200, "delivered"), (503, "pending")])
+async def test_an_answer_over_max_response_bytes_is_cut_and_judged_by_its_status(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, code: int, state: str
+) -> None:
+    """With [webhooks].max_response_bytes at 1024, only 1024 bytes of a 5,000-byte answer are
+    read (less than the 2 KiB the log would keep), and the attempt counts by its status code.
+    """
+    settings = hook_settings(receiver.url, max_response_bytes=1024)
+    complete(store, clock, settings)
+    receiver.reply(Reply(status=code, body=b"y" * 5000))
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        await deliverer.run_once()
+
+    delivery = only(store)
+    assert (state, code) == (delivery.state, delivery.last_status_code)
+    assert "y" * 1024 == delivery.log[0].response_excerpt
+
+
+async def test_a_reload_changes_the_answer_cap_for_the_next_attempt(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """max_response_bytes is read at each attempt, so a reloaded value applies at once."""
+    settings = hook_settings(receiver.url, max_response_bytes=1024)
+    complete(store, clock, settings)
+    receiver.reply(Reply(status=503, body=b"z" * 5000), Reply(status=503, body=b"z" * 5000))
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        await deliverer.run_once()
+        deliverer.configure(settings.model_copy(update={"max_response_bytes": 1500}))
+        clock.advance(10)
+        await deliverer.run_once()
+
+    assert [1024, 1500] == [len(a.response_excerpt or "") for a in only(store).log]
+
+
 @pytest.mark.parametrize("code", [301, 302, 307, 308])
 async def test_redirects_are_failures_and_never_followed(
     store: SqlStore,

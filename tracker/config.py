@@ -28,6 +28,8 @@ DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.valu
 DEFAULT_MAX_INTERVAL = 120.0
 #: bytes of one relay answer read at most (32 MiB: a 10,000-id batch is about 12 MiB)
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: bytes of one webhook receiver's answer read at most (its status code alone decides)
+DEFAULT_WEBHOOK_RESPONSE_BYTES = 64 * 1024
 
 #: values config.example.toml ships with: anyone who read the repository knows them
 PLACEHOLDER_TOKENS = frozenset({"change-me"})
@@ -224,6 +226,8 @@ class WebhookSettings(_Section):
     concurrency: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
     #: deliveries in flight at once to one host
     per_host: Annotated[StrictInt, Field(ge=1, le=1024)] = 8
+    #: bytes of a receiver's answer read at most; the rest is dropped unread
+    max_response_bytes: Annotated[StrictInt, Field(ge=1024)] = DEFAULT_WEBHOOK_RESPONSE_BYTES
 
     @pydantic.field_validator("events")
     @classmethod

@@ -33,6 +33,9 @@ BAD_REPLIES = {
     "hang_up": Reply(drop="hang_up"),
 }
 HEALTHY = [f"ok-{n}" for n in range(20)]
+#: [webhooks].max_response_bytes for the run: below the 2 KiB the delivery log keeps, so the
+#: cut is visible there
+READ_CAP = 1024
 SENT_TO_BAD = [f"to-bad-{n}" for n in range(len(BAD_REPLIES))]
 
 
@@ -48,13 +51,16 @@ def test_misbehaving_receivers_affect_only_their_own_deliveries(
     a trickle, a stall, a reset or a hang-up costs only its own deliveries: healthy tasks beside
     it get exactly one verified webhook each, every attempt is recorded exactly once (a NUL
     answer on PostgreSQL no longer makes the event go out again at each lease), and the
-    delivery log holds neither NUL nor the secret.
+    delivery log holds neither NUL nor the secret. The 400 MB answer is read only up to
+    [webhooks].max_response_bytes, costs no memory to speak of, and is delivered by its 200.
     """
     url = database_url(db, tmp_path, make_pg_url)
+    overrides = {"webhooks": {"max_response_bytes": READ_CAP}}
     with (
         WebhookReceiver() as bad,
-        running(write_config(tmp_path, relay.base_url, receiver.url, url)) as daemon,
+        running(write_config(tmp_path, relay.base_url, receiver.url, url, overrides)) as daemon,
     ):
+        before = daemon.peak_rss_bytes()
         bad.reply(*BAD_REPLIES.values())
         answer = daemon.client.post(
             "/v1/tasks", json={"platform": "luma", "ids": SENT_TO_BAD, "webhook_url": bad.url}
@@ -85,6 +91,12 @@ def test_misbehaving_receivers_affect_only_their_own_deliveries(
         assert "\x00" not in excerpts
         assert "[redacted]" in excerpts  # the receiver that echoed the signing secret
         assert WEBHOOK_SECRET[:9] not in daemon.client.get("/v1/deliveries").text
+        [huge] = [a for d in rows for a in d["log"] if a.get("response") == "x" * READ_CAP]
+        assert 200 == huge["status_code"]
+        # Reading all of it would cost 400 MiB; shown with -s, quoted in docs/reliability.md.
+        peak = daemon.peak_rss_bytes()
+        print(f"peak RSS {before / MIB:.1f} MiB at start, {peak / MIB:.1f} MiB at most")  # noqa: T201
+        assert peak - before < 32 * MIB
         failures = {"delivery_run_failed", "delivery_results_unrecorded", "attempt_unrecorded"}
         assert [] == [e for e in daemon.events if e.get("event") in failures]
         assert "Traceback" not in daemon.output()

@@ -19,8 +19,6 @@ from tracker.config import EndpointSettings, PreviousSecret, WebhookSettings
 from tracker.retry import DeliveryState
 from tracker.store.records import AttemptResult, DeliveryJob
 
-#: at most this much of any answer is read; the rest is dropped unread
-MAX_RESPONSE_BYTES = 64 * 1024
 #: this many characters of it are kept in the delivery log (after secrets are redacted)
 EXCERPT_BYTES = 2048
 
@@ -45,8 +43,8 @@ def describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
-async def read_capped(response: httpx.Response) -> bytes:
-    """The first MAX_RESPONSE_BYTES of the answer's body; the rest is never read."""
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of the answer's body; the rest is never read."""
     body = bytearray()
     # aiter_raw is an async generator (typed as a plain iterator); close it, do not leave it
     # to the garbage collector.
@@ -54,10 +52,10 @@ async def read_capped(response: httpx.Response) -> bytes:
     async with contextlib.aclosing(raw) as chunks:
         async for chunk in chunks:
             body += chunk
-            if len(body) >= MAX_RESPONSE_BYTES:
+            if len(body) >= limit:
                 # Leaving the stream unfinished closes the connection instead of draining it.
                 break
-    return bytes(body[:MAX_RESPONSE_BYTES])
+    return bytes(body[:limit])
 
 
 class Sender:
@@ -134,7 +132,7 @@ class Sender:
             # A secret that is not whsec_<base64>: retried, so fixing the config saves it.
             return retry.Outcome(error=f"cannot sign: {exc}"), b"", False
         client = self._guarded_client if job.guarded else self._client
-        timeout = self._settings.timeout
+        timeout, limit = self._settings.timeout, self._settings.max_response_bytes
         try:
             request = client.build_request(
                 "POST", job.url, content=job.payload, headers=headers, timeout=timeout
@@ -143,7 +141,7 @@ class Sender:
             async with asyncio.timeout(timeout):
                 response = await client.send(request, stream=True, follow_redirects=False)
                 try:
-                    excerpt = await read_capped(response)
+                    excerpt = await read_capped(response, limit)
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
