@@ -16,7 +16,9 @@ import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
 from tracker.store import records
-from tracker.store.sql import SqlStore, _delivery_record, _task_record, attempts, deliveries, tasks
+from tracker.store.base import attempts, deliveries, tasks
+from tracker.store.rows import _delivery_record, _task_record
+from tracker.store.sql import SqlStore
 
 #: ids of tasks a text search reads per query
 SEARCH_CHUNK = 10_000

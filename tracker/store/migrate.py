@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from tracker.store.sql import SchemaMismatchError
+from tracker.store.engine import SchemaMismatchError
 
 #: where the migrations live, as a package resource (so it works from a wheel too)
 SCRIPT_LOCATION = "tracker.store:migrations"

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
-from tracker.store.sql import IN_CHUNK, attempts, deliveries, tasks, transitions
+from tracker.store.base import IN_CHUNK, attempts, deliveries, tasks, transitions
 
 
 class Kind(enum.StrEnum):

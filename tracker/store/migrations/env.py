@@ -15,8 +15,8 @@ from alembic.autogenerate.api import AutogenContext
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import AutoString
 
+from tracker.store.engine import make_engine
 from tracker.store.models import UTCDateTime
-from tracker.store.sql import make_engine
 
 
 def _render_item(kind: str, obj: Any, _context: AutogenContext) -> str | Literal[False]:

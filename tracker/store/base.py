@@ -1,0 +1,110 @@
+"""What every part of the SQL store shares: the tables, transactions, locks, error triage."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from tracker import sanitize
+from tracker.store.models import (
+    AttemptRow,
+    DeliveryRow,
+    MetaRow,
+    TaskRow,
+    TransitionRow,
+)
+
+tasks = TaskRow.__table__  # type: ignore[attr-defined]
+transitions = TransitionRow.__table__  # type: ignore[attr-defined]
+deliveries = DeliveryRow.__table__  # type: ignore[attr-defined]
+attempts = AttemptRow.__table__  # type: ignore[attr-defined]
+meta = MetaRow.__table__  # type: ignore[attr-defined]
+
+# Ids per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
+IN_CHUNK = 1000
+
+
+def _epoch(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _from_epoch(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SqlBase:
+    """The engine and the plumbing the parts of SqlStore (tracker.store.sql) build on."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            conn.execution_options(tracker_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        # Several daemons on one PostgreSQL database each claim different rows.
+        if self.dialect == "postgresql":
+            return query.with_for_update(skip_locked=True)
+        return query
+
+    def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        # Both dialects speak INSERT ... ON CONFLICT, each through its own construct.
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _current(
+        self, conn: sa.Connection, column: sa.Column[Any], pks: set[int]
+    ) -> dict[int, Any]:
+        """``column`` of the rows with these ids, locked until commit (absent ids are gone).
+
+        SQLite needs no row lock: the write transaction (BEGIN IMMEDIATE) already excludes
+        every other writer. PostgreSQL locks in id order, so two writers never deadlock.
+        """
+        table = column.table
+        found: dict[int, Any] = {}
+        ordered = sorted(pks)
+        for start in range(0, len(ordered), IN_CHUNK):
+            query = (
+                sa.select(table.c.id, column)
+                .where(table.c.id.in_(ordered[start : start + IN_CHUNK]))
+                .order_by(table.c.id)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            found.update((row[0], row[1]) for row in conn.execute(query))
+        return found
+
+
+def _is_row_error(exc: Exception) -> bool:
+    """Whether ``exc`` is the database (or the driver) refusing the values of some row.
+
+    Those are worth retrying without the row; a lock, a full disk or a lost connection
+    (OperationalError and the like) would fail every smaller write as well.
+    """
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True  # a bind parameter could not be converted
+    return isinstance(exc, ValueError | TypeError)  # e.g. text the driver cannot encode
+
+
+def _describe_error(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    first_line = str(cause).split("\n", 1)[0]
+    return sanitize.clean_text(f"{type(cause).__name__}: {first_line}", 300)

@@ -1,0 +1,302 @@
+"""The outbox side of the store: delivery claims, attempt results, reads and re-queues."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from tracker import sanitize
+from tracker.retry import DeliveryState
+from tracker.status import EventType
+from tracker.store import records
+from tracker.store.base import (
+    SqlBase,
+    _describe_error,
+    _epoch,
+    _from_epoch,
+    _is_row_error,
+    attempts,
+    deliveries,
+    tasks,
+)
+from tracker.store.polling import _isolated
+from tracker.store.rows import _cut, _delivery_record, _page
+
+log = structlog.get_logger("tracker.store")
+
+
+class Outbox(SqlBase):
+    """Webhook deliveries: claims and their leases, attempt results, reads, re-queues."""
+
+    def release_claims(self) -> int:
+        """Free every delivery lease (a single daemon starting: no one else holds them)."""
+        with self._write() as conn:
+            done = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.claimed_until.is_not(None),
+                    deliveries.c.state == DeliveryState.PENDING,
+                )
+                .values(claimed_until=None)
+            )
+        return int(done.rowcount)
+
+    # -- the delivery loop ------------------------------------------------------------------
+
+    def claim_deliveries(
+        self, now: datetime, limit: int, *, lease: float
+    ) -> list[records.DeliveryJob]:
+        """Take up to ``limit`` due deliveries, oldest first, for ``lease`` seconds.
+
+        A delivery waits while an earlier event of the same task is still pending, so each
+        receiver sees a task's events in the order they happened.
+        """
+        epoch = _epoch(now)
+        earlier = deliveries.alias("earlier")
+        blocked = (
+            sa.select(earlier.c.id)
+            .where(
+                earlier.c.task_pk == deliveries.c.task_pk,
+                earlier.c.state == DeliveryState.PENDING,
+                earlier.c.id < deliveries.c.id,
+            )
+            # OFFSET 0 keeps this a per-row subplan on ix_deliveries_task: flattened into an
+            # anti-join, PostgreSQL without fresh statistics chose a quadratic plan (seconds).
+            .offset(0)
+            .exists()
+        )
+        c = deliveries.c
+        query = self._lock(
+            # Only what a DeliveryJob carries: each datetime column read costs a conversion.
+            sa.select(
+                c.id,
+                c.webhook_id,
+                c.task_pk,
+                c.platform,
+                c.task_id,
+                c.event_type,
+                c.payload,
+                c.url,
+                c.endpoint,
+                c.guarded,
+                c.attempts,
+            )
+            .where(
+                deliveries.c.state == DeliveryState.PENDING,
+                deliveries.c.next_attempt_at <= epoch,
+                sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < epoch),
+                ~blocked,
+            )
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            .limit(limit)
+        )
+        with self._write() as conn:
+            rows = conn.execute(query).all()
+            if rows:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_([r.id for r in rows]))
+                    .values(claimed_until=epoch + lease)
+                )
+        return [
+            records.DeliveryJob(
+                pk=r.id,
+                webhook_id=r.webhook_id,
+                task_pk=r.task_pk,
+                platform=r.platform,
+                task_id=r.task_id,
+                event_type=EventType(r.event_type),
+                payload=r.payload.encode(),
+                url=r.url,
+                endpoint=r.endpoint,
+                guarded=r.guarded,
+                attempts=r.attempts,
+            )
+            for r in rows
+        ]
+
+    def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
+        """Log attempts and move their deliveries on, in one transaction.
+
+        A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
+        not fail the results of the whole batch. A result whose own values the database
+        refuses is written again without the receiver's answer text, and the others without
+        it; an unrecorded result would leave its delivery to be sent again at every lease.
+        """
+        if results:
+            _isolated(results, self._finish_once, self._refused_result)
+
+    def _refused_result(self, result: records.AttemptResult, exc: Exception) -> int:
+        log.error(
+            "attempt_write_refused",
+            webhook_id=result.job.webhook_id,
+            task_id=result.job.task_id,
+            error=_describe_error(exc),
+        )
+        error = None if result.error is None else sanitize.clean_text(result.error, 500)
+        plain = dataclasses.replace(result, response_excerpt="", error=error)
+        try:
+            return self._finish_once([plain])
+        except Exception as again:
+            if not _is_row_error(again):
+                raise
+            log.error(  # noqa: TRY400 - the row's values would only repeat in a traceback
+                "attempt_unrecorded", webhook_id=result.job.webhook_id, error=_describe_error(again)
+            )
+            return 0
+
+    def _finish_once(self, results: Sequence[records.AttemptResult]) -> int:
+        with self._write() as conn:
+            live = self._current(conn, deliveries.c.id, {r.job.pk for r in results})
+            results = [r for r in results if r.job.pk in live]
+            if not results:
+                return 0
+            conn.execute(
+                attempts.insert(),
+                [
+                    {
+                        "delivery_pk": r.job.pk,
+                        "at": r.at,
+                        "url": r.job.url,
+                        "status_code": r.status_code,
+                        "error": r.error,
+                        "latency_ms": r.latency_ms,
+                        "response_excerpt": r.response_excerpt,
+                    }
+                    for r in results
+                ],
+            )
+            conn.execute(
+                _FINISH,
+                [
+                    {
+                        "pk_": r.job.pk,
+                        "state_": r.state,
+                        "next_": r.next_attempt_at,
+                        "at_": r.at,
+                        "code_": r.status_code,
+                        "error_": r.error,
+                        "delivered_": r.at if r.state == DeliveryState.DELIVERED else None,
+                    }
+                    for r in results
+                ],
+            )
+        return len(results)
+
+    def next_delivery_at(self) -> datetime | None:
+        """When the earliest pending delivery falls due (None when none is pending)."""
+        with self._read() as conn:
+            value = conn.execute(
+                sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.state == DeliveryState.PENDING
+                )
+            ).scalar()
+        return _from_epoch(value)
+
+    def get_delivery(self, pk: int) -> records.DeliveryRecord | None:
+        """One delivery with its attempt log, None when unknown."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == pk)).first()
+            if row is None:
+                return None
+            log = conn.execute(
+                sa.select(attempts).where(attempts.c.delivery_pk == pk).order_by(attempts.c.id)
+            ).all()
+        return _delivery_record(row, log)
+
+    def list_deliveries(
+        self,
+        *,
+        state: DeliveryState | None = None,
+        platform: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[records.DeliveryRecord], int | None]:
+        """A page of deliveries, newest first, each with its attempt log."""
+        if platform is not None and task_id is not None:
+            # One task's deliveries through its row id: (task_pk, id) is indexed, the
+            # (platform, task_id) copies on the delivery rows are not.
+            task_pk = (
+                sa.select(tasks.c.id)
+                .where(tasks.c.platform == platform, tasks.c.task_id == task_id)
+                .scalar_subquery()
+            )
+            query = _page(deliveries, limit, before, state=state).where(
+                deliveries.c.task_pk == task_pk
+            )
+        else:
+            query = _page(
+                deliveries, limit, before, state=state, platform=platform, task_id=task_id
+            )
+        with self._read() as conn:
+            rows, cursor = _cut(conn.execute(query).all(), limit)
+            logs: dict[int, list[Any]] = {r.id: [] for r in rows}
+            if rows:
+                for a in conn.execute(
+                    sa.select(attempts)
+                    .where(attempts.c.delivery_pk.in_(list(logs)))
+                    .order_by(attempts.c.id)
+                ):
+                    logs[a.delivery_pk].append(a)
+        return [_delivery_record(r, logs[r.id]) for r in rows], cursor
+
+    def requeue(
+        self,
+        now: datetime,
+        *,
+        pk: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[int]:
+        """Send deliveries again with their own ``webhook-id``: one by id (any state), or every
+        dead one created in [since, until). Returns the ids re-queued.
+        """
+        query = sa.select(deliveries.c.id)
+        if pk is not None:
+            query = query.where(deliveries.c.id == pk)
+        else:
+            query = query.where(deliveries.c.state == DeliveryState.DEAD)
+            if since is not None:
+                query = query.where(deliveries.c.created_at >= since)
+            if until is not None:
+                query = query.where(deliveries.c.created_at < until)
+        with self._write() as conn:
+            pks = list(conn.execute(query).scalars())
+            if pks:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(pks))
+                    .values(
+                        state=DeliveryState.PENDING,
+                        next_attempt_at=_epoch(now),
+                        claimed_until=None,
+                        delivered_at=None,
+                    )
+                )
+        return pks
+
+
+# One statement for every finished attempt, run as an executemany.
+_FINISH = (
+    deliveries.update()
+    .where(deliveries.c.id == sa.bindparam("pk_"))
+    .values(
+        state=sa.bindparam("state_"),
+        attempts=deliveries.c.attempts + 1,
+        next_attempt_at=sa.func.coalesce(
+            sa.bindparam("next_", type_=deliveries.c.next_attempt_at.type),
+            deliveries.c.next_attempt_at,
+        ),
+        claimed_until=None,
+        last_attempt_at=sa.bindparam("at_"),
+        last_status_code=sa.bindparam("code_"),
+        last_error=sa.bindparam("error_"),
+        delivered_at=sa.bindparam("delivered_"),
+    )
+)

@@ -1,0 +1,379 @@
+"""The poll side of the store: claims, the plan, and writing a poll's decisions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+
+from tracker.retry import DeliveryState
+from tracker.status import FINAL, EventType, Snapshot, TaskStatus
+from tracker.store import records
+from tracker.store.base import (
+    IN_CHUNK,
+    SqlBase,
+    _describe_error,
+    _epoch,
+    _from_epoch,
+    _is_row_error,
+    deliveries,
+    tasks,
+    transitions,
+)
+from tracker.store.records import KEEP
+from tracker.store.rows import _event_types
+
+log = structlog.get_logger("tracker.store")
+
+
+class Polling(SqlBase):
+    """Tasks claimed for polls, the plan of their next polls, and the polls' results."""
+
+    # -- the poll cycle ---------------------------------------------------------------------
+
+    def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
+        """Status and next poll (the claim's token) of these tasks, locked as _current locks."""
+        found: dict[int, tuple[str, float | None]] = {}
+        ordered = sorted(pks)
+        for start in range(0, len(ordered), IN_CHUNK):
+            query = (
+                sa.select(tasks.c.id, tasks.c.status, tasks.c.next_poll_at)
+                .where(tasks.c.id.in_(ordered[start : start + IN_CHUNK]))
+                .order_by(tasks.c.id)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
+        return found
+
+    def claim_due(
+        self, now: datetime, limit: int, *, lease: float, due_by: datetime | None = None
+    ) -> list[records.DueTask]:
+        """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first.
+
+        The claim moves each task's next poll to the end of its ``lease`` (seconds), so no
+        other claim takes it meanwhile, and that exact value is the claim's token: record()
+        writes a task only while it still holds it, so an answer that arrives after the lease
+        ran out (and another claim took the task) changes nothing. The poll is planned anew
+        when its answer is recorded.
+        """
+        epoch = _epoch(now)
+        raw = self.dialect == "sqlite"
+        query = self._lock(
+            sa.select(*(_DUE_COLUMNS_RAW if raw else _DUE_COLUMNS))
+            .where(tasks.c.next_poll_at <= _epoch(due_by or now))
+            .order_by(tasks.c.next_poll_at, tasks.c.id)
+            .limit(limit)
+        )
+        until = epoch + lease
+        with self._write() as conn:
+            rows = conn.execute(query).all()
+            if rows:
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id.in_([r.id for r in rows]))
+                    .values(next_poll_at=until)
+                )
+        decoded = _Decoded()
+        return [_due(r, until, decoded) for r in rows]
+
+    def earliest_poll(self) -> datetime | None:
+        """When the earliest live task is due (None when none is live): one index lookup."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(sa.func.min(tasks.c.next_poll_at))).scalar()
+        return _from_epoch(value)
+
+    def pull_in(self, latest: datetime) -> None:
+        """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
+        with self._write() as conn:
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.next_poll_at > _epoch(latest))
+                .values(next_poll_at=_epoch(latest))
+            )
+
+    def record(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
+        """Write a poll's decisions in one transaction: task rows, history rows, outbox rows.
+
+        Each task row is updated only if it still has the status the decision was made on; a
+        task that moved or was removed meanwhile keeps its state and gets no history or event.
+        A task whose own values the database refuses is left out (logged as
+        `task_write_refused`; it is polled again) and the others are written without it; any
+        other error (a lock, a full disk, a lost connection) rolls the whole call back.
+        Returns how many tasks were written.
+        """
+        return _isolated(updates, lambda part: self._record_once(part, now), _refused_update)
+
+    def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
+        epoch = _epoch(now)
+        replanned, updates = _split_replanned(updates)
+        planned = [(u, _update_values(u, now, epoch)) for u in updates]
+        planned = [(u, values) for u, values in planned if values or u.outbox]
+        if not planned and not replanned:
+            return 0
+        history: list[dict[str, Any]] = []
+        outbox: list[dict[str, Any]] = []
+        # Task updates grouped by the columns they set, so each group is one executemany.
+        pending: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        in_pending: set[int] = set()
+        written = 0
+        with self._write() as conn:
+            if replanned:
+                written += max(0, self._replan(conn, replanned))
+            # The compare-and-set: statuses and claims read under lock, then checked here.
+            current = self._claims(conn, {u.task.pk for u, _ in planned})
+            held: set[int] = set()  # claims checked once in this call hold for its later updates
+            for update, values in planned:
+                task = update.task
+                found = current.get(task.pk)
+                if found is None or found[0] != task.snapshot.status.value:
+                    continue
+                if task.pk not in held:
+                    if task.lease_until is not None and found[1] != task.lease_until:
+                        continue  # the lease ran out and another claim took the task
+                    held.add(task.pk)
+                if values:
+                    if task.pk in in_pending:
+                        # The same task twice in one call: the later update must land last.
+                        _update_tasks(conn, pending)
+                        pending.clear()
+                        in_pending.clear()
+                    pending.setdefault(tuple(sorted(values)), []).append({"pk_": task.pk, **values})
+                    in_pending.add(task.pk)
+                    current[task.pk] = (values.get("status", found[0]), found[1])
+                written += 1
+                change = update.change
+                if change is not None and change.moved:
+                    history.append(
+                        {
+                            "task_pk": task.pk,
+                            "from_status": change.before.status.value,
+                            "to_status": change.after.status.value,
+                            "upstream_status": change.after.upstream_status,
+                            "progress": change.after.progress,
+                            "at": now,
+                        }
+                    )
+                outbox.extend(
+                    {
+                        "webhook_id": entry.webhook_id,
+                        "task_pk": task.pk,
+                        "platform": task.platform,
+                        "task_id": task.task_id,
+                        "event_type": entry.event_type,
+                        "payload": entry.payload.decode(),
+                        "url": entry.url,
+                        "endpoint": entry.endpoint,
+                        "guarded": entry.guarded,
+                        "state": DeliveryState.PENDING,
+                        "attempts": 0,
+                        "next_attempt_at": epoch,
+                        "created_at": now,
+                    }
+                    for entry in update.outbox
+                )
+            _update_tasks(conn, pending)
+            if history:
+                conn.execute(transitions.insert(), history)
+            if outbox:
+                conn.execute(deliveries.insert(), outbox)
+        return written
+
+    def _replan(self, conn: sa.Connection, replanned: list[tuple[float, int, float]]) -> int:
+        """Run _REPLAN for (next poll, id, lease end) rows; how many rows it changed."""
+        if self.dialect == "sqlite":
+            # Straight to the driver: SQLAlchemy's per-row parameter processing costs more
+            # than the UPDATE itself, and a drain sends one row per polled task.
+            return conn.exec_driver_sql(_REPLAN_SQLITE, replanned).rowcount
+        params = [{"next_": n, "pk_": pk, "lease_": lease} for n, pk, lease in replanned]
+        return conn.execute(_REPLAN, params).rowcount
+
+
+_T = TypeVar("_T")
+
+
+def _isolated(
+    items: Sequence[_T],
+    write: Callable[[Sequence[_T]], int],
+    refused: Callable[[_T, Exception], int],
+) -> int:
+    """``write(items)``; when the database refuses some row's values, the halves apart.
+
+    Halving until the refused rows stand alone costs about 2 log2(n) extra transactions per
+    bad row, and only when there is one; each lone refused row goes to ``refused``.
+    """
+    try:
+        return write(items)
+    except Exception as exc:
+        if not _is_row_error(exc):
+            raise
+        if len(items) == 1:
+            return refused(items[0], exc)
+    middle = len(items) // 2
+    return _isolated(items[:middle], write, refused) + _isolated(items[middle:], write, refused)
+
+
+def _refused_update(update: records.TaskUpdate, exc: Exception) -> int:
+    log.error(
+        "task_write_refused",
+        platform=update.task.platform,
+        task_id=update.task.task_id,
+        error=_describe_error(exc),
+    )
+    return 0
+
+
+_RAW_NAMES = ("created_at", "events", "metadata")
+
+# The columns a poll needs: not the stored result, which can be large and is never read back.
+_DUE_COLUMNS = tuple(
+    tasks.c[name]
+    for name in (
+        "id", "platform", "task_id", "status", "upstream_status", "progress",
+        "upstream_progress", "fail_reason", "created_at", "missing_since", "webhook_url",
+        "endpoint", "events", "metadata", "next_poll_at", "last_change_at",
+    )
+)  # fmt: skip
+
+# A new plan for a task whose answer changed nothing else; the WHERE is the compare-and-set
+# (the claim still held: its lease's end is still the next poll).
+_REPLAN = (
+    tasks.update()
+    .where(tasks.c.id == sa.bindparam("pk_"), tasks.c.next_poll_at == sa.bindparam("lease_"))
+    .values(next_poll_at=sa.bindparam("next_"))
+)
+_REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
+
+# _DUE_COLUMNS with the time and JSON columns as SQLite stores them (text): a claim's tasks
+# mostly share these values (one bulk registration), so each is decoded once per claim.
+_DUE_COLUMNS_RAW = tuple(
+    sa.type_coerce(column, sa.Text) if column.name in _RAW_NAMES else column
+    for column in _DUE_COLUMNS
+)
+
+
+def _split_replanned(
+    updates: Sequence[records.TaskUpdate],
+) -> tuple[list[tuple[float, int, float]], list[records.TaskUpdate]]:
+    """(next poll, id, lease end) for _REPLAN of updates that only move a claimed task's next
+    poll (and whose task the call names once), and the other updates."""
+    seen: dict[int, int] = {}
+    for update in updates:
+        seen[update.task.pk] = seen.get(update.task.pk, 0) + 1
+    replanned: list[tuple[float, int, float]] = []
+    rest: list[records.TaskUpdate] = []
+    for update in updates:
+        task = update.task
+        if (
+            update.change is None
+            and not update.outbox
+            and update.missing_since is KEEP
+            and isinstance(update.next_poll_at, float)
+            and task.lease_until is not None
+            and seen[task.pk] == 1
+        ):
+            replanned.append((update.next_poll_at, task.pk, task.lease_until))
+        else:
+            rest.append(update)
+    return replanned, rest
+
+
+def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
+    # The SET clause comes from each group's keys; "pk_" only feeds the WHERE.
+    for rows in groups.values():
+        conn.execute(tasks.update().where(tasks.c.id == sa.bindparam("pk_")), rows)
+
+
+def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    change = update.change
+    if change is not None:
+        after = change.after
+        values.update(
+            status=after.status.value,
+            upstream_status=after.upstream_status,
+            progress=after.progress,
+            upstream_progress=after.upstream_progress,
+            fail_reason=after.fail_reason,
+            updated_at=now,
+        )
+        if change.result is not None:
+            values["result"] = dict(change.result)
+        if change.moved or after.progress != change.before.progress:
+            values["last_change_at"] = epoch
+        if after.status in FINAL:
+            values["finished_at"] = now
+            values["next_poll_at"] = None
+            values["missing_since"] = None
+    if update.missing_since is not KEEP and "missing_since" not in values:
+        values["missing_since"] = update.missing_since
+    if update.next_poll_at is not KEEP and "next_poll_at" not in values:
+        values["next_poll_at"] = update.next_poll_at
+    return values
+
+
+_STATUSES = {s.value: s for s in TaskStatus}
+
+
+class _Decoded:
+    """The raw values of one claim decoded, each distinct one once (see _DUE_COLUMNS_RAW)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, datetime] = {}
+        self.json: dict[str, Any] = {}
+        self.events: dict[str, tuple[EventType, ...] | None] = {}
+
+    def time(self, value: Any) -> datetime:
+        if not isinstance(value, str):
+            return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
+        found = self.times.get(value)
+        if found is None:
+            # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
+            found = self.times[value] = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return found
+
+    def document(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value not in self.json:
+            self.json[value] = json.loads(value)
+        return self.json[value]
+
+    def event_types(self, value: Any) -> tuple[EventType, ...] | None:
+        if not isinstance(value, str):
+            return _event_types(value)
+        if value not in self.events:
+            self.events[value] = _event_types(json.loads(value))
+        return self.events[value]
+
+
+def _due(row: Any, lease_until: float, decoded: _Decoded) -> records.DueTask:
+    # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
+    (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
+     created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
+     last_change_at) = row  # fmt: skip
+    return records.DueTask(
+        pk=pk,
+        platform=platform,
+        task_id=task_id,
+        snapshot=Snapshot(
+            status=_STATUSES[status],
+            upstream_status=upstream_status,
+            progress=progress,
+            upstream_progress=upstream_progress,
+            fail_reason=fail_reason,
+        ),
+        created_at=decoded.time(created_at),
+        missing_since=missing_since,
+        webhook_url=webhook_url,
+        endpoint=endpoint,
+        events=decoded.event_types(events),
+        metadata=decoded.document(metadata),
+        planned=planned,
+        last_change_at=last_change_at,
+        lease_until=lease_until,
+    )
