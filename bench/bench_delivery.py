@@ -94,7 +94,7 @@ def webhook_settings(url: str, per_host: int) -> config.WebhookSettings:
 
 
 def make_client(settings: config.WebhookSettings) -> httpx.AsyncClient:
-    """A webhook client configured as the daemon configures its own (tracker.app)."""
+    """A webhook client configured as the daemon configures its own (tracker.compose)."""
     limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=64)
     return httpx.AsyncClient(limits=limits, follow_redirects=False)
 

@@ -8,7 +8,7 @@ and its count triggers, then times, in one run:
 - scan: the figures counted the way they were before the count table (GROUP BY over tasks
   and deliveries, MIN over pending deliveries);
 - scrape: ``Metrics.render()`` with the store watched, as GET /metrics produces it;
-- status: ``store.stats()`` plus ``tracker.app.status_line``, as the systemd status job does.
+- status: ``store.stats()`` plus ``tracker.routines.status_line``, as the systemd status job does.
 
 Target: scrape and status line under 50 ms (median and p95) at 1,000,000 tasks. Exits 1 when
 missed.
@@ -28,8 +28,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tracker.app import status_line
 from tracker.metrics import Metrics
+from tracker.routines import status_line
 from tracker.store import SqlStore
 from tracker.store.sql import deliveries, tasks
 

@@ -209,16 +209,16 @@ async def test_delete_stops_tracking_and_no_webhook_follows(
     assert 404 == (await api.client.delete("/v1/tasks/luma/gone", headers=TOKEN)).status_code
     relay.set("luma", "gone", "SUCCESS", "100%")
     relay.clear_requests()
-    await api.daemon.poller.run_cycle()
+    await api.daemon.parts.poller.run_cycle()
 
     assert [] == relay.requests
-    with api.daemon.store.engine.connect() as conn:
+    with api.daemon.parts.store.engine.connect() as conn:
         assert 0 == conn.execute(sa.select(sa.func.count()).select_from(deliveries)).scalar()
 
 
 async def test_registrations_get_503_while_stopping(api: Api) -> None:
     """Once the daemon stops taking work, POST /v1/tasks answers 503 and stores nothing."""
-    api.daemon.state.accepting = False
+    api.daemon.parts.state.accepting = False
     answer = await api.register(ids=["late"])
 
     assert 503 == answer.status_code
@@ -229,13 +229,13 @@ async def test_deliveries_can_be_listed_redelivered_and_recovered(
     api: Api, relay: SimulatedRelay
 ) -> None:
     """Deliveries are listed per task and by state; redeliver and recover re-queue them."""
-    api.daemon.scheduler.pause()  # keep the delivery loop from racing the edits below
+    api.daemon.parts.jobs.pause()  # keep the delivery loop from racing the edits below
     relay.set("luma", "d1", "SUCCESS", "100%")
     relay.set("luma", "d2", "FAILURE", "100%", fail_reason="nope")
     await api.register(ids=["d1", "d2"])
     await polled(api, "d1", "completed")
     await polled(api, "d2", "failed")
-    with api.daemon.store.engine.begin() as conn:
+    with api.daemon.parts.store.engine.begin() as conn:
         conn.execute(deliveries.update().values(state="dead", last_error="HTTP 500"))
 
     per_task = (await api.get("/v1/tasks/luma/d1/deliveries")).json()["deliveries"]

@@ -285,8 +285,8 @@ async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json
     """A NaN or a lone surrogate already in the database is answered as null and U+FFFD,
     in the task and in the listing, rather than failing the request.
     """
-    api.daemon.store.register(Registration(platform="luma", ids=["old"]), datetime.now(UTC))
-    with api.daemon.store.engine.begin() as conn:
+    api.daemon.parts.store.register(Registration(platform="luma", ids=["old"]), datetime.now(UTC))
+    with api.daemon.parts.store.engine.begin() as conn:
         conn.execute(
             sa.text("UPDATE tasks SET metadata = :m WHERE task_id = 'old'"),
             {"m": '{"nan": NaN, "text": "\\ud800"}'},

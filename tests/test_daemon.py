@@ -16,7 +16,7 @@ import pytest
 import structlog
 from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
 
-from tracker import app, config, logs, sdnotify, signing
+from tracker import config, database, jobs, logs, routines, sdnotify, signing
 from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
@@ -174,20 +174,24 @@ async def test_readiness_follows_the_scheduler_and_the_poll_lag_only(
     )
     daemon = make_daemon(settings, clock=clock)
 
-    assert "scheduler is not running" in await daemon.readiness()
+    assert "scheduler is not running" in await daemon.parts.readiness.run()
     await daemon.start()
-    assert [] == await daemon.readiness()
+    assert [] == await daemon.parts.readiness.run()
     clock.advance(3600)  # an hour without a drain and nothing live: nothing is late
-    assert [] == await daemon.readiness()
+    assert [] == await daemon.parts.readiness.run()
 
-    daemon.store.register(Registration("luma", ["late-1"]), clock.now() - timedelta(seconds=89))
-    assert [] == await daemon.readiness()
-    daemon.store.register(Registration("luma", ["late-2"]), clock.now() - timedelta(seconds=91))
-    reasons = await daemon.readiness()
+    daemon.parts.store.register(
+        Registration("luma", ["late-1"]), clock.now() - timedelta(seconds=89)
+    )
+    assert [] == await daemon.parts.readiness.run()
+    daemon.parts.store.register(
+        Registration("luma", ["late-2"]), clock.now() - timedelta(seconds=91)
+    )
+    reasons = await daemon.parts.readiness.run()
     assert ["polls are 91 s late (more than [poll].max_lag = 90 s)"] == reasons
 
     await daemon.stop()
-    assert "shutting down" == await daemon._scheduler_ready()
+    assert "shutting down" == await daemon.parts.jobs.check()
 
 
 async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
@@ -202,14 +206,14 @@ async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
         merge(document, {"poll": {"interval": 10, "max_interval": 20}}), environ={}
     )
     daemon = make_daemon(settings, clock=clock, notifier=notifier)
-    await asyncio.to_thread(daemon.store.create_schema)
-    daemon.store.register(Registration("luma", ["old"]), clock.now() - timedelta(seconds=42))
+    await asyncio.to_thread(daemon.parts.store.create_schema)
+    daemon.parts.store.register(Registration("luma", ["old"]), clock.now() - timedelta(seconds=42))
 
-    assert "tracker_poll_lag_seconds 42.0" in daemon.metrics.render().decode()
-    await daemon._status_job()
+    assert "tracker_poll_lag_seconds 42.0" in daemon.parts.metrics.render().decode()
+    await daemon.parts.chores.status()
     assert "poll lag 42.0s" in notifier.sent[-1]
     with structlog.testing.capture_logs() as logs:
-        await daemon.poller.run_cycle()
+        await daemon.parts.poller.run_cycle()
 
     [warning] = [e for e in logs if e["event"] == "poll_lagging"]
     assert ("warning", 42.0, "poll.batch_size") == (
@@ -217,7 +221,7 @@ async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
         warning["lag_seconds"],
         warning["setting"],
     )
-    assert "tracker_poll_lag_seconds 0.0" in daemon.metrics.render().decode()
+    assert "tracker_poll_lag_seconds 0.0" in daemon.parts.metrics.render().decode()
 
 
 async def test_readyz_names_an_unreachable_database_without_its_error_text(
@@ -230,7 +234,7 @@ async def test_readyz_names_an_unreachable_database_without_its_error_text(
     def unreachable() -> None:
         raise sqlite3.OperationalError("unable to open database file at secret-host")
 
-    monkeypatch.setattr(daemon.store, "ping", unreachable)
+    monkeypatch.setattr(daemon.parts.store, "ping", unreachable)
     async with client_for(daemon, token=None) as client:
         answer = await client.get("/readyz")
         health = await client.get("/healthz")
@@ -245,19 +249,19 @@ def test_the_sqlite_probe_reads_the_path_afresh(tmp_path: Path) -> None:
     """The probe passes on a tracker database and fails on a path that holds none."""
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'real.db'}")
     store.create_schema()
-    path = app._sqlite_file(store)
+    path = database.sqlite_file(store)
     store.close()
 
     assert tmp_path / "real.db" == path
-    app._probe_sqlite_file(tmp_path / "real.db")
+    database.probe_sqlite_file(tmp_path / "real.db")
     (tmp_path / "junk.db").write_bytes(b"not a database" * 500)
     with pytest.raises(sqlite3.DatabaseError):
-        app._probe_sqlite_file(tmp_path / "junk.db")
+        database.probe_sqlite_file(tmp_path / "junk.db")
     with pytest.raises(sqlite3.OperationalError):
-        app._probe_sqlite_file(tmp_path / "missing.db")
+        database.probe_sqlite_file(tmp_path / "missing.db")
     memory = SqlStore.from_url("sqlite:///:memory:")
     postgres = SqlStore.from_url("postgresql://postgres@127.0.0.1:5432/none")
-    assert (None, None) == (app._sqlite_file(memory), app._sqlite_file(postgres))
+    assert (None, None) == (database.sqlite_file(memory), database.sqlite_file(postgres))
 
 
 async def test_metrics_and_readyz_require_the_token_when_configured(
@@ -325,11 +329,16 @@ async def test_reload_applies_live_settings_to_the_running_parts(
 
     daemon.reload()
 
-    assert (0.5, 7) == (daemon.poller.settings.interval, daemon.poller.settings.batch_size)
+    assert (0.5, 7) == (
+        daemon.parts.poller.settings.interval,
+        daemon.parts.poller.settings.batch_size,
+    )
     # The platforms ask with the new size; per-id ones still ask one id at a time.
-    assert (7, 7, 1) == tuple(daemon.platforms[n].batch_size for n in ("luma", "suno", "video"))
-    assert secret == daemon.deliverer.secrets_for(None)[0]
-    assert daemon.state.settings is daemon.settings
+    assert (7, 7, 1) == tuple(
+        daemon.parts.platforms[n].batch_size for n in ("luma", "suno", "video")
+    )
+    assert secret == daemon.parts.deliverer.secrets_for(None)[0]
+    assert daemon.parts.state.settings is daemon.settings
     assert ["RELOADING=1", "READY=1"] == [m.split("\n")[0] for m in notifier.sent]
     async with client_for(daemon, "new-token") as fresh, client_for(daemon) as stale:
         assert 200 == (await fresh.get("/v1/tasks")).status_code
@@ -352,7 +361,7 @@ async def test_a_broken_config_on_reload_keeps_the_old_settings(
     daemon.reload()
 
     assert before is daemon.settings
-    assert 0.2 == daemon.poller.settings.interval
+    assert 0.2 == daemon.parts.poller.settings.interval
     assert ["RELOADING=1", "READY=1"] == [m.split("\n")[0] for m in notifier.sent]
 
 
@@ -364,7 +373,7 @@ async def test_a_reload_while_stopping_is_ignored(
     path.write_text(toml_text(document))
     notifier = RecordingNotifier()
     daemon = make_daemon(config.load(path, environ={}), config_path=path, notifier=notifier)
-    daemon.stop_requested.set()
+    daemon.parts.stop.set()
     path.write_text(toml_text(merge(document, {"poll": {"interval": 5}})))
 
     daemon.reload()
@@ -404,7 +413,7 @@ async def test_stop_cuts_off_a_poll_that_outlasts_the_deadline_without_half_writ
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past STOP_DEADLINE the in-flight poll is cancelled; its task is left as it was."""
-    monkeypatch.setattr(app, "STOP_DEADLINE", 0.3)
+    monkeypatch.setattr(jobs, "STOP_DEADLINE", 0.3)
     relay.slow_seconds = 2.0
     relay.fail_next("slow")
     notifier = RecordingNotifier()
@@ -447,4 +456,4 @@ async def test_a_short_retry_is_attempted_on_time_not_at_the_next_tick(
     hooks = await asyncio.to_thread(receiver.wait_for, 2, 10)
 
     assert [500, 204] == [h.status for h in hooks[:2]]
-    assert hooks[1].at - hooks[0].at < 0.8 * app.DELIVERY_TICK
+    assert hooks[1].at - hooks[0].at < 0.8 * routines.DELIVERY_TICK

@@ -69,11 +69,11 @@ async def _dead_delivery(daemon: Daemon, receiver: WebhookReceiver, task_id: str
     """Register a task whose webhook the receiver refuses until it is dead; its delivery id."""
     receiver.reply(*[Reply(status=500, body=b"receiver down")] * 4)
     await asyncio.to_thread(
-        daemon.store.register, Registration("luma", [task_id]), daemon.clock.now()
+        daemon.parts.store.register, Registration("luma", [task_id]), daemon.parts.clock.now()
     )
 
     def dead() -> int | None:
-        rows, _ = daemon.store.list_deliveries(state="dead", task_id=task_id)
+        rows, _ = daemon.parts.store.list_deliveries(state="dead", task_id=task_id)
         return rows[0].id if rows else None
 
     found: int = await eventually(dead, 15, "the delivery to die")
@@ -92,8 +92,8 @@ async def test_every_page_and_action_redirects_to_sign_in_without_a_session(
         answer = await browser.post(path, data={"csrf": "anything"})
         assert (303, "/ui/login") == (answer.status_code, answer.headers["location"]), path
 
-    assert "dead" == daemon.store.get_delivery(delivery).state  # type: ignore[union-attr]
-    assert daemon.store.get("luma", "nosession-1") is not None
+    assert "dead" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
+    assert daemon.parts.store.get("luma", "nosession-1") is not None
 
 
 async def test_sign_in_with_an_api_token_sets_a_strict_http_only_session_cookie(
@@ -175,8 +175,8 @@ async def test_a_forged_csrf_token_is_refused_and_changes_nothing(
             assert 403 == answer.status_code, (path, forged)
             assert "forged or out of date" in answer.text
 
-    assert "dead" == daemon.store.get_delivery(delivery).state  # type: ignore[union-attr]
-    assert daemon.store.get("luma", "forged-1") is not None
+    assert "dead" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
+    assert daemon.parts.store.get("luma", "forged-1") is not None
 
 
 async def test_redeliver_asks_first_then_queues_the_delivery_and_the_receiver_gets_it(
@@ -189,7 +189,7 @@ async def test_redeliver_asks_first_then_queues_the_delivery_and_the_receiver_ge
 
     confirm = await browser.get(f"/ui/deliveries/{delivery}/redeliver")
     assert "Redeliver this webhook?" in confirm.text
-    assert "dead" == daemon.store.get_delivery(delivery).state  # type: ignore[union-attr]
+    assert "dead" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
     done = await browser.post(
         f"/ui/deliveries/{delivery}/redeliver", data=hidden_fields(confirm.text)
     )
@@ -201,7 +201,11 @@ async def test_redeliver_asks_first_then_queues_the_delivery_and_the_receiver_ge
         "delivered"
         == (
             await eventually(
-                lambda: (d := daemon.store.get_delivery(delivery)) and d.state == "delivered" and d,
+                lambda: (
+                    (d := daemon.parts.store.get_delivery(delivery))
+                    and d.state == "delivered"
+                    and d
+                ),
                 10,
                 "the redelivery",
             )
@@ -224,7 +228,7 @@ async def test_recover_counts_the_dead_of_the_window_then_requeues_them(
     done = await browser.post("/ui/recover", data=hidden_fields(confirm.text))
 
     assert "1 dead deliveries are queued again" in done.text
-    assert daemon.store.get_delivery(delivery).state in {"pending", "delivered"}  # type: ignore[union-attr]
+    assert daemon.parts.store.get_delivery(delivery).state in {"pending", "delivered"}  # type: ignore[union-attr]
 
 
 async def test_recover_names_a_bad_window(browser: httpx.AsyncClient) -> None:
@@ -242,27 +246,27 @@ async def test_stop_tracking_asks_first_then_removes_the_task(
 ) -> None:
     """The remove button leads to a confirmation; its POST forgets the task and says so."""
     await asyncio.to_thread(
-        daemon.store.register, Registration("luma", ["remove/me 1"]), daemon.clock.now()
+        daemon.parts.store.register, Registration("luma", ["remove/me 1"]), daemon.parts.clock.now()
     )
     await sign_in(browser, TOKEN)
     task_page = await browser.get("/ui/tasks/luma/remove/me%201")
     assert 'href="/ui/remove/luma/remove/me%201"' in task_page.text
 
     confirm = await browser.get("/ui/remove/luma/remove/me%201")
-    assert daemon.store.get("luma", "remove/me 1") is not None
+    assert daemon.parts.store.get("luma", "remove/me 1") is not None
     done = await browser.post("/ui/remove/luma/remove/me%201", data=hidden_fields(confirm.text))
 
     assert "is no longer tracked" in done.text
-    assert daemon.store.get("luma", "remove/me 1") is None
+    assert daemon.parts.store.get("luma", "remove/me 1") is None
 
 
 async def test_everything_shown_is_html_escaped(daemon: Daemon, browser: httpx.AsyncClient) -> None:
     """Ids and metadata with markup appear as text on the list and the task page."""
     evil = "<script>alert(1)</script>"
     await asyncio.to_thread(
-        daemon.store.register,
+        daemon.parts.store.register,
         Registration("luma", ['x"><img src=x>'], metadata={"note": evil}),
-        daemon.clock.now(),
+        daemon.parts.clock.now(),
     )
     await sign_in(browser, TOKEN)
 
@@ -322,8 +326,8 @@ async def test_task_search_finds_by_id_and_metadata_and_filters_by_status(
     daemon: Daemon, browser: httpx.AsyncClient
 ) -> None:
     """The tasks page matches text in ids and metadata, any case, and narrows by status."""
-    now = daemon.clock.now()
-    store = daemon.store
+    now = daemon.parts.clock.now()
+    store = daemon.parts.store
     await asyncio.to_thread(store.register, Registration("luma", ["alpha-1", "beta-2"]), now)
     await asyncio.to_thread(
         store.register, Registration("suno", ["gamma-3"], metadata={"user": "Zed%"}), now
@@ -396,7 +400,7 @@ async def test_the_overview_says_n_a_when_the_poller_reports_no_lag(
     daemon: Daemon, browser: httpx.AsyncClient
 ) -> None:
     """A poll-lag source that knows nothing yet shows as n/a, not as zero."""
-    (ui,) = [r for r in daemon.app.routes if getattr(r, "path", "") == "/ui"]
+    (ui,) = [r for r in daemon.parts.app.routes if getattr(r, "path", "") == "/ui"]
     ui.app.state.dashboard.poll_lag = lambda: None
     await sign_in(browser, TOKEN)
 

@@ -350,7 +350,7 @@ async def test_the_daemon_upgrades_a_release_0_1_sqlite_database_at_start(
     daemon = Daemon(settings)
     try:
         await daemon.start()
-        assert daemon.store.get("luma", "done-1") is not None
+        assert daemon.parts.store.get("luma", "done-1") is not None
     finally:
         await daemon.stop()
     assert state_of(sqlite_url).up_to_date

@@ -72,9 +72,9 @@ async def _start() -> AsyncIterator[Callable[..., Any]]:
         made.append(daemon)
         await daemon.start()
         await asyncio.to_thread(
-            daemon.store.register, Registration("luma", ["r1"]), daemon.clock.now()
+            daemon.parts.store.register, Registration("luma", ["r1"]), daemon.parts.clock.now()
         )
-        daemon.engine.wake()  # registered behind the API's back, so the engine is told
+        daemon.parts.engine.wake()  # registered behind the API's back, so the engine is told
         return daemon
 
     yield start
@@ -131,7 +131,7 @@ async def test_readyz_names_a_relay_unreachable_for_three_intervals(
     daemon = await start(config.parse(document, environ={}), clock=clock)
 
     await eventually(
-        lambda: asyncio.sleep(0, daemon.relay_health.reports), 10, "a relay request's outcome"
+        lambda: asyncio.sleep(0, daemon.parts.relay_health.reports), 10, "a relay request's outcome"
     )
     clock.advance(0.7)
 

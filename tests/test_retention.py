@@ -253,10 +253,10 @@ async def test_the_daemon_prunes_on_start_and_then_every_interval(
     try:
         await daemon.start()
         deadline = asyncio.get_running_loop().time() + 10
-        while remaining(daemon.store)[0] != ["recent"]:
-            assert asyncio.get_running_loop().time() < deadline, remaining(daemon.store)
+        while remaining(daemon.parts.store)[0] != ["recent"]:
+            assert asyncio.get_running_loop().time() < deadline, remaining(daemon.parts.store)
             await asyncio.sleep(0.05)
-        job = daemon.scheduler.get_job("retention")
+        job = daemon.parts.jobs.scheduler.get_job("retention")
         assert job is not None
         assert timedelta(seconds=3600) == job.trigger.interval
     finally:

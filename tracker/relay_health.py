@@ -69,3 +69,7 @@ class RelayHealth:
                         f"more than {UNREACHABLE_INTERVALS} poll intervals)"
                     )
         return found
+
+    async def check(self) -> str | None:
+        """The readiness check: every relay answers and takes our key."""
+        return "; ".join(self.problems()) or None

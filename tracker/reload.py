@@ -1,13 +1,21 @@
-"""Config reloads: which changes apply to a running daemon at once and which wait for a restart."""
+"""Config reloads: which changes apply to a running daemon at once and which wait for a restart
+(``plan_reload``, pure), and putting the live ones in force (``apply``, ``reload_file``)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pydantic
+import structlog
 
-from tracker import config
+from tracker import config, events, logs, platforms
+
+if TYPE_CHECKING:
+    from tracker.compose import Parts
+
+log = structlog.get_logger("tracker.app")
 
 #: sections a reload applies whole, without a restart
 LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
@@ -89,3 +97,72 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
         needs_restart=needs_restart,
         refused=refused,
     )
+
+
+class LogSecrets:
+    """The secrets the log redacts: every one known since start, a rotated-out one included."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self._secrets = set(settings.secrets())
+
+    def update(self, old: config.Settings, new: config.Settings) -> None:
+        """Follow the new [logging] level and format, and redact the new secrets too."""
+        secrets = set(new.secrets())
+        if secrets <= self._secrets and old.logging.format == new.logging.format:
+            logs.set_level(new.logging.level)
+            return
+        # New secrets must be redacted from the next line on; old ones stay redacted too.
+        self._secrets |= secrets
+        logs.configure(
+            level=new.logging.level, fmt=new.logging.format, secrets=sorted(self._secrets)
+        )
+
+
+def apply(parts: Parts, secrets: LogSecrets, new: config.Settings) -> ReloadPlan:
+    """Put the live parts of ``new`` in force; returns what was applied and what was not."""
+    old = parts.state.settings
+    plan = plan_reload(old, new)
+    current = plan.settings
+    secrets.update(old, current)
+    parts.state.settings = current
+    # Rebuilt from the settings now in force, for the batch sizes [poll] implies.
+    parts.poller.configure(current.poll, platforms.build(current))
+    parts.relay_health.interval = current.poll.interval
+    parts.poller.targets = events.Targets(current.webhooks)
+    parts.deliverer.configure(current.webhooks)
+    if current.retention.interval != old.retention.interval:
+        parts.jobs.reschedule("retention", current.retention.interval)
+    parts.engine.wake()
+    log.info("reloaded", applied=plan.applied, needs_restart=plan.needs_restart)
+    if plan.needs_restart:
+        log.warning("restart_needed", keys=plan.needs_restart)
+    for problem in plan.refused:
+        log.error("reload_refused", problem=problem)
+    return plan
+
+
+def reload_file(parts: Parts, secrets: LogSecrets, path: Path | None) -> None:
+    """Re-read the config file at ``path`` and apply what can change live (SIGHUP).
+
+    Brackets the work with RELOADING=1 and READY=1; a file that does not parse changes nothing.
+    """
+    if parts.stop.is_set():
+        log.info("reload_ignored", reason="shutting down")
+        return
+    if path is None:
+        log.warning("reload_ignored", reason="no config file to re-read")
+        return
+    parts.notifier.reloading()
+    try:
+        new = config.load(path)
+    except config.ConfigError as exc:
+        log.error(  # noqa: TRY400 - the problems say it all; a traceback would not
+            "reload_failed", problems=exc.problems, config=str(path)
+        )
+    else:
+        try:
+            apply(parts, secrets, new)
+        except Exception:
+            log.exception("reload_failed", config=str(path))
+    finally:
+        parts.notifier.ready()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -42,8 +41,7 @@ async def healthz() -> Response:
 )
 async def readyz(deps: Deps) -> Response:
     """200 when ready, else 503 with the reasons."""
-    checks = await asyncio.gather(*(check() for check in deps.state.readiness))
-    reasons = [r for r in checks if r]
+    reasons = await deps.state.readiness.run()
     if reasons:
         return StrictJSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
     return StrictJSONResponse({"status": "ready"})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from tracker.clock import Clock
 from tracker.config import Settings
+from tracker.readiness import Readiness
 from tracker.store.abc import Store
 
 
@@ -19,8 +20,8 @@ class ApiState:
 
     settings: Settings
     accepting: bool = True
-    #: readiness checks, each returning None when fine or the reason it is not
-    readiness: Sequence[Callable[[], Awaitable[str | None]]] = ()
+    #: the named checks /readyz runs, registered by the parts they watch
+    readiness: Readiness = dataclasses.field(default_factory=Readiness)
     metrics: Callable[[], bytes] | None = None
     #: called after new ids were stored, so the poll engine asks about them at once
     on_registered: Callable[[], None] = lambda: None
