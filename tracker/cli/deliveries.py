@@ -1,0 +1,64 @@
+"""`tracker deliveries list|redeliver|recover`: webhook deliveries."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from tracker import api, clock
+from tracker.cli import output
+from tracker.cli.common import EXIT_FAILURE, EXIT_OK, store
+from tracker.retry import DeliveryState
+
+if TYPE_CHECKING:
+    from tracker.cli.parsing import Commands
+
+
+def cmd_deliveries_list(args: argparse.Namespace) -> int:
+    """List deliveries, newest first."""
+    rows, _ = store(args).list_deliveries(
+        state=DeliveryState(args.state) if args.state else None, limit=args.limit
+    )
+    shown = [api.delivery_json(d) for d in rows]
+    if output.wants_json(args, sys.stdout):
+        output.print_json(shown, sys.stdout)
+    else:
+        columns = ["id", "event_type", "task_id", "state", "attempts", "last_status_code", "url"]
+        output.table(shown, columns, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_deliveries_redeliver(args: argparse.Namespace) -> int:
+    """Queue one delivery again, whatever its state."""
+    ids = store(args).requeue(clock.SystemClock().now(), pk=args.id)
+    if not ids:
+        print(f"no delivery {args.id}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILURE
+    output.show(args, {"requeued": ids}, lambda out: out.write(f"requeued {args.id}\n"))
+    return EXIT_OK
+
+
+def cmd_deliveries_recover(args: argparse.Namespace) -> int:
+    """Queue every dead delivery created in a time window again."""
+    ids = store(args).requeue(clock.SystemClock().now(), since=args.since, until=args.until)
+    if output.wants_json(args, sys.stdout):
+        output.print_json({"requeued": ids}, sys.stdout)
+    else:
+        sys.stdout.write(f"requeued {len(ids)} dead deliveries\n")
+    return EXIT_OK
+
+
+def register(commands: Commands) -> None:
+    """The `deliveries` group."""
+    deliveries = commands.group("deliveries", "webhook deliveries")
+    listing = commands.command("list", cmd_deliveries_list, deliveries)
+    listing.add_argument("--state", choices=[s.value for s in DeliveryState])
+    listing.add_argument("--limit", type=output.positive, default=50)
+    redeliver = commands.command("redeliver", cmd_deliveries_redeliver, deliveries)
+    redeliver.add_argument("id", type=output.positive)
+    recover = commands.command("recover", cmd_deliveries_recover, deliveries)
+    recover.add_argument(
+        "--since", type=output.aware, required=True, help="ISO time, e.g. 2026-11-25T00:00Z"
+    )
+    recover.add_argument("--until", type=output.aware, help="ISO time (default: now)")
