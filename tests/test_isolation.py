@@ -24,7 +24,9 @@ from tracker import config, events, platforms, sanitize, status
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
 from tracker.platforms import NewApiBatch
-from tracker.platforms.base import Platform, UpstreamError, clean_observation, read_progress
+from tracker.platforms.answers import UpstreamError
+from tracker.platforms.base import Platform
+from tracker.platforms.observations import clean_observation, read_progress
 from tracker.poller import Poller
 from tracker.status import Change, Observation, Snapshot, TaskStatus
 from tracker.store import AttemptResult, Registration, SqlStore, TaskUpdate

@@ -28,7 +28,7 @@ from tracker.platforms import (
     UpstreamError,
     build,
 )
-from tracker.platforms.base import read_progress
+from tracker.platforms.observations import read_progress
 from tracker.status import Observation, TaskStatus
 from tracker.testing.simulator import SimulatedRelay
 

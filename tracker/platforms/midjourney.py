@@ -7,13 +7,8 @@ from typing import Any, ClassVar
 
 import httpx
 
-from tracker.platforms.base import (
-    CANCELED_WORDS,
-    Platform,
-    observe_item,
-    pause_every,
-    task_id_of,
-)
+from tracker.platforms.base import CANCELED_WORDS, Platform
+from tracker.platforms.observations import observe_item, pause_every, task_id_of
 from tracker.status import Observation, TaskStatus
 
 #: midjourney-proxy's TaskStatus (novicezk and trueai-org), plus the cancel spellings.

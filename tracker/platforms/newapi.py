@@ -7,20 +7,16 @@ from typing import Any, ClassVar
 
 import httpx
 
-from tracker.platforms.base import (
-    CANCELED_WORDS,
-    PerIdPlatform,
-    Platform,
-    UpstreamError,
+from tracker.platforms.answers import UpstreamError, read_json, try_json
+from tracker.platforms.base import CANCELED_WORDS, PerIdPlatform, Platform
+from tracker.platforms.observations import (
     observe_item,
     observe_new_api_item,
     pause_every,
     positive_seconds,
-    read_json,
     read_progress,
     reason_of,
     task_id_of,
-    try_json,
 )
 from tracker.status import Observation, TaskStatus
 

@@ -7,15 +7,9 @@ from typing import ClassVar
 
 import httpx
 
-from tracker.platforms.base import (
-    CANCELED_WORDS,
-    PerIdPlatform,
-    UpstreamError,
-    excerpt,
-    read_json,
-    read_progress,
-    reason_of,
-)
+from tracker.platforms.answers import UpstreamError, excerpt, read_json
+from tracker.platforms.base import CANCELED_WORDS, PerIdPlatform
+from tracker.platforms.observations import read_progress, reason_of
 from tracker.status import Observation, TaskStatus
 
 #: Replicate's prediction `status`, plus the cancel spellings.
