@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tracker import config, events, platforms
-from tracker.clock import FakeClock
+from tracker.clock import FakeClock, SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import NOT_FOUND_REASON, Poller
 from tracker.store import Registration, SqlStore
@@ -616,13 +618,13 @@ async def test_a_backlog_drains_oldest_first_without_a_cap(
     assert lines[0]["lag"] == pytest.approx(200)
 
 
-async def test_a_claim_too_short_for_a_request_sends_nothing(
+async def test_a_batch_whose_claim_lapsed_before_its_request_sends_nothing(
     rig: Rig, relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch whose lease would run out before the relay's timeout is not sent: the tasks
-    stay as they were and fall due again when the lease ends.
+    """A batch whose claim ran out before its request could start (a stalled loop) is not
+    sent: another claim may hold the tasks by then, and they fall due again anyway.
     """
-    monkeypatch.setattr(rig.poller, "lease", lambda: 1.0)  # below [upstream].timeout = 2 s
+    monkeypatch.setattr(rig.poller, "lease", lambda: 0.0)
     rig.register("short")
     with capture_logs() as logs:
         await rig.cycle()
@@ -630,7 +632,60 @@ async def test_a_claim_too_short_for_a_request_sends_nothing(
     assert [] == relay.requests
     [line] = [e for e in logs if e["event"] == "poll_cycle"]
     assert (1, 1, 0) == (line["claimed"], line["lapsed"], line["requests"])
-    assert rig.clock.now().timestamp() + 1.0 == next_poll_at(rig, "short")
+    assert rig.clock.now().timestamp() == next_poll_at(rig, "short")
+
+
+async def test_a_request_slower_than_the_lease_keeps_its_claim_renewed(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real clock: a 1 s lease, a relay answering after 1.6 s. The drain renews its claim while
+    the request is in flight, so no other claim takes the task meanwhile (no second poll),
+    and the answer is written when it comes."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 1})
+    rig.poller.clock = SystemClock()
+    rig.store.register(Registration("luma", ["slow"]), SystemClock().now())
+    relay.set("luma", "slow", "SUBMITTED")
+    relay.slow_seconds = 1.6
+    relay.fail_next("slow", 1)
+    drain = asyncio.create_task(rig.cycle())
+    await asyncio.sleep(0.1)
+    first_end = next_poll_at(rig, "slow")
+
+    await asyncio.sleep(1.2)  # past the first lease's end, still inside the request
+    tried_at = time.time()
+    taken = rig.store.claim_due(SystemClock().now(), 10, lease=1.0)
+    await drain
+
+    assert [] == taken
+    assert 1 == len(relay.requests)
+    assert "queued" == rig.task("slow").status
+    assert first_end < tried_at  # the first lease alone would have run out by then
+
+
+async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real clock: a drain stopped mid-request (as a killed daemon stops) renews nothing more;
+    its claim lapses within one lease (1 s) and another claim takes the task."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 1})
+    rig.poller.clock = SystemClock()
+    rig.store.register(Registration("luma", ["orphan"]), SystemClock().now())
+    relay.slow_seconds = 5.0
+    relay.fail_next("slow", 1)
+    drain = asyncio.create_task(rig.cycle())
+    await asyncio.sleep(0.6)  # the request is in flight, its claim renewed at least once
+    drain.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain
+    cut_at = time.monotonic()
+
+    taken: list[Any] = []
+    while not taken and time.monotonic() - cut_at < 3.0:
+        await asyncio.sleep(0.05)
+        taken = rig.store.claim_due(SystemClock().now(), 10, lease=1.0)
+
+    assert ["orphan"] == [t.task_id for t in taken]
+    assert time.monotonic() - cut_at <= 1.0 + 0.3
 
 
 async def test_a_drain_longer_than_an_interval_logs_a_line_per_interval_and_returns_all(

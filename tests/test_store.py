@@ -428,6 +428,37 @@ def test_a_claim_leases_its_tasks_until_the_answer_plans_the_next_poll(store: Sq
     assert ["a"] == claim_ids(store, at(3))
 
 
+def test_a_renewed_claim_keeps_its_tasks_and_its_answers_are_written(store: SqlStore) -> None:
+    """renew_claim moves the claim's end for its unrecorded tasks only; no other claim takes
+    them meanwhile, and answers recorded under the renewed claim are written."""
+    register(store, "a", "b")
+    due = {t.task_id: t for t in claim(store, T0)}
+    store.record([TaskUpdate(due["a"], next_poll_at=at(5).timestamp())], at(1))
+
+    held = due["b"].claim
+    assert held is not None
+    assert 1 == store.renew_claim(held, at(INTERVAL + 8).timestamp())
+
+    assert at(INTERVAL + 8).timestamp() == due["b"].lease_until
+    assert ["a"] == claim_ids(store, at(INTERVAL + 1))  # "a" keeps its own plan
+    assert 1 == store.record([TaskUpdate(due["b"], change(due["b"], TaskStatus.QUEUED))], at(9))
+    assert TaskStatus.QUEUED.value == task_row(store, "b").status
+
+
+def test_a_lapsed_claim_is_not_renewed_over_a_newer_claim(store: SqlStore) -> None:
+    """A claim renewed after it lapsed and another claim took the task changes nothing, and
+    its answer is not written."""
+    register(store, "a")
+    (slow,) = claim(store, T0)
+    (fresh,) = claim(store, at(INTERVAL))
+
+    assert slow.claim is not None
+    assert 0 == store.renew_claim(slow.claim, at(INTERVAL + 30).timestamp())
+
+    assert fresh.lease_until == task_row(store, "a").next_poll_at
+    assert 0 == store.record([TaskUpdate(slow, change(slow, TaskStatus.QUEUED))], at(11))
+
+
 def test_claim_due_takes_tasks_due_by_a_later_time_when_asked(store: SqlStore) -> None:
     """due_by lets a claim take tasks falling due a moment later into the same batch."""
     register(store, "now", now=T0)

@@ -28,14 +28,18 @@ from tracker.metrics import Metrics
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
 from tracker.store.abc import TaskStore
-from tracker.store.records import DueTask, TaskUpdate
+from tracker.store.records import Claim, DueTask, TaskUpdate
 
 log = structlog.get_logger("tracker.poller")
 
 T = TypeVar("T")
 
-#: seconds a claim outlives the request it is for, covering the wait for a free slot
-LEASE_MARGIN = 30.0
+#: a claim's lease never runs shorter than this (seconds), however short the interval
+MIN_LEASE = 1.0
+#: nor longer: a daemon that dies holds its claims at most this long (seconds)
+MAX_LEASE = 30.0
+#: the claims a drain still works on are renewed every this share of a lease
+RENEW_SHARE = 0.25
 #: share of the interval a drain looks ahead: tasks due that soon join the current batches
 #: rather than waking the engine again a few milliseconds later
 AHEAD_SHARE = 0.05
@@ -171,9 +175,24 @@ class Poller:
         return min(self.settings.interval * AHEAD_SHARE, MAX_AHEAD)
 
     def lease(self) -> float:
-        """Seconds a claim holds its tasks: the slowest relay's timeout and a margin."""
-        timeouts = [p.upstream.timeout for p in self.platforms.values()] or [0.0]
-        return max(timeouts) + LEASE_MARGIN
+        """Seconds a claim holds its tasks between two renewals: about one interval.
+
+        The drain renews the claims it still works on (queued or in flight) every quarter of
+        a lease, so a slow request keeps its tasks, while the claims of a daemon that died lapse
+        within one lease and another daemon takes the tasks over within about two intervals.
+        """
+        return min(max(self.settings.interval, MIN_LEASE), MAX_LEASE)
+
+    async def _keep_claims(self, held: Mapping[Claim, int]) -> None:
+        """Renew every claim in ``held`` (the drain's unfinished ones) until cancelled."""
+        while True:
+            lease = self.lease()
+            await asyncio.sleep(lease * RENEW_SHARE)
+            now = self.clock.now().timestamp()
+            for claim in list(held):
+                # A claim taken within the last tick still has most of its lease.
+                if claim.until - now < lease * (1 - RENEW_SHARE):
+                    await self._store_call(self.store.renew_claim, claim, now + lease)
 
     async def _store_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -206,13 +225,12 @@ class Poller:
         lanes: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.concurrency)
         )
-        in_flight: set[asyncio.Task[None]] = set()
-        outstanding = [0]
+        flight = _Flight()
+        keeper = asyncio.create_task(self._keep_claims(flight.held))
         try:
             while until is None or not until.is_set():
                 # Prefetch one claim while the previous one is being fetched, no more.
-                while in_flight and outstanding[0] >= claim_size:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                await flight.room(claim_size)
                 now = self.clock.now()
                 due = await self._store_call(
                     self.store.claim_due,
@@ -224,25 +242,19 @@ class Poller:
                 if due:
                     report.lag = max(report.lag, now.timestamp() - due[0].planned)
                 report.claimed += len(due)
+                claim = due[0].claim if due else None
                 for batch in self._batches(due, lanes):
-                    outstanding[0] += batch.size
-
-                    def done(_: asyncio.Task[None], size: int = batch.size) -> None:
-                        outstanding[0] -= size
-
-                    task = asyncio.create_task(batch.run())
-                    task.add_done_callback(done)
-                    task.add_done_callback(in_flight.discard)
-                    in_flight.add(task)
+                    flight.launch(batch, claim)
                 if time.monotonic() - started >= max(settings.interval, 1.0):
                     logged.append(report)
                     report = await self._close(report, started)
                     started = time.monotonic()
                 if len(due) < claim_size:
                     break
-            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+            outcomes = await asyncio.gather(*flight.tasks, return_exceptions=True)
         finally:
-            for task in in_flight:
+            keeper.cancel()
+            for task in flight.tasks:
                 task.cancel()  # only when cut off (a stop past its deadline)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -314,8 +326,9 @@ class Poller:
             waited = limiter.waited - before
             report.rate_waits[platform.name] = report.rate_waits.get(platform.name, 0.0) + waited
         lease_until = min(t.lease_until or float("inf") for t in tasks)
-        if self.clock.now().timestamp() + platform.upstream.timeout > lease_until:
-            # The claim could lapse mid-request; the tasks fall due again when it does.
+        if self.clock.now().timestamp() >= lease_until:
+            # The claim lapsed while the batch waited (a stalled loop): another claim may hold
+            # the tasks now, and they fall due again anyway.
             report.lapsed += len(ids)
             return []
         report.requests += 1
@@ -367,6 +380,38 @@ class Poller:
         report.events += fired
         if written and fired:
             self.on_events()
+
+
+@dataclasses.dataclass(slots=True)
+class _Flight:
+    """A drain's batches under way: how many tasks they hold, and which claims they keep."""
+
+    tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+    outstanding: int = 0
+    #: unfinished batches per claim; the drain renews these claims
+    held: dict[Claim, int] = dataclasses.field(default_factory=dict)
+
+    async def room(self, size: int) -> None:
+        """Wait until fewer than ``size`` tasks are under way."""
+        while self.tasks and self.outstanding >= size:
+            await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+
+    def launch(self, batch: _Batch, claim: Claim | None) -> None:
+        """Run ``batch`` as a task of its own, counted until it ends."""
+        self.outstanding += batch.size
+        if claim is not None:
+            self.held[claim] = self.held.get(claim, 0) + 1
+        task = asyncio.create_task(batch.run())
+        task.add_done_callback(lambda _: self._ended(batch.size, claim))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _ended(self, size: int, claim: Claim | None) -> None:
+        self.outstanding -= size
+        if claim is not None:
+            self.held[claim] -= 1
+            if not self.held[claim]:
+                del self.held[claim]
 
 
 @dataclasses.dataclass(slots=True)

@@ -50,6 +50,10 @@ class TaskStore(Protocol):
         leased for ``lease`` seconds."""
         ...
 
+    def renew_claim(self, claim: records.Claim, until: float) -> int:
+        """Extend ``claim`` to ``until`` for its tasks not recorded since; how many moved."""
+        ...
+
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live)."""
         ...

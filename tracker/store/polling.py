@@ -59,7 +59,7 @@ class Polling(SqlBase):
         other claim takes it meanwhile, and that exact value is the claim's token: record()
         writes a task only while it still holds it, so an answer that arrives after the lease
         ran out (and another claim took the task) changes nothing. The poll is planned anew
-        when its answer is recorded.
+        when its answer is recorded; renew_claim() extends a claim still being worked on.
         """
         epoch = _epoch(now)
         raw = self.dialect == "sqlite"
@@ -79,7 +79,29 @@ class Polling(SqlBase):
                     .values(next_poll_at=until)
                 )
         decoded = _Decoded()
-        return [_due(r, until, decoded) for r in rows]
+        claim = records.Claim(until, tuple(r.id for r in rows))
+        return [_due(r, claim, decoded) for r in rows]
+
+    def renew_claim(self, claim: records.Claim, until: float) -> int:
+        """Extend ``claim`` to ``until`` (epoch seconds) for its tasks not recorded since.
+
+        Only rows whose next poll is still the claim's token move, so a task already recorded,
+        or taken by another claim after this one lapsed, is left alone. Returns how many moved.
+        """
+        moved = 0
+        with self._write() as conn:
+            for start in range(0, len(claim.pks), IN_CHUNK):
+                done = conn.execute(
+                    tasks.update()
+                    .where(
+                        tasks.c.id.in_(claim.pks[start : start + IN_CHUNK]),
+                        tasks.c.next_poll_at == claim.until,
+                    )
+                    .values(next_poll_at=until)
+                )
+                moved += int(done.rowcount)
+        claim.until = until
+        return moved
 
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live): one index lookup."""
@@ -351,7 +373,7 @@ class _Decoded:
         return self.events[value]
 
 
-def _due(row: Any, lease_until: float, decoded: _Decoded) -> records.DueTask:
+def _due(row: Any, claim: records.Claim, decoded: _Decoded) -> records.DueTask:
     # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
     (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
      created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
@@ -375,5 +397,5 @@ def _due(row: Any, lease_until: float, decoded: _Decoded) -> records.DueTask:
         metadata=decoded.document(metadata),
         planned=planned,
         last_change_at=last_change_at,
-        lease_until=lease_until,
+        claim=claim,
     )

@@ -33,6 +33,19 @@ class Registration:
     metadata: Mapping[str, Any] | None = None
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class Claim:
+    """One claim's hold on its tasks: each one's next poll is ``until`` until it is recorded.
+
+    ``until`` is also the claim's token (record() writes a task only while its next poll still
+    equals it). The poller renews the claims it still works on (renew_claim moves ``until``),
+    so a lease can be short: a daemon that dies lets its claims lapse within one lease.
+    """
+
+    until: float
+    pks: tuple[int, ...]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DueTask:
     """A task claimed for one poll, with what the poller needs to decide and to notify."""
@@ -51,8 +64,13 @@ class DueTask:
     planned: float = 0.0
     #: epoch seconds of the last status or progress move, for the back-off
     last_change_at: float = 0.0
-    #: epoch seconds the claim lasts; record() writes the task only while it still holds it
-    lease_until: float | None = None
+    #: the claim that holds the task; record() writes the task only while it still holds it
+    claim: Claim | None = None
+
+    @property
+    def lease_until(self) -> float | None:
+        """Epoch seconds the task's claim lasts (None: not claimed)."""
+        return None if self.claim is None else self.claim.until
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
