@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -30,7 +31,9 @@ from tracker.platforms.observations import clean_observation, read_progress
 from tracker.poller import Poller
 from tracker.status import Change, Observation, Snapshot, TaskStatus
 from tracker.store import AttemptResult, Registration, SqlStore, TaskUpdate
+from tracker.store.outbox import UNRECORDED_WAIT
 from tracker.store.records import DueTask
+from tracker.store.refusals import MEMORY_REASONS, RefusalMemory
 from tracker.store.sql import deliveries
 from tracker.testing.simulator import FAULT_KINDS, POISON_KINDS, SimulatedRelay
 
@@ -334,6 +337,150 @@ def test_a_result_the_database_refuses_is_written_without_the_answer_text(
     excerpts = {d.task_id: d.log[0].response_excerpt for d in rows}
     assert "fine" == excerpts["a"]
     assert "" == excerpts["c"]
+
+
+def refuse_upstream_word(store: SqlStore, word: str) -> None:
+    """Make the database refuse any task row taking ``word`` as its upstream status, as a
+    constraint would: a real refusal, from the database itself."""
+    statements = {
+        "sqlite": [
+            f"CREATE TRIGGER refuse_word BEFORE UPDATE ON tasks WHEN NEW.upstream_status = "
+            f"'{word}' BEGIN SELECT RAISE(ABORT, 'the test refuses {word}'); END"
+        ],
+        "postgresql": [
+            "CREATE FUNCTION refuse_word() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.upstream_status = '{word}' THEN RAISE EXCEPTION 'the test refuses {word}' "
+            "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_word BEFORE UPDATE ON tasks FOR EACH ROW "
+            "EXECUTE FUNCTION refuse_word()",
+        ],
+    }
+    with store.engine.begin() as conn:
+        for statement in statements[store.dialect]:
+            conn.exec_driver_sql(statement)
+
+
+async def test_a_task_the_database_refuses_is_logged_once_and_asked_once_per_max_interval(
+    store: SqlStore, relay: SimulatedRelay, poller_for: Callable[[], Poller]
+) -> None:
+    """A task whose answer the database refuses is logged once, set aside and asked again
+    once per [poll].max_interval (120 s) instead of at every claim's end (60 s), costs its
+    neighbour nothing, and is written as usual once its answer can be stored.
+    """
+    refuse_upstream_word(store, "REFUSED")
+    relay.set("luma", "bad", "REFUSED")
+    relay.set("luma", "ok", "SUCCESS")
+    store.register(Registration("luma", ["bad", "ok"]), T0 - timedelta(seconds=1))
+    poller = poller_for()
+    with capture_logs() as logs:
+        for _ in range(36):  # six minutes, a cycle every 10 s
+            await poller.run_cycle()
+            poller.clock.advance(10)
+        asked = collections.Counter(i for r in relay.requests for i in r.json_body["ids"])
+        refused = [e for e in logs if e["event"] == "task_write_refused"]
+
+        relay.set("luma", "bad", "SUCCESS")
+        for _ in range(12):
+            await poller.run_cycle()
+            poller.clock.advance(10)
+
+    assert 3 == asked["bad"]  # at 0, 120 and 240 s; at every claim's end (60 s) it was 6
+    assert 1 == asked["ok"]
+    [line] = refused
+    assert ("bad", "2026-01-01T00:02:00+00:00") == (line["task_id"], line["next_poll"])
+    assert "the test refuses REFUSED" in line["error"]
+    assert ["bad"] == [e["task_id"] for e in logs if e["event"] == "task_write_accepted"]
+    for task_id in ("bad", "ok"):
+        task = store.get("luma", task_id)
+        assert task is not None
+        assert "completed" == task.status
+
+
+def test_a_refused_task_is_logged_again_only_for_a_new_reason(store: SqlStore) -> None:
+    """The same refusal at the next poll writes no line; a different one does."""
+    store.register(Registration("luma", ["t"]), T0)
+    attempts = [
+        {"fail_reason": "lone \ud800"},
+        {"fail_reason": "lone \ud800"},
+        {"fail_reason": "ok", "progress": 2**70},  # no integer column holds it
+    ]
+    with capture_logs() as logs:
+        for n, values in enumerate(attempts):
+            now = T0 + timedelta(seconds=100 * n)
+            [due] = store.claim_due(now, 10, lease=10)
+            aside = now.timestamp() + 50
+            update = TaskUpdate(due, bad_change(due, **values), set_aside_until=aside)
+            assert 0 == store.record([update], now)
+            assert [] == store.claim_due(now + timedelta(seconds=49), 10, lease=10)
+
+    errors = [e["error"] for e in logs if e["event"] == "task_write_refused"]
+    assert 2 == len(errors)
+    assert errors[0] != errors[1]
+    task = store.get("luma", "t")
+    assert task is not None
+    assert "pending" == task.status
+
+
+def test_a_result_no_write_can_record_sets_its_delivery_aside_and_is_logged_once(
+    store: SqlStore,
+) -> None:
+    """An attempt the database refuses even without the answer text (a status code no
+    integer column holds) puts the delivery's next attempt UNRECORDED_WAIT later, instead of
+    sending it again when its claim ends, and is logged once however often it recurs.
+    """
+    store.register(Registration("luma", ["a"], webhook_url="http://h/x"), T0)
+    [due] = store.claim_due(T0, 10, lease=10)
+    target = events.Target("http://h/x", None, guarded=False, events=frozenset())
+    change = bad_change(due, fail_reason="r")
+    store.record([TaskUpdate(due, change, events.outbox_entries(due, change, target, T0))], T0)
+
+    def attempt(at: datetime, status_code: int) -> None:
+        [job] = store.claim_deliveries(at, 10, lease=60)
+        store.finish_attempts(
+            [
+                AttemptResult(
+                    job=job,
+                    at=at,
+                    status_code=status_code,
+                    error=None,
+                    latency_ms=1.0,
+                    response_excerpt="",
+                    state="pending" if status_code != 200 else "delivered",
+                    next_attempt_at=(at + timedelta(seconds=5)).timestamp(),
+                )
+            ]
+        )
+
+    later = T0 + timedelta(seconds=UNRECORDED_WAIT)
+    with capture_logs() as logs:
+        attempt(T0, 2**70)
+        assert [] == store.claim_deliveries(T0 + timedelta(seconds=61), 10, lease=60)
+        assert later == store.next_delivery_at()
+        attempt(later, 2**70)
+        attempt(later + timedelta(seconds=UNRECORDED_WAIT), 200)
+
+    kinds = collections.Counter(e["event"] for e in logs)
+    assert (1, 1) == (kinds["attempt_write_refused"], kinds["attempt_unrecorded"])
+    [delivery] = store.list_deliveries()[0]
+    assert ("delivered", 1, [200]) == (
+        delivery.state,
+        delivery.attempts,
+        [a.status_code for a in delivery.log],
+    )
+
+
+def test_the_refusal_memory_is_bounded() -> None:
+    """The longest-remembered row is forgotten first, and a row's reasons are capped."""
+    memory = RefusalMemory(rows=2)
+    assert memory.first("a", "x")
+    assert not memory.first("a", "x")
+    assert memory.first("b", "x")
+    assert memory.first("c", "x")  # forgets "a"
+    assert memory.first("a", "x")
+    reasons = [memory.first("d", f"reason {n}") for n in range(MEMORY_REASONS + 2)]
+    assert [True] * MEMORY_REASONS + [False, False] == reasons
+    assert memory.forget("d")
+    assert not memory.forget("d")
 
 
 def test_event_building_never_raises_for_metadata_stored_before_validation() -> None:

@@ -72,6 +72,7 @@ class Planner:
         ``observations`` may come keyed by task id already (one batch decided in parts).
         """
         epoch = now.timestamp()
+        aside = self.set_aside_until(epoch)
         seen = (
             observations
             if isinstance(observations, Mapping)
@@ -100,7 +101,11 @@ class Planner:
             planned = next_poll(task.planned, epoch, gap, self.drain_started)
             following = self._hinted(observation, epoch, planned)
             if change is None:
-                updates.append(TaskUpdate(task, missing_since=missing, next_poll_at=following))
+                updates.append(
+                    TaskUpdate(
+                        task, missing_since=missing, next_poll_at=following, set_aside_until=aside
+                    )
+                )
                 continue
             target = self.targets.for_task(task)
             updates.append(
@@ -110,21 +115,35 @@ class Planner:
                     events.outbox_entries(task, change, target, now),
                     missing_since=missing,
                     next_poll_at=following,
+                    set_aside_until=aside,
                 )
             )
         return updates
+
+    def set_aside_until(self, epoch: float) -> float:
+        """When a task polled at ``epoch`` is asked again should the database refuse its
+        update: after the longest back-off, so a value the database refuses costs one poll
+        per ``max_interval``, not one per claim (about the relay's timeout)."""
+        return epoch + self.settings.max_interval
 
     def unchanged(self, task: DueTask, now: datetime) -> TaskUpdate:
         """Nothing learnt (a platform left the config): just the next poll, on plan."""
         epoch = now.timestamp()
         gap = back_off(self.settings, epoch, task.last_change_at)
         return TaskUpdate(
-            task, next_poll_at=next_poll(task.planned, epoch, gap, self.drain_started)
+            task,
+            next_poll_at=next_poll(task.planned, epoch, gap, self.drain_started),
+            set_aside_until=self.set_aside_until(epoch),
         )
 
     def retry(self, task: DueTask, now: datetime) -> TaskUpdate:
         """After an unusable answer: asked again one interval on, not after the back-off."""
-        return TaskUpdate(task, next_poll_at=now.timestamp() + self.settings.interval)
+        epoch = now.timestamp()
+        return TaskUpdate(
+            task,
+            next_poll_at=epoch + self.settings.interval,
+            set_aside_until=self.set_aside_until(epoch),
+        )
 
     def expired(self, task: DueTask, now: datetime) -> TaskUpdate | None:
         """The give-up update when ``task`` has run past give_up_after, else None."""
@@ -148,11 +167,18 @@ class Planner:
             return self._give_up(task, NOT_FOUND_REASON, now)
         update = self.unchanged(task, now)
         since: float | Keep = epoch if task.missing_since is None else KEEP
-        return TaskUpdate(task, missing_since=since, next_poll_at=update.next_poll_at)
+        return TaskUpdate(
+            task,
+            missing_since=since,
+            next_poll_at=update.next_poll_at,
+            set_aside_until=update.set_aside_until,
+        )
 
     def _give_up(self, task: DueTask, reason: str, now: datetime) -> TaskUpdate:
         change = status.give_up(task.snapshot, reason)
         if change is None:  # claimed tasks are never final; kept for the type checker
             return self.unchanged(task, now)
         target = self.targets.for_task(task)
-        return TaskUpdate(task, change, events.outbox_entries(task, change, target, now))
+        entries = events.outbox_entries(task, change, target, now)
+        aside = self.set_aside_until(now.timestamp())
+        return TaskUpdate(task, change, entries, set_aside_until=aside)

@@ -101,7 +101,8 @@ def _is_row_error(exc: Exception) -> bool:
         return True
     if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
         return True  # a bind parameter could not be converted
-    return isinstance(exc, ValueError | TypeError)  # e.g. text the driver cannot encode
+    # e.g. text the driver cannot encode, an integer SQLite cannot hold
+    return isinstance(exc, ValueError | TypeError | OverflowError)
 
 
 def _describe_error(exc: Exception) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,10 +25,14 @@ from tracker.store.base import (
     deliveries,
     tasks,
 )
-from tracker.store.polling import _isolated
+from tracker.store.refusals import RefusalMemory, _isolated
 from tracker.store.rows import _cut, _delivery_record, _page
 
 log = structlog.get_logger("tracker.store")
+
+#: seconds a delivery whose attempt cannot be recorded at all waits before it is sent again
+#: (at the soonest; later if its retry schedule says so)
+UNRECORDED_WAIT = 3600.0
 
 
 class Outbox(SqlBase):
@@ -126,29 +131,65 @@ class Outbox(SqlBase):
         A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
         not fail the results of the whole batch. A result whose own values the database
         refuses is written again without the receiver's answer text, and the others without
-        it; an unrecorded result would leave its delivery to be sent again at every lease.
+        it; one that cannot be recorded even so sets its delivery aside for UNRECORDED_WAIT,
+        so it is not sent again at every lease's end. Each is logged once per delivery and
+        reason.
         """
         if results:
-            _isolated(results, self._finish_once, self._refused_result)
+            _isolated(results, self._finish_once, self._refused_result, self._accepted_results)
+
+    @functools.cached_property
+    def _result_refusals(self) -> RefusalMemory:
+        return RefusalMemory()
 
     def _refused_result(self, result: records.AttemptResult, exc: Exception) -> int:
-        log.error(
-            "attempt_write_refused",
-            webhook_id=result.job.webhook_id,
-            task_id=result.job.task_id,
-            error=_describe_error(exc),
-        )
+        job = result.job
+        reason = _describe_error(exc)
+        if self._result_refusals.first(job.pk, reason):
+            log.error(
+                "attempt_write_refused",
+                webhook_id=job.webhook_id,
+                task_id=job.task_id,
+                error=reason,
+            )
         error = None if result.error is None else sanitize.clean_text(result.error, 500)
         plain = dataclasses.replace(result, response_excerpt="", error=error)
         try:
-            return self._finish_once([plain])
+            written = self._finish_once([plain])
         except Exception as again:
             if not _is_row_error(again):
                 raise
-            log.error(  # noqa: TRY400 - the row's values would only repeat in a traceback
-                "attempt_unrecorded", webhook_id=result.job.webhook_id, error=_describe_error(again)
-            )
+            self._set_delivery_aside(result, _describe_error(again))
             return 0
+        if result.state != DeliveryState.PENDING:
+            self._result_refusals.forget(job.pk)  # no attempt follows
+        return written
+
+    def _set_delivery_aside(self, result: records.AttemptResult, reason: str) -> None:
+        """Plan the next attempt of a delivery whose attempt no write can record, and end
+        its claim: only times are written, which no answer can make the database refuse."""
+        job = result.job
+        until = max(result.next_attempt_at or 0.0, _epoch(result.at) + UNRECORDED_WAIT)
+        with self._write() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == job.pk, deliveries.c.state == DeliveryState.PENDING)
+                .values(next_attempt_at=until, claimed_until=None)
+            )
+        if self._result_refusals.first(job.pk, f"unrecorded: {reason}"):
+            log.error(
+                "attempt_unrecorded",
+                webhook_id=job.webhook_id,
+                task_id=job.task_id,
+                error=reason,
+                next_attempt=datetime.fromtimestamp(until, UTC).isoformat(),
+            )
+
+    def _accepted_results(self, results: Sequence[records.AttemptResult]) -> None:
+        # A delivery whose answer is stored again is forgotten: a later refusal is news.
+        if self._result_refusals:
+            for result in results:
+                self._result_refusals.forget(result.job.pk)
 
     def _finish_once(self, results: Sequence[records.AttemptResult]) -> int:
         with self._write() as conn:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
@@ -19,12 +20,12 @@ from tracker.store.base import (
     _describe_error,
     _epoch,
     _from_epoch,
-    _is_row_error,
     deliveries,
     tasks,
     transitions,
 )
 from tracker.store.records import KEEP
+from tracker.store.refusals import RefusalMemory, _isolated
 from tracker.store.rows import _event_types
 
 log = structlog.get_logger("tracker.store")
@@ -124,11 +125,17 @@ class Polling(SqlBase):
         Each task row is updated only if it still has the status the decision was made on; a
         task that moved or was removed meanwhile keeps its state and gets no history or event.
         A task whose own values the database refuses is left out (logged as
-        `task_write_refused`; it is polled again) and the others are written without it; any
-        other error (a lock, a full disk, a lost connection) rolls the whole call back.
-        Returns how many tasks were written.
+        `task_write_refused`, once per reason) and set aside until its update's
+        ``set_aside_until``, and the others are written without it; any other error (a lock,
+        a full disk, a lost connection) rolls the whole call back. Returns how many tasks
+        were written.
         """
-        return _isolated(updates, lambda part: self._record_once(part, now), _refused_update)
+        return _isolated(
+            updates,
+            lambda part: self._record_once(part, now),
+            self._refused_update,
+            self._accepted_updates,
+        )
 
     def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         epoch = _epoch(now)
@@ -214,39 +221,45 @@ class Polling(SqlBase):
         params = [{"next_": n, "pk_": pk, "lease_": lease} for n, pk, lease in replanned]
         return conn.execute(_REPLAN, params).rowcount
 
+    # -- tasks whose write the database refuses ---------------------------------------------
 
-_T = TypeVar("_T")
+    @functools.cached_property
+    def _task_refusals(self) -> RefusalMemory:
+        return RefusalMemory()
 
+    def _refused_update(self, update: records.TaskUpdate, exc: Exception) -> int:
+        """Log a refused task once per reason, and set it aside (its claim ends then) until
+        ``set_aside_until``, so the answer the database refuses is not fetched and refused
+        again at every lease's end."""
+        task, until, lease = update.task, update.set_aside_until, update.task.lease_until
+        next_poll = "when the claim ends"
+        if until is not None and lease is not None:
+            with self._write() as conn:
+                # Only a time is written: no value of the answer can be refused again.
+                self._replan(conn, [(until, task.pk, lease)])
+            next_poll = datetime.fromtimestamp(until, UTC).isoformat()
+        reason = _describe_error(exc)
+        if self._task_refusals.first(task.pk, reason):
+            log.error(
+                "task_write_refused",
+                platform=task.platform,
+                task_id=task.task_id,
+                error=reason,
+                next_poll=next_poll,
+            )
+        return 0
 
-def _isolated(
-    items: Sequence[_T],
-    write: Callable[[Sequence[_T]], int],
-    refused: Callable[[_T, Exception], int],
-) -> int:
-    """``write(items)``; when the database refuses some row's values, the halves apart.
-
-    Halving until the refused rows stand alone costs about 2 log2(n) extra transactions per
-    bad row, and only when there is one; each lone refused row goes to ``refused``.
-    """
-    try:
-        return write(items)
-    except Exception as exc:
-        if not _is_row_error(exc):
-            raise
-        if len(items) == 1:
-            return refused(items[0], exc)
-    middle = len(items) // 2
-    return _isolated(items[:middle], write, refused) + _isolated(items[middle:], write, refused)
-
-
-def _refused_update(update: records.TaskUpdate, exc: Exception) -> int:
-    log.error(
-        "task_write_refused",
-        platform=update.task.platform,
-        task_id=update.task.task_id,
-        error=_describe_error(exc),
-    )
-    return 0
+    def _accepted_updates(self, updates: Sequence[records.TaskUpdate]) -> None:
+        """Forget the refusals of tasks written at last, saying so: they are polled as usual."""
+        if not self._task_refusals:
+            return
+        for update in updates:
+            if self._task_refusals.forget(update.task.pk):
+                log.info(
+                    "task_write_accepted",
+                    platform=update.task.platform,
+                    task_id=update.task.task_id,
+                )
 
 
 _RAW_NAMES = ("created_at", "events", "metadata")

@@ -95,6 +95,9 @@ class TaskUpdate:
     missing_since: float | Keep | None = KEEP
     #: epoch seconds of the next poll, when the upstream hinted at one
     next_poll_at: float | Keep = KEEP
+    #: epoch seconds of the next poll should the database refuse this update (the task is
+    #: set aside until then); None leaves the task to be claimed again when its claim ends
+    set_aside_until: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

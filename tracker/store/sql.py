@@ -1,9 +1,10 @@
 """The store on SQLAlchemy: one implementation, with the SQLite/PostgreSQL differences inside.
 
 ``SqlStore`` is composed of its parts, one module per concern: registry.py (registration and
-task reads), polling.py (claims and a poll's writes), outbox.py (deliveries), rows.py (row
-mappers), base.py (tables and transactions) and engine.py (the engine); this module keeps the
-schema, the daemon's meta facts and the figures.
+task reads), polling.py (claims and a poll's writes), outbox.py (deliveries), refusals.py
+(rows the database refuses), rows.py (row mappers), base.py (tables and transactions) and
+engine.py (the engine); this module keeps the schema, the daemon's meta facts and the
+figures.
 """
 
 from __future__ import annotations
