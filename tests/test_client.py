@@ -109,7 +109,8 @@ def test_the_sync_client_registers_reads_lists_and_removes(served: Served) -> No
 
 
 async def test_the_async_client_and_the_webhook_helper(served: Served) -> None:
-    """The async client registers; the webhook that follows verifies into a typed event."""
+    """The async client registers, reads, lists (with its filters) and raises the API's errors;
+    the webhook that follows verifies into a typed event."""
     async with AsyncTrackerClient(served.url, TOKEN) as tracker:
         registered = await tracker.register("luma", ["a-1"], metadata={"order": 7})
         deadline = time.monotonic() + 20
@@ -117,8 +118,11 @@ async def test_the_async_client_and_the_webhook_helper(served: Served) -> None:
             assert time.monotonic() < deadline, "a-1 never completed"
             await asyncio.sleep(0.1)
         task = await tracker.get("luma", "a-1")
+        listed = await tracker.list(platform="luma", status="completed", limit=100)
         with pytest.raises(NotFoundError):
             await tracker.remove("luma", "never-registered")
+        with pytest.raises(InvalidRequestError):
+            await tracker.register("luma", [""])
 
     hook = next(
         h
@@ -128,6 +132,8 @@ async def test_the_async_client_and_the_webhook_helper(served: Served) -> None:
     event = verify_webhook(WEBHOOK_SECRET, hook.body, hook.headers)
 
     assert ["a-1"] == registered.registered
+    assert "a-1" in {t.task_id for t in listed.tasks}
+    assert all(TaskStatus.COMPLETED is t.status for t in listed.tasks)
     assert [TaskStatus.PENDING, TaskStatus.COMPLETED] == [
         task.transitions[0].from_,
         task.transitions[-1].to,

@@ -16,19 +16,33 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
 
 from tracker import signing
+from tracker.client_types import (
+    InvalidRequestError,
+    Model,
+    NotFoundError,
+    Registered,
+    Task,
+    TaskPage,
+    TrackerError,
+    Transition,
+    UnauthorizedError,
+    UnavailableError,
+    WebhookData,
+    WebhookEvent,
+    raise_for,
+)
 from tracker.signing import InvalidSignature
-from tracker.status import EventType, TaskStatus
 
+# The models and errors live in client_types; apps know them from here.
 __all__ = [
     "AsyncTrackerClient",
     "InvalidRequestError",
@@ -39,173 +53,23 @@ __all__ = [
     "TaskPage",
     "TrackerClient",
     "TrackerError",
+    "Transition",
     "UnauthorizedError",
     "UnavailableError",
+    "WebhookData",
     "WebhookEvent",
     "verify_webhook",
 ]
 
 DEFAULT_TIMEOUT = 10.0
 
-
-class _Model(BaseModel):
-    # Fields a newer tracker adds are ignored, so an older client keeps working.
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-
-class Registered(_Model):
-    """What a registration did: ids new to tracker, and ids it already tracked."""
-
-    registered: list[str]
-    existing: list[str]
-
-
-class Transition(_Model):
-    """One status change of a task."""
-
-    from_: TaskStatus = Field(alias="from")
-    to: TaskStatus
-    upstream_status: str | None = None
-    progress: int | None = None
-    at: datetime
-
-
-class Task(_Model):
-    """A tracked task as the API shows it (``transitions`` only from `get`)."""
-
-    platform: str
-    task_id: str
-    status: TaskStatus
-    upstream_status: str | None = None
-    progress: int | None = None
-    upstream_progress: str | None = None
-    fail_reason: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    webhook_url: str | None = None
-    endpoint: str | None = None
-    events: list[EventType] | None = None
-    result: dict[str, Any] | None = None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None = None
-    transitions: list[Transition] = Field(default_factory=list)
-
-
-class TaskPage(_Model):
-    """A page of tasks, newest first; pass ``next_cursor`` to `list` for the next one."""
-
-    tasks: list[Task]
-    next_cursor: str | None = None
-
-
-class WebhookData(_Model):
-    """The task a webhook is about, as it was when the event happened."""
-
-    platform: str
-    task_id: str
-    status: TaskStatus
-    previous_status: TaskStatus
-    upstream_status: str | None = None
-    progress: int | None = None
-    upstream_progress: str | None = None
-    fail_reason: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    finished_at: datetime | None = None
-
-
-class WebhookEvent(_Model):
-    """A verified webhook: its ``webhook_id`` is the same on every retry (de-duplicate on it)."""
-
-    webhook_id: str
-    type: EventType
-    timestamp: datetime
-    data: WebhookData
-
-
-class TrackerError(Exception):
-    """The API answered with an error: ``status_code``, its message and named problems."""
-
-    def __init__(self, status_code: int, message: str, problems: Sequence[str] = ()) -> None:
-        super().__init__(f"{status_code}: {message}" + "".join(f"\n  {p}" for p in problems))
-        self.status_code = status_code
-        self.message = message
-        self.problems = list(problems)
-
-
-class UnauthorizedError(TrackerError):
-    """401: the token is missing or not one of `[server].api_tokens`."""
-
-
-class NotFoundError(TrackerError):
-    """404: tracker does not know this task."""
-
-
-class InvalidRequestError(TrackerError):
-    """422: the registration or query was refused; ``problems`` names each bad part."""
-
-
-class UnavailableError(TrackerError):
-    """503: the daemon is stopping or not ready; try again later."""
-
-
-_ERRORS: Mapping[int, type[TrackerError]] = {
-    401: UnauthorizedError,
-    404: NotFoundError,
-    422: InvalidRequestError,
-    503: UnavailableError,
-}
-
-
-def _raise_for(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        message = str(body.get("error") or response.reason_phrase)
-        problems = [str(p) for p in body.get("problems") or ()]
-    else:
-        message, problems = response.reason_phrase or "error", []
-    kind = _ERRORS.get(response.status_code, TrackerError)
-    raise kind(response.status_code, message, problems)
-
-
-def _registration(
-    platform: str,
-    ids: Sequence[str],
-    *,
-    webhook_url: str | None,
-    endpoint: str | None,
-    events: Sequence[str] | None,
-    metadata: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    if isinstance(ids, str):
-        # A bare string would register one id per character.
-        raise TypeError("ids must be a sequence of task ids, not a string")
-    body: dict[str, Any] = {"platform": platform, "ids": list(ids)}
-    optional = {
-        "webhook_url": webhook_url,
-        "endpoint": endpoint,
-        "events": list(events) if events is not None else None,
-        "metadata": dict(metadata) if metadata is not None else None,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return body
+T = TypeVar("T")
+M = TypeVar("M", bound=Model)
 
 
 def _task_path(platform: str, task_id: str) -> str:
     # An id may hold "/" or "?": each is one escaped path segment.
     return f"/v1/tasks/{quote(platform, safe='')}/{quote(task_id, safe='')}"
-
-
-def _query(
-    status: str | None, platform: str | None, limit: int | None, cursor: str | None
-) -> dict[str, str]:
-    given = {"status": status, "platform": platform, "limit": limit, "cursor": cursor}
-    return {k: str(v) for k, v in given.items() if v is not None}
 
 
 def _client_options(base_url: str, token: str, timeout: float) -> dict[str, Any]:
@@ -214,6 +78,73 @@ def _client_options(base_url: str, token: str, timeout: float) -> dict[str, Any]
         "headers": {"Authorization": f"Bearer {token}"},
         "timeout": timeout,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    """One API request and how to read its answer; both clients send these, each its own way."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    json: Any = None
+    params: Mapping[str, str] | None = None
+
+    def answer(self, response: httpx.Response) -> T:
+        """The answer read, or the API's error raised as a TrackerError."""
+        raise_for(response)
+        return self.read(response)
+
+
+def _model(kind: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda response: kind.model_validate(response.json())
+
+
+def _nothing(_response: httpx.Response) -> None:
+    return None
+
+
+class _Calls:
+    """The requests behind the clients' methods (same names, same arguments), with no I/O."""
+
+    @staticmethod
+    def register(
+        platform: str,
+        ids: Sequence[str],
+        *,
+        webhook_url: str | None,
+        endpoint: str | None,
+        events: Sequence[str] | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> _Call[Registered]:
+        if isinstance(ids, str):
+            # A bare string would register one id per character.
+            raise TypeError("ids must be a sequence of task ids, not a string")
+        body: dict[str, Any] = {"platform": platform, "ids": list(ids)}
+        optional = {
+            "webhook_url": webhook_url,
+            "endpoint": endpoint,
+            "events": list(events) if events is not None else None,
+            "metadata": dict(metadata) if metadata is not None else None,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return _Call("POST", "/v1/tasks", _model(Registered), json=body)
+
+    @staticmethod
+    def get(platform: str, task_id: str) -> _Call[Task]:
+        return _Call("GET", _task_path(platform, task_id), _model(Task))
+
+    @staticmethod
+    def list(
+        status: str | None, platform: str | None, limit: int | None, cursor: str | None
+    ) -> _Call[TaskPage]:
+        given = {"status": status, "platform": platform, "limit": limit, "cursor": cursor}
+        params = {k: str(v) for k, v in given.items() if v is not None}
+        return _Call("GET", "/v1/tasks", _model(TaskPage), params=params)
+
+    @staticmethod
+    def remove(platform: str, task_id: str) -> _Call[None]:
+        return _Call("DELETE", _task_path(platform, task_id), _nothing)
 
 
 class TrackerClient:
@@ -229,6 +160,10 @@ class TrackerClient:
     ) -> None:
         self._http = httpx.Client(**_client_options(base_url, token, timeout), transport=transport)
 
+    def _send(self, call: _Call[T]) -> T:
+        response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+        return call.answer(response)
+
     def register(
         self,
         platform: str,
@@ -240,7 +175,7 @@ class TrackerClient:
         metadata: Mapping[str, Any] | None = None,
     ) -> Registered:
         """Track ``ids`` (idempotent: ids already tracked come back in ``existing``)."""
-        body = _registration(
+        call = _Calls.register(
             platform,
             ids,
             webhook_url=webhook_url,
@@ -248,15 +183,11 @@ class TrackerClient:
             events=events,
             metadata=metadata,
         )
-        response = self._http.post("/v1/tasks", json=body)
-        _raise_for(response)
-        return Registered.model_validate(response.json())
+        return self._send(call)
 
     def get(self, platform: str, task_id: str) -> Task:
         """One task with its history; NotFoundError when tracker does not know it."""
-        response = self._http.get(_task_path(platform, task_id))
-        _raise_for(response)
-        return Task.model_validate(response.json())
+        return self._send(_Calls.get(platform, task_id))
 
     def list(
         self,
@@ -267,13 +198,11 @@ class TrackerClient:
         cursor: str | None = None,
     ) -> TaskPage:
         """A page of tasks, newest first."""
-        response = self._http.get("/v1/tasks", params=_query(status, platform, limit, cursor))
-        _raise_for(response)
-        return TaskPage.model_validate(response.json())
+        return self._send(_Calls.list(status, platform, limit, cursor))
 
     def remove(self, platform: str, task_id: str) -> None:
         """Stop tracking a task (no webhook follows); NotFoundError when it was not tracked."""
-        _raise_for(self._http.delete(_task_path(platform, task_id)))
+        self._send(_Calls.remove(platform, task_id))
 
     def close(self) -> None:
         """Close the connections."""
@@ -306,6 +235,12 @@ class AsyncTrackerClient:
             **_client_options(base_url, token, timeout), transport=transport
         )
 
+    async def _send(self, call: _Call[T]) -> T:
+        response = await self._http.request(
+            call.method, call.path, json=call.json, params=call.params
+        )
+        return call.answer(response)
+
     async def register(
         self,
         platform: str,
@@ -317,7 +252,7 @@ class AsyncTrackerClient:
         metadata: Mapping[str, Any] | None = None,
     ) -> Registered:
         """Track ``ids`` (idempotent: ids already tracked come back in ``existing``)."""
-        body = _registration(
+        call = _Calls.register(
             platform,
             ids,
             webhook_url=webhook_url,
@@ -325,15 +260,11 @@ class AsyncTrackerClient:
             events=events,
             metadata=metadata,
         )
-        response = await self._http.post("/v1/tasks", json=body)
-        _raise_for(response)
-        return Registered.model_validate(response.json())
+        return await self._send(call)
 
     async def get(self, platform: str, task_id: str) -> Task:
         """One task with its history; NotFoundError when tracker does not know it."""
-        response = await self._http.get(_task_path(platform, task_id))
-        _raise_for(response)
-        return Task.model_validate(response.json())
+        return await self._send(_Calls.get(platform, task_id))
 
     async def list(
         self,
@@ -344,14 +275,11 @@ class AsyncTrackerClient:
         cursor: str | None = None,
     ) -> TaskPage:
         """A page of tasks, newest first."""
-        params = _query(status, platform, limit, cursor)
-        response = await self._http.get("/v1/tasks", params=params)
-        _raise_for(response)
-        return TaskPage.model_validate(response.json())
+        return await self._send(_Calls.list(status, platform, limit, cursor))
 
     async def remove(self, platform: str, task_id: str) -> None:
         """Stop tracking a task (no webhook follows); NotFoundError when it was not tracked."""
-        _raise_for(await self._http.delete(_task_path(platform, task_id)))
+        await self._send(_Calls.remove(platform, task_id))
 
     async def aclose(self) -> None:
         """Close the connections."""
