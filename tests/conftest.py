@@ -7,17 +7,20 @@ import functools
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 import sqlalchemy as sa
+import standardwebhooks
 
 from tracker import config, signing
 from tracker.store import SqlStore
 from tracker.testing import browser
-from tracker.testing.receiver import WebhookReceiver
+from tracker.testing.receiver import Received, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
 #: the machine's PostgreSQL server (trust auth); tests create and drop their own databases
@@ -28,6 +31,8 @@ PG_ADMIN_URL = os.environ.get(
 PG_REQUIRED = os.environ.get("TRACKER_TEST_PG_REQUIRED") == "1"
 #: CI sets it: the dashboard's browser tests then fail, rather than skip, without Chromium
 BROWSER_REQUIRED = os.environ.get("TRACKER_TEST_BROWSER_REQUIRED") == "1"
+
+T = TypeVar("T")
 
 # Just ensuring the tests are not polluted by the environment.
 for _name in list(os.environ):
@@ -210,3 +215,36 @@ def toml_text(document: dict[str, Any]) -> str:
         return lines
 
     return "\n".join(table(document, ())) + "\n"
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
+    """``check()`` once it is truthy, asked every ``every`` s; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def verified(hook: Received) -> dict[str, Any]:
+    """The webhook's JSON body, after checking its Standard Webhooks signature."""
+    body: dict[str, Any] = standardwebhooks.Webhook(WEBHOOK_SECRET).verify(hook.body, hook.headers)
+    return body
+
+
+def all_pages(client: httpx.Client, path: str, key: str) -> list[dict[str, Any]]:
+    """Every row of a paged API listing."""
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+        answer = client.get(path, params=params)
+        answer.raise_for_status()
+        page = answer.json()
+        rows += page[key]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return rows

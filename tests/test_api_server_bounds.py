@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import base_config, merge, toml_text
-from test_e2e import Tracker, clean_env
+from test_e2e import start_daemon
+
+from tracker.testing.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -40,15 +42,15 @@ def open_files_limit(soft: int) -> Iterator[None]:
 
 
 @pytest.fixture(name="tracker_for")
-def _tracker_for(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
-    started: list[Tracker] = []
+def _tracker_for(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
 
-    def start(**overrides: Any) -> Tracker:
+    def start(**overrides: Any) -> Daemon:
         document = base_config("http://127.0.0.1:9", None, f"sqlite:///{tmp_path / 'db'}")
         config = tmp_path / "config.toml"
         config.write_text(toml_text(merge(document, {"poll": {"interval": 3600}, **overrides})))
         with open_files_limit(DAEMON_NOFILE):
-            started.append(Tracker(config, clean_env()))
+            started.append(start_daemon(config))
         return started[-1]
 
     yield start
@@ -76,7 +78,7 @@ def closed_by_peer(sock: socket.socket, within: float) -> bool:
 
 
 def test_silent_and_half_sent_requests_are_closed_after_the_header_timeout(
-    tracker_for: Callable[..., Tracker],
+    tracker_for: Callable[..., Daemon],
 ) -> None:
     """A connection that sends nothing, or half a request head, is closed once
     [server].header_timeout passes; a prompt request on a new connection is served.
@@ -91,7 +93,7 @@ def test_silent_and_half_sent_requests_are_closed_after_the_header_timeout(
 
 
 def test_a_flood_of_idle_connections_neither_starves_healthz_nor_floods_the_log(
-    tracker_for: Callable[..., Tracker],
+    tracker_for: Callable[..., Daemon],
 ) -> None:
     """1,100 connections sending nothing or half a request, against a daemon limited to 1,024
     open files: /healthz keeps answering promptly and the log stays quiet.

@@ -365,14 +365,18 @@ def test_init_writes_a_private_config_and_the_simulator_path_delivers_a_webhook(
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
     path = tmp_path / "tracker.toml"
-    made = subprocess.run(
-        [sys.executable, "-m", "tracker", "init", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=30,
-    )
+
+    def init() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tracker", "init", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=30,
+        )
+
+    made = init()
     assert 0 == made.returncode, made.stderr
     assert 0o600 == stat.S_IMODE(path.stat().st_mode)
     settings = config.load(path)
@@ -380,14 +384,7 @@ def test_init_writes_a_private_config_and_the_simulator_path_delivers_a_webhook(
     assert {"path": str(path), "api_token": token} == json.loads(made.stdout)
     assert token not in config.PLACEHOLDER_TOKENS
     assert settings.webhooks.secret.get_secret_value().startswith("whsec_")
-    again = subprocess.run(
-        [sys.executable, "-m", "tracker", "init", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=30,
-    )
+    again = init()
     assert (2, True) == (again.returncode, "already exists" in again.stderr)
 
     with socket.socket() as sock:

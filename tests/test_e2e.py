@@ -22,11 +22,19 @@ from typing import Any
 
 import httpx
 import pytest
-import standardwebhooks
-from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
+from conftest import (
+    WEBHOOK_SECRET,
+    all_pages,
+    base_config,
+    merge,
+    toml_text,
+    verified,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from tracker.testing.receiver import Received, Reply, WebhookReceiver
+from tracker.testing.daemon import Daemon, clean_env
+from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
 pytestmark = pytest.mark.e2e
@@ -35,145 +43,43 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
 FINAL_STATUSES = {"completed", "failed", "canceled"}
 FINAL_EVENTS = {"task.completed", "task.failed", "task.canceled"}
-#: how long a started process may take to say `started` (imports dominate)
-START_TIMEOUT = 15.0
+#: every metric family the README documents
+METRIC_FAMILIES = {
+    "tracker_tasks",
+    "tracker_transitions",
+    "tracker_upstream_requests",
+    "tracker_upstream_errors",
+    "tracker_poll_cycle_duration_seconds",
+    "tracker_upstream_ids_per_request",
+    "tracker_deliveries",
+    "tracker_delivery_latency_seconds",
+    "tracker_outbox_depth",
+    "tracker_oldest_pending_delivery_age_seconds",
+    "tracker_database_up",
+}
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without tracker or systemd variables, plus ``extra``."""
-    dropped = ("TRACKER_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "INVOCATION_ID")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
-    env.update(extra)
-    return env
-
-
-class Tracker:
-    """One `tracker run` process, its log lines as they arrive, and an API client."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        # Without --config the path must come from TRACKER_CONFIG in ``env``.
-        flag = [] if env and "TRACKER_CONFIG" in env else ["--config", str(config)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracker", "run", *flag],
-            cwd=REPO,
-            env=env or clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._arrived = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        started = self.wait_for_log(lambda e: e.get("event") == "started", START_TIMEOUT)
-        self.api: str = started["api"]
-        self.client = httpx.Client(
-            base_url=self.api, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
-        )
-
-    def _read(self, stream: Any, into: list[str]) -> None:
-        for raw in stream:
-            with self._arrived:
-                into.append(raw.decode(errors="replace").rstrip("\n"))
-                self._arrived.notify_all()
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        """Every stdout line that is a JSON log event."""
-        found = []
-        with self._arrived:
-            lines = list(self.stdout)
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    found.append(event)
-        return found
-
-    def wait_for_log(
-        self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-    ) -> dict[str, Any]:
-        """The first log event ``match`` accepts, waiting for it to be written."""
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while True:
-                for event in self.events:
-                    if match(event):
-                        return event
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reading()):
-                    pytest.fail(f"no matching log line within {timeout:g} s\n{self.tail()}")
-                self._arrived.wait(min(left, 0.1))
-
-    def _reading(self) -> bool:
-        return any(r.is_alive() for r in self._readers)
-
-    def tail(self, lines: int = 40) -> str:
-        """The last log lines, for failure messages."""
-        return "\n".join(["--- stdout", *self.stdout[-lines:], "--- stderr", *self.stderr[-lines:]])
-
-    def register(self, ids: list[str], **fields: Any) -> httpx.Response:
-        """POST /v1/tasks for luma ids."""
-        return self.client.post("/v1/tasks", json={"platform": "luma", "ids": ids, **fields})
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        """The exit code, once the process and its output have ended."""
-        code = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        self.client.close()
-        return code
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then the exit code."""
-        self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up."""
-        self.proc.kill()
-        self.wait(10)
+def start_daemon(config: Path, env: dict[str, str] | None = None) -> Daemon:
+    """A started `tracker run` for ``config``, with an API client holding the test token."""
+    return Daemon(config, token=TOKEN, cwd=REPO, env=env)
 
 
 @pytest.fixture(name="spawn")
-def _spawn() -> Iterator[Callable[..., Tracker]]:
+def _spawn() -> Iterator[Callable[..., Daemon]]:
     """Starts tracker processes; kills whichever a test left running."""
-    started: list[Tracker] = []
+    started: list[Daemon] = []
 
-    def spawn(config: Path, env: dict[str, str] | None = None) -> Tracker:
-        tracker = Tracker(config, env)
+    def spawn(config: Path, env: dict[str, str] | None = None) -> Daemon:
+        tracker = start_daemon(config, env)
         started.append(tracker)
         return tracker
 
     yield spawn
     for tracker in started:
-        if tracker.proc.poll() is None:
-            tracker.proc.kill()
-            tracker.proc.wait(10)
-        tracker.client.close()
+        tracker.close()
 
 
 @pytest.fixture(name="write_config")
@@ -191,27 +97,6 @@ def _write_config(
         return path
 
     return write
-
-
-def verified(hook: Received) -> dict[str, Any]:
-    """The webhook's JSON body, after checking its Standard Webhooks signature."""
-    body: dict[str, Any] = standardwebhooks.Webhook(WEBHOOK_SECRET).verify(hook.body, hook.headers)
-    return body
-
-
-def all_pages(client: httpx.Client, path: str, key: str) -> list[dict[str, Any]]:
-    """Every row of a paged API listing."""
-    rows: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
-        answer = client.get(path, params=params)
-        answer.raise_for_status()
-        page = answer.json()
-        rows += page[key]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return rows
 
 
 def check_history(task: dict[str, Any]) -> None:
@@ -233,7 +118,7 @@ def test_each_task_sends_one_signed_final_webhook_and_keeps_its_history(
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """Registered luma ids end with one verified webhook each; a failing id gives task.failed."""
     relay.step = 0.2
@@ -290,7 +175,7 @@ def test_receiver_failing_twice_gets_the_event_on_the_third_attempt_with_the_sam
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """Two 500 answers are retried; the third attempt carries the same webhook-id and body."""
     receiver.reply(Reply(500), Reply(500))
@@ -318,11 +203,34 @@ def test_receiver_failing_twice_gets_the_event_on_the_third_attempt_with_the_sam
 # -- crashes and graceful stops -------------------------------------------------------------
 
 
+def check_one_final_webhook_each(
+    ids: list[str], outbox: list[dict[str, Any]], receiver: WebhookReceiver
+) -> None:
+    """Each id has one delivery of its final event (task.failed for ids ending in -fail), and
+    the receiver saw each under that delivery's webhook-id only."""
+    by_task = collections.defaultdict(list)
+    for delivery in outbox:
+        by_task[delivery["task_id"]].append(delivery)
+    assert set(ids) == set(by_task)
+    for task_id, rows in by_task.items():
+        assert 1 == len(rows), rows
+        expected = "task.failed" if task_id.endswith("-fail") else "task.completed"
+        assert expected == rows[0]["event_type"]
+
+    seen = collections.defaultdict(set)
+    # A request cut off by a kill arrives without its whole body; no receiver would take it.
+    whole = [h for h in receiver.received if len(h.body) == int(h.headers["content-length"])]
+    assert len(receiver.received) - len(whole) <= 8  # at most the per-host slots in flight
+    for hook in whole:
+        seen[verified(hook)["data"]["task_id"]].add(hook.headers["webhook-id"])
+    assert {task_id: {rows[0]["webhook_id"]} for task_id, rows in by_task.items()} == dict(seen)
+
+
 def test_kill_9_mid_run_then_restart_loses_nothing_and_duplicates_nothing(
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """After SIGKILL while tasks move and webhooks flow, a restart finishes every task with
     exactly one final event each, all delivered, duplicates only under the same webhook-id.
@@ -358,23 +266,7 @@ def test_kill_9_mid_run_then_restart_loses_nothing_and_duplicates_nothing(
 
     # Deliveries in flight at the kill wait for their claim's lease to lapse (37 s here).
     outbox = wait_until(all_delivered, 75, "every delivery to be delivered", every=0.3)
-    by_task = collections.defaultdict(list)
-    for delivery in outbox:
-        by_task[delivery["task_id"]].append(delivery)
-    assert set(ids) == set(by_task)
-    for task_id, rows in by_task.items():
-        assert 1 == len(rows), rows
-        expected = "task.failed" if task_id.endswith("-fail") else "task.completed"
-        assert expected == rows[0]["event_type"]
-
-    seen = collections.defaultdict(set)
-    # A request cut off by the kill arrives without its whole body; no receiver would take it.
-    whole = [h for h in receiver.received if len(h.body) == int(h.headers["content-length"])]
-    assert len(receiver.received) - len(whole) <= 8  # at most the per-host slots in flight
-    for hook in whole:
-        seen[verified(hook)["data"]["task_id"]].add(hook.headers["webhook-id"])
-    assert {task_id: {rows[0]["webhook_id"]} for task_id, rows in by_task.items()} == dict(seen)
-
+    check_one_final_webhook_each(ids, outbox, receiver)
     for task_id in ids:
         task = restarted.client.get(f"/v1/tasks/luma/{task_id}").json()
         check_history(task)
@@ -385,7 +277,7 @@ def test_sigterm_during_a_slow_poll_finishes_the_batch_refuses_work_and_exits_0(
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """SIGTERM mid-request: registrations get 503, the batch is recorded, exit 0 within seconds,
     and a restart delivers everything.
@@ -430,7 +322,7 @@ def test_sigterm_during_a_slow_poll_finishes_the_batch_refuses_work_and_exits_0(
 
 
 def test_run_takes_the_config_from_tracker_config_and_stops_on_sigint(
-    write_config: Callable[..., Path], spawn: Callable[..., Tracker]
+    write_config: Callable[..., Path], spawn: Callable[..., Daemon]
 ) -> None:
     """Without --config, `tracker run` reads TRACKER_CONFIG; SIGINT stops it cleanly, exit 0."""
     config = write_config()
@@ -449,7 +341,7 @@ def test_run_takes_the_config_from_tracker_config_and_stops_on_sigint(
 def test_sighup_changes_the_poll_interval_live_and_survives_a_broken_config(
     relay: SimulatedRelay,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """SIGHUP applies a new poll.interval (relay sees the new rate), names what needs a restart,
     and a broken file leaves the daemon running on the settings it had.
@@ -500,7 +392,7 @@ def test_sighup_changes_the_poll_interval_live_and_survives_a_broken_config(
 
 
 def test_readyz_fails_with_the_reason_when_the_database_file_is_replaced(
-    tmp_path: Path, write_config: Callable[..., Path], spawn: Callable[..., Tracker]
+    tmp_path: Path, write_config: Callable[..., Path], spawn: Callable[..., Daemon]
 ) -> None:
     """/readyz answers 503 naming the database while its path holds no database, 200 again once
     the file is back; /healthz stays 200 throughout.
@@ -559,7 +451,7 @@ def test_metrics_expose_every_family_and_move_with_work(
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """/metrics parses as Prometheus text with every documented family, and the figures follow
     a relay error, transitions and deliveries.
@@ -570,20 +462,7 @@ def test_metrics_expose_every_family_and_move_with_work(
     assert 200 == scrape.status_code
     assert scrape.headers["content-type"].startswith("text/plain")
     before = metric_samples(scrape.text)
-    expected = {
-        "tracker_tasks",
-        "tracker_transitions",
-        "tracker_upstream_requests",
-        "tracker_upstream_errors",
-        "tracker_poll_cycle_duration_seconds",
-        "tracker_upstream_ids_per_request",
-        "tracker_deliveries",
-        "tracker_delivery_latency_seconds",
-        "tracker_outbox_depth",
-        "tracker_oldest_pending_delivery_age_seconds",
-        "tracker_database_up",
-    }
-    assert expected <= set(before), sorted(before)
+    assert METRIC_FAMILIES <= set(before), sorted(before)
     assert 0 == total(before, "tracker_transitions", "tracker_transitions_total")
 
     relay.fail_next("http_500")
@@ -659,7 +538,7 @@ def _notify_socket() -> Iterator[tuple[str, list[str]]]:
 def test_notify_protocol_ready_status_watchdog_reloading_and_stopping(
     notify_socket: tuple[str, list[str]],
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """With NOTIFY_SOCKET and WATCHDOG_USEC set, the process sends READY=1, STATUS=, WATCHDOG=1
     every 0.1 s, RELOADING=1 then READY=1 on SIGHUP, and STOPPING=1 on SIGTERM.
@@ -732,7 +611,7 @@ def test_logs_are_json_lines_and_never_carry_a_secret(
     relay: SimulatedRelay,
     receiver: WebhookReceiver,
     write_config: Callable[..., Path],
-    spawn: Callable[..., Tracker],
+    spawn: Callable[..., Daemon],
 ) -> None:
     """Every stdout line is JSON; the api key, webhook secret and tokens (one added by a reload)
     are redacted even from a logged webhook URL that contains them.

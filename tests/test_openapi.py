@@ -13,11 +13,12 @@ import httpx
 import pytest
 import schemathesis
 import sqlalchemy as sa
-from conftest import PG_ADMIN_URL, base_config, merge, toml_text
+from conftest import PG_ADMIN_URL, base_config, merge, toml_text, wait_until
 from hypothesis import HealthCheck, given, settings, strategies
 from schemathesis import GenerationMode, checks
-from test_e2e import Tracker, clean_env, wait_until
+from test_e2e import start_daemon
 
+from tracker.testing.daemon import Daemon
 from tracker.testing.simulator import SimulatedRelay
 
 #: the checks the suite holds the API to: no 5xx, and every answer as the document says
@@ -41,19 +42,19 @@ OPERATIONS = {
 }  # fmt: skip
 
 
-def start_tracker(directory: Path, overrides: dict[str, Any]) -> Tracker:
+def start_tracker(directory: Path, overrides: dict[str, Any]) -> Daemon:
     """A `tracker run` process with an unreachable relay (the API is what is tested)."""
     document = base_config("http://127.0.0.1:9", None, f"sqlite:///{directory / 'tracker.db'}")
     config = directory / "config.toml"
     config.write_text(toml_text(merge(document, {"poll": {"interval": 3600}, **overrides})))
-    return Tracker(config, clean_env())
+    return start_daemon(config)
 
 
 @pytest.fixture(name="tracker_for")
-def _tracker_for(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
-    started: list[Tracker] = []
+def _tracker_for(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
 
-    def start(**overrides: Any) -> Tracker:
+    def start(**overrides: Any) -> Daemon:
         directory = tmp_path / str(len(started))
         directory.mkdir()
         started.append(start_tracker(directory, overrides))
@@ -65,7 +66,7 @@ def _tracker_for(tmp_path: Path) -> Iterator[Callable[..., Tracker]]:
         tracker.client.close()
 
 
-def test_the_document_lists_every_route_with_its_models(tokened: Tracker) -> None:
+def test_the_document_lists_every_route_with_its_models(tokened: Daemon) -> None:
     """/openapi.json names every operation, the request bodies and the answer models."""
     tracker = tokened
     document = httpx.get(f"{tracker.api}/openapi.json").json()
@@ -86,7 +87,7 @@ def test_the_document_lists_every_route_with_its_models(tokened: Tracker) -> Non
 
 
 def test_the_description_is_behind_the_token_when_metrics_are(
-    tracker_for: Callable[..., Tracker],
+    tracker_for: Callable[..., Daemon],
 ) -> None:
     """With metrics_require_auth, /openapi.json and /docs answer 401 without the token."""
     tracker = tracker_for(server={"metrics_require_auth": True})
@@ -97,7 +98,7 @@ def test_the_description_is_behind_the_token_when_metrics_are(
 
 
 @pytest.mark.postgres
-def test_an_api_without_tokens_documents_no_security(open_tracker: Tracker) -> None:
+def test_an_api_without_tokens_documents_no_security(open_tracker: Daemon) -> None:
     """On loopback without api_tokens nothing asks for a token, and the document says so."""
     tracker = open_tracker
     document = httpx.get(f"{tracker.api}/openapi.json").json()
@@ -111,7 +112,7 @@ KNOWN = {"done": "SUCCESS", "broke": "FAILURE", "a/b": "IN_PROGRESS", "x/deliver
 
 
 @pytest.fixture(name="tokened", scope="module")
-def _tokened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
+def _tokened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A daemon with a token, holding KNOWN (with deliveries that failed and are retrying)."""
     directory = tmp_path_factory.mktemp("tokened")
     with SimulatedRelay(step=0.0) as relay:
@@ -135,7 +136,7 @@ def _tokened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
 
 
 @pytest.fixture(name="open_tracker", scope="module")
-def _open_tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
+def _open_tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A daemon on loopback without api_tokens, over PostgreSQL (the tokened one is SQLite)."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"tracker_test_{secrets.token_hex(6)}"
@@ -153,13 +154,13 @@ def _open_tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]
 
 
 @pytest.fixture(name="tokened_schema", scope="module")
-def _tokened_schema(tokened: Tracker) -> Any:
+def _tokened_schema(tokened: Daemon) -> Any:
     auth = {"Authorization": "Bearer test-token"}
     return schemathesis.openapi.from_url(f"{tokened.api}/openapi.json", headers=auth)
 
 
 @pytest.fixture(name="open_schema", scope="module")
-def _open_schema(open_tracker: Tracker) -> Any:
+def _open_schema(open_tracker: Daemon) -> Any:
     return schemathesis.openapi.from_url(f"{open_tracker.api}/openapi.json")
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import base_config, merge, toml_text
-from test_e2e import FINAL_STATUSES, Tracker, all_pages, check_history, verified, wait_until
+from conftest import all_pages, base_config, merge, toml_text, verified, wait_until
+from test_e2e import FINAL_STATUSES, check_history, start_daemon
 
 from tracker.store.sql import make_engine, tasks
+from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -41,14 +42,11 @@ SLACK = 0.5
 
 
 @pytest.fixture(name="instances")
-def _instances() -> Iterator[list[Tracker]]:
-    started: list[Tracker] = []
+def _instances() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
     yield started
     for tracker in started:
-        if tracker.proc.poll() is None:
-            tracker.proc.kill()
-            tracker.proc.wait(10)
-        tracker.client.close()
+        tracker.close()
 
 
 def open_tasks(url: str) -> dict[str, float]:
@@ -80,7 +78,7 @@ def first_polled(relay: SimulatedRelay, since: float) -> dict[str, float]:
 
 
 def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
-    tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Tracker]
+    tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Daemon]
 ) -> None:
     """Tasks registered through all three APIs, one instance SIGKILLed halfway: every task
     ends with its statuses in the relay's order and one final status, each final event
@@ -96,7 +94,7 @@ def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
         )
         path = tmp_path / "config.toml"
         path.write_text(toml_text(document))
-        instances.extend(Tracker(path) for _ in range(INSTANCES))
+        instances.extend(start_daemon(path) for _ in range(INSTANCES))
         ids = [f"s-{n}" + ("-fail" if n % 9 == 0 else "") for n in range(TASKS)]
         size = TASKS // WAVES
         killed_at, left_open = 0.0, dict[str, float]()

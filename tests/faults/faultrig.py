@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import standardwebhooks
-from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
+from conftest import base_config, merge, toml_text, verified
 
 from tracker.testing.daemon import Daemon
-from tracker.testing.receiver import Received, WebhookReceiver
+from tracker.testing.receiver import WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "fault-token-5d1c0a9e"
@@ -43,8 +41,7 @@ def database_url(kind: str, tmp_path: Path, make_pg_url: Callable[[], str]) -> s
 
 def register(daemon: Daemon, ids: list[str], **fields: Any) -> None:
     """POST /v1/tasks for luma ids (or ``platform=...``); fails the test unless 201."""
-    body = {"platform": "luma", "ids": ids, **fields}
-    answer = daemon.client.post("/v1/tasks", json=body)
+    answer = daemon.register(ids, **fields)
     assert 201 == answer.status_code, answer.text
 
 
@@ -70,24 +67,6 @@ def running(config: Path) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.close()
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
-    """``check()`` once it is truthy; fails the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
-def verified(hook: Received) -> dict[str, Any]:
-    """The webhook's JSON body, after checking its Standard Webhooks signature."""
-    body: dict[str, Any] = standardwebhooks.Webhook(WEBHOOK_SECRET).verify(hook.body, hook.headers)
-    return body
 
 
 def hooks_for(receiver: WebhookReceiver, task_ids: Iterable[str]) -> dict[str, set[str]] | None:

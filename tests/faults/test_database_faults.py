@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultrig import hooks_for, register, running, wait_until, write_config
+from conftest import wait_until
+from faultrig import hooks_for, register, running, write_config
 
 from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import WebhookReceiver

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from conftest import all_pages, wait_until
 from faultrig import (
     DATABASES,
     FINAL_EVENTS,
@@ -19,7 +19,6 @@ from faultrig import (
     database_url,
     final_hooks,
     running,
-    wait_until,
     write_config,
 )
 
@@ -33,18 +32,6 @@ pytestmark = pytest.mark.e2e
 KILLS = 20
 #: ids registered while each daemon lives
 PER_ROUND = 10
-
-
-def every_row(client: httpx.Client, path: str, key: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params = {"limit": "500", **({"cursor": cursor} if cursor else {})}
-        page = client.get(path, params=params).json()
-        rows += page[key]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return rows
 
 
 @pytest.mark.parametrize("db", DATABASES)
@@ -82,7 +69,7 @@ def test_kill_9_loop_under_load_loses_no_final_event_and_keeps_one_webhook_id(
     with running(config) as last:
 
         def settled() -> list[dict[str, Any]] | None:
-            rows = every_row(last.client, "/v1/deliveries", "deliveries")
+            rows = all_pages(last.client, "/v1/deliveries", "deliveries")
             finals = [d for d in rows if d["event_type"] in FINAL_EVENTS]
             done = len(finals) == len(registered) and all(d["state"] == "delivered" for d in finals)
             return finals if done else None

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WEBHOOK_SECRET
-from faultrig import DATABASES, database_url, hooks_for, running, wait_until, write_config
+from conftest import WEBHOOK_SECRET, wait_until
+from faultrig import DATABASES, database_url, hooks_for, running, write_config
 
 from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay

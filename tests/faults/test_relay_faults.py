@@ -7,14 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultrig import (
-    DATABASES,
-    database_url,
-    hooks_for,
-    running,
-    wait_until,
-    write_config,
-)
+from conftest import wait_until
+from faultrig import DATABASES, database_url, hooks_for, running, write_config
 
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import FAULT_KINDS, POISON_KINDS, SimulatedRelay

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import WEBHOOK_SECRET
-from faultrig import TOKEN, final_hooks, running, wait_until, write_config
+from conftest import WEBHOOK_SECRET, wait_until
+from faultrig import TOKEN, final_hooks, running, write_config
 
 import tracker.cli
 from tracker.testing.receiver import Reply, WebhookReceiver

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,13 +38,17 @@ class Daemon:
         *,
         token: str,
         cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
+        """Start it; ``env`` replaces `clean_env()`, and with TRACKER_CONFIG in it, --config
+        is left out so the path comes from there."""
         self.config = config
+        flag = [] if env and "TRACKER_CONFIG" in env else ["--config", str(config)]
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "tracker", "run", "--config", str(config)],
+            [sys.executable, "-m", "tracker", "run", *flag],
             cwd=cwd,
-            env=clean_env(),
+            env=dict(env) if env is not None else clean_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -131,9 +135,17 @@ class Daemon:
         self.client.close()
         return code
 
+    def register(self, ids: list[str], **fields: Any) -> httpx.Response:
+        """POST /v1/tasks for luma ids (or ``platform=...``)."""
+        return self.client.post("/v1/tasks", json={"platform": "luma", "ids": ids, **fields})
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the process."""
+        self.proc.send_signal(sig)
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
+        self.signal(signal.SIGTERM)
         return self.wait(timeout)
 
     def kill(self) -> None:
