@@ -129,6 +129,11 @@ async def ratio_case(
     poller = make_poller(outside, store, batch, client)
     await poller.run_cycle()  # untimed: every task moves from pending to queued once
     bare = [await bare_sweep(outside.relay_url, batches)]
+    # CPU seconds of this process (the daemon's side: the relay runs in the child) per sweep.
+    cpu = time.process_time()
+    await bare_sweep(outside.relay_url, batches)
+    bare_cpu = time.process_time() - cpu
+    real_cpu: list[float] = []
     real: list[float] = []
     writes: list[int] = []
     finished = 0
@@ -141,7 +146,9 @@ async def ratio_case(
         step = max(1, round(live * FINISHING))
         outside.call("flip", ids[finished : finished + step])
         finished += step
+        cpu = time.process_time()
         seconds, written = await real_drain(poller, statements)
+        real_cpu.append(time.process_time() - cpu)
         real.append(seconds)
         writes.append(written)
         bare.append(await bare_sweep(outside.relay_url, batches))
@@ -154,6 +161,9 @@ async def ratio_case(
         "batch": batch,
         "bare_s": round(statistics.median(bare), 3),
         "real_s": round(statistics.median(real), 3),
+        # microseconds of this process's CPU per task: the bound on a relay that answers at once
+        "bare_cpu_us": round(bare_cpu / live * 1e6, 1),
+        "real_cpu_us": round(statistics.median(real_cpu) / live * 1e6, 1),
         "ratio": round(statistics.median(ratios), 3),
         "writes_per_cycle": round(statistics.median(writes)),
         "requests_per_cycle": len(batches),
@@ -320,11 +330,13 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| live | batch | bare s | real s | ratio | writes/cycle | requests/cycle |",
-        "|---|---|---|---|---|---|---|",
+        "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
+        "| writes/cycle | requests/cycle |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
+        f"| {r['bare_cpu_us']} | {r['real_cpu_us']} "
         f"| {r['writes_per_cycle']} | {r['requests_per_cycle']} |"
         for r in results.get("ratio", [])
     ]

@@ -304,8 +304,8 @@ async def test_reload_applies_live_settings_to_the_running_parts(
     tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
 ) -> None:
     """A reload gives the poller and the platforms the new [poll] settings (batch size
-    included), re-keys the deliverer, accepts the new token and brackets the work with
-    RELOADING=1 and READY=1.
+    included) and the new webhook target, re-keys the deliverer, accepts the new token and
+    brackets the work with RELOADING=1 and READY=1.
     """
     path = tmp_path / "tracker.toml"
     path.write_text(toml_text(document))
@@ -319,7 +319,7 @@ async def test_reload_applies_live_settings_to_the_running_parts(
                 document,
                 {
                     "poll": {"interval": 0.5, "batch_size": 7},
-                    "webhooks": {"secret": secret},
+                    "webhooks": {"secret": secret, "url": "http://127.0.0.1:9/new-hooks"},
                     "server": {"api_tokens": ["new-token"]},
                 },
             )
@@ -338,6 +338,9 @@ async def test_reload_applies_live_settings_to_the_running_parts(
         daemon.parts.platforms[n].batch_size for n in ("luma", "suno", "video")
     )
     assert secret == daemon.parts.deliverer.secrets_for(None)[0]
+    target = daemon.parts.poller.planner.targets.resolve(None, None, None)
+    assert target is not None
+    assert "http://127.0.0.1:9/new-hooks" == target.url
     assert daemon.parts.state.settings is daemon.settings
     assert ["RELOADING=1", "READY=1"] == [m.split("\n")[0] for m in notifier.sent]
     async with client_for(daemon, "new-token") as fresh, client_for(daemon) as stale:

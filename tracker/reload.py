@@ -126,9 +126,8 @@ def apply(parts: Parts, secrets: LogSecrets, new: config.Settings) -> ReloadPlan
     secrets.update(old, current)
     parts.state.settings = current
     # Rebuilt from the settings now in force, for the batch sizes [poll] implies.
-    parts.poller.configure(current.poll, platforms.build(current))
+    parts.poller.configure(current.poll, platforms.build(current), events.Targets(current.webhooks))
     parts.relay_health.interval = current.poll.interval
-    parts.poller.targets = events.Targets(current.webhooks)
     parts.deliverer.configure(current.webhooks)
     if current.retention.interval != old.retention.interval:
         parts.jobs.reschedule("retention", current.retention.interval)

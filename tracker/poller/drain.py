@@ -142,26 +142,23 @@ class Poller:
         )
         weakref.finalize(self, self._store_thread.shutdown, wait=False)
 
-    @property
-    def targets(self) -> events.Targets:
-        """Where webhooks of the tasks polled from now on go."""
-        return self.planner.targets
-
-    @targets.setter
-    def targets(self, targets: events.Targets) -> None:
-        self.planner.targets = targets
-
     def configure(
-        self, settings: PollSettings, platforms: Mapping[str, Platform] | None = None
+        self,
+        settings: PollSettings,
+        platforms: Mapping[str, Platform] | None = None,
+        targets: events.Targets | None = None,
     ) -> None:
         """Take new [poll] settings (a reload); they apply from the next claim on.
 
-        ``platforms``, built from the new settings, carries the batch sizes to use from now on.
+        ``platforms``, built from the new settings, carries the batch sizes to use from now on;
+        ``targets`` is where the webhooks of changes decided from now on go.
         """
         # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now.
         self._pull_in = settings.max_interval < self.settings.max_interval
         self.settings = settings
         self.planner.settings = settings
+        if targets is not None:
+            self.planner.targets = targets
         for name, fresh in (platforms or {}).items():
             if name in self.platforms:
                 self.platforms[name].batch_size = fresh.batch_size
