@@ -1,27 +1,16 @@
-"""Frozen settings read from a TOML file and the environment, with errors that name the key."""
+"""The config's sections: what each key accepts and its default, checked one section at a time."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import tomllib
-from collections.abc import Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, StrictInt, StrictStr
 
 from tracker import signing, status
-
-# Environment variables that override a key, so secrets can live outside the config file
-# (systemd's EnvironmentFile=).
-ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
-    "TRACKER_UPSTREAM_API_KEY": ("upstream", "api_key"),
-    "TRACKER_WEBHOOKS_SECRET": ("webhooks", "secret"),
-}
 
 DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.value)
@@ -30,18 +19,6 @@ DEFAULT_MAX_INTERVAL = 120.0
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: bytes of one webhook receiver's answer read at most (its status code alone decides)
 DEFAULT_WEBHOOK_RESPONSE_BYTES = 64 * 1024
-
-#: values config.example.toml ships with: anyone who read the repository knows them
-PLACEHOLDER_TOKENS = frozenset({"change-me"})
-PLACEHOLDER_KEYS = frozenset({"sk-..."})
-PLACEHOLDER_SECRETS = frozenset(
-    {
-        "whsec_CHANGE+ME+run+tracker+init",
-        # the example's secret up to version 0.1.0
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    }
-)
-MAKE_REAL_ONES = "`tracker init` writes a config with a fresh API token and webhook secret"
 
 Seconds = Annotated[float, Strict(), Field(gt=0)]
 Days = Annotated[float, Strict(), Field(ge=0)]
@@ -58,19 +35,11 @@ HttpUrl = Annotated[StrictStr, pydantic.AfterValidator(_http_url)]
 Style = Literal["newapi-batch", "newapi-single", "midjourney", "replicate"]
 
 
-class ConfigError(ValueError):
-    """The configuration is not usable; the message lists every problem by key."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServerSettings(_Section):
+class ServerSettings(Section):
     """[server]: where the HTTP API listens and who may use it."""
 
     host: StrictStr = "127.0.0.1"
@@ -102,7 +71,7 @@ class ServerSettings(_Section):
         return self
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(Section):
     """[database]: an SQLAlchemy URL; SQLite is the embedded default."""
 
     url: Annotated[StrictStr, Field(pattern=r"^(sqlite|postgresql)(\+\w+)?://")] = (
@@ -121,7 +90,7 @@ class DatabaseSettings(_Section):
         return data
 
 
-class UpstreamSettings(_Section):
+class UpstreamSettings(Section):
     """[upstream] and [upstreams.NAME]: one relay."""
 
     base_url: HttpUrl
@@ -134,7 +103,7 @@ class UpstreamSettings(_Section):
     max_response_bytes: Annotated[StrictInt, Field(ge=1024)] = DEFAULT_MAX_RESPONSE_BYTES
 
 
-class PollSettings(_Section):
+class PollSettings(Section):
     """[poll]: how often and how hard the upstream is asked."""
 
     interval: Seconds = 10.0
@@ -163,7 +132,7 @@ class PollSettings(_Section):
         return self
 
 
-class PlatformSettings(_Section):
+class PlatformSettings(Section):
     """[platforms.NAME]: a custom platform, or overrides for a built-in one."""
 
     style: Style | None = None
@@ -186,7 +155,7 @@ def _signing_secret(value: SecretStr) -> SecretStr:
 SigningSecret = Annotated[SecretStr, pydantic.AfterValidator(_signing_secret)]
 
 
-class PreviousSecret(_Section):
+class PreviousSecret(Section):
     """A rotated-out secret that keeps signing until it expires."""
 
     secret: SigningSecret
@@ -200,7 +169,7 @@ class PreviousSecret(_Section):
         return value
 
 
-class EndpointSettings(_Section):
+class EndpointSettings(Section):
     """[webhooks.endpoints.NAME]: a named webhook target with its own secret."""
 
     url: HttpUrl
@@ -211,7 +180,7 @@ class EndpointSettings(_Section):
     max_in_flight: Count | None = None
 
 
-class WebhookSettings(_Section):
+class WebhookSettings(Section):
     """[webhooks]: where and how events are delivered."""
 
     url: HttpUrl | None = None
@@ -245,7 +214,7 @@ class WebhookSettings(_Section):
         return value
 
 
-class RetentionSettings(_Section):
+class RetentionSettings(Section):
     """[retention]: how long finished work is kept, in days; 0 keeps it forever."""
 
     #: delivered deliveries and their attempt logs, counted from delivery
@@ -261,7 +230,7 @@ class RetentionSettings(_Section):
     batch_size: Annotated[StrictInt, Field(ge=1, le=10000)] = 500
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     """[logging]: verbosity and line format."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -271,7 +240,7 @@ class LoggingSettings(_Section):
 DEFAULT_SESSION_LIFETIME = 43200.0
 
 
-class DashboardSettings(_Section):
+class DashboardSettings(Section):
     """[dashboard]: the operator's web pages under /ui."""
 
     #: unset means on when [server].host is a loopback address, off elsewhere
@@ -287,115 +256,6 @@ class DashboardSettings(_Section):
         if value is not None and not value.get_secret_value():
             raise ValueError("must be a non-empty string")
         return value
-
-
-class Settings(_Section):
-    """Everything the daemon needs, validated once at start (and at reload)."""
-
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    upstream: UpstreamSettings
-    upstreams: dict[StrictStr, UpstreamSettings] = Field(default_factory=dict)
-    poll: PollSettings = Field(default_factory=PollSettings)
-    platforms: dict[StrictStr, PlatformSettings] = Field(default_factory=dict)
-    webhooks: WebhookSettings
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-
-    @pydantic.model_validator(mode="after")
-    def _references(self) -> Settings:
-        for name, platform in self.platforms.items():
-            if platform.upstream is not None and platform.upstream not in self.upstreams:
-                raise ValueError(
-                    f"platforms.{name}.upstream names {platform.upstream!r}, "
-                    "which is not an [upstreams.NAME] section"
-                )
-        for name, endpoint in self.webhooks.endpoints.items():
-            if endpoint.events is not None:
-                try:
-                    check_events(endpoint.events)
-                except ValueError as exc:
-                    raise ValueError(f"webhooks.endpoints.{name}.events: {exc}") from None
-        return self
-
-    def dashboard_enabled(self) -> bool:
-        """Whether /ui is served: as configured, else only on a loopback host."""
-        if self.dashboard.enabled is not None:
-            return self.dashboard.enabled
-        return is_loopback(self.server.host)
-
-    def secrets(self) -> list[str]:
-        """Every secret value in the settings, for the log redactor."""
-        found = [self.upstream.api_key, self.webhooks.secret]
-        found += [u.api_key for u in self.upstreams.values()]
-        found += list(self.server.api_tokens)
-        if self.dashboard.token is not None:
-            found.append(self.dashboard.token)
-        found += [p.secret for p in self.webhooks.previous_secrets]
-        for endpoint in self.webhooks.endpoints.values():
-            found += [endpoint.secret, *(p.secret for p in endpoint.previous_secrets)]
-        return [s.get_secret_value() for s in found if s.get_secret_value()]
-
-
-def placeholder_problems(settings: Settings) -> list[str]:
-    """The example config's placeholder credentials still in ``settings``, one line each."""
-    problems = []
-    if any(t.get_secret_value() in PLACEHOLDER_TOKENS for t in settings.server.api_tokens):
-        problems.append(f"server.api_tokens: the example's placeholder token; {MAKE_REAL_ONES}")
-    upstreams = {"upstream": settings.upstream} | {
-        f"upstreams.{name}": u for name, u in settings.upstreams.items()
-    }
-    for where, upstream in upstreams.items():
-        if upstream.api_key.get_secret_value() in PLACEHOLDER_KEYS:
-            problems.append(
-                f"{where}.api_key: the example's placeholder; put your relay key here or in "
-                "TRACKER_UPSTREAM_API_KEY (`tracker run --simulate` needs none)"
-            )
-    hooks = settings.webhooks
-    secrets = {"webhooks.secret": hooks.secret} | {
-        f"webhooks.previous_secrets.{i}": p.secret for i, p in enumerate(hooks.previous_secrets)
-    }
-    for name, endpoint in hooks.endpoints.items():
-        secrets[f"webhooks.endpoints.{name}.secret"] = endpoint.secret
-    for where, secret in secrets.items():
-        if secret.get_secret_value() in PLACEHOLDER_SECRETS:
-            problems.append(
-                f"{where}: the example's published secret; {MAKE_REAL_ONES} (or run "
-                "python -c 'from tracker import signing; print(signing.new_secret())')"
-            )
-    return problems
-
-
-_SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>[^?]*)")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of an SQLite URL; None for another database or an in-memory one."""
-    match = _SQLITE_URL.match(url)
-    if match is None:
-        return None
-    database = match.group("path")
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def resolve_database(settings: Settings, base: Path) -> Settings:
-    """``settings`` with a relative SQLite path made absolute against ``base``.
-
-    The config file's directory is the base, so the daemon and every CLI command open the
-    same file whatever directory they were started from.
-    """
-    url = settings.database.url
-    path = sqlite_path(url)
-    match = _SQLITE_URL.match(url)
-    if path is None or path.is_absolute() or match is None:
-        return settings
-    start, end = match.span("path")
-    absolute = url[:start] + str((base / path).resolve()) + url[end:]
-    database = settings.database.model_copy(update={"url": absolute})
-    return settings.model_copy(update={"database": database})
 
 
 def check_events(events: tuple[str, ...]) -> tuple[str, ...]:
@@ -415,51 +275,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
-
-
-def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a decoded TOML document, applying the environment overrides first."""
-    environ = os.environ if environ is None else environ
-    document: dict[str, Any] = dict(raw)
-    for variable, (section, key) in ENV_OVERRIDES.items():
-        value = environ.get(variable)
-        if value:
-            table = document.get(section)
-            document[section] = {**(table if isinstance(table, dict) else {}), key: value}
-    try:
-        return Settings.model_validate(document)
-    except pydantic.ValidationError as exc:
-        # The input value is left out on purpose: it may be a secret.
-        problems = [
-            f"{_location(error['loc'])}: {_describe(error)}"
-            for error in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ConfigError(problems) from None
-
-
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the TOML file at ``path``."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{file}: cannot read the config file ({exc.strerror})"]) from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{file}: not valid TOML ({exc})"]) from None
-    return resolve_database(parse(raw, environ), file.absolute().parent)

@@ -1,0 +1,146 @@
+"""`Settings`, the whole config, and what is checked of it beyond its keys: the example's
+placeholder credentials, and the SQLite path made absolute against the config's directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pydantic
+from pydantic import Field, StrictStr
+
+from tracker.config.sections import (
+    DashboardSettings,
+    DatabaseSettings,
+    LoggingSettings,
+    PlatformSettings,
+    PollSettings,
+    RetentionSettings,
+    Section,
+    ServerSettings,
+    UpstreamSettings,
+    WebhookSettings,
+    check_events,
+    is_loopback,
+)
+
+#: values config.example.toml ships with: anyone who read the repository knows them
+PLACEHOLDER_TOKENS = frozenset({"change-me"})
+PLACEHOLDER_KEYS = frozenset({"sk-..."})
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "whsec_CHANGE+ME+run+tracker+init",
+        # the example's secret up to version 0.1.0
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+)
+MAKE_REAL_ONES = "`tracker init` writes a config with a fresh API token and webhook secret"
+
+
+class Settings(Section):
+    """Everything the daemon needs, validated once at start (and at reload)."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    upstream: UpstreamSettings
+    upstreams: dict[StrictStr, UpstreamSettings] = Field(default_factory=dict)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    platforms: dict[StrictStr, PlatformSettings] = Field(default_factory=dict)
+    webhooks: WebhookSettings
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+
+    @pydantic.model_validator(mode="after")
+    def _references(self) -> Settings:
+        for name, platform in self.platforms.items():
+            if platform.upstream is not None and platform.upstream not in self.upstreams:
+                raise ValueError(
+                    f"platforms.{name}.upstream names {platform.upstream!r}, "
+                    "which is not an [upstreams.NAME] section"
+                )
+        for name, endpoint in self.webhooks.endpoints.items():
+            if endpoint.events is not None:
+                try:
+                    check_events(endpoint.events)
+                except ValueError as exc:
+                    raise ValueError(f"webhooks.endpoints.{name}.events: {exc}") from None
+        return self
+
+    def dashboard_enabled(self) -> bool:
+        """Whether /ui is served: as configured, else only on a loopback host."""
+        if self.dashboard.enabled is not None:
+            return self.dashboard.enabled
+        return is_loopback(self.server.host)
+
+    def secrets(self) -> list[str]:
+        """Every secret value in the settings, for the log redactor."""
+        found = [self.upstream.api_key, self.webhooks.secret]
+        found += [u.api_key for u in self.upstreams.values()]
+        found += list(self.server.api_tokens)
+        if self.dashboard.token is not None:
+            found.append(self.dashboard.token)
+        found += [p.secret for p in self.webhooks.previous_secrets]
+        for endpoint in self.webhooks.endpoints.values():
+            found += [endpoint.secret, *(p.secret for p in endpoint.previous_secrets)]
+        return [s.get_secret_value() for s in found if s.get_secret_value()]
+
+
+def placeholder_problems(settings: Settings) -> list[str]:
+    """The example config's placeholder credentials still in ``settings``, one line each."""
+    problems = []
+    if any(t.get_secret_value() in PLACEHOLDER_TOKENS for t in settings.server.api_tokens):
+        problems.append(f"server.api_tokens: the example's placeholder token; {MAKE_REAL_ONES}")
+    upstreams = {"upstream": settings.upstream} | {
+        f"upstreams.{name}": u for name, u in settings.upstreams.items()
+    }
+    for where, upstream in upstreams.items():
+        if upstream.api_key.get_secret_value() in PLACEHOLDER_KEYS:
+            problems.append(
+                f"{where}.api_key: the example's placeholder; put your relay key here or in "
+                "TRACKER_UPSTREAM_API_KEY (`tracker run --simulate` needs none)"
+            )
+    hooks = settings.webhooks
+    secrets = {"webhooks.secret": hooks.secret} | {
+        f"webhooks.previous_secrets.{i}": p.secret for i, p in enumerate(hooks.previous_secrets)
+    }
+    for name, endpoint in hooks.endpoints.items():
+        secrets[f"webhooks.endpoints.{name}.secret"] = endpoint.secret
+    for where, secret in secrets.items():
+        if secret.get_secret_value() in PLACEHOLDER_SECRETS:
+            problems.append(
+                f"{where}: the example's published secret; {MAKE_REAL_ONES} (or run "
+                "python -c 'from tracker import signing; print(signing.new_secret())')"
+            )
+    return problems
+
+
+_SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>[^?]*)")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL; None for another database or an in-memory one."""
+    match = _SQLITE_URL.match(url)
+    if match is None:
+        return None
+    database = match.group("path")
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def resolve_database(settings: Settings, base: Path) -> Settings:
+    """``settings`` with a relative SQLite path made absolute against ``base``.
+
+    The config file's directory is the base, so the daemon and every CLI command open the
+    same file whatever directory they were started from.
+    """
+    url = settings.database.url
+    path = sqlite_path(url)
+    match = _SQLITE_URL.match(url)
+    if path is None or path.is_absolute() or match is None:
+        return settings
+    start, end = match.span("path")
+    absolute = url[:start] + str((base / path).resolve()) + url[end:]
+    database = settings.database.model_copy(update={"url": absolute})
+    return settings.model_copy(update={"database": database})
