@@ -21,13 +21,15 @@ import structlog.testing
 from pydantic import SecretStr
 
 from tracker import config, events, signing, ssrf, status
-from tracker.clock import FakeClock
+from tracker.clock import FakeClock, SystemClock
 from tracker.delivery import Deliverer
+from tracker.delivery.outbox import LEASE
 from tracker.delivery.sending import EXCERPT_BYTES
 from tracker.metrics import Metrics
 from tracker.status import TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
 from tracker.store.records import DeliveryRecord, DueTask
+from tracker.store.sql import deliveries
 from tracker.testing.receiver import Received, Reply, WebhookReceiver
 
 SECRET = signing.new_secret()
@@ -616,8 +618,8 @@ async def test_a_hanging_receiver_does_not_hold_up_another(
 async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Behind a hanging receiver, what would wait too long for a slot is not attempted; a
-    later pass takes it once its claim has lapsed.
+    """Behind a hanging receiver, what would wait too long for a slot is not attempted: it is
+    held back for the wait budget, the timeout and 30 s, and a later pass takes it then.
     """
     monkeypatch.setattr("tracker.delivery.admission.MIN_WAIT_BUDGET", 0.5)
     settings = hook_settings(receiver.url, timeout=0.3, per_host=1)
@@ -635,11 +637,73 @@ async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
 
         receiver.default = Reply(status=204)
         assert 0 == await deliverer.run_once()  # still claimed
-        clock.advance(31)  # the lease: budget + timeout + 30 s
+        clock.advance(LEASE + 1)
+        assert 0 == await deliverer.run_once()  # held back beyond the lease, not renewed
+        clock.advance(31 - LEASE - 1)  # the hold: budget + timeout + 30 s
         assert 2 == await deliverer.run_once()
 
     assert ["pending", "pending", "delivered", "delivered"] == [d.state for d in outbox(store)]
     assert 4 == receiver.count
+
+
+async def test_an_attempt_longer_than_the_lease_keeps_its_claim_while_the_pass_renews_it(
+    store: SqlStore, receiver: WebhookReceiver
+) -> None:
+    """A receiver slower than the lease: the pass renews its claim every third of the lease,
+    so another daemon's claims never take the delivery while the attempt is in flight.
+    """
+    clock = SystemClock()  # the other claims read the lease against the real time
+    settings = hook_settings(receiver.url, timeout=3)
+    complete(store, clock, settings)
+    receiver.default = Reply(status=204, delay=1.5)
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        deliverer.outbox.lease = 0.5
+        running = asyncio.create_task(deliverer.run_once())
+        await asyncio.to_thread(receiver.wait_for, 1, 2.0)
+        taken = []
+        while not running.done():
+            taken += await asyncio.to_thread(store.claim_deliveries, clock.now(), 10, lease=30)
+            await asyncio.sleep(0.1)
+        assert 1 == await running
+
+    assert [] == taken
+    assert 1 == receiver.count
+    assert ("delivered", 1) == (only(store).state, only(store).attempts)
+
+
+async def test_a_queued_delivery_taken_over_by_another_claim_is_dropped_unsent(
+    store: SqlStore, receiver: WebhookReceiver
+) -> None:
+    """When a renewal finds that another claim took a delivery (its lease had lapsed), the
+    pass does not send it: the other holder does.
+    """
+    clock = SystemClock()
+    settings = hook_settings(receiver.url, timeout=3, per_host=1)
+    for task_id in ("first", "second"):
+        complete(store, clock, settings, task_id)
+    receiver.default = Reply(status=204, delay=1.0)
+    first, second = outbox(store)
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        deliverer.outbox.lease = 0.6
+        running = asyncio.create_task(deliverer.run_once())
+        await asyncio.to_thread(receiver.wait_for, 1, 2.0)  # the second waits for the slot
+        # What another daemon does once the lease has lapsed: claim it for itself.
+        with store.engine.begin() as conn:
+            lapsed = clock.now().timestamp() - 1
+            conn.execute(
+                deliveries.update().where(deliveries.c.id == second.id).values(claimed_until=lapsed)
+            )
+        [job] = store.claim_deliveries(clock.now(), 10, lease=30)
+        with structlog.testing.capture_logs() as logged:
+            assert 1 == await running
+
+    assert job.pk == second.id
+    assert [first.webhook_id] == [r.headers["webhook-id"] for r in receiver.received]
+    assert ["delivered", "pending"] == [d.state for d in outbox(store)]
+    assert 0 == outbox(store)[1].attempts
+    assert [1] == [e["count"] for e in logged if e["event"] == "webhooks_taken_over"]
 
 
 async def test_a_receiver_known_to_hang_gets_only_what_it_can_start_in_time(

@@ -867,6 +867,63 @@ def test_a_claimed_delivery_is_reclaimable_only_after_its_lease(store: SqlStore)
     assert (job.pk, job.webhook_id, 0) == (again.pk, again.webhook_id, again.attempts)
 
 
+def test_a_renewed_claim_outlives_its_first_lease(store: SqlStore) -> None:
+    """extend_claims moves a held lease's end, and that end is the claim's new token."""
+    queue_events(store, "a")
+    (job,) = claim_jobs(store, T0)
+    assert job.lease_until == at(LEASE).timestamp()
+
+    assert {job.pk} == store.extend_claims({job.pk: at(LEASE).timestamp()}, at(50).timestamp())
+
+    assert [] == claim_jobs(store, at(LEASE + 1))
+    assert set() == store.extend_claims({job.pk: at(LEASE).timestamp()}, at(90).timestamp())
+    store.finish_attempts(
+        [outcome(dataclasses.replace(job, lease_until=at(50).timestamp()), "delivered", at(49))]
+    )
+    delivery = store.get_delivery(job.pk)
+    assert delivery is not None
+    assert ("delivered", 1) == (delivery.state, delivery.attempts)
+
+
+def test_a_claim_taken_over_after_its_lease_lapsed_moves_nothing_for_its_old_holder(
+    store: SqlStore,
+) -> None:
+    """After a lapse and another claim, the old holder can neither renew the delivery nor move
+    it on: its late result is logged as an attempt, the new holder's result decides.
+    """
+    queue_events(store, "a")
+    (old,) = claim_jobs(store, T0)
+    (new,) = claim_jobs(store, at(LEASE + 1))
+
+    assert set() == store.extend_claims({old.pk: old.lease_until or 0.0}, at(90).timestamp())
+    store.finish_attempts([outcome(new, "delivered", at(LEASE + 2))])
+    late = outcome(
+        old, "pending", at(LEASE + 3), next_attempt_at=at(99).timestamp(), status_code=500
+    )
+    store.finish_attempts([late])
+
+    delivery = store.get_delivery(old.pk)
+    assert delivery is not None
+    assert ("delivered", 1, at(LEASE + 2), None) == (
+        delivery.state,
+        delivery.attempts,
+        delivery.last_attempt_at,
+        delivery.next_attempt_at,
+    )
+    assert [200, 500] == [a.status_code for a in delivery.log]
+
+
+def test_a_finished_delivery_is_no_longer_held_by_its_claim(store: SqlStore) -> None:
+    """Once its result is written, a delivery's claim cannot be renewed (nor a re-queue's)."""
+    queue_events(store, "a", "b")
+    first, second = claim_jobs(store, T0)
+    store.finish_attempts([outcome(first, "delivered", at(1))])
+    assert [second.pk] == store.requeue(at(2), pk=second.pk)
+
+    tokens = {first.pk: first.lease_until or 0.0, second.pk: second.lease_until or 0.0}
+    assert set() == store.extend_claims(tokens, at(50).timestamp())
+
+
 def test_a_later_event_of_a_task_waits_for_the_earlier_one(store: SqlStore) -> None:
     """Events of one task go out in order: the next waits while an earlier one is pending."""
     queue_events(store, "a", per_task=2)
@@ -1127,7 +1184,8 @@ def test_next_delivery_at_is_the_earliest_pending_attempt(store: SqlStore) -> No
     )
 
     assert at(40) == store.next_delivery_at()
-    store.finish_attempts([outcome(jobs[1], "delivered", at(41))])
+    (retried,) = claim_jobs(store, at(40))
+    store.finish_attempts([outcome(retried, "delivered", at(41))])
     assert at(80) == store.next_delivery_at()
 
 

@@ -74,7 +74,7 @@ def test_kill_9_loop_under_load_loses_no_final_event_and_keeps_one_webhook_id(
             done = len(finals) == len(registered) and all(d["state"] == "delivered" for d in finals)
             return finals if done else None
 
-        # On PostgreSQL, deliveries in flight at the last kill wait for their lease (36 s).
+        # On PostgreSQL, deliveries in flight at the last kill wait for their lease (6 s).
         finals = wait_until(settled, 60, "every final event to be delivered", every=0.3)
         per_task = collections.Counter(d["task_id"] for d in finals)
         assert dict.fromkeys(registered, 1) == dict(per_task)

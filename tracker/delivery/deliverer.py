@@ -65,7 +65,7 @@ class Deliverer:
         self.settings = settings
         self.sender.configure(settings, self._policy(settings))
         self.admission.configure(settings)
-        self.outbox.lease = Outbox.lease_for(self.admission.wait_budget, settings.timeout)
+        self.outbox.hold = Outbox.hold_for(self.admission.wait_budget, settings.timeout)
 
     def secrets_for(self, endpoint: str | None) -> list[str]:
         """The secrets that sign a delivery to ``endpoint`` right now (current first)."""

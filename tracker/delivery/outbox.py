@@ -1,23 +1,41 @@
-"""The store side of delivery: write finished attempts back and claim due deliveries."""
+"""The store side of delivery: write finished attempts back, keep claims alive, claim more."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tracker.clock import Clock
 from tracker.delivery.journal import Journal
 from tracker.store.abc import OutboxStore
 from tracker.store.records import AttemptResult, DeliveryJob
 
-#: seconds a claim outlives the wait for slots and the attempt, for the write that records it
-LEASE_MARGIN = 30.0
+#: seconds a claim lasts unless renewed. A pass renews what it holds every third of it (see
+#: passes.py), so the claims of a daemon that died lapse within seconds and the others take
+#: its deliveries over, while a live daemon keeps an attempt as long as the attempt takes.
+LEASE = 6.0
+#: seconds a delivery left for later (its receiver had enough queued, or it waited too long
+#: for a slot) is held back beyond the wait for slots and the attempt, so the next pass does
+#: not claim it again at once
+HOLD_MARGIN = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Round:
+    """What one store round did: the deliveries it claimed, and which renewals held."""
+
+    jobs: list[DeliveryJob]
+    #: the ids whose lease was renewed, now ending at ``until`` (the others were taken over)
+    renewed: set[int]
+    until: float
 
 
 class Outbox:
-    """Store rounds for the delivery loop: each writes what finished, then claims more.
+    """Store rounds for the delivery loop: each writes what finished, renews and holds back
+    what is still claimed, then claims more.
 
     One round at a time, on a thread of its own: a store call is blocking I/O and must not
     hold the event loop, and a claim and a write at once would only queue on SQLite's lock,
@@ -32,30 +50,51 @@ class Outbox:
             max_workers=1, thread_name_prefix="tracker-delivery-store"
         )
         weakref.finalize(self, self._thread.shutdown, wait=False)
-        #: seconds a claim lasts; it must outlast the wait for slots, the attempt, and the
-        #: write after it (see ``lease_for``)
-        self.lease = LEASE_MARGIN
+        #: seconds a claim or a renewal lasts
+        self.lease = LEASE
+        #: seconds a delivery left for later is held back (see ``hold_for``)
+        self.hold = HOLD_MARGIN
 
     @staticmethod
-    def lease_for(wait_budget: float, timeout: float) -> float:
-        """The lease a claim needs when deliveries wait up to ``wait_budget`` for their slots
-        and ``timeout`` for their answer.
+    def hold_for(wait_budget: float, timeout: float) -> float:
+        """How long to hold back a delivery left for later, when deliveries wait up to
+        ``wait_budget`` for their slots and ``timeout`` for their answer.
         """
-        return wait_budget + timeout + LEASE_MARGIN
+        return wait_budget + timeout + HOLD_MARGIN
 
-    async def round(self, results: Sequence[AttemptResult], claim: int) -> list[DeliveryJob]:
-        """Record ``results``, then claim up to ``claim`` due deliveries; each result is
-        logged once it is stored, so the log never shows an attempt the store lost.
+    async def round(
+        self,
+        results: Sequence[AttemptResult],
+        claim: int,
+        *,
+        renew: Mapping[int, float] | None = None,
+        hold: Mapping[int, float] | None = None,
+    ) -> Round:
+        """Record ``results``, hold back ``hold`` and renew ``renew`` (id -> the claim's token,
+        its lease's end), then claim up to ``claim`` due deliveries. Each result is logged
+        once it is stored, so the log never shows an attempt the store lost.
         """
         loop = asyncio.get_running_loop()
-        jobs = await loop.run_in_executor(self._thread, self._round, results, claim)
+        done = await loop.run_in_executor(
+            self._thread, self._round, results, claim, renew or {}, hold or {}
+        )
         for result in results:
             self._journal.attempted(result)
-        return jobs
+        return done
 
-    def _round(self, results: Sequence[AttemptResult], claim: int) -> list[DeliveryJob]:
+    def _round(
+        self,
+        results: Sequence[AttemptResult],
+        claim: int,
+        renew: Mapping[int, float],
+        hold: Mapping[int, float],
+    ) -> Round:
         if results:
             self._store.finish_attempts(results)
-        if not claim:
-            return []
-        return self._store.claim_deliveries(self._clock.now(), claim, lease=self.lease)
+        now = self._clock.now()
+        if hold:
+            self._store.extend_claims(hold, now.timestamp() + self.hold)
+        until = now.timestamp() + self.lease
+        renewed = self._store.extend_claims(renew, until) if renew else set()
+        jobs = self._store.claim_deliveries(now, claim, lease=self.lease) if claim else []
+        return Round(jobs=jobs, renewed=renewed, until=until)

@@ -6,12 +6,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 
 import structlog
 
 from tracker.delivery.admission import Admission, Load, Ticket, give_back
-from tracker.delivery.outbox import Outbox
+from tracker.delivery.outbox import Outbox, Round
 from tracker.delivery.sending import Sender
 from tracker.store.records import AttemptResult, DeliveryJob
 
@@ -33,6 +34,9 @@ WRITE_LINGER = 0.5
 WAKE_EVERY = 32
 #: seconds workers hold off their next send while a store round runs (see _hold_off)
 ROUND_HOLD_OFF = 0.025
+#: the share of the lease after which a pass renews the claims it holds: two more renewals
+#: fit in before it would lapse, so one late round (a busy loop, a slow store) costs nothing
+RENEW_SHARE = 1 / 3
 
 
 @dataclasses.dataclass(slots=True)
@@ -46,6 +50,12 @@ class Lane:
 
 class DeliveryPass:
     """Claims, one lane of workers per host, and results to write, until nothing is due.
+
+    What the pass has claimed and not written back yet it renews every third of the lease, so
+    its claims last as long as its attempts do and lapse within seconds when the daemon dies.
+    A renewal that finds a delivery taken over (its lease lapsed and another claim took it)
+    drops it unsent if it has not started; the result of one already in flight moves nothing
+    in the store. Deliveries left for later are held back instead of renewed.
 
     Each worker sends one delivery after another on its own, as a client loop would: handing
     a freed slot to a waiting task instead makes several requests reach httpcore's pool in
@@ -73,7 +83,14 @@ class DeliveryPass:
         self._held = 0  #: taken-on deliveries not finished yet
         self._finished: list[AttemptResult] = []
         self._first_finished_at = 0.0
-        self._store_round: asyncio.Task[list[DeliveryJob]] | None = None
+        self._store_round: asyncio.Task[Round] | None = None
+        #: id -> the lease's end (the claim's token) of what is claimed and not written back
+        self._leases: dict[int, float] = {}
+        #: the same for deliveries left for later, to hold back at the next round
+        self._left: dict[int, float] = {}
+        #: ids taken over by another claim: not to be sent
+        self._lost: set[int] = set()
+        self._renew_at = math.inf  #: monotonic time of the next renewal
         self._round_done = asyncio.Event()
         self._round_done.set()
         self._hold_off_until = 0.0
@@ -82,6 +99,7 @@ class DeliveryPass:
         self.attempts = 0
         self.deferred = 0  #: claimed but not taken on: the receiver already had enough queued
         self.expired = 0  #: taken on but not started within the wait budget
+        self.taken_over = 0  #: dropped unsent: another claim took them after a lapse
 
     async def run(self) -> int:
         """Deliver until nothing more is due (or claims stop); returns the attempts made."""
@@ -90,26 +108,30 @@ class DeliveryPass:
             while True:
                 claim = self._claim_size(may_claim)
                 write_in = self._write_due()
-                if claim or write_in == 0.0:
-                    batch, self._finished = self._finished, []
-                    jobs = await self._round(batch, claim)
+                renew_in = self._renew_due()
+                if claim or write_in == 0.0 or renew_in == 0.0:
+                    wrote = bool(self._finished)
+                    jobs = await self._round(claim, renew=renew_in == 0.0)
                     if claim:
                         may_claim = self._refill and len(jobs) == claim
-                    elif batch:
+                    elif wrote:
                         # A recorded result may unblock the next event of the same task.
                         may_claim = self._refill
                     self._start(jobs)
                     continue
                 if not self._workers:
                     return self.attempts
+                waits = [w for w in (write_in, renew_in) if w is not None]
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(write_in):
+                    async with asyncio.timeout(min(waits) if waits else None):
                         await self._wake.wait()
                 self._wake.clear()
         finally:
             await self._shut_down()
+            if self.taken_over:
+                log.info("webhooks_taken_over", count=self.taken_over)
             if self.deferred or self.expired:
-                # They keep their claim until the lease lapses; a later pass takes them then.
+                # They are held back for a while (Outbox.hold); a later pass takes them then.
                 log.info(
                     "webhooks_left_for_later",
                     count=self.deferred + self.expired,
@@ -117,17 +139,68 @@ class DeliveryPass:
                     waited_too_long=self.expired,
                 )
 
-    async def _round(self, batch: list[AttemptResult], claim: int) -> list[DeliveryJob]:
+    async def _round(self, claim: int, *, renew: bool) -> list[DeliveryJob]:
+        """Write what finished, hold back what was left for later, renew what is held when
+        ``renew``, and claim up to ``claim``; returns the deliveries claimed.
+        """
+        batch = self._take_finished()
+        renewing = dict(self._leases) if renew else {}
+        hold, self._left = self._left, {}
+        round_ = self._outbox.round(batch, claim, renew=renewing, hold=hold)
         # Shielded: a cancel must not leave the store round running unawaited.
-        self._store_round = asyncio.create_task(self._outbox.round(batch, claim))
+        self._store_round = asyncio.create_task(round_)
         self._round_done.clear()
         self._hold_off_until = asyncio.get_running_loop().time() + ROUND_HOLD_OFF
         try:
-            return await asyncio.shield(self._store_round)
+            done = await asyncio.shield(self._store_round)
         finally:
             self._round_done.set()
             if self._store_round.done():
                 self._store_round = None
+        if renew:
+            self._renew_at = time.monotonic() + self._outbox.lease * RENEW_SHARE
+            self._renewed(renewing, done)
+        if done.jobs and not self._leases:
+            self._renew_at = time.monotonic() + self._outbox.lease * RENEW_SHARE
+        for job in done.jobs:
+            self._lost.discard(job.pk)  # ours again: claimed anew after the takeover
+            if job.lease_until is not None:
+                self._leases[job.pk] = job.lease_until
+        return done.jobs
+
+    def _renewed(self, renewing: dict[int, float], done: Round) -> None:
+        """Take the new tokens of the renewed claims; a claim not renewed was taken over.
+
+        A delivery that finished or was left for later during the round is still counted in
+        ``_leases`` or ``_left``, so its result or its hold carries the token it has now.
+        """
+        for pk in renewing:
+            if pk in done.renewed:
+                held = self._leases if pk in self._leases else self._left
+                if pk in held:
+                    held[pk] = done.until
+            elif self._leases.pop(pk, None) is not None:
+                self._lost.add(pk)
+            else:
+                self._left.pop(pk, None)
+
+    def _take_finished(self) -> list[AttemptResult]:
+        """The finished attempts to write, each with its claim's token as last renewed."""
+        batch, self._finished = self._finished, []
+        for n, result in enumerate(batch):
+            token = self._leases.pop(result.job.pk, None)
+            if token is not None and token != result.job.lease_until:
+                job = dataclasses.replace(result.job, lease_until=token)
+                batch[n] = dataclasses.replace(result, job=job)
+        return batch
+
+    def _renew_due(self) -> float | None:
+        """0 when the held claims should be renewed now, else seconds until then; None when
+        nothing is held.
+        """
+        if not self._leases:
+            return None
+        return max(0.0, self._renew_at - time.monotonic())
 
     def _holding_off(self) -> bool:
         return (
@@ -171,9 +244,12 @@ class DeliveryPass:
         return CLAIM_BATCH if counted + CLAIM_BATCH <= cap else 0
 
     def _write_due(self) -> float | None:
-        """0 when the finished attempts should be written now, else seconds until they should."""
+        """0 when the finished attempts should be written now, else seconds until they should.
+
+        Deliveries left for later go with them, and on their own once no worker is left.
+        """
         if not self._finished:
-            return None
+            return 0.0 if self._left and not self._workers else None
         if len(self._finished) >= WRITE_BATCH or not self._workers:
             return 0.0
         return max(0.0, self._first_finished_at + WRITE_LINGER - time.monotonic())
@@ -184,6 +260,7 @@ class DeliveryPass:
             ticket = self._admission.admit(job)
             if ticket is None:
                 self.deferred += 1
+                self._leave(job.pk)
                 continue
             self._held += 1
             lane = self._lanes.get(ticket.host)
@@ -209,7 +286,6 @@ class DeliveryPass:
                     self._held -= 1
                     self._admission.release(ticket)
                 if result is None:
-                    self.expired += 1
                     continue
                 self.attempts += 1
                 if not self._finished:
@@ -224,11 +300,20 @@ class DeliveryPass:
             lane.workers -= 1
 
     async def _attempt(self, ticket: Ticket) -> AttemptResult | None:
-        """Send ``ticket`` once its slots are taken; None when they did not come in time."""
-        taken = await self._admission.take_slots(ticket)
-        if taken is None:
-            return None
+        """Send ``ticket`` once its slots are taken; None when they did not come in time (it
+        is left for later) or its delivery was taken over meanwhile (it is dropped).
+        """
         job = ticket.job
+        taken = None if job.pk in self._lost else await self._admission.take_slots(ticket)
+        if job.pk in self._lost:
+            self.taken_over += 1
+            if taken is not None:
+                give_back(taken)
+            return None
+        if taken is None:
+            self.expired += 1
+            self._leave(job.pk)
+            return None
         try:
             result = await self._sender.send(job)
         except Exception as exc:
@@ -238,6 +323,12 @@ class DeliveryPass:
             give_back(taken)
         ticket.host_load.observe(result.latency_ms / 1000)
         return result
+
+    def _leave(self, pk: int) -> None:
+        """Hold ``pk`` back at the next round instead of renewing its claim."""
+        token = self._leases.pop(pk, None)
+        if token is not None:
+            self._left[pk] = token
 
     def _worker_done(self, worker: asyncio.Task[None]) -> None:
         self._workers.discard(worker)
@@ -259,10 +350,10 @@ class DeliveryPass:
             except Exception:
                 log.exception("delivery_store_round_failed")
                 return
-        if self._finished:
-            batch, self._finished = self._finished, []
+        if self._finished or self._left:
+            batch = self._take_finished()
             try:
-                await self._outbox.round(batch, 0)
+                await self._outbox.round(batch, 0, hold=self._left)
             except Exception:
                 # The deliveries are retried when their lease lapses.
                 log.exception("delivery_results_unrecorded", count=len(batch))

@@ -7,7 +7,7 @@ wired); another implementation, or a test double, needs only the side its user r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -84,8 +84,14 @@ class OutboxStore(Protocol):
         """Take up to ``limit`` due deliveries for ``lease`` seconds."""
         ...
 
+    def extend_claims(self, claims: Mapping[int, float], until: float) -> set[int]:
+        """Move to ``until`` the leases still held under their tokens (id -> lease end);
+        returns the ids moved."""
+        ...
+
     def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
-        """Log attempts and move their deliveries on, in one transaction."""
+        """Log attempts and move on the deliveries their claims still hold, in one
+        transaction."""
         ...
 
     def next_delivery_at(self) -> datetime | None:

@@ -10,6 +10,9 @@ from sqlalchemy import event
 # SQLite's default is to fail at once on a locked database; wait instead.
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
+#: connections an engine's pool keeps (and may open beyond) unless its user says otherwise
+DEFAULT_POOL_SIZE = 8
+
 
 class SchemaMismatchError(Exception):
     """The database was written by another version of tracker."""
@@ -22,12 +25,24 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> sa.Engine:
-    """An engine with the pragmas and transaction behaviour tracker relies on."""
+def make_engine(
+    url: str, *, pool_size: int = DEFAULT_POOL_SIZE, max_overflow: int = DEFAULT_POOL_SIZE
+) -> sa.Engine:
+    """An engine with the pragmas and transaction behaviour tracker relies on.
+
+    Its pool keeps ``pool_size`` connections and opens up to ``max_overflow`` more at busy
+    times; a thread that finds them all in use waits (30 s at most, then fails). The daemon
+    sizes its pools to the threads that use them (tracker/app.py); the defaults serve the CLI
+    and scripts.
+    """
     url = normalise_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow}
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+        return sa.create_engine(url, pool_pre_ping=True, **pool)
+    database = sa.engine.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        pool = {}  # SQLAlchemy's own pool for an in-memory database: one shared connection
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **pool)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from tracker.retry import DeliveryState
 from tracker.status import EventType
 from tracker.store import records
 from tracker.store.base import (
+    IN_CHUNK,
     SqlBase,
     _describe_error,
     _epoch,
@@ -62,6 +63,7 @@ class Outbox(SqlBase):
         receiver sees a task's events in the order they happened.
         """
         epoch = _epoch(now)
+        until = epoch + lease
         earlier = deliveries.alias("earlier")
         blocked = (
             sa.select(earlier.c.id)
@@ -106,7 +108,7 @@ class Outbox(SqlBase):
                 conn.execute(
                     deliveries.update()
                     .where(deliveries.c.id.in_([r.id for r in rows]))
-                    .values(claimed_until=epoch + lease)
+                    .values(claimed_until=until)
                 )
         return [
             records.DeliveryJob(
@@ -121,19 +123,43 @@ class Outbox(SqlBase):
                 endpoint=r.endpoint,
                 guarded=r.guarded,
                 attempts=r.attempts,
+                lease_until=until,
             )
             for r in rows
         ]
+
+    def extend_claims(self, claims: Mapping[int, float], until: float) -> set[int]:
+        """Move to ``until`` the lease of each delivery still claimed under its token (id ->
+        the lease's end as claimed or last extended); returns the ids it moved.
+
+        The others were taken over by another claim after their lease lapsed, re-queued, or
+        removed: their holder must not send them, and its results no longer move them on.
+        """
+        if not claims:
+            return set()
+        with self._write() as conn:
+            current = self._current(conn, deliveries.c.claimed_until, set(claims))
+            held = sorted(pk for pk, token in claims.items() if current.get(pk) == token)
+            for start in range(0, len(held), IN_CHUNK):
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(held[start : start + IN_CHUNK]))
+                    .values(claimed_until=until)
+                )
+        return set(held)
 
     def finish_attempts(self, results: Sequence[records.AttemptResult]) -> None:
         """Log attempts and move their deliveries on, in one transaction.
 
         A delivery removed meanwhile (its task was deleted) is skipped, so one removal does
-        not fail the results of the whole batch. A result whose own values the database
-        refuses is written again without the receiver's answer text, and the others without
-        it; one that cannot be recorded even so sets its delivery aside for UNRECORDED_WAIT,
-        so it is not sent again at every lease's end. Each is logged once per delivery and
-        reason.
+        not fail the results of the whole batch. A result whose claim no longer holds its
+        delivery (``job.lease_until`` is not the lease's end any more: the lease lapsed and
+        another claim took it, or it was re-queued) is logged as an attempt but moves nothing:
+        the state and the retry schedule belong to whoever holds the delivery now. A result
+        whose own values the database refuses is written again without the receiver's answer
+        text, and the others without it; one that cannot be recorded even so sets its delivery
+        aside for UNRECORDED_WAIT, so it is not sent again at every lease's end. Each is logged
+        once per delivery and reason.
         """
         if results:
             _isolated(results, self._finish_once, self._refused_result, self._accepted_results)
@@ -171,9 +197,12 @@ class Outbox(SqlBase):
         job = result.job
         until = max(result.next_attempt_at or 0.0, _epoch(result.at) + UNRECORDED_WAIT)
         with self._write() as conn:
+            held = deliveries.c.state == DeliveryState.PENDING
+            if job.lease_until is not None:  # not once another claim took it over
+                held &= deliveries.c.claimed_until == job.lease_until
             conn.execute(
                 deliveries.update()
-                .where(deliveries.c.id == job.pk, deliveries.c.state == DeliveryState.PENDING)
+                .where(deliveries.c.id == job.pk, held)
                 .values(next_attempt_at=until, claimed_until=None)
             )
         if self._result_refusals.first(job.pk, f"unrecorded: {reason}"):
@@ -193,10 +222,19 @@ class Outbox(SqlBase):
 
     def _finish_once(self, results: Sequence[records.AttemptResult]) -> int:
         with self._write() as conn:
-            live = self._current(conn, deliveries.c.id, {r.job.pk for r in results})
+            live = self._current(conn, deliveries.c.claimed_until, {r.job.pk for r in results})
             results = [r for r in results if r.job.pk in live]
             if not results:
                 return 0
+            # The compare-and-set: the lease read under lock, checked against the claim's token.
+            held: list[records.AttemptResult] = []
+            lost: list[records.AttemptResult] = []
+            for r in results:
+                (held if r.job.lease_until in (None, live[r.job.pk]) else lost).append(r)
+            if lost:
+                log.warning(
+                    "attempts_after_takeover", webhook_ids=sorted({r.job.webhook_id for r in lost})
+                )
             conn.execute(
                 attempts.insert(),
                 [
@@ -212,21 +250,8 @@ class Outbox(SqlBase):
                     for r in results
                 ],
             )
-            conn.execute(
-                _FINISH,
-                [
-                    {
-                        "pk_": r.job.pk,
-                        "state_": r.state,
-                        "next_": r.next_attempt_at,
-                        "at_": r.at,
-                        "code_": r.status_code,
-                        "error_": r.error,
-                        "delivered_": r.at if r.state == DeliveryState.DELIVERED else None,
-                    }
-                    for r in results
-                ],
-            )
+            if held:
+                conn.execute(_FINISH, [_finish_values(r) for r in held])
         return len(results)
 
     def next_delivery_at(self) -> datetime | None:
@@ -341,3 +366,17 @@ _FINISH = (
         delivered_at=sa.bindparam("delivered_"),
     )
 )
+
+
+def _finish_values(result: records.AttemptResult) -> dict[str, Any]:
+    """The parameters of _FINISH for one result."""
+    delivered = result.at if result.state == DeliveryState.DELIVERED else None
+    return {
+        "pk_": result.job.pk,
+        "state_": result.state,
+        "next_": result.next_attempt_at,
+        "at_": result.at,
+        "code_": result.status_code,
+        "error_": result.error,
+        "delivered_": delivered,
+    }

@@ -148,6 +148,9 @@ class DeliveryJob:
     endpoint: str | None
     guarded: bool
     attempts: int
+    #: epoch seconds the claim lasts, its token: finish_attempts moves the delivery on only
+    #: while the claim still holds it, and extend_claims renews it only then
+    lease_until: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

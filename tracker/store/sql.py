@@ -16,7 +16,12 @@ import sqlalchemy as sa
 from tracker.retry import DeliveryState
 from tracker.store import counts, records
 from tracker.store.base import IN_CHUNK, attempts, deliveries, meta, tasks, transitions
-from tracker.store.engine import SchemaMismatchError, make_engine, normalise_url
+from tracker.store.engine import (
+    DEFAULT_POOL_SIZE,
+    SchemaMismatchError,
+    make_engine,
+    normalise_url,
+)
 from tracker.store.outbox import Outbox
 from tracker.store.polling import Polling
 from tracker.store.registry import Registry
@@ -40,9 +45,11 @@ class SqlStore(Registry, Polling, Outbox):
     """Tasks, history and the webhook outbox in one SQL database."""
 
     @classmethod
-    def from_url(cls, url: str) -> SqlStore:
-        """A store on a new engine for ``url``."""
-        return cls(make_engine(url))
+    def from_url(
+        cls, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, max_overflow: int = DEFAULT_POOL_SIZE
+    ) -> SqlStore:
+        """A store on a new engine for ``url``, its pool sized as make_engine says."""
+        return cls(make_engine(url, pool_size=pool_size, max_overflow=max_overflow))
 
     def close(self) -> None:
         """Release every pooled connection."""
