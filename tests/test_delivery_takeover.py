@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from conftest import base_config, merge, toml_text
 from test_e2e import Tracker, all_pages, verified, wait_until
 
-from tracker.app import DELIVERY_TICK
 from tracker.delivery.outbox import LEASE
+from tracker.routines import DELIVERY_TICK
 from tracker.store.sql import deliveries, make_engine
 from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay

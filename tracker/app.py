@@ -14,9 +14,10 @@ import os
 import signal
 from pathlib import Path
 
+import anyio.to_thread
 import structlog
 
-from tracker import compose, config, sdnotify
+from tracker import api, compose, config, sdnotify
 from tracker import reload as reloading
 from tracker.clock import Clock
 from tracker.jobs import cancelled
@@ -73,6 +74,9 @@ class Daemon:
         what had started by then is closed again.
         """
         parts = self.parts
+        # The API's handlers call the store on anyio's worker threads: no more at once than
+        # the API's pool has connections for (see compose._stores).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = api.API_THREADS
         async with contextlib.AsyncExitStack() as stack:
             schema = await parts.database.open(stack)
             await parts.server.start(stack)
@@ -120,7 +124,8 @@ class Daemon:
         finally:
             # Built, not started: a daemon that never started has them to close too.
             await parts.clients.aclose()
-            parts.store.close()
+            for store in (parts.store, parts.poll_store, parts.delivery_store):
+                store.close()
         if self._started:  # a failed start has said why already
             log.info("stopped")
 

@@ -28,6 +28,14 @@ from tracker.routines import Chores, Delivering, PollLoop
 from tracker.server import ApiServer
 from tracker.store import SqlStore
 
+#: connections the daemon's own jobs (status line, readiness, retention, count folding, the
+#: next delivery's due time) add to the API's pool: a few run at a time on asyncio's default
+#: executor
+JOB_CONNECTIONS = 4
+#: connections of the poll engine's pool and of the deliverer's: each makes one store call at
+#: a time on a thread of its own (one spare, and as many again at a pinch)
+WORKER_CONNECTIONS = 2
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Transports:
@@ -58,7 +66,11 @@ class Parts:
     """A daemon's parts, assembled. Reloads reconfigure them in place; none is ever replaced."""
 
     clock: Clock
+    #: the API's, the dashboard's and the jobs' store; the poller and the deliverer have their
+    #: own, on pools of their own (see _stores)
     store: SqlStore
+    poll_store: SqlStore
+    delivery_store: SqlStore
     database: Database
     metrics: Metrics
     platforms: dict[str, Platform]
@@ -104,6 +116,26 @@ def _clients(settings: config.Settings, transports: Transports) -> Clients:
     )
 
 
+def _stores(url: str, given: SqlStore | None) -> tuple[SqlStore, SqlStore, SqlStore]:
+    """The stores of the API (and jobs), of the poll engine and of the deliverer.
+
+    Three pools, each sized to the threads that use it: a burst of API requests holds at most
+    api.API_THREADS connections (the daemon sets anyio's thread limiter to that) and never one
+    the poll engine or the deliverer is waiting for (tests/test_pools.py). A given store (a
+    test's) serves all three.
+    """
+    if given is not None:
+        return given, given, given
+    worker = {"pool_size": WORKER_CONNECTIONS, "max_overflow": WORKER_CONNECTIONS}
+    return (
+        SqlStore.from_url(
+            url, pool_size=api.API_THREADS + JOB_CONNECTIONS, max_overflow=JOB_CONNECTIONS
+        ),
+        SqlStore.from_url(url, **worker),
+        SqlStore.from_url(url, **worker),
+    )
+
+
 def build(
     settings: config.Settings,
     *,
@@ -119,7 +151,7 @@ def build(
     # One flat list on purpose (about 100 lines): each part is built after the parts it needs,
     # and the whole wiring reads top to bottom in one place.
     clock = clock or SystemClock()
-    store = store or SqlStore.from_url(settings.database.url)
+    store, poll_store, delivery_store = _stores(settings.database.url, store)
     notifier = notifier or sdnotify.Notifier.from_environ()
     metrics = Metrics()
     metrics.watch_store(store.stats, lambda: clock.now().timestamp())
@@ -129,7 +161,7 @@ def build(
     inflight = InFlight(notifier)
     jobs = Jobs(stop)
     deliverer = Deliverer(
-        store=store,
+        store=delivery_store,
         client=clients.webhook,
         guarded_client=clients.guarded,
         clock=clock,
@@ -139,7 +171,7 @@ def build(
     delivering = Delivering(deliverer, store, clock, jobs, inflight)
     relay_health = RelayHealth(clock, settings.poll.interval)
     poller = Poller(
-        store=store,
+        store=poll_store,
         platforms=built,
         client=clients.relay,
         clock=clock,
@@ -191,6 +223,8 @@ def build(
     return Parts(
         clock=clock,
         store=store,
+        poll_store=poll_store,
+        delivery_store=delivery_store,
         database=database,
         metrics=metrics,
         platforms=built,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tracker.api.application import build
 from tracker.api.serving import (
     ACCEPT_BACKLOG,
+    API_THREADS,
     KEEP_ALIVE_TIMEOUT,
     bounded_protocol,
     connection_cap,
@@ -18,6 +19,7 @@ from tracker.api.views import delivery_json, task_json
 
 __all__ = [
     "ACCEPT_BACKLOG",
+    "API_THREADS",
     "KEEP_ALIVE_TIMEOUT",
     "ApiState",
     "bounded_protocol",

@@ -26,6 +26,10 @@ KEEP_ALIVE_TIMEOUT = 5
 ACCEPT_BACKLOG = 128
 #: file descriptors kept back from API connections for the database, relays and receivers
 _RESERVED_FDS = 0.5
+#: request handlers that run on threads at once (store calls, /metrics): the daemon sets
+#: anyio's thread limiter to this and gives the API one pooled connection per thread, so a
+#: burst of requests waits for a thread, never for a connection
+API_THREADS = 16
 
 
 def connection_cap(configured: int) -> int:
