@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import base_config, merge, toml_text
-from test_e2e import Tracker, all_pages, verified, wait_until
+from conftest import all_pages, base_config, merge, toml_text, verified, wait_until
+from test_e2e import start_daemon
 
 from tracker.delivery.outbox import LEASE
 from tracker.routines import DELIVERY_TICK
 from tracker.store.sql import deliveries, make_engine
+from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -30,14 +31,11 @@ SLACK = 1.0
 
 
 @pytest.fixture(name="instances")
-def _instances() -> Iterator[list[Tracker]]:
-    started: list[Tracker] = []
+def _instances() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
     yield started
     for tracker in started:
-        if tracker.proc.poll() is None:
-            tracker.proc.kill()
-            tracker.proc.wait(10)
-        tracker.client.close()
+        tracker.close()
 
 
 def claimed(url: str) -> int:
@@ -55,7 +53,7 @@ def claimed(url: str) -> int:
 
 
 def test_a_killed_instances_deliveries_are_taken_over_within_the_lease_and_two_ticks(
-    tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Tracker]
+    tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Daemon]
 ) -> None:
     """While the first instance lives, its renewed claims keep the second off its deliveries
     for longer than a lease; once it is SIGKILLed mid-attempt, the second sends every one of
@@ -75,12 +73,12 @@ def test_a_killed_instances_deliveries_are_taken_over_within_the_lease_and_two_t
         for task_id in ids:
             relay.add("luma", task_id)
 
-        first = Tracker(path)
+        first = start_daemon(path)
         instances.append(first)
         assert 201 == first.register(ids).status_code
         receiver.wait_for(TASKS, 20)  # every final event in flight at the first instance
         sent_at = max(r.at for r in receiver.received)
-        instances.append(Tracker(path))
+        instances.append(start_daemon(path))
         # Past the lease the first instance claimed with: only its renewals hold them now.
         time.sleep(max(0.0, sent_at + LEASE + 1 - time.monotonic()))
         assert TASKS == receiver.count, "the second instance took a delivery of a live one"

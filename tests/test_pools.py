@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import base_config, merge, toml_text
-from test_e2e import TOKEN, Tracker, all_pages, wait_until
+from conftest import all_pages, base_config, merge, toml_text, wait_until
+from test_e2e import TOKEN, start_daemon
 
 from tracker.api import API_THREADS
+from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay, Step
 
@@ -45,14 +46,11 @@ def _daemon(tmp_path: Path, make_pg_url: Callable[[], str]) -> Iterator[dict[str
         )
         path = tmp_path / "config.toml"
         path.write_text(toml_text(document))
-        tracker = Tracker(path)
+        tracker = start_daemon(path)
         try:
             yield {"tracker": tracker, "relay": relay, "receiver": receiver}
         finally:
-            if tracker.proc.poll() is None:
-                tracker.proc.kill()
-                tracker.proc.wait(10)
-            tracker.client.close()
+            tracker.close()
 
 
 def poll_gaps(relay: SimulatedRelay, ids: set[str], start: float, end: float) -> list[float]:
@@ -112,7 +110,7 @@ def test_a_registration_burst_leaves_polls_and_deliveries_their_connections(
     background task is still polled at least every MAX_POLL_GAP seconds, and every task the
     burst registered finishes and has its final event delivered.
     """
-    tracker: Tracker = daemon["tracker"]
+    tracker: Daemon = daemon["tracker"]
     relay: SimulatedRelay = daemon["relay"]
     background = [f"bg-{n}" for n in range(BACKGROUND)]
     for task_id in background:
