@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracker.poller.drain import CycleReport as CycleReport
 from tracker.poller.drain import Poller as Poller
 from tracker.poller.engine import PollEngine as PollEngine
 from tracker.poller.plan import NOT_FOUND_REASON as NOT_FOUND_REASON
+from tracker.poller.report import CycleReport as CycleReport

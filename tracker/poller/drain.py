@@ -27,6 +27,7 @@ from tracker.limits import RateLimiter
 from tracker.metrics import Metrics
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
+from tracker.poller.report import CycleReport
 from tracker.store.abc import TaskStore
 from tracker.store.records import Claim, DueTask, TaskUpdate
 
@@ -50,53 +51,6 @@ META_EVERY = 5.0
 #: tasks decided between two yields to the event loop: a 1,000-task answer decided in one go
 #: would hold up the API's requests on the same loop for tens of milliseconds
 DECIDE_CHUNK = 100
-
-
-@dataclasses.dataclass(slots=True)
-class CycleReport:
-    """What a drain did since its last log line, for that line and the health checks."""
-
-    claimed: int = 0
-    requests: int = 0
-    errors: int = 0
-    changed: int = 0
-    events: int = 0
-    given_up: int = 0
-    #: tasks whose claim ran too short to ask about them (asked again when it lapses)
-    lapsed: int = 0
-    #: how overdue the most overdue task claimed was, in seconds
-    lag: float = 0.0
-    seconds: float = 0.0
-    #: seconds requests waited on each platform's rate limit (not logged)
-    rate_waits: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def total(cls, parts: Sequence[CycleReport]) -> CycleReport:
-        """One report for a whole drain that logged several lines."""
-        if len(parts) == 1:
-            return parts[0]
-        whole = cls(lag=max(p.lag for p in parts))
-        for name in ("claimed", "requests", "errors", "changed", "events", "given_up", "lapsed"):
-            setattr(whole, name, sum(getattr(p, name) for p in parts))
-        whole.seconds = sum(p.seconds for p in parts)
-        for part in parts:
-            for platform, waited in part.rate_waits.items():
-                whole.rate_waits[platform] = whole.rate_waits.get(platform, 0.0) + waited
-        return whole
-
-    def line(self) -> dict[str, Any]:
-        """The figures of the log line."""
-        return {
-            "claimed": self.claimed,
-            "requests": self.requests,
-            "errors": self.errors,
-            "changed": self.changed,
-            "events": self.events,
-            "given_up": self.given_up,
-            "lapsed": self.lapsed,
-            "lag": round(self.lag, 3),
-            "seconds": round(self.seconds, 3),
-        }
 
 
 class Poller:

@@ -14,7 +14,8 @@ import time
 import structlog
 
 from tracker.clock import Clock
-from tracker.poller.drain import CycleReport, Poller
+from tracker.poller.drain import Poller
+from tracker.poller.report import CycleReport
 
 log = structlog.get_logger("tracker.poller")
 

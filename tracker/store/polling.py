@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,7 @@ import sqlalchemy as sa
 import structlog
 
 from tracker.retry import DeliveryState
-from tracker.status import FINAL, EventType, Snapshot, TaskStatus
+from tracker.status import FINAL
 from tracker.store import records
 from tracker.store.base import (
     IN_CHUNK,
@@ -26,7 +25,7 @@ from tracker.store.base import (
 )
 from tracker.store.records import KEEP
 from tracker.store.refusals import RefusalMemory, _isolated
-from tracker.store.rows import _event_types
+from tracker.store.rows import _DUE_COLUMNS, _DUE_COLUMNS_RAW, _Decoded, _due
 
 log = structlog.get_logger("tracker.store")
 
@@ -262,18 +261,6 @@ class Polling(SqlBase):
                 )
 
 
-_RAW_NAMES = ("created_at", "events", "metadata")
-
-# The columns a poll needs: not the stored result, which can be large and is never read back.
-_DUE_COLUMNS = tuple(
-    tasks.c[name]
-    for name in (
-        "id", "platform", "task_id", "status", "upstream_status", "progress",
-        "upstream_progress", "fail_reason", "created_at", "missing_since", "webhook_url",
-        "endpoint", "events", "metadata", "next_poll_at", "last_change_at",
-    )
-)  # fmt: skip
-
 # A new plan for a task whose answer changed nothing else; the WHERE is the compare-and-set
 # (the claim still held: its lease's end is still the next poll).
 _REPLAN = (
@@ -282,13 +269,6 @@ _REPLAN = (
     .values(next_poll_at=sa.bindparam("next_"))
 )
 _REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
-
-# _DUE_COLUMNS with the time and JSON columns as SQLite stores them (text): a claim's tasks
-# mostly share these values (one bulk registration), so each is decoded once per claim.
-_DUE_COLUMNS_RAW = tuple(
-    sa.type_coerce(column, sa.Text) if column.name in _RAW_NAMES else column
-    for column in _DUE_COLUMNS
-)
 
 
 def _split_replanned(
@@ -349,66 +329,3 @@ def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> d
     if update.next_poll_at is not KEEP and "next_poll_at" not in values:
         values["next_poll_at"] = update.next_poll_at
     return values
-
-
-_STATUSES = {s.value: s for s in TaskStatus}
-
-
-class _Decoded:
-    """The raw values of one claim decoded, each distinct one once (see _DUE_COLUMNS_RAW)."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, datetime] = {}
-        self.json: dict[str, Any] = {}
-        self.events: dict[str, tuple[EventType, ...] | None] = {}
-
-    def time(self, value: Any) -> datetime:
-        if not isinstance(value, str):
-            return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
-        found = self.times.get(value)
-        if found is None:
-            # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
-            found = self.times[value] = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return found
-
-    def document(self, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        if value not in self.json:
-            self.json[value] = json.loads(value)
-        return self.json[value]
-
-    def event_types(self, value: Any) -> tuple[EventType, ...] | None:
-        if not isinstance(value, str):
-            return _event_types(value)
-        if value not in self.events:
-            self.events[value] = _event_types(json.loads(value))
-        return self.events[value]
-
-
-def _due(row: Any, claim: records.Claim, decoded: _Decoded) -> records.DueTask:
-    # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
-    (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
-     created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
-     last_change_at) = row  # fmt: skip
-    return records.DueTask(
-        pk=pk,
-        platform=platform,
-        task_id=task_id,
-        snapshot=Snapshot(
-            status=_STATUSES[status],
-            upstream_status=upstream_status,
-            progress=progress,
-            upstream_progress=upstream_progress,
-            fail_reason=fail_reason,
-        ),
-        created_at=decoded.time(created_at),
-        missing_since=missing_since,
-        webhook_url=webhook_url,
-        endpoint=endpoint,
-        events=decoded.event_types(events),
-        metadata=decoded.document(metadata),
-        planned=planned,
-        last_change_at=last_change_at,
-        claim=claim,
-    )

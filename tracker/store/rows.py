@@ -1,16 +1,19 @@
-"""Row mappers: stored rows to the records of tracker.store.records, and paging."""
+"""Row mappers: stored rows to the records of tracker.store.records (a claim's due tasks
+included), and paging."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
-from tracker.status import EventType
+from tracker.status import EventType, Snapshot, TaskStatus
 from tracker.store import records
-from tracker.store.base import _from_epoch
+from tracker.store.base import _from_epoch, tasks
 
 
 def _page(table: sa.Table, limit: int, before: int | None, **equal: str | None) -> Any:
@@ -94,4 +97,87 @@ def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
             )
             for a in log
         ),
+    )
+
+
+_RAW_NAMES = ("created_at", "events", "metadata")
+
+# The columns a poll needs: not the stored result, which can be large and is never read back.
+_DUE_COLUMNS = tuple(
+    tasks.c[name]
+    for name in (
+        "id", "platform", "task_id", "status", "upstream_status", "progress",
+        "upstream_progress", "fail_reason", "created_at", "missing_since", "webhook_url",
+        "endpoint", "events", "metadata", "next_poll_at", "last_change_at",
+    )
+)  # fmt: skip
+
+# _DUE_COLUMNS with the time and JSON columns as SQLite stores them (text): a claim's tasks
+# mostly share these values (one bulk registration), so each is decoded once per claim.
+_DUE_COLUMNS_RAW = tuple(
+    sa.type_coerce(column, sa.Text) if column.name in _RAW_NAMES else column
+    for column in _DUE_COLUMNS
+)
+
+
+_STATUSES = {s.value: s for s in TaskStatus}
+
+
+class _Decoded:
+    """The raw values of one claim decoded, each distinct one once (see _DUE_COLUMNS_RAW)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, datetime] = {}
+        self.json: dict[str, Any] = {}
+        self.events: dict[str, tuple[EventType, ...] | None] = {}
+
+    def time(self, value: Any) -> datetime:
+        if not isinstance(value, str):
+            return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
+        found = self.times.get(value)
+        if found is None:
+            # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
+            found = self.times[value] = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return found
+
+    def document(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value not in self.json:
+            self.json[value] = json.loads(value)
+        return self.json[value]
+
+    def event_types(self, value: Any) -> tuple[EventType, ...] | None:
+        if not isinstance(value, str):
+            return _event_types(value)
+        if value not in self.events:
+            self.events[value] = _event_types(json.loads(value))
+        return self.events[value]
+
+
+def _due(row: Any, claim: records.Claim, decoded: _Decoded) -> records.DueTask:
+    # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
+    (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
+     created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
+     last_change_at) = row  # fmt: skip
+    return records.DueTask(
+        pk=pk,
+        platform=platform,
+        task_id=task_id,
+        snapshot=Snapshot(
+            status=_STATUSES[status],
+            upstream_status=upstream_status,
+            progress=progress,
+            upstream_progress=upstream_progress,
+            fail_reason=fail_reason,
+        ),
+        created_at=decoded.time(created_at),
+        missing_since=missing_since,
+        webhook_url=webhook_url,
+        endpoint=endpoint,
+        events=decoded.event_types(events),
+        metadata=decoded.document(metadata),
+        planned=planned,
+        last_change_at=last_change_at,
+        claim=claim,
     )
