@@ -364,7 +364,7 @@ async def test_a_task_the_database_refuses_is_logged_once_and_asked_once_per_max
     store: SqlStore, relay: SimulatedRelay, poller_for: Callable[[], Poller]
 ) -> None:
     """A task whose answer the database refuses is logged once, set aside and asked again
-    once per [poll].max_interval (120 s) instead of at every claim's end (60 s), costs its
+    once per [poll].max_interval (120 s) instead of at every claim's end (one interval), costs its
     neighbour nothing, and is written as usual once its answer can be stored.
     """
     refuse_upstream_word(store, "REFUSED")
@@ -384,7 +384,7 @@ async def test_a_task_the_database_refuses_is_logged_once_and_asked_once_per_max
             await poller.run_cycle()
             poller.clock.advance(10)
 
-    assert 3 == asked["bad"]  # at 0, 120 and 240 s; at every claim's end (60 s) it was 6
+    assert 3 == asked["bad"]  # at 0, 120 and 240 s; when its claim ended (each 10 s) it was 36
     assert 1 == asked["ok"]
     [line] = refused
     assert ("bad", "2026-01-01T00:02:00+00:00") == (line["task_id"], line["next_poll"])
