@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
-from faultrig import hooks_for, register, running, write_config
+from faultrig import final_hooks, hooks_for, register, running, write_config
 
 from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import WebhookReceiver
@@ -23,7 +23,7 @@ from tracker.testing.simulator import SimulatedRelay
 
 pytestmark = pytest.mark.e2e
 
-IDS = [f"db-{n}" for n in range(20)]
+IDS = sorted(f"db-{n}" for n in range(20))
 #: the size-limited file system: room for the database (its file and WAL take under 1 MiB
 #: when the disk fills here) and a filler file, small enough to fill in a moment
 DISK_SIZE = "2m"
@@ -65,26 +65,51 @@ def history(daemon: Daemon) -> dict[str, Any]:
     return {t: daemon.client.get(f"/v1/tasks/luma/{t}").json()["transitions"] for t in IDS}
 
 
+def start_work(daemon: Daemon, relay: SimulatedRelay) -> dict[str, Any]:
+    """Every task registered and recorded in progress, where the relay holds it; its history.
+
+    So the fault strikes work that is under way: with the relay's default script the tasks
+    would all be final and delivered in about two seconds, before any fault began.
+    """
+    for task_id in IDS:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    register(daemon, IDS)
+
+    def all_in_progress() -> bool:
+        page = daemon.client.get("/v1/tasks", params={"limit": 100}).json()
+        return sorted(t["task_id"] for t in page["tasks"] if t["status"] == "in_progress") == IDS
+
+    wait_until(all_in_progress, 15, "every task in progress")
+    return history(daemon)
+
+
+def finish_upstream(relay: SimulatedRelay) -> None:
+    """The relay reports every task completed (while the fault lasts, nothing records it)."""
+    for task_id in IDS:
+        relay.set("luma", task_id, "SUCCESS", "100%")
+
+
 def test_sqlite_locked_past_the_busy_timeout_fails_cycles_cleanly_and_loses_nothing(
     tmp_path: Path, relay: SimulatedRelay, receiver: WebhookReceiver
 ) -> None:
     """Another process holding the write lock past the 5 s busy timeout makes cycles fail with
-    "database is locked", which /readyz reports; once it lets go, cycles resume and every task
-    finishes with one webhook, the history committed before intact.
+    "database is locked", which /readyz reports, and the completions the relay reports meanwhile
+    wait; once it lets go, cycles resume and every task finishes with one webhook, the history
+    committed before intact.
     """
-    relay.step = 0.4
     path = tmp_path / "faults.db"
     config = write_config(tmp_path, relay.base_url, receiver.url, f"sqlite:///{path}")
     with running(config) as daemon:
-        register(daemon, IDS)
-        wait_until(lambda: receiver.count or None, 15, "a first webhook")
+        before = start_work(daemon, relay)
         locker = sqlite3.connect(path, isolation_level=None, timeout=10)
         try:
             locker.execute("BEGIN IMMEDIATE")
-            before = history(daemon)  # reads go on under the lock (WAL)
+            finish_upstream(relay)
             wait_until(
                 lambda: not_ready_because(daemon, "database is locked"), 20, "/readyz to say why"
             )
+            assert {} == final_hooks(receiver)  # the completions wait for the lock
+            assert before == history(daemon)  # reads go on under the lock (WAL)
         finally:
             locker.rollback()
             locker.close()
@@ -98,20 +123,20 @@ def test_a_database_file_that_cannot_grow_fails_writes_cleanly_and_loses_nothing
     tmp_path: Path, relay: SimulatedRelay, receiver: WebhookReceiver
 ) -> None:
     """With the daemon's file size limit cut to one page (what a full disk does to a growing
-    file), every write fails with a disk I/O error and /readyz says so; with room again, cycles
-    resume and every task finishes with one webhook, the history committed before intact.
+    file), every write fails with a disk I/O error and /readyz says so, and no completion is
+    recorded; with room again, cycles resume and every task finishes with one webhook, the
+    history committed before intact.
     """
-    relay.step = 0.4
     path = tmp_path / "faults.db"
     config = write_config(tmp_path, relay.base_url, receiver.url, f"sqlite:///{path}")
     with running(config) as daemon:
-        register(daemon, IDS)
-        wait_until(lambda: receiver.count or None, 15, "a first webhook")
+        before = start_work(daemon, relay)
         soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE)
         resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (4096, hard))
         try:
-            before = history(daemon)
+            finish_upstream(relay)
             wait_until(lambda: not_ready_because(daemon, "disk"), 20, "/readyz to say why")
+            assert {} == final_hooks(receiver)
         finally:
             resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (soft, hard))
         finish_everything(daemon, receiver, before)
@@ -156,28 +181,30 @@ def test_a_full_file_system_fails_cycles_cleanly_and_loses_nothing(
     tmp_path: Path, relay: SimulatedRelay, receiver: WebhookReceiver
 ) -> None:
     """With the SQLite file on a small tmpfs filled to the last byte, writes fail with
-    "database or disk is full", cycles fail cleanly and /readyz says why; once the filler is
-    removed, cycles resume and every task finishes with one webhook, the history committed
-    before intact.
+    "database or disk is full", cycles fail cleanly (again once the relay reports the tasks
+    completed) and /readyz says why; once the filler is removed, cycles resume and every task
+    finishes with one webhook, the history committed before intact.
     """
-    relay.step = 0.4
     with small_disk(tmp_path / "disk") as disk:
         url = f"sqlite:///{disk / 'faults.db'}"
         with running(write_config(tmp_path, relay.base_url, receiver.url, url)) as daemon:
-            register(daemon, IDS)
-            wait_until(lambda: receiver.count or None, 15, "a first webhook")
+            before = start_work(daemon, relay)
             filler = fill(disk)
             used = {p.name: p.stat().st_size for p in disk.iterdir()}
             try:
-                before = history(daemon)
                 wait_until(
                     lambda: not_ready_because(daemon, "database or disk is full"),
                     20,
                     "/readyz to say why",
                 )
-                # Kept full until a retry has failed the same clean way (the tasks a failed
-                # cycle claimed wait out their claim's lease first: about 5 s).
-                wait_until(lambda: cycle_failures(daemon) >= 2, 20, "a second failed cycle")
+                # The relay's completions arrive while the disk is full: a retry of the cycle
+                # fails the same clean way, and none of them is recorded or sent.
+                failed_before = cycle_failures(daemon)
+                finish_upstream(relay)
+                wait_until(
+                    lambda: cycle_failures(daemon) > failed_before, 20, "a retry to fail too"
+                )
+                assert {} == final_hooks(receiver)
             finally:
                 filler.unlink()
             finish_everything(daemon, receiver, before)
