@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import json
@@ -215,6 +216,16 @@ def toml_text(document: dict[str, Any]) -> str:
         return lines
 
     return "\n".join(table(document, ())) + "\n"
+
+
+async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Poll ``check`` on the loop until it is truthy; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return result
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:

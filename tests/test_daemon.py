@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import WEBHOOK_SECRET, base_config, merge, toml_text
+from conftest import WEBHOOK_SECRET, base_config, eventually, merge, toml_text
 
 from tracker import config, database, jobs, logs, routines, sdnotify, signing
 from tracker.app import Daemon
@@ -77,16 +77,6 @@ def client_for(daemon: Daemon, token: str | None = TOKEN) -> httpx.AsyncClient:
     """An HTTP client for a started daemon's API."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.AsyncClient(base_url=daemon.api_url, headers=headers, timeout=5)
-
-
-async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
-    """Poll ``check`` on the loop until it is truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return result
 
 
 # -- plan_reload -----------------------------------------------------------------------------

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
 import pydantic
 import pytest
 import structlog
-from conftest import base_config, merge
+from conftest import base_config, eventually, merge
 
 from tracker import config, sdnotify
 from tracker.app import Daemon
@@ -24,16 +22,6 @@ from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
 DASHBOARD_TOKEN = "dash-only-token"
-
-
-async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
-    """Poll ``check`` on the loop until it is truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return result
 
 
 @pytest.fixture(name="daemon")
