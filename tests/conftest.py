@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import pytest
@@ -76,9 +76,7 @@ def _require_postgres() -> None:
         f"PostgreSQL tests need a server at {where} ({problem}): start one, or point "
         "TRACKER_TEST_PG at a server URL; -m 'not postgres' leaves them out"
     )
-    if PG_REQUIRED:
-        pytest.fail(f"TRACKER_TEST_PG_REQUIRED=1: {message}", pytrace=False)
-    pytest.skip(message)
+    _skip_unless_required(PG_REQUIRED, "TRACKER_TEST_PG_REQUIRED", message)
 
 
 def _require_browser() -> None:
@@ -89,8 +87,13 @@ def _require_browser() -> None:
         f"browser tests need headless Chromium ({problem}): "
         "apt-get install chromium chromium-driver; -m 'not browser' leaves them out"
     )
-    if BROWSER_REQUIRED:
-        pytest.fail(f"TRACKER_TEST_BROWSER_REQUIRED=1: {message}", pytrace=False)
+    _skip_unless_required(BROWSER_REQUIRED, "TRACKER_TEST_BROWSER_REQUIRED", message)
+
+
+def _skip_unless_required(required: bool, variable: str, message: str) -> NoReturn:
+    """Skip the test, or fail it where ``variable`` (set by CI) requires what is missing."""
+    if required:
+        pytest.fail(f"{variable}=1: {message}", pytrace=False)
     pytest.skip(message)
 
 
