@@ -174,36 +174,8 @@ class Polling(SqlBase):
                     in_pending.add(task.pk)
                     current[task.pk] = (values.get("status", found[0]), found[1])
                 written += 1
-                change = update.change
-                if change is not None and change.moved:
-                    history.append(
-                        {
-                            "task_pk": task.pk,
-                            "from_status": change.before.status.value,
-                            "to_status": change.after.status.value,
-                            "upstream_status": change.after.upstream_status,
-                            "progress": change.after.progress,
-                            "at": now,
-                        }
-                    )
-                outbox.extend(
-                    {
-                        "webhook_id": entry.webhook_id,
-                        "task_pk": task.pk,
-                        "platform": task.platform,
-                        "task_id": task.task_id,
-                        "event_type": entry.event_type,
-                        "payload": entry.payload.decode(),
-                        "url": entry.url,
-                        "endpoint": entry.endpoint,
-                        "guarded": entry.guarded,
-                        "state": DeliveryState.PENDING,
-                        "attempts": 0,
-                        "next_attempt_at": epoch,
-                        "created_at": now,
-                    }
-                    for entry in update.outbox
-                )
+                history.extend(_history_rows(update, now))
+                outbox.extend(_outbox_rows(update, now, epoch))
             _update_tasks(conn, pending)
             if history:
                 conn.execute(transitions.insert(), history)
@@ -269,6 +241,46 @@ _REPLAN = (
     .values(next_poll_at=sa.bindparam("next_"))
 )
 _REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
+
+
+def _history_rows(update: records.TaskUpdate, now: datetime) -> list[dict[str, Any]]:
+    """The transitions row of a written update that moved its task (none otherwise)."""
+    change = update.change
+    if change is None or not change.moved:
+        return []
+    return [
+        {
+            "task_pk": update.task.pk,
+            "from_status": change.before.status.value,
+            "to_status": change.after.status.value,
+            "upstream_status": change.after.upstream_status,
+            "progress": change.after.progress,
+            "at": now,
+        }
+    ]
+
+
+def _outbox_rows(update: records.TaskUpdate, now: datetime, epoch: float) -> list[dict[str, Any]]:
+    """The deliveries rows of a written update's events, due at once."""
+    task = update.task
+    return [
+        {
+            "webhook_id": entry.webhook_id,
+            "task_pk": task.pk,
+            "platform": task.platform,
+            "task_id": task.task_id,
+            "event_type": entry.event_type,
+            "payload": entry.payload.decode(),
+            "url": entry.url,
+            "endpoint": entry.endpoint,
+            "guarded": entry.guarded,
+            "state": DeliveryState.PENDING,
+            "attempts": 0,
+            "next_attempt_at": epoch,
+            "created_at": now,
+        }
+        for entry in update.outbox
+    ]
 
 
 def _split_replanned(

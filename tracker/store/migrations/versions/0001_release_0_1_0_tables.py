@@ -23,6 +23,8 @@ EPOCH = sa.Float(precision=53)
 
 def upgrade() -> None:
     """Create tasks, their transitions, the outbox, its attempt log and the meta table."""
+    # One long function on purpose: it is the schema of release 0.1.0 as it stood, table by
+    # table, and must never change (databases made before migrations already have it).
     op.create_table(
         "tasks",
         sa.Column("id", sa.Integer(), nullable=False),
