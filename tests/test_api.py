@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from conftest import eventually
 
 from tracker import config
 from tracker.app import Daemon
@@ -235,6 +236,9 @@ async def test_deliveries_can_be_listed_redelivered_and_recovered(
     await api.register(ids=["d1", "d2"])
     await polled(api, "d1", "completed")
     await polled(api, "d2", "failed")
+    # A run under way when the jobs were paused (the one at start) may still take these two;
+    # once it ends no other starts, and its writes cannot overwrite the edit below.
+    await eventually(lambda: not api.daemon.parts.delivering.running, 10, "the run to end")
     with api.daemon.parts.store.engine.begin() as conn:
         conn.execute(deliveries.update().values(state="dead", last_error="HTTP 500"))
 

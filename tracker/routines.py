@@ -129,6 +129,11 @@ class Delivering:
         self._again = False
         jobs.add("deliver", self.run, every=DELIVERY_TICK)
 
+    @property
+    def running(self) -> bool:
+        """Whether a delivery run is under way."""
+        return self._running
+
     def kick(self) -> None:
         """Start delivering now rather than at the next tick (new events were recorded)."""
         if self._running:
