@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
-import weakref
 from collections.abc import Mapping, Sequence
 
 from tracker.clock import Clock
 from tracker.delivery.journal import Journal
 from tracker.store.abc import OutboxStore
 from tracker.store.records import AttemptResult, DeliveryJob
+from tracker.store.worker import StoreWorker
 
 #: seconds a claim lasts unless renewed. A pass renews what it holds every third of it (see
 #: passes.py), so the claims of a daemon that died lapse within seconds and the others take
@@ -37,19 +35,14 @@ class Outbox:
     """Store rounds for the delivery loop: each writes what finished, renews and holds back
     what is still claimed, then claims more.
 
-    One round at a time, on a thread of its own: a store call is blocking I/O and must not
-    hold the event loop, and a claim and a write at once would only queue on SQLite's lock,
-    whose busy handler sleeps in steps of up to 100 ms.
+    One round at a time, on a StoreWorker of its own (see tracker.store.worker).
     """
 
     def __init__(self, store: OutboxStore, clock: Clock, journal: Journal) -> None:
         self._store = store
         self._clock = clock
         self._journal = journal
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tracker-delivery-store"
-        )
-        weakref.finalize(self, self._thread.shutdown, wait=False)
+        self._worker = StoreWorker("tracker-delivery-store")
         #: seconds a claim or a renewal lasts
         self.lease = LEASE
         #: seconds a delivery left for later is held back (see ``hold_for``)
@@ -74,10 +67,7 @@ class Outbox:
         its lease's end), then claim up to ``claim`` due deliveries. Each result is logged
         once it is stored, so the log never shows an attempt the store lost.
         """
-        loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(
-            self._thread, self._round, results, claim, renew or {}, hold or {}
-        )
+        done = await self._worker.call(self._round, results, claim, renew or {}, hold or {})
         for result in results:
             self._journal.attempted(result)
         return done

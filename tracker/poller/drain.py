@@ -7,14 +7,12 @@ taken and earlier answers are written, so the relay never idles on the daemon's 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import structlog
@@ -30,10 +28,9 @@ from tracker.poller.plan import Planner
 from tracker.poller.report import CycleReport
 from tracker.store.abc import TaskStore
 from tracker.store.records import Claim, DueTask, TaskUpdate
+from tracker.store.worker import StoreWorker
 
 log = structlog.get_logger("tracker.poller")
-
-T = TypeVar("T")
 
 #: a claim's lease never runs shorter than this (seconds), however short the interval
 MIN_LEASE = 1.0
@@ -89,12 +86,7 @@ class Poller:
         self._limiters = {
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
-        # One store call at a time, on a thread of our own: a claim and a record at once would
-        # only queue on SQLite's write lock, whose busy handler sleeps in steps of up to 100 ms.
-        self._store_thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tracker-poll-store"
-        )
-        weakref.finalize(self, self._store_thread.shutdown, wait=False)
+        self._store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
         self,
@@ -143,15 +135,11 @@ class Poller:
             for claim in list(held):
                 # A claim taken within the last tick still has most of its lease.
                 if claim.until - now < lease * (1 - RENEW_SHARE):
-                    await self._store_call(self.store.renew_claim, claim, now + lease)
-
-    async def _store_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store_thread, lambda: call(*args, **kwargs))
+                    await self._store_worker.call(self.store.renew_claim, claim, now + lease)
 
     async def earliest(self) -> datetime | None:
         """When the earliest live task falls due (None when none is live)."""
-        return await self._store_call(self.store.earliest_poll)
+        return await self._store_worker.call(self.store.earliest_poll)
 
     async def run_cycle(
         self, until: asyncio.Event | None = None, *, log_empty: bool = True
@@ -169,7 +157,7 @@ class Poller:
         if self._pull_in:
             self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
-            await self._store_call(self.store.pull_in, latest)
+            await self._store_worker.call(self.store.pull_in, latest)
         settings = self.settings
         claim_size = settings.batch_size * settings.concurrency
         # One set of request slots per upstream: relays are limited independently.
@@ -183,7 +171,7 @@ class Poller:
                 # Prefetch one claim while the previous one is being fetched, no more.
                 await flight.room(claim_size)
                 now = self.clock.now()
-                due = await self._store_call(
+                due = await self._store_worker.call(
                     self.store.claim_due,
                     now,
                     claim_size,
@@ -223,7 +211,7 @@ class Poller:
         if time.monotonic() - self._meta_written >= META_EVERY:
             self._meta_written = time.monotonic()
             # For `tracker stats` in another process.
-            await self._store_call(
+            await self._store_worker.call(
                 self.store.set_meta, "last_cycle_at", isoformat(self.last_cycle_at) or ""
             )
         self.metrics.cycle_duration.observe(report.seconds)
@@ -315,7 +303,7 @@ class Poller:
         """Write one batch's updates in one transaction; count what moved."""
         if not updates:
             return
-        written = await self._store_call(self.store.record, updates, self.clock.now())
+        written = await self._store_worker.call(self.store.record, updates, self.clock.now())
         report = self._report
         fired = 0
         for update in updates:
