@@ -64,44 +64,7 @@ class Outbox(SqlBase):
         """
         epoch = _epoch(now)
         until = epoch + lease
-        earlier = deliveries.alias("earlier")
-        blocked = (
-            sa.select(earlier.c.id)
-            .where(
-                earlier.c.task_pk == deliveries.c.task_pk,
-                earlier.c.state == DeliveryState.PENDING,
-                earlier.c.id < deliveries.c.id,
-            )
-            # OFFSET 0 keeps this a per-row subplan on ix_deliveries_task: flattened into an
-            # anti-join, PostgreSQL without fresh statistics chose a quadratic plan (seconds).
-            .offset(0)
-            .exists()
-        )
-        c = deliveries.c
-        query = self._lock(
-            # Only what a DeliveryJob carries: each datetime column read costs a conversion.
-            sa.select(
-                c.id,
-                c.webhook_id,
-                c.task_pk,
-                c.platform,
-                c.task_id,
-                c.event_type,
-                c.payload,
-                c.url,
-                c.endpoint,
-                c.guarded,
-                c.attempts,
-            )
-            .where(
-                deliveries.c.state == DeliveryState.PENDING,
-                deliveries.c.next_attempt_at <= epoch,
-                sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < epoch),
-                ~blocked,
-            )
-            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            .limit(limit)
-        )
+        query = self._lock(_due_deliveries(epoch, limit))
         with self._write() as conn:
             rows = conn.execute(query).all()
             if rows:
@@ -110,23 +73,7 @@ class Outbox(SqlBase):
                     .where(deliveries.c.id.in_([r.id for r in rows]))
                     .values(claimed_until=until)
                 )
-        return [
-            records.DeliveryJob(
-                pk=r.id,
-                webhook_id=r.webhook_id,
-                task_pk=r.task_pk,
-                platform=r.platform,
-                task_id=r.task_id,
-                event_type=EventType(r.event_type),
-                payload=r.payload.encode(),
-                url=r.url,
-                endpoint=r.endpoint,
-                guarded=r.guarded,
-                attempts=r.attempts,
-                lease_until=until,
-            )
-            for r in rows
-        ]
+        return [_job(r, until) for r in rows]
 
     def extend_claims(self, claims: Mapping[int, float], until: float) -> set[int]:
         """Move to ``until`` the lease of each delivery still claimed under its token (id ->
@@ -380,3 +327,64 @@ def _finish_values(result: records.AttemptResult) -> dict[str, Any]:
         "error_": result.error,
         "delivered_": delivered,
     }
+
+
+def _due_deliveries(epoch: float, limit: int) -> sa.Select[Any]:
+    """Due pending deliveries not claimed, oldest first; none while an earlier event of its
+    task is still pending, so each receiver sees a task's events in the order they happened."""
+    earlier = deliveries.alias("earlier")
+    blocked = (
+        sa.select(earlier.c.id)
+        .where(
+            earlier.c.task_pk == deliveries.c.task_pk,
+            earlier.c.state == DeliveryState.PENDING,
+            earlier.c.id < deliveries.c.id,
+        )
+        # OFFSET 0 keeps this a per-row subplan on ix_deliveries_task: flattened into an
+        # anti-join, PostgreSQL without fresh statistics chose a quadratic plan (seconds).
+        .offset(0)
+        .exists()
+    )
+    c = deliveries.c
+    return (
+        # Only what a DeliveryJob carries: each datetime column read costs a conversion.
+        sa.select(
+            c.id,
+            c.webhook_id,
+            c.task_pk,
+            c.platform,
+            c.task_id,
+            c.event_type,
+            c.payload,
+            c.url,
+            c.endpoint,
+            c.guarded,
+            c.attempts,
+        )
+        .where(
+            deliveries.c.state == DeliveryState.PENDING,
+            deliveries.c.next_attempt_at <= epoch,
+            sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < epoch),
+            ~blocked,
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+        .limit(limit)
+    )
+
+
+def _job(row: Any, until: float) -> records.DeliveryJob:
+    """A claimed delivery's row as the job the deliverer sends, leased until ``until``."""
+    return records.DeliveryJob(
+        pk=row.id,
+        webhook_id=row.webhook_id,
+        task_pk=row.task_pk,
+        platform=row.platform,
+        task_id=row.task_id,
+        event_type=EventType(row.event_type),
+        payload=row.payload.encode(),
+        url=row.url,
+        endpoint=row.endpoint,
+        guarded=row.guarded,
+        attempts=row.attempts,
+        lease_until=until,
+    )
