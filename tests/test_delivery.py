@@ -621,7 +621,7 @@ async def test_deliveries_that_cannot_start_in_time_are_left_for_a_later_pass(
     """Behind a hanging receiver, what would wait too long for a slot is not attempted: it is
     held back for the wait budget, the timeout and 30 s, and a later pass takes it then.
     """
-    monkeypatch.setattr("tracker.delivery.admission.MIN_WAIT_BUDGET", 0.5)
+    monkeypatch.setattr("tracker.limits.MIN_WAIT_BUDGET", 0.5)
     settings = hook_settings(receiver.url, timeout=0.3, per_host=1)
     for n in range(4):
         complete(store, clock, settings, f"task-{n}")
@@ -716,7 +716,7 @@ async def test_a_receiver_known_to_hang_gets_only_what_it_can_start_in_time(
     """Once a receiver has timed out, a claim takes on only a few of its deliveries (the rest
     keep their claim for a later pass), and another receiver's deliveries still go out.
     """
-    monkeypatch.setattr("tracker.delivery.admission.MIN_WAIT_BUDGET", 0.5)
+    monkeypatch.setattr("tracker.limits.MIN_WAIT_BUDGET", 0.5)
     settings = hook_settings(
         timeout=0.3,
         per_host=1,

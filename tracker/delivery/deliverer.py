@@ -11,11 +11,11 @@ import httpx
 from tracker import retry
 from tracker.clock import Clock
 from tracker.config import WebhookSettings
-from tracker.delivery.admission import Admission
 from tracker.delivery.journal import Journal
 from tracker.delivery.outbox import Outbox
 from tracker.delivery.passes import DeliveryPass
 from tracker.delivery.sending import Sender
+from tracker.limits import Admission
 from tracker.metrics import Metrics
 from tracker.store.abc import OutboxStore
 

@@ -11,9 +11,9 @@ import time
 
 import structlog
 
-from tracker.delivery.admission import Admission, Load, Ticket, give_back
 from tracker.delivery.outbox import Outbox, Round
 from tracker.delivery.sending import Sender
+from tracker.limits import Admission, Load, Ticket, give_back
 from tracker.store.records import AttemptResult, DeliveryJob
 
 log = structlog.get_logger("tracker.delivery")

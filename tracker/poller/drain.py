@@ -21,7 +21,7 @@ from tracker import events
 from tracker.activity import Series
 from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
-from tracker.limits import RateLimiter
+from tracker.limits import Lanes, RateLimiter
 from tracker.metrics import Metrics
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
@@ -161,9 +161,7 @@ class Poller:
         settings = self.settings
         claim_size = settings.batch_size * settings.concurrency
         # One set of request slots per upstream: relays are limited independently.
-        lanes: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(settings.concurrency)
-        )
+        lanes = Lanes(settings.concurrency)
         flight = _Flight()
         keeper = asyncio.create_task(self._keep_claims(flight.held))
         try:
@@ -222,9 +220,7 @@ class Poller:
         self._report = CycleReport()
         return self._report
 
-    def _batches(
-        self, due: Sequence[DueTask], lanes: Mapping[str, asyncio.Semaphore]
-    ) -> list[_Batch]:
+    def _batches(self, due: Sequence[DueTask], lanes: Lanes) -> list[_Batch]:
         now = self.clock.now()
         given_up: list[TaskUpdate] = []
         by_platform: dict[str, list[DueTask]] = defaultdict(list)
