@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import standardwebhooks
 from tracker import config, signing
 from tracker.store import SqlStore
 from tracker.testing import browser
+from tracker.testing.daemon import Daemon as TrackerProcess
 from tracker.testing.receiver import Received, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -262,3 +264,21 @@ def all_pages(client: httpx.Client, path: str, key: str) -> list[dict[str, Any]]
         cursor = page["next_cursor"]
         if cursor is None:
             return rows
+
+
+@pytest.fixture(name="instances")
+def _instances() -> Iterator[list[TrackerProcess]]:
+    """Real `tracker run` processes a test starts; each is closed (killed if need be) after."""
+    started: list[TrackerProcess] = []
+    yield started
+    for tracker in started:
+        tracker.close()
+
+
+@pytest.fixture(name="listening")
+def _listening() -> Iterator[int]:
+    """A port another socket already listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,6 @@ TASKS = 12
 SLOW = 12.0
 #: what a takeover may take beyond the lease and two delivery ticks: a claim and a POST
 SLACK = 1.0
-
-
-@pytest.fixture(name="instances")
-def _instances() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for tracker in started:
-        tracker.close()
 
 
 def claimed(url: str) -> int:

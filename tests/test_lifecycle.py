@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,15 +34,6 @@ class RecordingNotifier(sdnotify.Notifier):
         """Record the datagram instead of sending it."""
         self.sent.append(message)
         return True
-
-
-@pytest.fixture(name="listening")
-def _listening() -> Iterator[int]:
-    """A port another socket already listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 @pytest.fixture(name="free_port")

@@ -10,7 +10,7 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,6 @@ STEP = 0.4
 ORDER = {"pending": 0, "queued": 1, "in_progress": 2, "completed": 3, "failed": 3}
 #: what the takeover may take beyond two intervals: a cycle's own request and write
 SLACK = 0.5
-
-
-@pytest.fixture(name="instances")
-def _instances() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for tracker in started:
-        tracker.close()
 
 
 def open_tasks(url: str) -> dict[str, float]:

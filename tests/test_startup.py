@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,15 +46,6 @@ def write(path: Path, document: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_text(document))
     return path
-
-
-@pytest.fixture(name="listening")
-def _listening() -> Iterator[int]:
-    """A port another process already listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def assert_one_line(code: int, expected: ExitCode, err: str, *says: str) -> None:

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
 from tracker.store import records
-from tracker.store.base import attempts, deliveries, tasks
-from tracker.store.rows import _delivery_record, _task_record
+from tracker.store.base import deliveries, tasks
+from tracker.store.rows import _task_record, _with_logs
 from tracker.store.sql import SqlStore
 
 #: ids of tasks a text search reads per query
@@ -40,19 +40,6 @@ class TaskPage:
     searched_from: int | None = None
     #: tasks whose id is exactly the search text, on any platform
     exact: list[records.TaskRecord] = dataclasses.field(default_factory=list)
-
-
-def _with_logs(conn: sa.Connection, rows: Sequence[Any]) -> list[records.DeliveryRecord]:
-    """Delivery rows as records, each with its attempt log (one query for all)."""
-    logs: dict[int, list[Any]] = {r.id: [] for r in rows}
-    if rows:
-        for a in conn.execute(
-            sa.select(attempts)
-            .where(attempts.c.delivery_pk.in_(list(logs)))
-            .order_by(attempts.c.id)
-        ):
-            logs[a.delivery_pk].append(a)
-    return [_delivery_record(r, logs[r.id]) for r in rows]
 
 
 class DashboardQueries:

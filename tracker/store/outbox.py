@@ -27,7 +27,7 @@ from tracker.store.base import (
     tasks,
 )
 from tracker.store.refusals import RefusalMemory, _isolated
-from tracker.store.rows import _cut, _delivery_record, _page
+from tracker.store.rows import _cut, _delivery_record, _page, _with_logs
 
 log = structlog.get_logger("tracker.store")
 
@@ -249,15 +249,7 @@ class Outbox(SqlBase):
             )
         with self._read() as conn:
             rows, cursor = _cut(conn.execute(query).all(), limit)
-            logs: dict[int, list[Any]] = {r.id: [] for r in rows}
-            if rows:
-                for a in conn.execute(
-                    sa.select(attempts)
-                    .where(attempts.c.delivery_pk.in_(list(logs)))
-                    .order_by(attempts.c.id)
-                ):
-                    logs[a.delivery_pk].append(a)
-        return [_delivery_record(r, logs[r.id]) for r in rows], cursor
+            return _with_logs(conn, rows), cursor
 
     def requeue(
         self,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from tracker.retry import DeliveryState
 from tracker.status import EventType, Snapshot, TaskStatus
 from tracker.store import records
-from tracker.store.base import _from_epoch, tasks
+from tracker.store.base import _from_epoch, attempts, tasks
 
 
 def _page(table: sa.Table, limit: int, before: int | None, **equal: str | None) -> Any:
@@ -65,6 +65,19 @@ def _task_record(row: Any, history: tuple[records.Transition, ...] = ()) -> reco
         finished_at=row.finished_at,
         transitions=history,
     )
+
+
+def _with_logs(conn: sa.Connection, rows: Sequence[Any]) -> list[records.DeliveryRecord]:
+    """Delivery rows as records, each with its attempt log (one query for all)."""
+    logs: dict[int, list[Any]] = {r.id: [] for r in rows}
+    if rows:
+        for a in conn.execute(
+            sa.select(attempts)
+            .where(attempts.c.delivery_pk.in_(list(logs)))
+            .order_by(attempts.c.id)
+        ):
+            logs[a.delivery_pk].append(a)
+    return [_delivery_record(r, logs[r.id]) for r in rows]
 
 
 def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
