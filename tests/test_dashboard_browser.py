@@ -77,6 +77,7 @@ def test_an_operator_finds_a_task_sees_its_timeline_and_replays_a_dead_webhook(
     tmp_path: Path,
 ) -> None:
     """Sign in, search, open the task, redeliver its dead webhook: the receiver gets it."""
+    # One operator's journey through the pages, read top to bottom (about 65 lines).
     base = daemon.api_url
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
         api.post(

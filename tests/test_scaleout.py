@@ -77,6 +77,8 @@ def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
     reaches the receiver under one webhook id (no task gets two), and the survivors poll
     every task left open at the kill within two intervals.
     """
+    # One acceptance scenario read top to bottom (about 80 lines): its steps share the running
+    # instances, the relay and the moment of the kill.
     url = make_pg_url()
     # Every request kept: the takeover check reads the ones made after the kill.
     with SimulatedRelay(step=STEP, record_limit=None) as relay, WebhookReceiver() as receiver:
