@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ TASKS = int(os.environ.get("SCALEOUT_TASKS", "300"))
 PER_REQUEST = 500
 #: registrations arrive in waves, so the kill finds tasks at every stage
 WAVES = 6
-INTERVAL = 1.0
+#: At the acceptance size (SCALEOUT_TASKS=20000) 1 s asks more than 6,000 polls a second of two
+#: shared cores that also run the relay and PostgreSQL: the takeover bound would then measure
+#: the machine's capacity, not the leases. 2 s keeps it about the leases.
+INTERVAL = 1.0 if TASKS <= 2_000 else 2.0
 #: seconds per relay script step (NOT_START, SUBMITTED, IN_PROGRESS twice, then the end)
 STEP = 0.4
 #: how far along the relay's script each tracker status is
@@ -69,6 +73,29 @@ def first_polled(relay: SimulatedRelay, since: float) -> dict[str, float]:
     return first
 
 
+def late_takeovers(
+    left_open: dict[str, float],
+    polled: dict[str, float],
+    survivor: Daemon,
+    killed_at: float,
+    killed_wall: float,
+) -> dict[str, float]:
+    """The tasks open at the kill that no survivor took over within two intervals (+ SLACK),
+    with the seconds it took. A task never asked about after the kill was in a survivor's
+    request under way at the kill: the answer to that request is its takeover, so the time of
+    its final status counts."""
+    late = {}
+    for task_id in left_open:
+        taken = polled.get(task_id, float("inf")) - killed_at
+        if taken == float("inf"):
+            task = survivor.client.get(f"/v1/tasks/luma/{task_id}").json()
+            ended = datetime.fromisoformat(task["transitions"][-1]["at"]).timestamp()
+            taken = ended - killed_wall
+        if taken > 2 * INTERVAL + SLACK:
+            late[task_id] = round(taken, 2)
+    return late
+
+
 def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
     tmp_path: Path, make_pg_url: Callable[[], str], instances: list[Daemon]
 ) -> None:
@@ -91,7 +118,7 @@ def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
         instances.extend(start_daemon(path) for _ in range(INSTANCES))
         ids = [f"s-{n}" + ("-fail" if n % 9 == 0 else "") for n in range(TASKS)]
         size = TASKS // WAVES
-        killed_at, left_open = 0.0, dict[str, float]()
+        killed_at, killed_wall, left_open = 0.0, 0.0, dict[str, float]()
         for wave in range(WAVES):
             # The last wave takes the remainder: 20,000 does not split into six equal waves.
             chunk = ids[wave * size : (wave + 1) * size if wave < WAVES - 1 else TASKS]
@@ -104,7 +131,7 @@ def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
                     assert 201 == answer.status_code, answer.text
             if wave == WAVES // 2:
                 instances[0].kill()
-                killed_at = time.monotonic()
+                killed_at, killed_wall = time.monotonic(), time.time()
                 left_open = open_tasks(url)
             time.sleep(STEP)
         survivor = instances[1]
@@ -129,11 +156,7 @@ def test_three_instances_share_the_work_and_survivors_take_over_a_killed_one(
         assert left_open, "the kill came too late to interrupt anything"
         polled = first_polled(relay, killed_at)
         # Within two intervals of the kill, whether or not the killed instance held the task.
-        late = {
-            task_id: round(polled.get(task_id, float("inf")) - killed_at, 2)
-            for task_id in left_open
-            if polled.get(task_id, float("inf")) - killed_at > 2 * INTERVAL + SLACK
-        }
+        late = late_takeovers(left_open, polled, survivor, killed_at, killed_wall)
         assert {} == late
 
         by_task = collections.defaultdict(list)

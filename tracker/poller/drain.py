@@ -118,13 +118,14 @@ class Poller:
         return min(self.settings.interval * AHEAD_SHARE, MAX_AHEAD)
 
     def lease(self) -> float:
-        """Seconds a claim holds its tasks between two renewals: about one interval.
+        """Seconds a claim holds its tasks between two renewals: half an interval.
 
         The drain renews the claims it still works on (queued or in flight) every quarter of
         a lease, so a slow request keeps its tasks, while the claims of a daemon that died lapse
-        within one lease and another daemon takes the tasks over within about two intervals.
+        within half an interval, leaving the rest of two intervals for another daemon to reach
+        them in due order.
         """
-        return min(max(self.settings.interval, MIN_LEASE), MAX_LEASE)
+        return min(max(self.settings.interval / 2, MIN_LEASE), MAX_LEASE)
 
     async def _keep_claims(self, held: Mapping[Claim, int]) -> None:
         """Renew every claim in ``held`` (the drain's unfinished ones) until cancelled."""
