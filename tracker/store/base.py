@@ -62,6 +62,21 @@ class SqlBase:
             return query.with_for_update(skip_locked=True)
         return query
 
+    def _claim(self, query: sa.Select[Any], column: sa.Column[Any], until: float) -> list[Any]:
+        """Rows of ``query`` (which selects ``id`` first), each row's ``column`` set to
+        ``until`` in the same transaction: the claim of due tasks and of due deliveries alike.
+        """
+        table = column.table
+        with self._write() as conn:
+            rows = list(conn.execute(self._lock(query)).all())
+            if rows:
+                conn.execute(
+                    table.update()
+                    .where(table.c.id.in_([r[0] for r in rows]))
+                    .values({column.name: until})
+                )
+        return rows
+
     def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
         # Both dialects speak INSERT ... ON CONFLICT, each through its own construct.
         if self.dialect == "postgresql":

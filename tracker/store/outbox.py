@@ -64,15 +64,7 @@ class Outbox(SqlBase):
         """
         epoch = _epoch(now)
         until = epoch + lease
-        query = self._lock(_due_deliveries(epoch, limit))
-        with self._write() as conn:
-            rows = conn.execute(query).all()
-            if rows:
-                conn.execute(
-                    deliveries.update()
-                    .where(deliveries.c.id.in_([r.id for r in rows]))
-                    .values(claimed_until=until)
-                )
+        rows = self._claim(_due_deliveries(epoch, limit), deliveries.c.claimed_until, until)
         return [_job(r, until) for r in rows]
 
     def extend_claims(self, claims: Mapping[int, float], until: float) -> set[int]:

@@ -63,21 +63,14 @@ class Polling(SqlBase):
         """
         epoch = _epoch(now)
         raw = self.dialect == "sqlite"
-        query = self._lock(
+        query = (
             sa.select(*(_DUE_COLUMNS_RAW if raw else _DUE_COLUMNS))
             .where(tasks.c.next_poll_at <= _epoch(due_by or now))
             .order_by(tasks.c.next_poll_at, tasks.c.id)
             .limit(limit)
         )
         until = epoch + lease
-        with self._write() as conn:
-            rows = conn.execute(query).all()
-            if rows:
-                conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id.in_([r.id for r in rows]))
-                    .values(next_poll_at=until)
-                )
+        rows = self._claim(query, tasks.c.next_poll_at, until)
         decoded = _Decoded()
         claim = records.Claim(until, tuple(r.id for r in rows))
         return [_due(r, claim, decoded) for r in rows]
