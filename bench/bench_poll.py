@@ -279,10 +279,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-poll-")))
         outside = stack.enter_context(Outside())
         if "ratio" in wanted:
+            # The relay's own time per answer (its database query), for bare and real alike.
+            outside.call("latency", args.relay_latency)
+            results["relay_latency"] = args.relay_latency
             results["ratio"] = [
                 await ratio_case(outside, work, live, batch, cases["rounds"])
                 for live, batch in cases["ratio"]
             ]
+            outside.call("latency", 0.0)
         for name, warm in (("big", 2.5), ("short", 1.5)):
             if name in wanted:
                 live, interval, batch, cycles = cases[name]
@@ -330,6 +334,8 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
+        f"relay latency per answer: {results.get('relay_latency', 0.0):g} s",
+        "",
         "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
         "| writes/cycle | requests/cycle |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -373,6 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_poll.json"), help="JSON results")
     parser.add_argument("--only", help="comma-separated cases: ratio,big,short,memory")
     parser.add_argument("--keep", action="store_true", help="keep databases, configs and logs")
+    parser.add_argument(
+        "--relay-latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ratio case: the relay holds every answer this long (default 0: at once)",
+    )
     args = parser.parse_args(argv)
     logs.configure(level="warning", fmt="json", secrets=[])
     results = asyncio.run(run(args))

@@ -88,6 +88,10 @@ class _World:
         self._flipper = threading.Thread(target=run, daemon=True)
         self._flipper.start()
 
+    def latency(self, seconds: float) -> None:
+        """Hold every relay answer ``seconds`` from now on (0: answer at once)."""
+        self.relay.latency = seconds
+
     def log(self) -> list[tuple[float, list[str]]]:
         """Every batch request so far as (arrival, ids), then forget them."""
         requests = self.relay.requests

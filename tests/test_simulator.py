@@ -480,6 +480,22 @@ def test_slow_fault_times_the_client_out(relay: SimulatedRelay) -> None:
     assert response.status_code == 200
 
 
+def test_latency_holds_every_answer_until_set_back_to_zero(relay: SimulatedRelay) -> None:
+    """With a latency every answer waits (here past the client timeout), not just the next
+    one as with the slow fault; back at 0 the relay answers at once again."""
+    relay.latency = 0.3
+
+    with client_for(relay, timeout=0.1) as client:
+        for _ in range(2):
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/luma/tasks", json={"ids": ["t1"]})
+        relay.latency = 0.0
+        response = client.post("/luma/tasks", json={"ids": ["t1"]})
+
+    assert response.status_code == 200
+    assert relay.pending_faults == 0
+
+
 def test_fail_next_rejects_unknown_kinds(relay: SimulatedRelay) -> None:
     """A fault kind that does not exist is an error naming the valid ones."""
     with pytest.raises(ValueError, match="http_500"):

@@ -122,7 +122,9 @@ class SimulatedRelay(LoopbackServer):
     A task advances one script step every `step` seconds from when it was created (`step=0`
     jumps straight to the last step). Faults queued by `fail_next` are consumed by the next
     requests whatever their path, before authentication is checked; `slow` delays the answer
-    and then serves the request normally. `requests` keeps the newest `record_limit` requests.
+    and then serves the request normally. `latency` delays every answer by a fixed time, as a
+    relay querying its own database does (0, the default, answers at once). `requests` keeps
+    the newest `record_limit` requests.
     """
 
     handler = _RelayHandler
@@ -147,6 +149,8 @@ class SimulatedRelay(LoopbackServer):
         #: what Luma items say in data.estimate_wait_seconds while not finished
         self.luma_estimate_wait: float | None = None
         self.slow_seconds = 2.0
+        #: seconds every answer waits before it goes out (a real relay's database query)
+        self.latency = 0.0
         #: how long a `stall` answer holds its body back (it ends sooner when the relay stops)
         self.stall_seconds = 60.0
         #: seconds between two bytes of a `trickle` answer
@@ -289,6 +293,9 @@ class SimulatedRelay(LoopbackServer):
         with self._lock:
             self._requests.append(RecordedRequest(method, path, headers, body, time.monotonic()))
             fault = self._faults.popleft() if self._faults else None
+        if self.latency > 0:
+            # One thread per request: the wait costs no CPU and holds up no other answer.
+            time.sleep(self.latency)
         if fault == "slow":
             time.sleep(self.slow_seconds)
         elif fault == "echo_key":
