@@ -165,9 +165,64 @@ def test_fuzz_clean_json_always_gives_strict_utf8_json(value: object) -> None:
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.one_of(st.binary(max_size=200), dirty_json.map(lambda v: json.dumps(v).encode())))
 def test_fuzz_loads_either_refuses_or_gives_clean_json(body: bytes) -> None:
-    """Random bytes and dirty JSON texts: BadJSONError, or a value that dumps strictly."""
+    """Random bytes and dirty JSON texts: BadJSONError, or a value that dumps strictly and
+    equals what the careful path (a hook per integer, a walk over every value) makes of it."""
     try:
         value = sanitize.loads(body)
     except sanitize.BadJSONError:
+        with pytest.raises((sanitize.BadJSONError, UnicodeDecodeError)):
+            sanitize._loads_carefully(body.decode("utf-8-sig"))
         return
     json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    assert value == sanitize._loads_carefully(body.decode("utf-8-sig"))
+
+
+def _nested(depth: int, innermost: object) -> object:
+    """``innermost`` inside ``depth`` lists."""
+    value = innermost
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps({"n": 10**sanitize.MAX_INT_DIGITS - 1, "m": 1 - 10**sanitize.MAX_INT_DIGITS}),
+        json.dumps({"n": 10**sanitize.MAX_INT_DIGITS, "m": -(10**sanitize.MAX_INT_DIGITS)}),
+        "[1" + "0" * 5000 + "]",  # over Python's own limit for int()
+        json.dumps({"s": "x" * sanitize.MAX_TEXT, "k" * sanitize.MAX_TEXT: 1}),
+        json.dumps({"s": "x" * (sanitize.MAX_TEXT + 1)}),
+        json.dumps({"k" * (sanitize.MAX_TEXT + 1): 1}),
+        '[{"a": "say \\"hi\\"", "b": true, "c": null, "d": 1.5, "e": 1e999, "f": NaN}]',
+        json.dumps(_nested(sanitize.MAX_DEPTH - 1, [])),
+        json.dumps(_nested(sanitize.MAX_DEPTH, "deepest")),
+        json.dumps(_nested(sanitize.MAX_DEPTH, [])),
+        json.dumps(_nested(sanitize.MAX_DEPTH + 1, 0)),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=[
+        "40 digits",
+        "41 digits",
+        "5000 digits",
+        "strings at the cap",
+        "a string over the cap",
+        "a key over the cap",
+        "escaped quotes, odd scalars",
+        "at the depth cap",
+        "a scalar at the depth cap",
+        "over the depth cap",
+        "a scalar over the depth cap",
+        "past the recursion limit",
+    ],
+)
+def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
+    """Answers with nothing to clean skip the integer hook and the text scan; at every edge of
+    the caps (digits, string length, depth) the result, or the refusal, is the careful one."""
+    try:
+        expected = sanitize._loads_carefully(text)
+    except sanitize.BadJSONError as exc:
+        with pytest.raises(sanitize.BadJSONError, match=str(exc)):
+            sanitize.loads(text.encode())
+        return
+    assert sanitize.loads(text.encode()) == expected

@@ -17,6 +17,7 @@ costs the other items of the answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -124,14 +125,27 @@ def loads(data: bytes | str) -> Any:
     """
     try:
         text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise BadJSONError(f"not UTF-8 at byte {exc.start}") from None
+    # Most answers hold nothing to clean: parsed with the C decoder alone (no hook per
+    # integer) and checked in one walk, they come out as the careful path below would make
+    # them. Anything odd, an error included, takes the careful path, which decides.
+    if not _SUSPECT_ESCAPE.search(text):
+        with contextlib.suppress(ValueError, RecursionError):
+            value = json.loads(text, parse_float=_parse_float, parse_constant=_no_constant)
+            if _plain(value, MAX_DEPTH):
+                return value
+    return _loads_carefully(text)
+
+
+def _loads_carefully(text: str) -> Any:
+    try:
         value = json.loads(
             text,
             parse_int=_parse_int,
             parse_float=_parse_float,
             parse_constant=_no_constant,
         )
-    except UnicodeDecodeError as exc:
-        raise BadJSONError(f"not UTF-8 at byte {exc.start}") from None
     except RecursionError:
         raise BadJSONError(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
@@ -144,6 +158,38 @@ def loads(data: bytes | str) -> Any:
 
 #: a \u escape of NUL or of a UTF-16 surrogate (paired ones too: rare, and then merely slow)
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+#: the smallest integer with more than MAX_INT_DIGITS digits
+_INT_BOUND: Final = 10**MAX_INT_DIGITS
+
+
+def _plain(value: Any, limit: int) -> bool:
+    """Whether decoded JSON nests at most ``limit`` deep and holds no string (key or value)
+    over MAX_TEXT characters and no integer over MAX_INT_DIGITS digits: what `clean_json`
+    would leave as it is, given text without the escapes of NUL or surrogates."""
+    # Level by level, as _deeper_than, with the scalars checked on the way.
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        below: list[Any] = []
+        containers = False
+        for item in level:
+            kind = type(item)
+            if kind is dict:
+                if item and max(map(len, item)) > MAX_TEXT:
+                    return False
+                below.extend(item.values())
+                containers = True
+            elif kind is list:
+                below.extend(item)
+                containers = True
+            elif kind is str:
+                if len(item) > MAX_TEXT:
+                    return False
+            elif kind is int and not -_INT_BOUND < item < _INT_BOUND:
+                return False
+        if not containers:
+            return True
+        level = below
+    return False
 
 
 def _may_need_cleaning(text: str) -> bool:

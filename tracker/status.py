@@ -177,6 +177,14 @@ def apply(current: Snapshot, observation: Observation) -> Change | None:
     if progress is None and status not in FINAL:
         # An answer without progress does not erase what an earlier one said.
         progress, upstream_progress = current.progress, current.upstream_progress
+    if (
+        status is current.status
+        and observation.upstream_status == current.upstream_status
+        and progress == current.progress
+        and upstream_progress == current.upstream_progress
+        and fail_reason == current.fail_reason
+    ):
+        return None  # most answers: nothing moved (no Snapshot built to find that out)
     after = Snapshot(
         status=status,
         upstream_status=observation.upstream_status,

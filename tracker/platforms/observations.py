@@ -85,11 +85,23 @@ def _further(new: Observation, old: Observation) -> bool:
 
 def clean_observation(observation: Observation) -> Observation:
     """The observation with its texts cleaned and capped to their columns."""
+    word = sanitize.clean_text(observation.upstream_status, sanitize.MAX_WORD)
+    progress = sanitize.clean_optional(observation.upstream_progress, sanitize.MAX_WORD)
+    reason = sanitize.clean_text(observation.fail_reason, sanitize.MAX_REASON)
+    # clean_text hands back the very string when it had nothing to clean: nearly every
+    # observation is clean already, and a copy of it would cost more than the check.
+    if (
+        word is observation.upstream_status
+        and progress is observation.upstream_progress
+        and reason is observation.fail_reason
+        and type(observation.result) is dict
+    ):
+        return observation
     return dataclasses.replace(
         observation,
-        upstream_status=sanitize.clean_text(observation.upstream_status, sanitize.MAX_WORD),
-        upstream_progress=sanitize.clean_optional(observation.upstream_progress, sanitize.MAX_WORD),
-        fail_reason=sanitize.clean_text(observation.fail_reason, sanitize.MAX_REASON),
+        upstream_status=word,
+        upstream_progress=progress,
+        fail_reason=reason,
         # Kept as it is: items come from sanitize.loads, whose answer is clean already.
         result=dict(observation.result),
     )

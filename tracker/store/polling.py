@@ -281,9 +281,12 @@ def _split_replanned(
 ) -> tuple[list[tuple[float, int, float]], list[records.TaskUpdate]]:
     """(next poll, id, lease end) for _REPLAN of updates that only move a claimed task's next
     poll (and whose task the call names once), and the other updates."""
+    # A drain's call names each task once; only when one is named twice are names counted.
+    once = len({u.task.pk for u in updates}) == len(updates)
     seen: dict[int, int] = {}
-    for update in updates:
-        seen[update.task.pk] = seen.get(update.task.pk, 0) + 1
+    if not once:
+        for update in updates:
+            seen[update.task.pk] = seen.get(update.task.pk, 0) + 1
     replanned: list[tuple[float, int, float]] = []
     rest: list[records.TaskUpdate] = []
     for update in updates:
@@ -294,7 +297,7 @@ def _split_replanned(
             and update.missing_since is KEEP
             and isinstance(update.next_poll_at, float)
             and task.lease_until is not None
-            and seen[task.pk] == 1
+            and (once or seen[task.pk] == 1)
         ):
             replanned.append((update.next_poll_at, task.pk, task.lease_until))
         else:
