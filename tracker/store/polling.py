@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,7 @@ from tracker.store.base import (
 )
 from tracker.store.records import KEEP
 from tracker.store.refusals import RefusalMemory, _isolated
-from tracker.store.rows import _DUE_COLUMNS, _DUE_COLUMNS_RAW, _Decoded, _due
+from tracker.store.rows import _DUE_COLUMNS, _Decoded, _due
 
 log = structlog.get_logger("tracker.store")
 
@@ -61,19 +62,35 @@ class Polling(SqlBase):
         ran out (and another claim took the task) changes nothing. The poll is planned anew
         when its answer is recorded; renew_claim() extends a claim still being worked on.
         """
-        epoch = _epoch(now)
-        raw = self.dialect == "sqlite"
-        query = (
-            sa.select(*(_DUE_COLUMNS_RAW if raw else _DUE_COLUMNS))
-            .where(tasks.c.next_poll_at <= _epoch(due_by or now))
-            .order_by(tasks.c.next_poll_at, tasks.c.id)
-            .limit(limit)
-        )
-        until = epoch + lease
-        rows = self._claim(query, tasks.c.next_poll_at, until)
+        until = _epoch(now) + lease
+        if self.dialect == "sqlite":
+            rows = self._claim_sqlite(_epoch(due_by or now), limit, until)
+        else:
+            query = (
+                sa.select(*_DUE_COLUMNS)
+                .where(tasks.c.next_poll_at <= _epoch(due_by or now))
+                .order_by(tasks.c.next_poll_at, tasks.c.id)
+                .limit(limit)
+            )
+            rows = self._claim(query, tasks.c.next_poll_at, until)
         decoded = _Decoded()
         claim = records.Claim(until, tuple(r.id for r in rows))
         return [_due(r, claim, decoded) for r in rows]
+
+    def _claim_sqlite(self, due_by: float, limit: int, until: float) -> list[Any]:
+        """_claim's due rows and lease, as two statements straight to the driver.
+
+        SQLAlchemy's per-row processing and its expansion of an IN list of thousands of ids
+        (a statement compiled anew per claim) cost more than the claim's own work; the ids go
+        to the UPDATE as one JSON array instead. The write transaction excludes every other
+        writer, so the rows read are the rows leased.
+        """
+        with self._write() as conn:
+            rows = conn.exec_driver_sql(_DUE_SQLITE, (due_by, limit)).all()
+            if rows:
+                ids = json.dumps([r[0] for r in rows])
+                conn.exec_driver_sql(_LEASE_SQLITE, (until, ids))
+        return list(rows)
 
     def renew_claim(self, claim: records.Claim, until: float) -> int:
         """Extend ``claim`` to ``until`` (epoch seconds) for its tasks not recorded since.
@@ -234,6 +251,13 @@ _REPLAN = (
     .values(next_poll_at=sa.bindparam("next_"))
 )
 _REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
+# A claim on SQLite: _DUE_COLUMNS of the due rows in due order (the time and JSON columns as
+# stored, for _Decoded), then their lease.
+_DUE_SQLITE = (
+    f"SELECT {', '.join(c.name for c in _DUE_COLUMNS)} FROM tasks"  # noqa: S608 - column names
+    " WHERE next_poll_at <= ? ORDER BY next_poll_at, id LIMIT ?"
+)
+_LEASE_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT value FROM json_each(?))"
 
 
 def _history_rows(update: records.TaskUpdate, now: datetime) -> list[dict[str, Any]]:

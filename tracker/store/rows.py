@@ -113,8 +113,6 @@ def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
     )
 
 
-_RAW_NAMES = ("created_at", "events", "metadata")
-
 # The columns a poll needs: not the stored result, which can be large and is never read back.
 _DUE_COLUMNS = tuple(
     tasks.c[name]
@@ -125,19 +123,15 @@ _DUE_COLUMNS = tuple(
     )
 )  # fmt: skip
 
-# _DUE_COLUMNS with the time and JSON columns as SQLite stores them (text): a claim's tasks
-# mostly share these values (one bulk registration), so each is decoded once per claim.
-_DUE_COLUMNS_RAW = tuple(
-    sa.type_coerce(column, sa.Text) if column.name in _RAW_NAMES else column
-    for column in _DUE_COLUMNS
-)
-
-
 _STATUSES = {s.value: s for s in TaskStatus}
 
 
 class _Decoded:
-    """The raw values of one claim decoded, each distinct one once (see _DUE_COLUMNS_RAW)."""
+    """The raw values of one claim decoded, each distinct one once.
+
+    SQLite's claim reads the time and JSON columns as stored (text): a claim's tasks mostly
+    share these values (one bulk registration), so each is decoded once per claim.
+    """
 
     def __init__(self) -> None:
         self.times: dict[str, datetime] = {}
