@@ -428,6 +428,33 @@ def test_a_claim_leases_its_tasks_until_the_answer_plans_the_next_poll(store: Sq
     assert ["a"] == claim_ids(store, at(3))
 
 
+def test_a_claim_of_thousands_leases_each_task_and_its_answers_plan_each_one(
+    store: SqlStore,
+) -> None:
+    """Claims and re-plans go to the database in parts (bound-parameter limits): every task
+    of a 2,000-task claim is leased, every answer plans its own task's next poll, and a task
+    recorded meanwhile (its claim no longer holds it) keeps that record's plan."""
+    ids = [f"t{i:04d}" for i in range(2000)]
+    register(store, *ids)
+    due = claim(store, T0, limit=2000)
+    assert len(due) == 2000
+    assert [] == claim_ids(store, at(INTERVAL - 0.01))
+    early = due[1000:1010]
+    store.record([TaskUpdate(t, next_poll_at=at(2).timestamp()) for t in early], at(1))
+
+    planned = {t.task_id: at(3 + i / 1000).timestamp() for i, t in enumerate(due)}
+    written = store.record([TaskUpdate(t, next_poll_at=planned[t.task_id]) for t in due], at(1))
+
+    assert written == 2000 - len(early)
+    for task in early:
+        planned[task.task_id] = at(2).timestamp()
+    with store.engine.connect() as conn:
+        stored = dict(
+            conn.execute(sa.select(tasks_table.c.task_id, tasks_table.c.next_poll_at)).all()
+        )
+    assert planned == stored
+
+
 def test_a_renewed_claim_keeps_its_tasks_and_its_answers_are_written(store: SqlStore) -> None:
     """renew_claim moves the claim's end for its unrecorded tasks only; no other claim takes
     them meanwhile, and answers recorded under the renewed claim are written."""

@@ -126,65 +126,49 @@ _DUE_COLUMNS = tuple(
 _STATUSES = {s.value: s for s in TaskStatus}
 
 
-class _Decoded:
-    """The raw values of one claim decoded, each distinct one once.
+def _due_tasks(rows: Sequence[Any], claim: records.Claim) -> list[records.DueTask]:
+    """A claim's rows (in _DUE_COLUMNS order) as DueTasks.
 
     SQLite's claim reads the time and JSON columns as stored (text): a claim's tasks mostly
-    share these values (one bulk registration), so each is decoded once per claim.
+    share these values (one bulk registration), so each distinct text is decoded once per
+    claim. Positional and in one loop: a claim builds thousands of these per second, and
+    keyword arguments and a method call per value cost as much as the rest.
     """
+    times: dict[Any, datetime] = {}
+    documents: dict[str, Any] = {}
+    kinds: dict[str, tuple[EventType, ...] | None] = {}
+    statuses = _STATUSES
+    due = []
+    for (pk, platform, task_id, status, upstream_status, progress, upstream_progress,
+         fail_reason, created_at, missing_since, webhook_url, endpoint, events, metadata,
+         planned, last_change_at) in rows:  # fmt: skip
+        created = times.get(created_at)
+        if created is None:
+            created = times[created_at] = _time(created_at)
+        document = metadata
+        if isinstance(metadata, str):
+            document = documents.get(metadata)
+            if document is None:
+                document = documents[metadata] = json.loads(metadata)
+        if isinstance(events, str):
+            if events not in kinds:
+                kinds[events] = _event_types(json.loads(events))
+            wanted = kinds[events]
+        else:
+            wanted = _event_types(events)  # None, or a list (PostgreSQL)
+        snapshot = Snapshot(
+            statuses[status], upstream_status, progress, upstream_progress, fail_reason
+        )
+        task = records.DueTask(
+            pk, platform, task_id, snapshot, created, missing_since, webhook_url, endpoint,
+            wanted, document, planned, last_change_at, claim,
+        )  # fmt: skip
+        due.append(task)
+    return due
 
-    def __init__(self) -> None:
-        self.times: dict[str, datetime] = {}
-        self.json: dict[str, Any] = {}
-        self.events: dict[str, tuple[EventType, ...] | None] = {}
 
-    def time(self, value: Any) -> datetime:
-        if not isinstance(value, str):
-            return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
-        found = self.times.get(value)
-        if found is None:
-            # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
-            found = self.times[value] = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return found
-
-    def document(self, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        if value not in self.json:
-            self.json[value] = json.loads(value)
-        return self.json[value]
-
-    def event_types(self, value: Any) -> tuple[EventType, ...] | None:
-        if not isinstance(value, str):
-            return _event_types(value)
-        if value not in self.events:
-            self.events[value] = _event_types(json.loads(value))
-        return self.events[value]
-
-
-def _due(row: Any, claim: records.Claim, decoded: _Decoded) -> records.DueTask:
-    # By position, in _DUE_COLUMNS order: a claim builds thousands of these per second.
-    (pk, platform, task_id, status, upstream_status, progress, upstream_progress, fail_reason,
-     created_at, missing_since, webhook_url, endpoint, events, metadata, planned,
-     last_change_at) = row  # fmt: skip
-    return records.DueTask(
-        pk=pk,
-        platform=platform,
-        task_id=task_id,
-        snapshot=Snapshot(
-            status=_STATUSES[status],
-            upstream_status=upstream_status,
-            progress=progress,
-            upstream_progress=upstream_progress,
-            fail_reason=fail_reason,
-        ),
-        created_at=decoded.time(created_at),
-        missing_since=missing_since,
-        webhook_url=webhook_url,
-        endpoint=endpoint,
-        events=decoded.event_types(events),
-        metadata=decoded.document(metadata),
-        planned=planned,
-        last_change_at=last_change_at,
-        claim=claim,
-    )
+def _time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        return value  # type: ignore[no-any-return]  # already a datetime (PostgreSQL)
+    # SQLite keeps UTC without a zone (UTCDateTime), in an ISO format.
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
