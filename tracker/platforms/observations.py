@@ -192,13 +192,15 @@ def observe_item(
         return None
     word = item.get("status")
     progress, upstream_progress = read_progress(item.get("progress"))
+    # Positional (task_id, upstream_status, status, progress, upstream_progress, fail_reason,
+    # result, wait_hint): one per answered id, and keywords cost a third more.
     return Observation(
-        task_id=task_id,
-        upstream_status=word if isinstance(word, str) else "",
-        status=platform.normalise(word),
-        progress=progress,
-        upstream_progress=upstream_progress,
-        fail_reason=reason_of(item.get(reason_key)),
-        result=dict(item),
-        wait_hint=wait_hint,
+        task_id,
+        word if isinstance(word, str) else "",
+        platform.normalise(word),
+        progress,
+        upstream_progress,
+        reason_of(item.get(reason_key)),
+        dict(item),
+        wait_hint,
     )

@@ -78,6 +78,7 @@ class Planner:
             if isinstance(observations, Mapping)
             else {o.task_id: o for o in observations}
         )
+        settings, started = self.settings, self.drain_started
         updates = []
         for task in tasks:
             observation = seen.get(task.task_id)
@@ -97,15 +98,13 @@ class Planner:
                 change.moved or change.after.progress != change.before.progress
             )
             last_change = epoch if moved else task.last_change_at
-            gap = back_off(self.settings, epoch, last_change)
-            planned = next_poll(task.planned, epoch, gap, self.drain_started)
+            gap = back_off(settings, epoch, last_change)
+            planned = next_poll(task.planned, epoch, gap, started)
             following = self._hinted(observation, epoch, planned)
             if change is None:
-                updates.append(
-                    TaskUpdate(
-                        task, missing_since=missing, next_poll_at=following, set_aside_until=aside
-                    )
-                )
+                # Most answers: the next poll only. Positional, as keywords cost a third more
+                # on a path taken for nearly every polled task.
+                updates.append(TaskUpdate(task, None, (), missing, following, aside))
                 continue
             target = self.targets.for_task(task)
             updates.append(

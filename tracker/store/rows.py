@@ -147,9 +147,9 @@ def _due_tasks(rows: Sequence[Any], claim: records.Claim) -> list[records.DueTas
             created = times[created_at] = _time(created_at)
         document = metadata
         if isinstance(metadata, str):
-            document = documents.get(metadata)
-            if document is None:
-                document = documents[metadata] = json.loads(metadata)
+            if metadata not in documents:
+                documents[metadata] = json.loads(metadata)  # "null" too: no metadata
+            document = documents[metadata]
         if isinstance(events, str):
             if events not in kinds:
                 kinds[events] = _event_types(json.loads(events))
