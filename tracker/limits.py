@@ -1,11 +1,11 @@
 """Every limit on outgoing requests, for the poller and the deliverer alike.
 
-Pacing (RateLimiter: a platform's or an endpoint's `rate_limit`), the poller's request slots
-per upstream (Lanes: `[poll].concurrency`), and the deliverer's admission (Admission: load per
-host and endpoint, `per_host`, `max_in_flight`, `[webhooks].concurrency`). A receiver that
-hangs must not hold the whole delivery loop: each host and endpoint is allowed only what it
-can start within the wait budget at the pace it answers, and a delivery that does not get its
-slots within that budget is left for a later pass.
+Pacing (RateLimiter: a platform's or an endpoint's `rate_limit`) and the deliverer's admission
+(Admission: load per host and endpoint, `per_host`, `max_in_flight`, `[webhooks].concurrency`);
+the lanes both run on (one per upstream, one per receiver's host) are tracker/pipeline.py's.
+A receiver that hangs must not hold the whole delivery loop: each host and endpoint is allowed
+only what it can start within the wait budget at the pace it answers, and a delivery that does
+not get its slots within that budget is left for a later pass.
 """
 
 from __future__ import annotations
@@ -225,16 +225,3 @@ class RateLimiter:
                 await asyncio.sleep(delay)
             self._next = time.monotonic() + self._gap
 
-
-class Lanes:
-    """Request slots per key (the poller's: per upstream), ``size`` requests at a time each."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._slots: dict[str, asyncio.Semaphore] = {}
-
-    def __getitem__(self, key: str) -> asyncio.Semaphore:
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._slots[key] = asyncio.Semaphore(self._size)
-        return slots

@@ -1,7 +1,8 @@
 """One drain: claim due tasks in due order, fetch them in batches within limits, record answers.
 
-Claims, requests and records overlap: while batches wait on the relay, the next claim is
-taken and earlier answers are written, so the relay never idles on the daemon's bookkeeping.
+The drain is work for the pipeline delivery uses too (tracker/pipeline.py): claims, requests
+and records overlap, so while batches wait on the relay the next claim is taken and earlier
+answers are written, and the relay never idles on the daemon's bookkeeping.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 import httpx
 import structlog
@@ -21,8 +21,9 @@ from tracker import events
 from tracker.activity import Series
 from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
-from tracker.limits import Lanes, RateLimiter
+from tracker.limits import RateLimiter
 from tracker.metrics import Metrics
+from tracker.pipeline import Claimed, Pace, Pipeline
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
 from tracker.poller.report import CycleReport
@@ -81,12 +82,12 @@ class Poller:
         self.last_cycle_at: datetime | None = None
         self.last_report: CycleReport | None = None
         self._meta_written = -META_EVERY
-        self._report = CycleReport()
+        self.report = CycleReport()
         self._pull_in = False
         self._limiters = {
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
-        self._store_worker = StoreWorker("tracker-poll-store")
+        self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
         self,
@@ -127,20 +128,9 @@ class Poller:
         """
         return min(max(self.settings.interval / 2, MIN_LEASE), MAX_LEASE)
 
-    async def _keep_claims(self, held: Mapping[Claim, int]) -> None:
-        """Renew every claim in ``held`` (the drain's unfinished ones) until cancelled."""
-        while True:
-            lease = self.lease()
-            await asyncio.sleep(lease * RENEW_SHARE)
-            now = self.clock.now().timestamp()
-            for claim in list(held):
-                # A claim taken within the last tick still has most of its lease.
-                if claim.until - now < lease * (1 - RENEW_SHARE):
-                    await self._store_worker.call(self.store.renew_claim, claim, now + lease)
-
     async def earliest(self) -> datetime | None:
         """When the earliest live task falls due (None when none is live)."""
-        return await self._store_worker.call(self.store.earliest_poll)
+        return await self.store_worker.call(self.store.earliest_poll)
 
     async def run_cycle(
         self, until: asyncio.Event | None = None, *, log_empty: bool = True
@@ -151,56 +141,20 @@ class Poller:
         its heartbeat while a backlog is worked off. ``log_empty`` False leaves out the line of
         a drain that found nothing due (the engine keeps one such line per interval).
         """
-        self._report = report = CycleReport()
-        logged: list[CycleReport] = []  # the lines a long drain logged before its last
+        self.report = CycleReport()
         started = time.monotonic()
         self.planner.drain_started = self.clock.now().timestamp()
         if self._pull_in:
             self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
-            await self._store_worker.call(self.store.pull_in, latest)
-        settings = self.settings
-        claim_size = settings.batch_size * settings.concurrency
-        # One set of request slots per upstream: relays are limited independently.
-        lanes = Lanes(settings.concurrency)
-        flight = _Flight()
-        keeper = asyncio.create_task(self._keep_claims(flight.held))
-        try:
-            while until is None or not until.is_set():
-                # Prefetch one claim while the previous one is being fetched, no more.
-                await flight.room(claim_size)
-                now = self.clock.now()
-                due = await self._store_worker.call(
-                    self.store.claim_due,
-                    now,
-                    claim_size,
-                    lease=self.lease(),
-                    due_by=now + timedelta(seconds=self.ahead()),
-                )
-                if due:
-                    report.lag = max(report.lag, now.timestamp() - due[0].planned)
-                report.claimed += len(due)
-                claim = due[0].claim if due else None
-                for batch in self._batches(due, lanes):
-                    flight.launch(batch, claim)
-                if time.monotonic() - started >= max(settings.interval, 1.0):
-                    logged.append(report)
-                    report = await self._close(report, started)
-                    started = time.monotonic()
-                if len(due) < claim_size:
-                    break
-            outcomes = await asyncio.gather(*flight.tasks, return_exceptions=True)
-        finally:
-            keeper.cancel()
-            for task in flight.tasks:
-                task.cancel()  # only when cut off (a stop past its deadline)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        await self._close(report, started, log_line=log_empty or report.claimed > 0)
-        return CycleReport.total([*logged, report])
+            await self.store_worker.call(self.store.pull_in, latest)
+        drain = _Drain(self, started)
+        await Pipeline(drain, until=until).run()
+        report, started = self.report, drain.started
+        await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
+        return CycleReport.total([*drain.logged, report])
 
-    async def _close(
+    async def close_line(
         self, report: CycleReport, started: float, *, log_line: bool = True
     ) -> CycleReport:
         """Log the report's line, publish it, and start a new one."""
@@ -210,7 +164,7 @@ class Poller:
         if time.monotonic() - self._meta_written >= META_EVERY:
             self._meta_written = time.monotonic()
             # For `tracker stats` in another process.
-            await self._store_worker.call(
+            await self.store_worker.call(
                 self.store.set_meta, "last_cycle_at", isoformat(self.last_cycle_at) or ""
             )
         self.metrics.cycle_duration.observe(report.seconds)
@@ -218,42 +172,12 @@ class Poller:
             # One line per drain (per interval in a long one), and a heartbeat when idle.
             log.info("poll_cycle", **report.line())
         self.on_report(report)
-        self._report = CycleReport()
-        return self._report
-
-    def _batches(self, due: Sequence[DueTask], lanes: Lanes) -> list[_Batch]:
-        now = self.clock.now()
-        given_up: list[TaskUpdate] = []
-        by_platform: dict[str, list[DueTask]] = defaultdict(list)
-        for task in due:
-            update = self.planner.expired(task, now)
-            if update is not None:
-                given_up.append(update)
-            else:
-                by_platform[task.platform].append(task)
-        batches = []
-        if given_up:
-            self._report.given_up += len(given_up)
-            batches.append(_Batch(self, None, given_up, None))
-        for name, tasks in by_platform.items():
-            platform = self.platforms.get(name)
-            if platform is None:
-                # The platform was removed from the config; keep the tasks for when it returns.
-                log.warning("unknown_platform", platform=name, tasks=len(tasks))
-                kept = [self.planner.unchanged(t, now) for t in tasks]
-                batches.append(_Batch(self, None, kept, None))
-                continue
-            size = platform.batch_size
-            lane = lanes[platform.upstream.name]
-            batches.extend(
-                _Batch(self, platform, tasks[i : i + size], lane)
-                for i in range(0, len(tasks), size)
-            )
-        return batches
+        self.report = CycleReport()
+        return self.report
 
     async def fetch(self, platform: Platform, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
         """Ask the relay about ``tasks`` (a slot already held) and decide each one's update."""
-        report = self._report
+        report = self.report
         ids = [t.task_id for t in tasks]
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
@@ -274,7 +198,7 @@ class Poller:
             observations = await platform.fetch(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
             self.report_relay(platform.upstream, exc)
-            self._report.errors += 1
+            self.report.errors += 1
             code = _error_code(exc)
             self.metrics.upstream_requests.labels(platform.name, code).inc()
             self.metrics.upstream_errors.labels(platform.name, code).inc()
@@ -296,12 +220,9 @@ class Poller:
             updates += self.planner.decide(platform.name, chunk, seen, now)
         return updates
 
-    async def record(self, updates: Sequence[TaskUpdate]) -> None:
-        """Write one batch's updates in one transaction; count what moved."""
-        if not updates:
-            return
-        written = await self._store_worker.call(self.store.record, updates, self.clock.now())
-        report = self._report
+    def count_recorded(self, updates: Sequence[TaskUpdate], written: int) -> None:
+        """Count what the recorded ``updates`` moved; tell the deliverer of new events."""
+        report = self.report
         fired = 0
         for update in updates:
             change = update.change
@@ -318,60 +239,155 @@ class Poller:
             self.on_events()
 
 
-@dataclasses.dataclass(slots=True)
-class _Flight:
-    """A drain's batches under way: how many tasks they hold, and which claims they keep."""
-
-    tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
-    outstanding: int = 0
-    #: unfinished batches per claim; the drain renews these claims
-    held: dict[Claim, int] = dataclasses.field(default_factory=dict)
-
-    async def room(self, size: int) -> None:
-        """Wait until fewer than ``size`` tasks are under way."""
-        while self.tasks and self.outstanding >= size:
-            await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
-
-    def launch(self, batch: _Batch, claim: Claim | None) -> None:
-        """Run ``batch`` as a task of its own, counted until it ends."""
-        self.outstanding += batch.size
-        if claim is not None:
-            self.held[claim] = self.held.get(claim, 0) + 1
-        task = asyncio.create_task(batch.run())
-        task.add_done_callback(lambda _: self._ended(batch.size, claim))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
-
-    def _ended(self, size: int, claim: Claim | None) -> None:
-        self.outstanding -= size
-        if claim is not None:
-            self.held[claim] -= 1
-            if not self.held[claim]:
-                del self.held[claim]
-
-
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Batch:
-    """One relay request's worth of tasks (or updates decided without asking)."""
+    """One relay request's worth of claimed tasks."""
 
-    poller: Poller
-    platform: Platform | None
-    items: Sequence[Any]  #: DueTasks to fetch, or TaskUpdates ready to record
-    lane: asyncio.Semaphore | None
+    platform: Platform
+    tasks: Sequence[DueTask]
+    claim: Claim | None
 
-    @property
-    def size(self) -> int:
-        """Tasks in the batch."""
-        return len(self.items)
 
-    async def run(self) -> None:
-        """Fetch within the lane's slots, then record outside them."""
-        if self.platform is None or self.lane is None:
-            await self.poller.record(self.items)
-            return
-        async with self.lane:
-            updates = await self.poller.fetch(self.platform, self.items)
-        await self.poller.record(updates)
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answered:
+    """A batch's updates, to record (``batch`` None: decided without asking)."""
+
+    batch: _Batch | None
+    updates: list[TaskUpdate]
+    size: int
+
+
+class _Drain:
+    """One drain as pipeline work (tracker/pipeline.py): claims of due tasks in due order,
+    batches on one lane per upstream (``[poll].concurrency`` requests at a time each), and
+    the answers' updates recorded together at the next store round.
+
+    Claims are prefetched one ahead: the next is taken once fewer than one claim's worth of
+    tasks are under way, so the relay never waits for the daemon's own bookkeeping.
+    """
+
+    name = "poll"
+    pace = Pace()
+    refill_on_write = False
+
+    def __init__(self, poller: Poller, started: float) -> None:
+        self._poller = poller
+        settings = poller.settings
+        self._size = settings.batch_size * settings.concurrency
+        self._width = settings.concurrency
+        #: claimed tasks not recorded yet
+        self._outstanding = 0
+        #: unrecorded batches per claim; these claims are renewed
+        self._held: dict[Claim, int] = {}
+        #: when the current log line's part of the drain began (monotonic)
+        self.started = started
+        #: the lines a drain longer than an interval logged before its last
+        self.logged: list[CycleReport] = []
+
+    def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
+        return self._size if self._outstanding < self._size else 0
+
+    def renew_every(self) -> float:
+        return self._poller.lease() * RENEW_SHARE
+
+    def unwritten(self) -> bool:
+        return False
+
+    async def round(
+        self, results: list[_Answered], claim: int, *, renew: bool
+    ) -> Claimed[_Batch, _Answered]:
+        poller = self._poller
+        now = poller.clock.now()
+        lease = poller.lease()
+        renewing: list[Claim] = []
+        if renew:
+            # A claim taken within the last renewal period still has most of its lease.
+            renewing = [
+                c for c in self._held if c.until - now.timestamp() < lease * (1 - RENEW_SHARE)
+            ]
+        updates = [u for answered in results for u in answered.updates]
+        due_by = now + timedelta(seconds=poller.ahead())
+        written, due = await poller.store_worker.call(
+            self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
+        )
+        for answered in results:
+            self._outstanding -= answered.size
+            if answered.batch is not None and answered.batch.claim is not None:
+                self._release(answered.batch.claim)
+        if updates:
+            poller.count_recorded(updates, written)
+        claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
+        if time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
+            self.logged.append(poller.report)
+            await poller.close_line(poller.report, self.started)
+            self.started = time.monotonic()
+        return claimed
+
+    def _store_round(
+        self,
+        updates: list[TaskUpdate],
+        renewing: list[Claim],
+        claim: int,
+        *,
+        now: datetime,
+        lease: float,
+        due_by: datetime,
+    ) -> tuple[int, list[DueTask]]:
+        store = self._poller.store
+        written = store.record(updates, now) if updates else 0
+        for held in renewing:
+            store.renew_claim(held, now.timestamp() + lease)
+        due = store.claim_due(now, claim, lease=lease, due_by=due_by) if claim else []
+        return written, due
+
+    def _split(self, due: list[DueTask], now: datetime) -> Claimed[_Batch, _Answered]:
+        """The claimed tasks as batches per platform, and updates for those not to ask."""
+        poller = self._poller
+        report = poller.report
+        report.lag = max(report.lag, now.timestamp() - due[0].planned)
+        report.claimed += len(due)
+        self._outstanding += len(due)
+        claim = due[0].claim
+        ready: list[_Answered] = []
+        by_platform: dict[str, list[DueTask]] = defaultdict(list)
+        given_up: list[TaskUpdate] = []
+        for task in due:
+            update = poller.planner.expired(task, now)
+            if update is not None:
+                given_up.append(update)
+            else:
+                by_platform[task.platform].append(task)
+        if given_up:
+            report.given_up += len(given_up)
+            ready.append(_Answered(None, given_up, len(given_up)))
+        units: list[tuple[str, int, _Batch]] = []
+        for name, tasks in by_platform.items():
+            platform = poller.platforms.get(name)
+            if platform is None:
+                # The platform was removed from the config; keep the tasks for when it returns.
+                log.warning("unknown_platform", platform=name, tasks=len(tasks))
+                kept = [poller.planner.unchanged(t, now) for t in tasks]
+                ready.append(_Answered(None, kept, len(kept)))
+                continue
+            size = platform.batch_size
+            lane = platform.upstream.name
+            for i in range(0, len(tasks), size):
+                units.append((lane, self._width, _Batch(platform, tasks[i : i + size], claim)))
+                if claim is not None:
+                    self._held[claim] = self._held.get(claim, 0) + 1
+        return Claimed(units=units, ready=ready, more=len(due) == self._size)
+
+    def _release(self, claim: Claim) -> None:
+        self._held[claim] -= 1
+        if not self._held[claim]:
+            del self._held[claim]
+
+    async def perform(self, unit: _Batch) -> _Answered:
+        updates = await self._poller.fetch(unit.platform, unit.tasks)
+        return _Answered(unit, updates, len(unit.tasks))
+
+    def dropped(self, unit: _Batch) -> None:
+        """Nothing to undo: its claim lapses, and the tasks fall due again."""
 
 
 def _error_code(exc: Exception) -> str:
