@@ -224,4 +224,3 @@ class RateLimiter:
                 self.waited += delay
                 await asyncio.sleep(delay)
             self._next = time.monotonic() + self._gap
-
