@@ -1,0 +1,210 @@
+"""The pipeline polling and delivery share: claims, lanes within their width, results written in
+rounds, claims renewed while held, errors and stops.
+
+A small Work over an in-memory table stands in for the store and the I/O, so each rule is seen
+on its own; the poll drain and the delivery pass run through it in their own tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+
+import pytest
+
+from tracker.pipeline import Claimed, Pace, Pipeline
+
+
+@dataclasses.dataclass
+class Table:
+    """Rows due in id order, what the rounds wrote, and what happened when."""
+
+    due: collections.deque[int]
+    written: list[int] = dataclasses.field(default_factory=list)
+    round_sizes: list[int] = dataclasses.field(default_factory=list)
+    renewals: int = 0
+    timeline: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    in_flight: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+    most_in_flight: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+    claimed_while_busy: int = 0
+
+
+class ToyWork:
+    """Claims ``claim`` rows at a time; row n goes to lane "a" (even) or "b" (odd)."""
+
+    name = "toy"
+    refill_on_write = False
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        claim: int = 8,
+        width: int = 2,
+        takes: float = 0.001,
+        pace: Pace | None = None,
+        renew_every: float = 10.0,
+        round_takes: float = 0.0,
+        fails_on: int | None = None,
+    ) -> None:
+        self.table = table
+        self.claim = claim
+        self.width = width
+        self.takes = takes
+        self.pace = pace or Pace()
+        self._renew_every = renew_every
+        self.round_takes = round_takes
+        self.fails_on = fails_on
+        self.outstanding = 0
+
+    def claim_size(self, pipeline: Pipeline[int, int]) -> int:
+        return self.claim if self.outstanding < self.claim else 0
+
+    def renew_every(self) -> float:
+        return self._renew_every
+
+    def unwritten(self) -> bool:
+        return False
+
+    async def round(self, results: list[int], claim: int, *, renew: bool) -> Claimed[int, int]:
+        table = self.table
+        table.timeline.append(("round", len(results)))
+        if results:
+            table.round_sizes.append(len(results))
+        await asyncio.sleep(self.round_takes)
+        table.written += results
+        self.outstanding -= len(results)
+        table.renewals += renew
+        if claim and sum(table.in_flight.values()):
+            table.claimed_while_busy += 1
+        rows = [table.due.popleft() for _ in range(min(claim, len(table.due)))]
+        self.outstanding += len(rows)
+        table.timeline.append(("round_end", 0))
+        units = [("ab"[row % 2], self.width, row) for row in rows]
+        return Claimed(units=units, more=claim > 0 and len(rows) == claim)
+
+    async def perform(self, unit: int) -> int:
+        table = self.table
+        lane = "ab"[unit % 2]
+        table.timeline.append(("perform", unit))
+        table.in_flight[lane] += 1
+        table.most_in_flight[lane] = max(table.most_in_flight[lane], table.in_flight[lane])
+        try:
+            await asyncio.sleep(self.takes)
+            if unit == self.fails_on:
+                raise RuntimeError(f"unit {unit} failed")
+        finally:
+            table.in_flight[lane] -= 1
+        return unit
+
+    def dropped(self, unit: int) -> None:
+        self.outstanding -= 1
+
+
+def table_of(rows: int) -> Table:
+    return Table(due=collections.deque(range(rows)))
+
+
+async def test_every_claimed_row_is_performed_once_and_written_once() -> None:
+    """All due rows are claimed, performed and written exactly once; run() counts them."""
+    table = table_of(50)
+    performed = await Pipeline(ToyWork(table)).run()
+    assert performed == 50
+    assert sorted(table.written) == list(range(50))
+
+
+async def test_results_are_written_together_at_the_next_round() -> None:
+    """Results that finish while a round runs wait for the next one, which takes them all."""
+    table = table_of(64)
+    await Pipeline(ToyWork(table, claim=16, width=8, round_takes=0.01)).run()
+    assert sorted(table.written) == list(range(64))
+    assert max(table.round_sizes) > 1
+    assert len(table.round_sizes) < 64
+
+
+async def test_a_lane_runs_at_most_its_width_at_once_in_claim_order() -> None:
+    """Each lane has at most ``width`` units under way, reaches it, and starts them in order."""
+    table = table_of(40)
+    await Pipeline(ToyWork(table, claim=20, width=3, takes=0.005)).run()
+    assert table.most_in_flight == {"a": 3, "b": 3}
+    for lane in (0, 1):
+        started = [n for what, n in table.timeline if what == "perform" and n % 2 == lane]
+        assert started == sorted(started)
+
+
+async def test_the_next_claim_is_taken_while_units_are_under_way() -> None:
+    """The I/O does not wait for the bookkeeping: claims come while units are performed."""
+    table = table_of(100)
+    await Pipeline(ToyWork(table, claim=10, width=2, takes=0.005)).run()
+    assert table.claimed_while_busy > 0
+
+
+async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:
+    """A claim that finds fewer rows than asked is the last; run() returns when all is written."""
+    table = table_of(5)
+    work = ToyWork(table, claim=8)
+    assert await Pipeline(work).run() == 5
+    assert work.outstanding == 0
+    rounds = [n for what, n in table.timeline if what == "round"]
+    assert rounds[0] == 0  # the first round only claimed
+    assert sum(rounds) == 5
+
+
+async def test_claims_are_renewed_while_a_unit_outlasts_the_renewal_period() -> None:
+    """A unit slower than several renewal periods keeps its claim renewed, and only then."""
+    table = table_of(1)
+    await Pipeline(ToyWork(table, claim=4, takes=0.3, renew_every=0.05)).run()
+    assert table.written == [0]
+    assert 3 <= table.renewals <= 7
+
+
+async def test_no_renewal_when_units_finish_within_the_period() -> None:
+    """Renewal rounds are for claims still held: quick units need none."""
+    table = table_of(20)
+    await Pipeline(ToyWork(table, claim=4, renew_every=5.0)).run()
+    assert table.renewals == 0
+
+
+async def test_a_failing_unit_ends_the_run_with_its_error_after_what_finished_is_written() -> None:
+    """The error surfaces from run(); results that finished before it are still written."""
+    table = table_of(20)
+    work = ToyWork(table, claim=20, width=1, fails_on=7)
+    with pytest.raises(RuntimeError, match="unit 7 failed"):
+        await Pipeline(work).run()
+    assert {0, 2, 4, 6} <= set(table.written)
+    assert 7 not in table.written
+
+
+async def test_until_stops_claiming_and_lets_units_under_way_finish() -> None:
+    """Once ``until`` is set no more rows are claimed; what was claimed is still written."""
+    table = table_of(1000)
+    until = asyncio.Event()
+    work = ToyWork(table, claim=10, takes=0.01)
+    run = asyncio.create_task(Pipeline(work, until=until).run())
+    await asyncio.sleep(0.05)
+    until.set()
+    performed = await asyncio.wait_for(run, 5)
+    assert 0 < performed < 1000
+    assert len(table.written) == performed
+    assert len(table.due) == 1000 - performed
+
+
+@pytest.mark.parametrize("hold_off", [0.0, 0.5])
+async def test_workers_hold_off_their_next_unit_while_a_round_runs(hold_off: float) -> None:
+    """With a hold-off no unit starts while a store round runs; without one, units do."""
+    table = table_of(60)
+    work = ToyWork(
+        table, claim=30, width=2, takes=0.002, round_takes=0.02, pace=Pace(hold_off=hold_off)
+    )
+    await Pipeline(work).run()
+    started_during_rounds = 0
+    in_round = False
+    for what, _ in table.timeline:
+        if what == "round":
+            in_round = True
+        elif what == "round_end":
+            in_round = False
+        elif in_round:
+            started_during_rounds += 1
+    assert (started_during_rounds == 0) == (hold_off > 0)
