@@ -317,7 +317,9 @@ class _Drain:
         if updates:
             poller.count_recorded(updates, written)
         claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
-        if time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
+        # A long drain's line per interval closes at a claim, so it counts what it claimed
+        # and what it recorded alike (renewals and writes alone run while requests wait).
+        if claim and time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
             self.logged.append(poller.report)
             await poller.close_line(poller.report, self.started)
             self.started = time.monotonic()
