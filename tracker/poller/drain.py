@@ -1,16 +1,13 @@
 """One drain: claim due tasks in due order, fetch them in batches within limits, record answers.
 
-The drain is work for the pipeline delivery uses too (tracker/pipeline.py): claims, requests
-and records overlap, so while batches wait on the relay the next claim is taken and earlier
-answers are written, and the relay never idles on the daemon's bookkeeping.
+``Poller`` asks the relays and decides; the drain's claims, batches and store rounds are
+``DrainWork`` (rounds.py), run by the pipeline delivery uses too (tracker/pipeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -23,12 +20,13 @@ from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
 from tracker.limits import RateLimiter
 from tracker.metrics import Metrics
-from tracker.pipeline import Claimed, Pace, Pipeline
+from tracker.pipeline import Pipeline
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
 from tracker.poller.report import CycleReport
+from tracker.poller.rounds import DrainWork
 from tracker.store.abc import TaskStore
-from tracker.store.records import Claim, DueTask, TaskUpdate
+from tracker.store.records import DueTask, TaskUpdate
 from tracker.store.worker import StoreWorker
 
 log = structlog.get_logger("tracker.poller")
@@ -37,8 +35,6 @@ log = structlog.get_logger("tracker.poller")
 MIN_LEASE = 1.0
 #: nor longer: a daemon that dies holds its claims at most this long (seconds)
 MAX_LEASE = 30.0
-#: the claims a drain still works on are renewed every this share of a lease
-RENEW_SHARE = 0.25
 #: share of the interval a drain looks ahead: tasks due that soon join the current batches
 #: rather than waking the engine again a few milliseconds later
 AHEAD_SHARE = 0.05
@@ -148,7 +144,7 @@ class Poller:
             self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
             await self.store_worker.call(self.store.pull_in, latest)
-        drain = _Drain(self, started)
+        drain = DrainWork(self, started)
         await Pipeline(drain, until=until).run()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
@@ -237,159 +233,6 @@ class Poller:
         report.events += fired
         if written and fired:
             self.on_events()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Batch:
-    """One relay request's worth of claimed tasks."""
-
-    platform: Platform
-    tasks: Sequence[DueTask]
-    claim: Claim | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Answered:
-    """A batch's updates, to record (``batch`` None: decided without asking)."""
-
-    batch: _Batch | None
-    updates: list[TaskUpdate]
-    size: int
-
-
-class _Drain:
-    """One drain as pipeline work (tracker/pipeline.py): claims of due tasks in due order,
-    batches on one lane per upstream (``[poll].concurrency`` requests at a time each), and
-    the answers' updates recorded together at the next store round.
-
-    Claims are prefetched one ahead: the next is taken once fewer than one claim's worth of
-    tasks are under way, so the relay never waits for the daemon's own bookkeeping.
-    """
-
-    name = "poll"
-    pace = Pace()
-    refill_on_write = False
-
-    def __init__(self, poller: Poller, started: float) -> None:
-        self._poller = poller
-        settings = poller.settings
-        self._size = settings.batch_size * settings.concurrency
-        self._width = settings.concurrency
-        #: claimed tasks not recorded yet
-        self._outstanding = 0
-        #: unrecorded batches per claim; these claims are renewed
-        self._held: dict[Claim, int] = {}
-        #: when the current log line's part of the drain began (monotonic)
-        self.started = started
-        #: the lines a drain longer than an interval logged before its last
-        self.logged: list[CycleReport] = []
-
-    def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        return self._size if self._outstanding < self._size else 0
-
-    def renew_every(self) -> float:
-        return self._poller.lease() * RENEW_SHARE
-
-    def unwritten(self) -> bool:
-        return False
-
-    async def round(
-        self, results: list[_Answered], claim: int, *, renew: bool
-    ) -> Claimed[_Batch, _Answered]:
-        poller = self._poller
-        now = poller.clock.now()
-        lease = poller.lease()
-        renewing: list[Claim] = []
-        if renew:
-            # A claim taken within the last renewal period still has most of its lease.
-            renewing = [
-                c for c in self._held if c.until - now.timestamp() < lease * (1 - RENEW_SHARE)
-            ]
-        updates = [u for answered in results for u in answered.updates]
-        due_by = now + timedelta(seconds=poller.ahead())
-        written, due = await poller.store_worker.call(
-            self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
-        )
-        for answered in results:
-            self._outstanding -= answered.size
-            if answered.batch is not None and answered.batch.claim is not None:
-                self._release(answered.batch.claim)
-        if updates:
-            poller.count_recorded(updates, written)
-        claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
-        # A long drain's line per interval closes at a claim, so it counts what it claimed
-        # and what it recorded alike (renewals and writes alone run while requests wait).
-        if claim and time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
-            self.logged.append(poller.report)
-            await poller.close_line(poller.report, self.started)
-            self.started = time.monotonic()
-        return claimed
-
-    def _store_round(
-        self,
-        updates: list[TaskUpdate],
-        renewing: list[Claim],
-        claim: int,
-        *,
-        now: datetime,
-        lease: float,
-        due_by: datetime,
-    ) -> tuple[int, list[DueTask]]:
-        store = self._poller.store
-        written = store.record(updates, now) if updates else 0
-        for held in renewing:
-            store.renew_claim(held, now.timestamp() + lease)
-        due = store.claim_due(now, claim, lease=lease, due_by=due_by) if claim else []
-        return written, due
-
-    def _split(self, due: list[DueTask], now: datetime) -> Claimed[_Batch, _Answered]:
-        """The claimed tasks as batches per platform, and updates for those not to ask."""
-        poller = self._poller
-        report = poller.report
-        report.lag = max(report.lag, now.timestamp() - due[0].planned)
-        report.claimed += len(due)
-        self._outstanding += len(due)
-        claim = due[0].claim
-        ready: list[_Answered] = []
-        by_platform: dict[str, list[DueTask]] = defaultdict(list)
-        given_up: list[TaskUpdate] = []
-        for task in due:
-            update = poller.planner.expired(task, now)
-            if update is not None:
-                given_up.append(update)
-            else:
-                by_platform[task.platform].append(task)
-        if given_up:
-            report.given_up += len(given_up)
-            ready.append(_Answered(None, given_up, len(given_up)))
-        units: list[tuple[str, int, _Batch]] = []
-        for name, tasks in by_platform.items():
-            platform = poller.platforms.get(name)
-            if platform is None:
-                # The platform was removed from the config; keep the tasks for when it returns.
-                log.warning("unknown_platform", platform=name, tasks=len(tasks))
-                kept = [poller.planner.unchanged(t, now) for t in tasks]
-                ready.append(_Answered(None, kept, len(kept)))
-                continue
-            size = platform.batch_size
-            lane = platform.upstream.name
-            for i in range(0, len(tasks), size):
-                units.append((lane, self._width, _Batch(platform, tasks[i : i + size], claim)))
-                if claim is not None:
-                    self._held[claim] = self._held.get(claim, 0) + 1
-        return Claimed(units=units, ready=ready, more=len(due) == self._size)
-
-    def _release(self, claim: Claim) -> None:
-        self._held[claim] -= 1
-        if not self._held[claim]:
-            del self._held[claim]
-
-    async def perform(self, unit: _Batch) -> _Answered:
-        updates = await self._poller.fetch(unit.platform, unit.tasks)
-        return _Answered(unit, updates, len(unit.tasks))
-
-    def dropped(self, unit: _Batch) -> None:
-        """Nothing to undo: its claim lapses, and the tasks fall due again."""
 
 
 def _error_code(exc: Exception) -> str:
