@@ -208,3 +208,17 @@ async def test_workers_hold_off_their_next_unit_while_a_round_runs(hold_off: flo
         elif in_round:
             started_during_rounds += 1
     assert (started_during_rounds == 0) == (hold_off > 0)
+
+
+async def test_a_run_cancelled_during_a_round_lets_go_of_what_the_round_claimed() -> None:
+    """The round finishes (it is shielded), and each unit it claimed is handed to dropped()."""
+    table = table_of(20)
+    work = ToyWork(table, claim=8, round_takes=0.2)
+    run = asyncio.create_task(Pipeline(work).run())
+    await asyncio.sleep(0.05)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert len(table.due) == 12  # the round claimed its 8 rows
+    assert work.outstanding == 0
+    assert table.written == []

@@ -285,10 +285,14 @@ class Pipeline(Generic[U, R]):
         failed, unrecorded = (f"{self._work.name}_{what}" for what in FAILURES)
         if self._store_round is not None:
             try:
-                await self._store_round
+                claimed = await self._store_round
             except Exception:
                 log.exception(failed)
                 return
+            # Cut off while it ran: what it claimed is let go, what it decided is written.
+            for _, _, unit in claimed.units:
+                self._work.dropped(unit)
+            self._finished.extend(claimed.ready)
         if self._finished or self._work.unwritten():
             results, self._finished = self._finished, []
             try:
