@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -200,6 +201,14 @@ def _nested(depth: int, innermost: object) -> object:
         json.dumps(_nested(sanitize.MAX_DEPTH, [])),
         json.dumps(_nested(sanitize.MAX_DEPTH + 1, 0)),
         "[" * 100_000 + "]" * 100_000,
+        json.dumps(_nested(sanitize.MAX_DEPTH, ["]]]", "}", "[", "{{"])),
+        json.dumps({"a": "[x]", "b": [1, {"c": "}{", "d": '"[]"'}]}),
+        *(
+            " " * pad + json.dumps(["x" * (sanitize.MAX_TEXT + 1)])
+            for pad in (0, 1, 4094, 4095, 4096, 4097)
+        ),
+        json.dumps({"s": "\u00e9" * (sanitize.MAX_TEXT + 1)}, ensure_ascii=False),
+        json.dumps({"s": "\u00e9" * sanitize.MAX_TEXT}, ensure_ascii=False),
     ],
     ids=[
         "40 digits",
@@ -214,15 +223,23 @@ def _nested(depth: int, innermost: object) -> object:
         "over the depth cap",
         "a scalar over the depth cap",
         "past the recursion limit",
+        "over the depth cap, brackets in strings",
+        "brackets and quotes in strings",
+        *(f"a string over the cap after {pad} spaces" for pad in (0, 1, 4094, 4095, 4096, 4097)),
+        "multi-byte characters over the cap",
+        "multi-byte characters at the cap",
     ],
 )
 def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
-    """Answers with nothing to clean skip the integer hook and the text scan; at every edge of
-    the caps (digits, string length, depth) the result, or the refusal, is the careful one."""
+    """Answers with nothing to clean skip the integer hook and the walk over every value; at
+    every edge of the caps (digits, string length, depth, brackets and quotes inside strings)
+    the result, or the refusal, is the careful one, from bytes and from text alike."""
     try:
         expected = sanitize._loads_carefully(text)
     except sanitize.BadJSONError as exc:
-        with pytest.raises(sanitize.BadJSONError, match=str(exc)):
-            sanitize.loads(text.encode())
+        for given in (text.encode(), text):
+            with pytest.raises(sanitize.BadJSONError, match=re.escape(str(exc))):
+                sanitize.loads(given)
         return
     assert sanitize.loads(text.encode()) == expected
+    assert sanitize.loads(text) == expected

@@ -127,14 +127,14 @@ def loads(data: bytes | str) -> Any:
         text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise BadJSONError(f"not UTF-8 at byte {exc.start}") from None
-    # Most answers hold nothing to clean: parsed with the C decoder alone (no hook per
-    # integer) and checked in one walk, they come out as the careful path below would make
-    # them. Anything odd, an error included, takes the careful path, which decides.
-    if not _SUSPECT_ESCAPE.search(text):
+    # Most answers hold nothing to clean. When the text shows that (a few passes in C over
+    # it), the C decoder parses it alone, with no hook per integer and no walk over every
+    # value, and gives what the careful path would. Anything odd, an error included, takes
+    # the careful path, which decides.
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _plain(text, raw):
         with contextlib.suppress(ValueError, RecursionError):
-            value = json.loads(text, parse_float=_parse_float, parse_constant=_no_constant)
-            if _plain(value, MAX_DEPTH):
-                return value
+            return json.loads(text, parse_float=_parse_float, parse_constant=_no_constant)
     return _loads_carefully(text)
 
 
@@ -158,38 +158,45 @@ def _loads_carefully(text: str) -> Any:
 
 #: a \u escape of NUL or of a UTF-16 surrogate (paired ones too: rare, and then merely slow)
 _SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
-#: the smallest integer with more than MAX_INT_DIGITS digits
-_INT_BOUND: Final = 10**MAX_INT_DIGITS
+#: a stretch of the text this long without a quote may lie inside a string over MAX_TEXT
+_QUOTE_EVERY: Final = (MAX_TEXT + 1) // 2
+#: the text's bytes with every digit as "0" and everything else as " "
+_DIGITS: Final = bytes(ord("0") if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+#: every byte but the brackets and the quote (multi-byte UTF-8 never holds these)
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+#: the containers holding no container (once the strings are gone)
+_INNERMOST: Final = re.compile(rb"\[\]|\{\}")
 
 
-def _plain(value: Any, limit: int) -> bool:
-    """Whether decoded JSON nests at most ``limit`` deep and holds no string (key or value)
-    over MAX_TEXT characters and no integer over MAX_INT_DIGITS digits: what `clean_json`
-    would leave as it is, given text without the escapes of NUL or surrogates."""
-    # Level by level, as _deeper_than, with the scalars checked on the way.
-    level: list[Any] = [value]
-    for _ in range(limit + 1):
-        below: list[Any] = []
-        containers = False
-        for item in level:
-            kind = type(item)
-            if kind is dict:
-                if item and max(map(len, item)) > MAX_TEXT:
-                    return False
-                below.extend(item.values())
-                containers = True
-            elif kind is list:
-                below.extend(item)
-                containers = True
-            elif kind is str:
-                if len(item) > MAX_TEXT:
-                    return False
-            elif kind is int and not -_INT_BOUND < item < _INT_BOUND:
-                return False
-        if not containers:
+def _plain(text: str, raw: bytes) -> bool:
+    """Whether JSON ``text`` (``raw``, its UTF-8 bytes) surely holds nothing `clean_json`
+    would change and nests at most MAX_DEPTH deep: no NUL or surrogate escape, no string over
+    MAX_TEXT characters, no integer over MAX_INT_DIGITS digits. False when unsure.
+
+    Valid JSON is assumed (the decoder checks that); on any other text the answer is moot.
+    """
+    if _SUSPECT_ESCAPE.search(text) or b'\\"' in raw:
+        return False
+    # Without escaped quotes, every quote starts or ends a string. A string over MAX_TEXT
+    # characters is that many bytes without a quote at least, and so covers a whole aligned
+    # stretch of _QUOTE_EVERY bytes.
+    for start in range(0, len(raw) - _QUOTE_EVERY + 1, _QUOTE_EVERY):
+        if raw.find(b'"', start, start + _QUOTE_EVERY) < 0:
+            return False
+    # Such an integer is a run of more digits than that (digits in strings only count against).
+    if b"0" * (MAX_INT_DIGITS + 1) in raw.translate(_DIGITS):
+        return False
+    # Brackets and quotes only; a string without brackets is then a pair of quotes, and a
+    # quote left over means some string holds a bracket.
+    shape = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in shape:
+        return False
+    # Each round takes away the containers that hold no other: the rounds are the depth.
+    for _ in range(MAX_DEPTH):
+        if not shape:
             return True
-        level = below
-    return False
+        shape = _INNERMOST.sub(b"", shape)
+    return not shape
 
 
 def _may_need_cleaning(text: str) -> bool:
