@@ -52,12 +52,15 @@ def clean_text(value: str, limit: int | None = MAX_TEXT) -> str:
     """``value`` without NUL characters or lone surrogates, cut to ``limit`` characters."""
     if "\x00" in value:
         value = value.replace("\x00", "")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # Through UTF-16, paired surrogates become the one character they stand for and lone
-        # ones become U+FFFD.
-        value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    # An ASCII string (nearly every one; CPython knows it without looking) holds no
+    # surrogate, so it needs no trial encoding.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Through UTF-16, paired surrogates become the one character they stand for and
+            # lone ones become U+FFFD.
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if limit is not None and len(value) > limit:
         value = value[:limit]
     return value
@@ -175,7 +178,7 @@ def _plain(text: str, raw: bytes) -> bool:
 
     Valid JSON is assumed (the decoder checks that); on any other text the answer is moot.
     """
-    if _SUSPECT_ESCAPE.search(text) or b'\\"' in raw:
+    if b'\\"' in raw or (b"\\u" in raw and _SUSPECT_ESCAPE.search(text)):
         return False
     # Without escaped quotes, every quote starts or ends a string. A string over MAX_TEXT
     # characters is that many bytes without a quote at least, and so covers a whole aligned
