@@ -14,7 +14,7 @@ from conftest import base_config, eventually, merge
 
 from tracker import config, sdnotify
 from tracker.app import Daemon
-from tracker.dashboard.sessions import COOKIE
+from tracker.dashboard.sessions import COOKIE, MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW
 from tracker.store import Registration
 from tracker.testing.dashboard import hidden_fields, sign_in
 from tracker.testing.receiver import Reply, WebhookReceiver
@@ -395,3 +395,32 @@ async def test_the_overview_says_n_a_when_the_poller_reports_no_lag(
     page = (await browser.get("/ui/")).text
 
     assert '<span class="value" id="poll-lag">n/a</span>' in page
+
+
+async def test_too_many_refused_sign_ins_hold_the_client_back_even_with_the_right_token(
+    browser: httpx.AsyncClient,
+) -> None:
+    """After MAX_SIGN_IN_FAILURES wrong tokens, even the right one gets 429 with Retry-After,
+    so a token cannot be guessed at network speed; the hold is logged once, without tokens.
+    """
+    with structlog.testing.capture_logs() as logged:
+        for n in range(MAX_SIGN_IN_FAILURES):
+            form = await browser.get("/ui/login")
+            answer = await browser.post(
+                "/ui/login",
+                data={"token": f"guess-{n}", "login_csrf": hidden_fields(form.text)["login_csrf"]},
+            )
+            assert 401 == answer.status_code
+        form = await browser.get("/ui/login")
+        held = await browser.post(
+            "/ui/login",
+            data={"token": TOKEN, "login_csrf": hidden_fields(form.text)["login_csrf"]},
+        )
+
+    assert 429 == held.status_code
+    assert 0 < int(held.headers["retry-after"]) <= SIGN_IN_WINDOW
+    assert "too many refused sign-ins" in held.text
+    assert COOKIE not in held.headers.get("set-cookie", "")
+    assert 1 == sum(e["event"] == "dashboard_sign_ins_held_back" for e in logged)
+    assert TOKEN not in repr(logged)
+    assert "guess-3" not in repr(logged)

@@ -14,7 +14,16 @@ from tracker import config
 from tracker.activity import ERRORS_KEPT, WINDOW_MINUTES, Activity, Series
 from tracker.clock import FakeClock
 from tracker.dashboard import Dashboard, chart, mount
-from tracker.dashboard.sessions import MAX_SESSIONS, Sessions, csrf_ok, tokens_match
+from tracker.dashboard.sessions import (
+    MAX_SESSIONS,
+    MAX_SIGN_IN_FAILURES,
+    MAX_TRACKED_CLIENTS,
+    SIGN_IN_WINDOW,
+    Sessions,
+    SignInThrottle,
+    csrf_ok,
+    tokens_match,
+)
 from tracker.retry import DeliveryState
 from tracker.store import Registration, SqlStore, dashboard_queries
 from tracker.store.dashboard_queries import DashboardQueries
@@ -229,3 +238,36 @@ def test_deliveries_page_pages_one_state_newest_first_by_either_route(
     assert all(d.state == "dead" and len(d.log) == 1 for d in first + second)
     pending, _ = queries.deliveries_page(state=DeliveryState.PENDING)
     assert [jobs[4].pk] == [d.id for d in pending]
+
+
+# -- refused sign-ins ------------------------------------------------------------------------
+
+
+def test_a_client_is_held_back_after_too_many_refused_sign_ins_until_the_oldest_ages_out() -> None:
+    """MAX_SIGN_IN_FAILURES refusals within the window make that client (only) wait."""
+    now = Ticker()
+    throttle = SignInThrottle(now)
+    blocked = [throttle.refused("10.0.0.1") for _ in range(MAX_SIGN_IN_FAILURES - 1)]
+    assert not any(blocked)
+    assert 0.0 == throttle.wait("10.0.0.1")
+
+    now.at += 10
+    assert throttle.refused("10.0.0.1")  # the last one allowed: from now on it waits
+    assert SIGN_IN_WINDOW - 10 == throttle.wait("10.0.0.1")
+    assert 0.0 == throttle.wait("10.0.0.2")
+    now.at += SIGN_IN_WINDOW - 11
+    assert 1.0 == throttle.wait("10.0.0.1")
+    now.at += 1
+    assert 0.0 == throttle.wait("10.0.0.1")  # the first nine aged out
+
+
+def test_the_throttle_remembers_a_bounded_number_of_clients() -> None:
+    """A flood from many addresses keeps at most MAX_TRACKED_CLIENTS, forgetting the oldest."""
+    now = Ticker()
+    throttle = SignInThrottle(now)
+    for _ in range(MAX_SIGN_IN_FAILURES):
+        throttle.refused("first")
+    assert throttle.wait("first") > 0
+    for n in range(MAX_TRACKED_CLIENTS):
+        throttle.refused(f"10.{n}")
+    assert 0.0 == throttle.wait("first")

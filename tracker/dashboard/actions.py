@@ -6,6 +6,7 @@ shows the confirmation page.
 
 from __future__ import annotations
 
+import math
 import secrets
 from datetime import UTC, datetime
 from typing import Annotated
@@ -18,6 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from tracker.dashboard.sessions import (
     COOKIE,
     LOGIN_COOKIE,
+    MAX_SIGN_IN_FAILURES,
+    SIGN_IN_WINDOW,
     Session,
     csrf_ok,
     digest,
@@ -82,6 +85,13 @@ async def sign_in_form(request: Request) -> HTMLResponse:
 async def sign_in(request: Request) -> Response:
     """Exchange a token for a session cookie."""
     dash = dashboard_of(request)
+    client = request.client.host if request.client else "unknown"
+    wait = math.ceil(dash.sign_ins.wait(client))
+    if wait:
+        problem = f"too many refused sign-ins from this address; try again in {wait} s"
+        held_back = _sign_in_page(request, problem=problem, status_code=429)
+        held_back.headers["Retry-After"] = str(wait)
+        return held_back
     form = await request.form()
     presented, login_csrf = form.get("token"), form.get("login_csrf")
     expected = request.cookies.get(LOGIN_COOKIE)
@@ -95,8 +105,12 @@ async def sign_in(request: Request) -> Response:
     # With no token configured the API itself is open (loopback only), so is the dashboard.
     token = presented if isinstance(presented, str) else ""
     if accepted and not tokens_match(token, accepted):
-        client = request.client.host if request.client else None
         log.warning("dashboard_sign_in_refused", client=client)
+        if dash.sign_ins.refused(client):
+            log.warning(
+                "dashboard_sign_ins_held_back", client=client, seconds=SIGN_IN_WINDOW,
+                failures=MAX_SIGN_IN_FAILURES,
+            )  # fmt: skip
         return _sign_in_page(request, problem="that token is not accepted", status_code=401)
     session = dash.sessions.start(digest(token) if accepted else "")
     log.info("dashboard_signed_in", sessions=len(dash.sessions))

@@ -6,6 +6,7 @@ sign-out takes effect at once (a signed, stateless cookie could not be revoked).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -19,6 +20,12 @@ COOKIE = "tracker_session"
 LOGIN_COOKIE = "tracker_login"
 #: sessions kept at most; the oldest go first (a flood of sign-ins cannot fill memory)
 MAX_SESSIONS = 10_000
+#: refused sign-ins one client may make within SIGN_IN_WINDOW before it must wait
+MAX_SIGN_IN_FAILURES = 10
+#: seconds over which refused sign-ins are counted, and that a blocked client waits at most
+SIGN_IN_WINDOW = 60.0
+#: clients whose refused sign-ins are remembered; the least recent are forgotten first
+MAX_TRACKED_CLIENTS = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,6 +99,52 @@ class Sessions:
         now = self._now()
         for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
             del self._sessions[key]
+
+
+class SignInThrottle:
+    """Refused sign-ins per client address: past MAX_SIGN_IN_FAILURES within SIGN_IN_WINDOW
+    seconds, the client is turned away without its token being looked at until the oldest of
+    them leaves the window, so a token cannot be guessed at the speed of the network.
+    """
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+        #: client -> times of its refused sign-ins within the window, oldest first
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def wait(self, client: str) -> float:
+        """Seconds ``client`` must wait before its next sign-in is looked at (0: none)."""
+        with self._lock:
+            failures = self._recent(client)
+            if failures is None or len(failures) < MAX_SIGN_IN_FAILURES:
+                return 0.0
+            return max(failures[0] + SIGN_IN_WINDOW - self._now(), 0.0)
+
+    def refused(self, client: str) -> bool:
+        """Count one refused sign-in of ``client``; True when it makes the client wait."""
+        with self._lock:
+            failures = self._recent(client)
+            if failures is None:
+                while len(self._failures) >= MAX_TRACKED_CLIENTS:
+                    del self._failures[next(iter(self._failures))]
+                failures = self._failures[client] = collections.deque()
+            else:
+                # Most recently refused last, so the least recent are forgotten first.
+                self._failures[client] = self._failures.pop(client)
+            failures.append(self._now())
+            while len(failures) > MAX_SIGN_IN_FAILURES:
+                failures.popleft()
+            return len(failures) == MAX_SIGN_IN_FAILURES
+
+    def _recent(self, client: str) -> collections.deque[float] | None:
+        failures = self._failures.get(client)
+        if failures is None:
+            return None
+        horizon = self._now() - SIGN_IN_WINDOW
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        return failures
 
 
 def csrf_ok(session: Session, presented: str | None) -> bool:

@@ -19,7 +19,7 @@ from tracker.activity import Activity
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
-from tracker.dashboard.sessions import COOKIE, Session, Sessions, digest
+from tracker.dashboard.sessions import COOKIE, Session, Sessions, SignInThrottle, digest
 from tracker.store import SqlStore
 from tracker.store.dashboard_queries import DashboardQueries
 
@@ -53,12 +53,14 @@ class Dashboard:
     #: seconds the poll cycle runs behind, None when the poller does not say
     poll_lag: Callable[[], float | None] | None = None
     sessions: Sessions = dataclasses.field(init=False)
+    sign_ins: SignInThrottle = dataclasses.field(init=False)
     queries: DashboardQueries = dataclasses.field(init=False)
     counts: CountsCache = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         lifetime = self.settings().dashboard.session_lifetime
         self.sessions = Sessions(lifetime, time.time)
+        self.sign_ins = SignInThrottle(time.monotonic)
         self.queries = DashboardQueries(self.store)
         self.counts = CountsCache(self.store.stats, self.clock)
 
