@@ -24,7 +24,7 @@ from tracker.pipeline import Pipeline
 from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Planner
 from tracker.poller.report import CycleReport
-from tracker.poller.rounds import DrainWork
+from tracker.poller.rounds import Answer, DrainWork
 from tracker.store.abc import TaskStore
 from tracker.store.records import DueTask, TaskUpdate
 from tracker.store.worker import StoreWorker
@@ -171,8 +171,11 @@ class Poller:
         self.report = CycleReport()
         return self.report
 
-    async def fetch(self, platform: Platform, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
-        """Ask the relay about ``tasks`` (a slot already held) and decide each one's update."""
+    async def ask(self, platform: Platform, tasks: Sequence[DueTask]) -> Answer | list[TaskUpdate]:
+        """Ask the relay about ``tasks`` (a slot already held): its answer, to decide outside
+        the slot, or the updates of a batch decided without one (a failed request, a lapsed
+        claim).
+        """
         report = self.report
         ids = [t.task_id for t in tasks]
         limiter = self._limiters.get(platform.name)
@@ -206,14 +209,16 @@ class Poller:
             return [self.planner.retry(t, now) for t in tasks]
         self.report_relay(platform.upstream, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
-        now = self.clock.now()
-        seen = {o.task_id: o for o in observations}
+        return Answer(platform.name, {o.task_id: o for o in observations}, self.clock.now())
+
+    async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> list[TaskUpdate]:
+        """Each task's update from the relay's ``answer``, as of when it came."""
         updates: list[TaskUpdate] = []
         for start in range(0, len(tasks), DECIDE_CHUNK):
             if start:
                 await asyncio.sleep(0)
             chunk = tasks[start : start + DECIDE_CHUNK]
-            updates += self.planner.decide(platform.name, chunk, seen, now)
+            updates += self.planner.decide(answer.platform, chunk, answer.seen, answer.at)
         return updates
 
     def count_recorded(self, updates: Sequence[TaskUpdate], written: int) -> None:

@@ -16,6 +16,7 @@ import structlog
 from tracker.pipeline import Claimed, Pace, Pipeline
 from tracker.platforms.base import Platform
 from tracker.poller.report import CycleReport
+from tracker.status import Observation
 from tracker.store.records import Claim, DueTask, TaskUpdate
 
 if TYPE_CHECKING:
@@ -25,6 +26,15 @@ log = structlog.get_logger("tracker.poller")
 
 #: the claims a drain still works on are renewed every this share of a lease
 RENEW_SHARE = 0.25
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A relay's answer about one batch: its observations by task id, and when it came."""
+
+    platform: str
+    seen: dict[str, Observation]
+    at: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,11 +48,14 @@ class _Batch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Answered:
-    """A batch's updates, to record (``batch`` None: decided without asking)."""
+    """A batch's outcome, to record: its updates, or the relay's answer to decide first
+    (``batch`` None: updates decided without asking).
+    """
 
     batch: _Batch | None
     updates: list[TaskUpdate]
     size: int
+    answer: Answer | None = None
 
 
 class DrainWork:
@@ -93,7 +106,14 @@ class DrainWork:
             renewing = [
                 c for c in self._held if c.until - now.timestamp() < lease * (1 - RENEW_SHARE)
             ]
-        updates = [u for answered in results for u in answered.updates]
+        # Answers are decided here, not in their lane, so the lane's next request is out while
+        # the loop decides: a relay's own time hides the deciding instead of adding to it.
+        updates: list[TaskUpdate] = []
+        for answered in results:
+            if answered.answer is not None and answered.batch is not None:
+                updates += await poller.decide(answered.batch.tasks, answered.answer)
+            else:
+                updates += answered.updates
         due_by = now + timedelta(seconds=poller.ahead())
         written, due = await poller.store_worker.call(
             self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
@@ -173,8 +193,10 @@ class DrainWork:
             del self._held[claim]
 
     async def perform(self, unit: _Batch) -> _Answered:
-        updates = await self._poller.fetch(unit.platform, unit.tasks)
-        return _Answered(unit, updates, len(unit.tasks))
+        got = await self._poller.ask(unit.platform, unit.tasks)
+        if isinstance(got, Answer):
+            return _Answered(unit, [], len(unit.tasks), got)
+        return _Answered(unit, got, len(unit.tasks))
 
     def dropped(self, unit: _Batch) -> None:
         """Nothing to undo: its claim lapses, and the tasks fall due again."""
