@@ -54,7 +54,6 @@ class _Answered:
 
     batch: _Batch | None
     updates: list[TaskUpdate]
-    size: int
     answer: Answer | None = None
 
 
@@ -64,7 +63,7 @@ class DrainWork:
     the answers' updates recorded together at the next store round.
 
     Claims are prefetched one ahead: the next is taken once fewer than one claim's worth of
-    tasks are under way, so the relay never waits for the daemon's own bookkeeping.
+    tasks wait for the relay, so the relay never waits for the daemon's own bookkeeping.
     """
 
     name = "poll"
@@ -76,8 +75,9 @@ class DrainWork:
         settings = poller.settings
         self._size = settings.batch_size * settings.concurrency
         self._width = settings.concurrency
-        #: claimed tasks not recorded yet
-        self._outstanding = 0
+        #: claimed tasks the relay has not answered about yet (queued or in flight): the next
+        #: claim is taken once fewer than one claim's worth are, so requests never wait for it
+        self._unanswered = 0
         #: unrecorded batches per claim; these claims are renewed
         self._held: dict[Claim, int] = {}
         #: when the current log line's part of the drain began (monotonic)
@@ -86,7 +86,7 @@ class DrainWork:
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        return self._size if self._outstanding < self._size else 0
+        return self._size if self._unanswered < self._size else 0
 
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
@@ -119,7 +119,6 @@ class DrainWork:
             self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
         )
         for answered in results:
-            self._outstanding -= answered.size
             if answered.batch is not None and answered.batch.claim is not None:
                 self._release(answered.batch.claim)
         if updates:
@@ -156,7 +155,6 @@ class DrainWork:
         report = poller.report
         report.lag = max(report.lag, now.timestamp() - due[0].planned)
         report.claimed += len(due)
-        self._outstanding += len(due)
         claim = due[0].claim
         ready: list[_Answered] = []
         by_platform: dict[str, list[DueTask]] = defaultdict(list)
@@ -169,7 +167,7 @@ class DrainWork:
                 by_platform[task.platform].append(task)
         if given_up:
             report.given_up += len(given_up)
-            ready.append(_Answered(None, given_up, len(given_up)))
+            ready.append(_Answered(None, given_up))
         units: list[tuple[str, int, _Batch]] = []
         for name, tasks in by_platform.items():
             platform = poller.platforms.get(name)
@@ -177,12 +175,13 @@ class DrainWork:
                 # The platform was removed from the config; keep the tasks for when it returns.
                 log.warning("unknown_platform", platform=name, tasks=len(tasks))
                 kept = [poller.planner.unchanged(t, now) for t in tasks]
-                ready.append(_Answered(None, kept, len(kept)))
+                ready.append(_Answered(None, kept))
                 continue
             size = platform.batch_size
             lane = platform.upstream.name
             for i in range(0, len(tasks), size):
                 units.append((lane, self._width, _Batch(platform, tasks[i : i + size], claim)))
+                self._unanswered += len(tasks[i : i + size])
                 if claim is not None:
                     self._held[claim] = self._held.get(claim, 0) + 1
         return Claimed(units=units, ready=ready, more=len(due) == self._size)
@@ -193,10 +192,13 @@ class DrainWork:
             del self._held[claim]
 
     async def perform(self, unit: _Batch) -> _Answered:
-        got = await self._poller.ask(unit.platform, unit.tasks)
+        try:
+            got = await self._poller.ask(unit.platform, unit.tasks)
+        finally:
+            self._unanswered -= len(unit.tasks)
         if isinstance(got, Answer):
-            return _Answered(unit, [], len(unit.tasks), got)
-        return _Answered(unit, got, len(unit.tasks))
+            return _Answered(unit, [], got)
+        return _Answered(unit, got)
 
     def dropped(self, unit: _Batch) -> None:
         """Nothing to undo: its claim lapses, and the tasks fall due again."""
