@@ -154,9 +154,10 @@ async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:
 async def test_claims_are_renewed_while_a_unit_outlasts_the_renewal_period() -> None:
     """A unit slower than several renewal periods keeps its claim renewed, and only then."""
     table = table_of(1)
-    await Pipeline(ToyWork(table, claim=4, takes=0.3, renew_every=0.05)).run()
+    await Pipeline(ToyWork(table, claim=4, takes=0.5, renew_every=0.05)).run()
     assert table.written == [0]
-    assert 3 <= table.renewals <= 7
+    # About ten fit in; a loop held up elsewhere may make fewer, never more.
+    assert 3 <= table.renewals <= 11
 
 
 async def test_no_renewal_when_units_finish_within_the_period() -> None:
