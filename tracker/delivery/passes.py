@@ -71,8 +71,8 @@ class DeliveryPass:
         self._admission = admission
         self._sender = sender
         self._outbox = outbox
+        #: whether claims continue after the first (False: one batch, then the pass ends)
         self.refill_on_write = refill
-        self._refill = refill
         self._until = until
         #: the load of each host this pass sent to
         self._hosts: dict[str, Load] = {}
@@ -82,7 +82,6 @@ class DeliveryPass:
         self._left: dict[int, float] = {}
         #: ids taken over by another claim: not to be sent
         self._lost: set[int] = set()
-        self.attempts = 0
         self.deferred = 0  #: claimed but not taken on: the receiver already had enough queued
         self.expired = 0  #: taken on but not started within the wait budget
         self.taken_over = 0  #: dropped unsent: another claim took them after a lapse
@@ -125,7 +124,7 @@ class DeliveryPass:
             self._lost.discard(job.pk)  # ours again: claimed anew after the takeover
             if job.lease_until is not None:
                 self._leases[job.pk] = job.lease_until
-        more = self._refill and claim > 0 and len(done.jobs) == claim
+        more = self.refill_on_write and claim > 0 and len(done.jobs) == claim
         return Claimed(units=self._take_on(done.jobs), more=more)
 
     def _renewed(self, renewing: dict[int, float], done: Round) -> None:
@@ -161,8 +160,8 @@ class DeliveryPass:
         # What is held should be sent well within the wait budget at the pace kept so far.
         cap = FIRST_HELD
         elapsed = time.monotonic() - pipeline.started_at
-        if self.attempts and elapsed > 0:
-            paced = self.attempts / elapsed * admission.wait_budget * HELD_SHARE_OF_BUDGET
+        if pipeline.performed and elapsed > 0:
+            paced = pipeline.performed / elapsed * admission.wait_budget * HELD_SHARE_OF_BUDGET
             cap = max(CLAIM_BATCH, int(paced))
         # A receiver's queue beyond what it can start in time does not count: it will be left
         # for later anyway, and the next claim may find receivers that are idle.
@@ -190,12 +189,9 @@ class DeliveryPass:
         (it is left for later) or it was taken over meanwhile (it is dropped).
         """
         try:
-            result = await self._attempt(unit)
+            return await self._attempt(unit)
         finally:
             self._admission.release(unit)
-        if result is not None:
-            self.attempts += 1
-        return result
 
     async def _attempt(self, ticket: Ticket) -> AttemptResult | None:
         job = ticket.job

@@ -174,23 +174,24 @@ class Poller:
     async def ask(self, platform: Platform, tasks: Sequence[DueTask]) -> Answer | list[TaskUpdate]:
         """Ask the relay about ``tasks`` (a slot already held): its answer, to decide outside
         the slot, or the updates of a batch decided without one (a failed request, a lapsed
-        claim).
+        claim). Counts go to the report of the log line open when they happen (a round may
+        close a line while this waits).
         """
-        report = self.report
         ids = [t.task_id for t in tasks]
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
             before = limiter.waited
             await limiter.wait()
             waited = limiter.waited - before
+            report = self.report
             report.rate_waits[platform.name] = report.rate_waits.get(platform.name, 0.0) + waited
         lease_until = min(t.lease_until or float("inf") for t in tasks)
         if self.clock.now().timestamp() >= lease_until:
             # The claim lapsed while the batch waited (a stalled loop): another claim may hold
             # the tasks now, and they fall due again anyway.
-            report.lapsed += len(ids)
+            self.report.lapsed += len(ids)
             return []
-        report.requests += 1
+        self.report.requests += 1
         self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
         self.metrics.activity.count(Series.POLLS, len(ids))
         try:

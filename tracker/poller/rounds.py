@@ -100,6 +100,10 @@ class DrainWork:
         poller = self._poller
         now = poller.clock.now()
         lease = poller.lease()
+        for answered in results:
+            # Written in this round (or the round fails and the drain ends): not to renew.
+            if answered.batch is not None and answered.batch.claim is not None:
+                self._release(answered.batch.claim)
         renewing: list[Claim] = []
         if renew:
             # A claim taken within the last renewal period still has most of its lease.
@@ -118,9 +122,6 @@ class DrainWork:
         written, due = await poller.store_worker.call(
             self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
         )
-        for answered in results:
-            if answered.batch is not None and answered.batch.claim is not None:
-                self._release(answered.batch.claim)
         if updates:
             poller.count_recorded(updates, written)
         claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
@@ -180,8 +181,9 @@ class DrainWork:
             size = platform.batch_size
             lane = platform.upstream.name
             for i in range(0, len(tasks), size):
-                units.append((lane, self._width, _Batch(platform, tasks[i : i + size], claim)))
-                self._unanswered += len(tasks[i : i + size])
+                batch = _Batch(platform, tasks[i : i + size], claim)
+                units.append((lane, self._width, batch))
+                self._unanswered += len(batch.tasks)
                 if claim is not None:
                     self._held[claim] = self._held.get(claim, 0) + 1
         return Claimed(units=units, ready=ready, more=len(due) == self._size)
