@@ -86,8 +86,8 @@ class Polling(SqlBase):
         """
         with self._write() as conn:
             rows = conn.exec_driver_sql(_DUE_SQLITE, (due_by, limit)).all()
-            for start in range(0, len(rows), _SQLITE_CHUNK):
-                ids = [r[0] for r in rows[start : start + _SQLITE_CHUNK]]
+            for start in range(0, len(rows), IN_CHUNK):
+                ids = [r[0] for r in rows[start : start + IN_CHUNK]]
                 conn.exec_driver_sql(_lease_sqlite(len(ids)), (until, *ids))
         return list(rows)
 
@@ -202,8 +202,8 @@ class Polling(SqlBase):
             # One statement per few hundred rows, not one step per row: half the CPU, and the
             # driver lets go of the GIL once per statement rather than once per row.
             changed = 0
-            for start in range(0, len(replanned), _SQLITE_CHUNK // 3):
-                part = replanned[start : start + _SQLITE_CHUNK // 3]
+            for start in range(0, len(replanned), IN_CHUNK // 3):
+                part = replanned[start : start + IN_CHUNK // 3]
                 flat = [value for row in part for value in row]
                 changed += conn.exec_driver_sql(_replan_sqlite(len(part)), tuple(flat)).rowcount
             return changed
@@ -265,8 +265,6 @@ _DUE_SQLITE = (
     f"SELECT {', '.join(c.name for c in _DUE_COLUMNS)} FROM tasks"  # noqa: S608 - column names
     " WHERE next_poll_at <= ? ORDER BY next_poll_at, id LIMIT ?"
 )
-#: bound parameters per statement on SQLite: under the 999 of builds before 3.32
-_SQLITE_CHUNK = 900
 #: SQLite 3.33 and later know UPDATE ... FROM
 _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
 
