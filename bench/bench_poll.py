@@ -36,7 +36,7 @@ from poll_rig import (
     rss_mb,
 )
 
-from tracker import config, events, logs, platforms
+from tracker import config, events, logs, platforms, runtime
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import Poller
@@ -278,6 +278,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-poll-")))
         outside = stack.enter_context(Outside())
+        # The drains below run in this process: its collector is set as `tracker run` sets its
+        # own (the bare loop runs under the same setting).
+        runtime.tune_gc()
         if "ratio" in wanted:
             # The relay's own time per answer (its database query), for bare and real alike.
             outside.call("latency", args.relay_latency)

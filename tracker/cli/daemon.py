@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tracker import config, logs, startup
+from tracker import config, logs, runtime, startup
 from tracker.cli import output
 from tracker.cli.common import EXIT_OK, config_path
 
@@ -39,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.configure(
             level=settings.logging.level, fmt=settings.logging.format, secrets=settings.secrets()
         )
+        runtime.tune_gc()
         asyncio.run(Daemon(settings, config_path=path).run())
     return EXIT_OK
 
