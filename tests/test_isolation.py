@@ -26,7 +26,7 @@ from tracker.clock import FakeClock
 from tracker.metrics import Metrics
 from tracker.platforms import NewApiBatch
 from tracker.platforms.answers import UpstreamError
-from tracker.platforms.base import Platform
+from tracker.platforms.base import Glance, Platform
 from tracker.platforms.observations import clean_observation, read_progress
 from tracker.poller import Poller
 from tracker.status import Change, Observation, Snapshot, TaskStatus
@@ -185,6 +185,38 @@ async def test_a_poisoned_item_is_cleaned_and_its_neighbours_read(
     if kind == "unasked_extra" and not platform.per_id:
         [line] = [e for e in logs if e["event"] == "upstream_unasked_ids"]
         assert ["unasked-bad"] == line["ids"]
+
+
+@pytest.mark.parametrize("family", ["luma", "suno", "midjourney"])
+@pytest.mark.parametrize("kind", sorted(POISON_KINDS))
+async def test_fetch_seen_reads_every_id_as_fetch_does(
+    client: httpx.AsyncClient, family: str, kind: str
+) -> None:
+    """What the drain asks with (`fetch_seen`: glances where a platform takes them, each read
+    in full here) gives per id the very observations `fetch` gives, poisoned answers too."""
+    ids = ["ok-1", "bad", "ok-2"]
+    with SimulatedRelay(step=0.0) as relay:
+        relay.poison(family, "bad", kind)
+        platform = built(relay)[family]
+        fetched = {o.task_id: o for o in await platform.fetch(client, ids)}
+        seen = await platform.fetch_seen(client, ids)
+    read = {
+        task_id: platform.observe_glance(value) if isinstance(value, Glance) else value
+        for task_id, value in seen.items()
+    }
+    assert read == fetched
+
+
+@pytest.mark.parametrize(("family", "glances"), [("luma", True), ("suno", True), ("kling", False)])
+async def test_a_plain_batch_answer_is_glanced_at(
+    client: httpx.AsyncClient, family: str, glances: bool
+) -> None:
+    """luma and suno hand the drain a glance per id of a plain answer (no Observation built);
+    other platforms hand out observations."""
+    with SimulatedRelay(step=1000.0) as relay:
+        seen = await built(relay)[family].fetch_seen(client, ["a", "b"])
+    assert {"a", "b"} == set(seen)
+    assert all(isinstance(v, Glance) == glances for v in seen.values())
 
 
 # -- the poll cycle and the store, on both databases ---------------------------------------
@@ -394,6 +426,29 @@ async def test_a_task_the_database_refuses_is_logged_once_and_asked_once_per_max
         task = store.get("luma", task_id)
         assert task is not None
         assert "completed" == task.status
+
+
+async def test_a_refused_task_whose_answer_returns_to_what_it_holds_is_accepted_again(
+    store: SqlStore, relay: SimulatedRelay, poller_for: Callable[[], Poller]
+) -> None:
+    """A refused task whose next answer is the one it holds (a glance, replanned without an
+    update) is logged as accepted by name, and a later refusal is news again."""
+    refuse_upstream_word(store, "REFUSED")
+    relay.set("luma", "t", "QUEUED")
+    store.register(Registration("luma", ["t"]), T0 - timedelta(seconds=1))
+    poller = poller_for()
+    with capture_logs() as logs:
+        for word in ("QUEUED", "REFUSED", "QUEUED", "REFUSED"):
+            relay.set("luma", "t", word)
+            await poller.run_cycle()
+            poller.clock.advance(130)  # past the set-aside of a refusal (max_interval)
+
+    events_seen = [e["event"] for e in logs if e["event"].startswith("task_write_")]
+    assert events_seen == ["task_write_refused", "task_write_accepted", "task_write_refused"]
+    assert [e.get("task_id") for e in logs if e["event"] == "task_write_accepted"] == ["t"]
+    task = store.get("luma", "t")
+    assert task is not None
+    assert (task.status, task.upstream_status) == ("queued", "QUEUED")
 
 
 def test_a_refused_task_is_logged_again_only_for_a_new_reason(store: SqlStore) -> None:

@@ -24,6 +24,7 @@ from tracker.store import (
     DueTask,
     OutboxEntry,
     Registration,
+    Replan,
     SqlStore,
     TaskUpdate,
 )
@@ -718,6 +719,30 @@ def test_record_moves_the_next_poll_without_a_change(store: SqlStore) -> None:
 
     assert [] == claim_ids(store, at(299))
     assert ["a"] == claim_ids(store, at(300))
+
+
+def test_replans_move_next_polls_only_while_their_claim_holds(store: SqlStore) -> None:
+    """Replans (answers that moved nothing) write each task's next poll under the claim's
+    token, beside the updates of the same call; a task whose claim lapsed and was taken by
+    another keeps the newer claim's plan, and nothing else of any task changes."""
+    register(store, "a", "b", "c")
+    a, b, c = sorted(claim(store, T0), key=lambda t: t.task_id)
+    assert a.lease_until is not None
+    moved = change(c, TaskStatus.IN_PROGRESS, progress=5)
+    replans = [
+        Replan(at(40).timestamp(), a.pk, a.lease_until),
+        Replan(at(50).timestamp(), b.pk, a.lease_until + 1.0),  # not b's token
+    ]
+
+    written = store.record([TaskUpdate(c, moved, next_poll_at=at(60).timestamp())], T0, replans)
+
+    assert written == 2
+    assert task_row(store, "a").next_poll_at == at(40).timestamp()
+    assert task_row(store, "b").next_poll_at == b.lease_until
+    assert task_row(store, "c").next_poll_at == at(60).timestamp()
+    untouched = store.get("luma", "a")
+    assert untouched is not None
+    assert (untouched.status, untouched.updated_at) == ("pending", T0)
 
 
 def test_record_of_nothing_writes_nothing(store: SqlStore) -> None:

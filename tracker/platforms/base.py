@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -23,12 +23,15 @@ from tracker.status import Observation, TaskStatus
 __all__ = [
     "CANCELED_WORDS",
     "TASK_ID_PLACEHOLDER",
+    "Glance",
     "PerIdPlatform",
     "Platform",
     "StatusTable",
     "Upstream",
     "UpstreamError",
 ]
+
+_T = TypeVar("_T")
 
 #: The placeholder a per-id path carries, replaced by the URL-quoted task id.
 TASK_ID_PLACEHOLDER = "{task_id}"
@@ -37,6 +40,19 @@ TASK_ID_PLACEHOLDER = "{task_id}"
 CANCELED_WORDS: Mapping[str, TaskStatus] = dict.fromkeys(
     ("CANCEL", "CANCELED", "CANCELLED", "canceled", "cancelled"), TaskStatus.CANCELED
 )
+
+
+class Glance(NamedTuple):
+    """An answer item read no further than a poll needs to tell that it moved nothing: its
+    status word and progress as sent. Most answers move nothing, and for those no Observation
+    is built; the planner has the platform read the item in full (`Platform.observe_glance`)
+    only when these differ from what the task holds.
+    """
+
+    word: object
+    progress: object
+    wait_hint: float | None
+    item: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,15 +127,29 @@ class Platform(abc.ABC):
         dropped; an id listed twice is settled by `settle`. Raises UpstreamError (or an
         httpx.HTTPError) when the answer is unusable.
         """
+        return settle(self.name, ids, await self.readable(self.ask(client, ids)))
+
+    async def fetch_seen(
+        self, client: httpx.AsyncClient, ids: Sequence[str]
+    ) -> dict[str, Observation | Glance]:
+        """`fetch`, by task id; a platform that glances at its items (see `Glance`) hands out
+        a glance of each instead of an observation."""
+        return {o.task_id: o for o in await self.fetch(client, ids)}
+
+    def observe_glance(self, glance: Glance) -> Observation:
+        """The clean observation of an item this platform glanced at (in `fetch_seen`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not glance at items")
+
+    @staticmethod
+    async def readable(answer: Awaitable[_T]) -> _T:
+        """``answer`` awaited, where an answer shaped in a way no adapter foresaw is that
+        request's problem alone: an UpstreamError like any other, never a failed drain."""
         try:
-            observations = await self.ask(client, ids)
+            return await answer
         except (UpstreamError, httpx.HTTPError):
             raise
         except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:
-            # An answer shaped in a way no adapter foresaw is that request's problem alone: a
-            # relay error like any other, never a failed cycle.
             raise UpstreamError(f"unreadable answer: {type(exc).__name__}: {exc}") from exc
-        return settle(self.name, ids, observations)
 
     @abc.abstractmethod
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:

@@ -9,14 +9,16 @@ from typing import Any, ClassVar
 import httpx
 
 from tracker.platforms.answers import UpstreamError, read_json, try_json
-from tracker.platforms.base import CANCELED_WORDS, PerIdPlatform, Platform
+from tracker.platforms.base import CANCELED_WORDS, Glance, PerIdPlatform, Platform
 from tracker.platforms.observations import (
     READ_CHUNK,
+    clean_observation,
     observe_item,
     observe_new_api_item,
     positive_seconds,
     read_progress,
     reason_of,
+    settle,
     task_id_of,
 )
 from tracker.status import Observation, TaskStatus
@@ -116,8 +118,49 @@ class NewApiBatch(Platform):
 
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for ``ids`` in one request."""
+        return await self._observe_all(await self.post_ids(client, ids))
+
+    async def fetch_seen(
+        self, client: httpx.AsyncClient, ids: Sequence[str]
+    ) -> dict[str, Observation | Glance]:
+        """A glance at each item of a plain answer (one TaskDto per asked id, each once); an
+        answer with anything else in it (raw Luma objects, an id twice or unasked, an odd
+        item) is read in full and settled, as `fetch` does."""
+        items = await self.readable(self.post_ids(client, ids))
+        glances = await self._glances(items, ids)
+        if glances is not None:
+            return glances
+        observations = await self.readable(self._observe_all(items))
+        return {o.task_id: o for o in settle(self.name, ids, observations)}
+
+    def observe_glance(self, glance: Glance) -> Observation:
+        """The clean observation of a glanced TaskDto."""
+        observation = observe_new_api_item(self, glance.item, wait_hint=glance.wait_hint)
+        if observation is None:  # a glanced item has its task_id; kept for the type checker
+            raise UpstreamError("answer item without a task_id")
+        return clean_observation(observation)
+
+    async def _glances(
+        self, items: list[Any], ids: Sequence[str]
+    ) -> dict[str, Observation | Glance] | None:
+        asked = set(ids)
+        glances: dict[str, Observation | Glance] = {}
+        for count, item in enumerate(items):
+            if count % READ_CHUNK == 0:  # pause_every, without a coroutine per item
+                await asyncio.sleep(0)
+            if type(item) is not dict:
+                return None
+            task_id = item.get("task_id")
+            if type(task_id) is not str or task_id not in asked or task_id in glances:
+                return None
+            glances[task_id] = Glance(
+                item.get("status"), item.get("progress"), _wait_hint(item), item
+            )
+        return glances
+
+    async def _observe_all(self, items: list[Any]) -> list[Observation]:
         observations = []
-        for count, item in enumerate(await self.post_ids(client, ids)):
+        for count, item in enumerate(items):
             if count % READ_CHUNK == 0:  # pause_every, without a coroutine per item
                 await asyncio.sleep(0)
             if not isinstance(item, dict):

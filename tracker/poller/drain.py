@@ -22,7 +22,7 @@ from tracker.limits import RateLimiter
 from tracker.metrics import Metrics
 from tracker.pipeline import Pipeline
 from tracker.platforms.base import Platform, Upstream, UpstreamError
-from tracker.poller.plan import Planner
+from tracker.poller.plan import Decided, Planner
 from tracker.poller.report import CycleReport
 from tracker.poller.rounds import Answer, DrainWork
 from tracker.store.abc import TaskStore
@@ -195,7 +195,7 @@ class Poller:
         self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
         self.metrics.activity.count(Series.POLLS, len(ids))
         try:
-            observations = await platform.fetch(self.client, ids)
+            seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
             self.report_relay(platform.upstream, exc)
             self.report.errors += 1
@@ -210,17 +210,19 @@ class Poller:
             return [self.planner.retry(t, now) for t in tasks]
         self.report_relay(platform.upstream, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
-        return Answer(platform.name, {o.task_id: o for o in observations}, self.clock.now())
+        return Answer(platform, seen, self.clock.now())
 
-    async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> list[TaskUpdate]:
-        """Each task's update from the relay's ``answer``, as of when it came."""
-        updates: list[TaskUpdate] = []
+    async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> Decided:
+        """Each task's decision from the relay's ``answer``, as of when it came."""
+        decided = Decided()
         for start in range(0, len(tasks), DECIDE_CHUNK):
             if start:
                 await asyncio.sleep(0)
             chunk = tasks[start : start + DECIDE_CHUNK]
-            updates += self.planner.decide(answer.platform, chunk, answer.seen, answer.at)
-        return updates
+            part = self.planner.decide(answer.platform, chunk, answer.seen, answer.at)
+            decided.updates += part.updates
+            decided.replans += part.replans
+        return decided
 
     def count_recorded(self, updates: Sequence[TaskUpdate], written: int) -> None:
         """Count what the recorded ``updates`` moved; tell the deliverer of new events."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
@@ -9,7 +10,9 @@ import structlog
 
 from tracker import events, status
 from tracker.config import PollSettings
-from tracker.store.records import KEEP, DueTask, Keep, TaskUpdate
+from tracker.platforms.base import Glance, Platform
+from tracker.platforms.observations import read_progress
+from tracker.store.records import KEEP, DueTask, Keep, Replan, TaskUpdate
 
 log = structlog.get_logger("tracker.poller")
 
@@ -51,6 +54,37 @@ def next_poll(planned: float, now: float, gap: float, started: float | None = No
     return following
 
 
+@dataclasses.dataclass(slots=True)
+class Decided:
+    """A batch's decisions: updates to record, and the next polls of answers that moved
+    nothing."""
+
+    updates: list[TaskUpdate] = dataclasses.field(default_factory=list)
+    replans: list[Replan] = dataclasses.field(default_factory=list)
+
+
+def _unmoved(task: DueTask, glance: Glance, statuses: Mapping[str, status.TaskStatus]) -> bool:
+    """Whether ``glance`` says what ``task`` holds: `status.apply` would change nothing (the
+    same word meaning the same status, no progress or the same), and the task was not missing.
+    Anything else, even what apply would find unchanged, goes the full way.
+    """
+    snapshot = task.snapshot
+    word = glance.word
+    if (
+        type(word) is not str
+        or word != snapshot.upstream_status
+        or task.missing_since is not None
+        or statuses.get(word) is not snapshot.status
+    ):
+        return False
+    if glance.progress is None:
+        return True  # an answer without progress keeps the progress the task holds
+    progress, upstream_progress = read_progress(glance.progress)
+    return progress is None or (
+        progress == snapshot.progress and upstream_progress == snapshot.upstream_progress
+    )
+
+
 class Planner:
     """Turns a relay's answer about a batch into one TaskUpdate per task."""
 
@@ -62,33 +96,41 @@ class Planner:
 
     def decide(
         self,
-        platform: str,
+        platform: Platform,
         tasks: Sequence[DueTask],
-        observations: Sequence[status.Observation] | Mapping[str, status.Observation],
+        seen: Mapping[str, status.Observation | Glance],
         now: datetime,
-    ) -> list[TaskUpdate]:
-        """Every task of the batch gets an update: at least its next poll (which ends the claim).
+    ) -> Decided:
+        """Every task of the batch gets a decision: at least its next poll (which ends the claim).
 
-        ``observations`` may come keyed by task id already (one batch decided in parts).
+        ``seen`` is the answer by task id: observations, or glances at items (see `Glance`).
+        A claimed task whose glance shows the word and progress it holds moved nothing: only
+        its next poll is decided (a Replan), with no Observation or TaskUpdate built.
         """
         epoch = now.timestamp()
         aside = self.set_aside_until(epoch)
-        seen = (
-            observations
-            if isinstance(observations, Mapping)
-            else {o.task_id: o for o in observations}
-        )
         settings, started = self.settings, self.drain_started
-        updates = []
+        statuses = platform.statuses
+        decided = Decided()
+        updates, replans = decided.updates, decided.replans
         for task in tasks:
             observation = seen.get(task.task_id)
             if observation is None:
                 updates.append(self._missing(task, now))
                 continue
+            if type(observation) is Glance:
+                if task.claim is not None and _unmoved(task, observation, statuses):
+                    gap = back_off(settings, epoch, task.last_change_at)
+                    planned = next_poll(task.planned, epoch, gap, started)
+                    following = self._hinted(observation.wait_hint, epoch, planned)
+                    replans.append(Replan(following, task.pk, task.claim.until))
+                    continue
+                observation = platform.observe_glance(observation)
+            assert isinstance(observation, status.Observation)  # for the type checker
             if observation.status is None:
                 log.warning(
                     "unknown_upstream_status",
-                    platform=platform,
+                    platform=platform.name,
                     task_id=task.task_id,
                     upstream_status=observation.upstream_status,
                 )
@@ -100,10 +142,10 @@ class Planner:
             last_change = epoch if moved else task.last_change_at
             gap = back_off(settings, epoch, last_change)
             planned = next_poll(task.planned, epoch, gap, started)
-            following = self._hinted(observation, epoch, planned)
+            following = self._hinted(observation.wait_hint, epoch, planned)
             if change is None:
-                # Most answers: the next poll only. Positional, as keywords cost a third more
-                # on a path taken for nearly every polled task.
+                # Positional, as keywords cost a third more on a path taken for nearly every
+                # polled task whose platform does not glance.
                 updates.append(TaskUpdate(task, None, (), missing, following, aside))
                 continue
             target = self.targets.for_task(task)
@@ -117,7 +159,7 @@ class Planner:
                     set_aside_until=aside,
                 )
             )
-        return updates
+        return decided
 
     def set_aside_until(self, epoch: float) -> float:
         """When a task polled at ``epoch`` is asked again should the database refuse its
@@ -151,9 +193,8 @@ class Planner:
         reason = f"gave up after {self.settings.give_up_after:g} s without a final status"
         return self._give_up(task, reason, now)
 
-    def _hinted(self, observation: status.Observation, epoch: float, planned: float) -> float:
+    def _hinted(self, hint: float | None, epoch: float, planned: float) -> float:
         # The upstream's own estimate moves the next poll, but only later, never past the cap.
-        hint = observation.wait_hint
         if hint is None or hint <= self.settings.interval:
             return planned
         return max(planned, epoch + min(hint, self.settings.max_interval))

@@ -7,17 +7,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
 
 from tracker.pipeline import Claimed, Pace, Pipeline
-from tracker.platforms.base import Platform
+from tracker.platforms.base import Glance, Platform
 from tracker.poller.report import CycleReport
 from tracker.status import Observation
-from tracker.store.records import Claim, DueTask, TaskUpdate
+from tracker.store.records import Claim, DueTask, Replan, TaskUpdate
 
 if TYPE_CHECKING:
     from tracker.poller.drain import Poller
@@ -30,10 +30,11 @@ RENEW_SHARE = 0.25
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Answer:
-    """A relay's answer about one batch: its observations by task id, and when it came."""
+    """A relay's answer about one batch: its observations (or glances) by task id, and when
+    it came."""
 
-    platform: str
-    seen: dict[str, Observation]
+    platform: Platform
+    seen: Mapping[str, Observation | Glance]
     at: datetime
 
 
@@ -113,14 +114,24 @@ class DrainWork:
         # Answers are decided here, not in their lane, so the lane's next request is out while
         # the loop decides: a relay's own time hides the deciding instead of adding to it.
         updates: list[TaskUpdate] = []
+        replans: list[Replan] = []
         for answered in results:
             if answered.answer is not None and answered.batch is not None:
-                updates += await poller.decide(answered.batch.tasks, answered.answer)
+                decided = await poller.decide(answered.batch.tasks, answered.answer)
+                updates += decided.updates
+                replans += decided.replans
             else:
                 updates += answered.updates
         due_by = now + timedelta(seconds=poller.ahead())
         written, due = await poller.store_worker.call(
-            self._store_round, updates, renewing, claim, now=now, lease=lease, due_by=due_by
+            self._store_round,
+            updates,
+            replans,
+            renewing,
+            claim,
+            now=now,
+            lease=lease,
+            due_by=due_by,
         )
         if updates:
             poller.count_recorded(updates, written)
@@ -136,6 +147,7 @@ class DrainWork:
     def _store_round(
         self,
         updates: list[TaskUpdate],
+        replans: list[Replan],
         renewing: list[Claim],
         claim: int,
         *,
@@ -144,7 +156,7 @@ class DrainWork:
         due_by: datetime,
     ) -> tuple[int, list[DueTask]]:
         store = self._poller.store
-        written = store.record(updates, now) if updates else 0
+        written = store.record(updates, now, replans) if updates or replans else 0
         for held in renewing:
             store.renew_claim(held, now.timestamp() + lease)
         due = store.claim_due(now, claim, lease=lease, due_by=due_by) if claim else []

@@ -18,6 +18,9 @@ from tracker.store.records import (
     Registration as Registration,
 )
 from tracker.store.records import (
+    Replan as Replan,
+)
+from tracker.store.records import (
     TaskUpdate as TaskUpdate,
 )
 from tracker.store.sql import SchemaMismatchError as SchemaMismatchError

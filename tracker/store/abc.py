@@ -62,8 +62,14 @@ class TaskStore(Protocol):
         """Move every poll planned after ``latest`` to ``latest``."""
         ...
 
-    def record(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
-        """Write a poll's decisions (task, history and outbox rows) in one transaction."""
+    def record(
+        self,
+        updates: Sequence[records.TaskUpdate],
+        now: datetime,
+        replans: Sequence[records.Replan] = (),
+    ) -> int:
+        """Write a poll's decisions (task, history and outbox rows) in one transaction, and
+        the next polls of ``replans`` (answers that moved nothing)."""
         ...
 
     def set_meta(self, key: str, value: str) -> None:

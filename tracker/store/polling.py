@@ -127,7 +127,12 @@ class Polling(SqlBase):
                 .values(next_poll_at=_epoch(latest))
             )
 
-    def record(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
+    def record(
+        self,
+        updates: Sequence[records.TaskUpdate],
+        now: datetime,
+        replans: Sequence[records.Replan] = (),
+    ) -> int:
         """Write a poll's decisions in one transaction: task rows, history rows, outbox rows.
 
         Each task row is updated only if it still has the status the decision was made on; a
@@ -135,10 +140,18 @@ class Polling(SqlBase):
         A task whose own values the database refuses is left out (logged as
         `task_write_refused`, once per reason) and set aside until its update's
         ``set_aside_until``, and the others are written without it; any other error (a lock,
-        a full disk, a lost connection) rolls the whole call back. Returns how many tasks
+        a full disk, a lost connection) rolls the whole call back. ``replans`` (most answers:
+        nothing moved) write only a next poll each, while their claim holds the task, in a
+        transaction of their own: no value of theirs can be refused. Returns how many tasks
         were written.
         """
-        return _isolated(
+        written = 0
+        if replans:
+            with self._write() as conn:
+                written = max(0, self._replan(conn, replans))
+            if self._task_refusals:
+                self._accepted_replans(replans)
+        return written + _isolated(
             updates,
             lambda part: self._record_once(part, now),
             self._refused_update,
@@ -192,7 +205,7 @@ class Polling(SqlBase):
                 conn.execute(deliveries.insert(), outbox)
         return written
 
-    def _replan(self, conn: sa.Connection, replanned: list[tuple[float, int, float]]) -> int:
+    def _replan(self, conn: sa.Connection, replanned: Sequence[tuple[float, int, float]]) -> int:
         """Run _REPLAN for (next poll, id, lease end) rows; how many rows it changed."""
         if self.dialect == "sqlite":
             # Straight to the driver: SQLAlchemy's per-row parameter processing costs more
@@ -249,6 +262,20 @@ class Polling(SqlBase):
                     platform=update.task.platform,
                     task_id=update.task.task_id,
                 )
+
+    def _accepted_replans(self, replans: Sequence[records.Replan]) -> None:
+        """_accepted_updates for replans, whose names are read only for a task forgotten."""
+        forgotten = [r.pk for r in replans if self._task_refusals.forget(r.pk)]
+        if not forgotten:
+            return
+        names: list[Any] = []
+        with self._read() as conn:
+            for start in range(0, len(forgotten), IN_CHUNK):
+                chunk = forgotten[start : start + IN_CHUNK]
+                query = sa.select(tasks.c.platform, tasks.c.task_id).where(tasks.c.id.in_(chunk))
+                names += conn.execute(query).all()
+        for platform, task_id in names:
+            log.info("task_write_accepted", platform=platform, task_id=task_id)
 
 
 # A new plan for a task whose answer changed nothing else; the WHERE is the compare-and-set

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from tracker.retry import DeliveryState
 from tracker.status import Change, EventType, Snapshot
@@ -98,6 +98,16 @@ class TaskUpdate:
     #: epoch seconds of the next poll should the database refuse this update (the task is
     #: set aside until then); None leaves the task to be claimed again when its claim ends
     set_aside_until: float | None = None
+
+
+class Replan(NamedTuple):
+    """A poll whose answer moved nothing: only its task's next poll is written, while the
+    claim that asked still holds the task (a tuple, as a drain makes one per polled task)."""
+
+    next_poll_at: float
+    pk: int
+    #: the claim's token: the row is written only while its next poll still equals it
+    lease_until: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
