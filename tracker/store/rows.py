@@ -131,12 +131,13 @@ def _due_tasks(rows: Sequence[Any], claim: records.Claim) -> list[records.DueTas
 
     SQLite's claim reads the time and JSON columns as stored (text): a claim's tasks mostly
     share these values (one bulk registration), so each distinct text is decoded once per
-    claim. Positional and in one loop: a claim builds thousands of these per second, and
+    claim, and each distinct state is one Snapshot. Positional and in one loop: a claim builds thousands of these per second, and
     keyword arguments and a method call per value cost as much as the rest.
     """
     times: dict[Any, datetime] = {}
     documents: dict[str, Any] = {}
     kinds: dict[str, tuple[EventType, ...] | None] = {}
+    snapshots: dict[tuple[Any, ...], Snapshot] = {}
     statuses = _STATUSES
     due = []
     for (pk, platform, task_id, status, upstream_status, progress, upstream_progress,
@@ -156,9 +157,13 @@ def _due_tasks(rows: Sequence[Any], claim: records.Claim) -> list[records.DueTas
             wanted = kinds[events]
         else:
             wanted = _event_types(events)  # None, or a list (PostgreSQL)
-        snapshot = Snapshot(
-            statuses[status], upstream_status, progress, upstream_progress, fail_reason
-        )
+        # Immutable, and shared by most tasks of a claim: one per distinct state.
+        state = (status, upstream_status, progress, upstream_progress, fail_reason)
+        snapshot = snapshots.get(state)
+        if snapshot is None:
+            snapshot = snapshots[state] = Snapshot(
+                statuses[status], upstream_status, progress, upstream_progress, fail_reason
+            )
         task = records.DueTask(
             pk, platform, task_id, snapshot, created, missing_since, webhook_url, endpoint,
             wanted, document, planned, last_change_at, claim,
