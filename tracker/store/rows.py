@@ -131,8 +131,9 @@ def _due_tasks(rows: Sequence[Any], claim: records.Claim) -> list[records.DueTas
 
     SQLite's claim reads the time and JSON columns as stored (text): a claim's tasks mostly
     share these values (one bulk registration), so each distinct text is decoded once per
-    claim, and each distinct state is one Snapshot. Positional and in one loop: a claim builds thousands of these per second, and
-    keyword arguments and a method call per value cost as much as the rest.
+    claim, and each distinct state is one Snapshot. Positional and in one loop: a claim
+    builds thousands of these per second, and keyword arguments and a method call per value
+    cost as much as the rest.
     """
     times: dict[Any, datetime] = {}
     documents: dict[str, Any] = {}
