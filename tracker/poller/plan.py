@@ -86,7 +86,8 @@ def _unmoved(task: DueTask, glance: Glance, statuses: Mapping[str, status.TaskSt
 
 
 class Planner:
-    """Turns a relay's answer about a batch into one TaskUpdate per task."""
+    """Turns a relay's answer about a batch into a decision per task: a TaskUpdate, or a
+    Replan where a glance shows the answer moved nothing."""
 
     def __init__(self, settings: PollSettings, targets: events.Targets) -> None:
         self.settings = settings
@@ -114,19 +115,20 @@ class Planner:
         decided = Decided()
         updates, replans = decided.updates, decided.replans
         for task in tasks:
-            observation = seen.get(task.task_id)
-            if observation is None:
+            found = seen.get(task.task_id)
+            if found is None:
                 updates.append(self._missing(task, now))
                 continue
-            if type(observation) is Glance:
-                if task.claim is not None and _unmoved(task, observation, statuses):
+            if isinstance(found, Glance):
+                if task.claim is not None and _unmoved(task, found, statuses):
                     gap = back_off(settings, epoch, task.last_change_at)
                     planned = next_poll(task.planned, epoch, gap, started)
-                    following = self._hinted(observation.wait_hint, epoch, planned)
+                    following = self._hinted(found.wait_hint, epoch, planned)
                     replans.append(Replan(following, task.pk, task.claim.until))
                     continue
-                observation = platform.observe_glance(observation)
-            assert isinstance(observation, status.Observation)  # for the type checker
+                observation = platform.observe_glance(found)
+            else:
+                observation = found
             if observation.status is None:
                 log.warning(
                     "unknown_upstream_status",
