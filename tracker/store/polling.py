@@ -76,7 +76,7 @@ class Polling(SqlBase):
         claim = records.Claim(until, tuple(r[0] for r in rows))
         return _due_tasks(rows, claim)
 
-    def _claim_sqlite(self, due_by: float, limit: int, until: float) -> list[Any]:
+    def _claim_sqlite(self, due_by: float, limit: int, until: float) -> Sequence[Any]:
         """_claim's due rows and lease, as two statements straight to the driver.
 
         SQLAlchemy's per-row processing and its expansion of an IN list of thousands of ids
@@ -89,7 +89,7 @@ class Polling(SqlBase):
             for start in range(0, len(rows), IN_CHUNK):
                 ids = [r[0] for r in rows[start : start + IN_CHUNK]]
                 conn.exec_driver_sql(_lease_sqlite(len(ids)), (until, *ids))
-        return list(rows)
+        return rows
 
     def renew_claim(self, claim: records.Claim, until: float) -> int:
         """Extend ``claim`` to ``until`` (epoch seconds) for its tasks not recorded since.
@@ -141,10 +141,13 @@ class Polling(SqlBase):
         `task_write_refused`, once per reason) and set aside until its update's
         ``set_aside_until``, and the others are written without it; any other error (a lock,
         a full disk, a lost connection) rolls the whole call back. ``replans`` (most answers:
-        nothing moved) write only a next poll each, while their claim holds the task, in a
-        transaction of their own: no value of theirs can be refused. Returns how many tasks
-        were written.
+        nothing moved), and the updates that only move a claimed task's next poll, write only
+        that next poll, while their claim holds the task, in a transaction of their own: no
+        value of theirs can be refused. Returns how many tasks were written.
         """
+        replanned, updates = _split_replanned(updates)
+        if replanned:
+            replans = [*replans, *replanned]
         written = 0
         if replans:
             with self._write() as conn:
@@ -160,10 +163,9 @@ class Polling(SqlBase):
 
     def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         epoch = _epoch(now)
-        replanned, updates = _split_replanned(updates)
         planned = [(u, _update_values(u, now, epoch)) for u in updates]
         planned = [(u, values) for u, values in planned if values or u.outbox]
-        if not planned and not replanned:
+        if not planned:
             return 0
         history: list[dict[str, Any]] = []
         outbox: list[dict[str, Any]] = []
@@ -172,8 +174,6 @@ class Polling(SqlBase):
         in_pending: set[int] = set()
         written = 0
         with self._write() as conn:
-            if replanned:
-                written += max(0, self._replan(conn, replanned))
             # The compare-and-set: statuses and claims read under lock, then checked here.
             current = self._claims(conn, {u.task.pk for u, _ in planned})
             held: set[int] = set()  # claims checked once in this call hold for its later updates
@@ -357,16 +357,16 @@ def _outbox_rows(update: records.TaskUpdate, now: datetime, epoch: float) -> lis
 
 def _split_replanned(
     updates: Sequence[records.TaskUpdate],
-) -> tuple[list[tuple[float, int, float]], list[records.TaskUpdate]]:
-    """(next poll, id, lease end) for _REPLAN of updates that only move a claimed task's next
-    poll (and whose task the call names once), and the other updates."""
+) -> tuple[list[records.Replan], list[records.TaskUpdate]]:
+    """Replans of the updates that only move a claimed task's next poll (and whose task the
+    call names once), and the other updates."""
     # A drain's call names each task once; only when one is named twice are names counted.
     once = len({u.task.pk for u in updates}) == len(updates)
     seen: dict[int, int] = {}
     if not once:
         for update in updates:
             seen[update.task.pk] = seen.get(update.task.pk, 0) + 1
-    replanned: list[tuple[float, int, float]] = []
+    replanned: list[records.Replan] = []
     rest: list[records.TaskUpdate] = []
     for update in updates:
         task = update.task
@@ -378,7 +378,7 @@ def _split_replanned(
             and task.lease_until is not None
             and (once or seen[task.pk] == 1)
         ):
-            replanned.append((update.next_poll_at, task.pk, task.lease_until))
+            replanned.append(records.Replan(update.next_poll_at, task.pk, task.lease_until))
         else:
             rest.append(update)
     return replanned, rest
