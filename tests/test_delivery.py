@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import socket
@@ -126,7 +125,7 @@ def observe(
     target = events.Targets(settings).for_task(task)
     entries = events.outbox_entries(task, change, target, clock.now())
     assert 1 == store.record([TaskUpdate(task, change, entries)], clock.now())
-    return dataclasses.replace(task, snapshot=change.after)
+    return task._replace(snapshot=change.after)
 
 
 def complete(

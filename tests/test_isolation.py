@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import json
 import math
@@ -590,7 +589,7 @@ def test_fuzz_whatever_a_relay_says_once_cleaned_both_databases_store_it(
     store.register(Registration("luma", [task_id], metadata=sanitize.clean_json(metadata)), T0)
     claimed = store.claim_due(T0, 1000, lease=10)
     [task] = [t for t in claimed if t.task_id == task_id]
-    task = dataclasses.replace(task, metadata=metadata)  # as if stored before validation
+    task = task._replace(metadata=metadata)  # as if stored before validation
     numbers, text = read_progress(progress)
     observation = clean_observation(
         Observation(

@@ -7,7 +7,6 @@ and whatever the item says, the decision must be the one the full way gives.
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -179,7 +178,7 @@ def test_an_unclaimed_task_is_decided_in_full_even_when_quiet() -> None:
     """A replan needs the claim's token; a task without a claim gets a TaskUpdate."""
     snapshot = Snapshot(TaskStatus.QUEUED, "NOT_START", 0, "0%")
     task = due(snapshot, missing_since=None, last_change=EPOCH - 1.0)
-    unclaimed = dataclasses.replace(task, claim=None)
+    unclaimed = task._replace(claim=None)
     glance = glance_of(item("NOT_START", "0%", None, ""))
 
     decided = planner().decide(PLATFORM, [unclaimed], {"t1": glance}, NOW)

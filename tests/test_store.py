@@ -83,7 +83,7 @@ def change(
 
 def moved_on(task: DueTask, done: Change) -> DueTask:
     """``task`` as it is after ``done`` was recorded."""
-    return dataclasses.replace(task, snapshot=done.after)
+    return task._replace(snapshot=done.after)
 
 
 def entry(webhook_id: str | None = None, event_type: str = "task.started") -> OutboxEntry:
