@@ -243,3 +243,39 @@ def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
         return
     assert sanitize.loads(text.encode()) == expected
     assert sanitize.loads(text) == expected
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.text(alphabet="[]{}", max_size=40))
+def test_a_round_of_the_depth_check_takes_away_the_innermost_containers_of_both_kinds(
+    shape: str,
+) -> None:
+    """One round removes every "[]" and "{}" of the shape at once, and no pair that only
+    taking those away brings together (that pair is the next level)."""
+    assert sanitize._innermost_gone(shape.encode()) == re.sub(r"\[\]|\{\}", "", shape).encode()
+
+
+@st.composite
+def _mixed_nesting(draw: st.DrawFn) -> object:
+    """Lists and objects nested around the depth cap, each level with shallow siblings (no
+    bracket inside a string: the check declines those, and the careful path decides)."""
+    kinds = draw(
+        st.lists(st.booleans(), min_size=sanitize.MAX_DEPTH - 2, max_size=sanitize.MAX_DEPTH + 2)
+    )
+    value: object = draw(st.sampled_from([0, "x", [], {}]))
+    for is_list in kinds:
+        sibling = draw(st.sampled_from([None, [], {}, [[]], {"s": [{}]}]))
+        value = [value, sibling] if is_list else {"k": value, "s": sibling}
+    return value
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(_mixed_nesting())
+def test_the_fast_path_takes_lists_and_objects_nested_within_the_cap_and_no_deeper(
+    value: object,
+) -> None:
+    """Whatever mix of lists and objects, the depth check passes a text exactly when it
+    nests at most MAX_DEPTH containers deep."""
+    text = json.dumps(value)
+    within = not sanitize._deeper_than(value, sanitize.MAX_DEPTH)
+    assert sanitize._plain(text, text.encode()) is within
