@@ -41,7 +41,7 @@ from tracker.clock import SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import Poller
 from tracker.store import SqlStore
-from tracker.store.sql import tasks
+from tracker.store.sql import polls
 from tracker.testing.cadence import poll_gaps, quantile
 
 CONCURRENCY = 4
@@ -140,9 +140,7 @@ async def ratio_case(
     for _ in range(rounds):
         # Every live task due again, and 1 % of them finished at the relay.
         with store.engine.begin() as conn:
-            conn.execute(
-                tasks.update().where(tasks.c.next_poll_at.is_not(None)).values(next_poll_at=0.0)
-            )
+            conn.execute(polls.update().values(next_poll_at=0.0))
         step = max(1, round(live * FINISHING))
         outside.call("flip", ids[finished : finished + step])
         finished += step

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from tracker.metrics import Metrics
 from tracker.routines import status_line
 from tracker.store import SqlStore
-from tracker.store.sql import deliveries, tasks
+from tracker.store.sql import deliveries, polls, tasks
 
 TARGET_MS = 50.0
 PLATFORMS = ("luma", "suno", "kling")
@@ -58,7 +58,6 @@ def _task_rows(total: int) -> Iterator[list[dict[str, Any]]]:
                     "created_at": at,
                     "updated_at": at,
                     "finished_at": None if active else at,
-                    "next_poll_at": at.timestamp() if active else None,
                     "last_change_at": at.timestamp(),
                 }
             )
@@ -72,6 +71,11 @@ def fill(store: SqlStore, total: int) -> float:
     for rows in _task_rows(total):
         with store.engine.begin() as conn:
             conn.execute(tasks.insert(), rows)
+            # The live ones are due from their creation on, as registration plans them.
+            live = sa.select(tasks.c.id, tasks.c.last_change_at).where(
+                tasks.c.task_id.in_([r["task_id"] for r in rows]), tasks.c.finished_at.is_(None)
+            )
+            conn.execute(polls.insert().from_select(["task_pk", "next_poll_at"], live))
             first = conn.execute(
                 sa.select(tasks.c.id, tasks.c.task_id, tasks.c.platform, tasks.c.created_at)
                 .where(tasks.c.task_id.in_([r["task_id"] for r in rows]))

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from tracker import signing
 from tracker.store import Registration, SqlStore
-from tracker.store.sql import tasks
+from tracker.store.sql import polls, tasks
 from tracker.testing.receiver import Received, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -174,10 +174,9 @@ def populate(url: str, live: int, final: int = 0, prefix: str = "b") -> list[str
     if final:
         with store.engine.begin() as conn:
             conn.execute(
-                tasks.update()
-                .where(tasks.c.id > live)
-                .values(status="completed", next_poll_at=None, finished_at=now)
+                tasks.update().where(tasks.c.id > live).values(status="completed", finished_at=now)
             )
+            conn.execute(polls.delete().where(polls.c.task_pk > live))
     store.close()
     return ids[:live]
 

@@ -142,17 +142,26 @@ def make_release_0_1_database(url: str) -> None:
 
 
 def snapshot(url: str) -> dict[str, list[dict[str, Any]]]:
-    """Every row of release 0.1.0's columns, in key order."""
+    """Every row of release 0.1.0's columns, in key order; a task's next_poll_at read from
+    its polls row once revision 0004 has moved it there (None: no row, the task is final)."""
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
+            moved = sa.inspect(conn).has_table("polls")
             found = {}
             for name, columns in RELEASE_0_1.items():
                 table = _old_table(name)
                 order = table.c.key if name == "tracker_meta" else table.c.id
-                found[name] = [
-                    dict(r._mapping) for r in conn.execute(sa.select(table).order_by(order))
-                ]
+                query = sa.select(table).order_by(order)
+                if name == "tasks" and moved:
+                    polls = sa.table("polls", sa.column("task_pk"), sa.column("next_poll_at", _F))
+                    kept = [c for c in table.c if c.name != "next_poll_at"]
+                    query = (
+                        sa.select(*kept, polls.c.next_poll_at)
+                        .select_from(table.outerjoin(polls, polls.c.task_pk == table.c.id))
+                        .order_by(order)
+                    )
+                found[name] = [dict(r._mapping) for r in conn.execute(query)]
                 assert all(set(columns) == set(r) for r in found[name])
     finally:
         engine.dispose()
@@ -246,7 +255,8 @@ def test_a_release_0_1_database_is_adopted_and_upgraded_without_losing_a_row(
 
 
 def test_the_store_works_on_an_adopted_database(db_url: str) -> None:
-    """Old tasks keep their history and deliveries their logs; new rows get fresh ids."""
+    """Old tasks keep their history and deliveries their logs; new rows get fresh ids; the
+    live task is claimed at the next poll it had planned, the final one never."""
     make_release_0_1_database(db_url)
     upgrade(db_url)
     store = SqlStore.from_url(db_url)
@@ -255,8 +265,14 @@ def test_the_store_works_on_an_adopted_database(db_url: str) -> None:
         new, existing = store.register(Registration("luma", ["done-1", "new-1"]), datetime.now(UTC))
         deliveries, _ = store.list_deliveries(limit=10)
         stats = store.stats()
+        planned = T1.timestamp() + 10.5
+        early = store.claim_due(datetime.fromtimestamp(planned - 1, UTC), 10, lease=5)
+        due = store.claim_due(datetime.fromtimestamp(planned + 1, UTC), 10, lease=5)
     finally:
         store.close()
+
+    assert [] == early
+    assert [("running-2", planned)] == [(t.task_id, t.planned) for t in due]
 
     assert done is not None
     assert ({"user": "ü", "n": 1}, {"url": "http://r/1"}) == (done.metadata, done.result)

@@ -23,7 +23,7 @@ from tracker.clock import FakeClock, SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import NOT_FOUND_REASON, Poller
 from tracker.store import Registration, SqlStore
-from tracker.store.sql import deliveries, tasks
+from tracker.store.sql import deliveries, polls, tasks
 from tracker.testing.simulator import SimulatedRelay
 
 
@@ -555,7 +555,9 @@ def next_poll_at(rig: Rig, task_id: str) -> float:
     """The stored next poll of a task, in epoch seconds."""
     with rig.store.engine.connect() as conn:
         value: float = conn.execute(
-            sa.select(tasks.c.next_poll_at).where(tasks.c.task_id == task_id)
+            sa.select(polls.c.next_poll_at)
+            .join(tasks, tasks.c.id == polls.c.task_pk)
+            .where(tasks.c.task_id == task_id)
         ).scalar_one()
     return value
 

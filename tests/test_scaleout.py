@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from conftest import all_pages, base_config, merge, toml_text, verified, wait_until
 from test_e2e import FINAL_STATUSES, check_history, start_daemon
 
-from tracker.store.sql import make_engine, tasks
+from tracker.store.sql import make_engine, polls, tasks
 from tracker.testing.daemon import Daemon
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
@@ -54,8 +54,10 @@ def open_tasks(url: str) -> dict[str, float]:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            query = sa.select(tasks.c.task_id, tasks.c.next_poll_at).where(
-                tasks.c.status.not_in(FINAL_STATUSES)
+            query = (
+                sa.select(tasks.c.task_id, polls.c.next_poll_at)
+                .join(polls, polls.c.task_pk == tasks.c.id)
+                .where(tasks.c.status.not_in(FINAL_STATUSES))
             )
             return {task_id: float(planned) for task_id, planned in conn.execute(query)}
     finally:

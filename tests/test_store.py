@@ -28,6 +28,7 @@ from tracker.store import (
     SqlStore,
     TaskUpdate,
 )
+from tracker.store.sql import polls as polls_table
 from tracker.store.sql import tasks as tasks_table
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -144,9 +145,15 @@ def outcome(
 
 
 def task_row(store: SqlStore, task_id: str) -> Any:
-    """The raw tasks row, for columns no public method shows (next_poll_at, missing_since)."""
+    """The raw tasks row with its polls row's next_poll_at (None: no polls row, the task is
+    final), for what no public method shows (next_poll_at, missing_since)."""
+    query = (
+        sa.select(tasks_table, polls_table.c.next_poll_at)
+        .select_from(tasks_table.outerjoin(polls_table, polls_table.c.task_pk == tasks_table.c.id))
+        .where(tasks_table.c.task_id == task_id)
+    )
     with store.engine.connect() as conn:
-        return conn.execute(sa.select(tasks_table).where(tasks_table.c.task_id == task_id)).one()
+        return conn.execute(query).one()
 
 
 def in_threads(count: int, work: Callable[[int], list[int]]) -> list[list[int]]:
@@ -451,7 +458,11 @@ def test_a_claim_of_thousands_leases_each_task_and_its_answers_plan_each_one(
         planned[task.task_id] = at(2).timestamp()
     with store.engine.connect() as conn:
         stored = dict(
-            conn.execute(sa.select(tasks_table.c.task_id, tasks_table.c.next_poll_at)).all()
+            conn.execute(
+                sa.select(tasks_table.c.task_id, polls_table.c.next_poll_at).join(
+                    polls_table, polls_table.c.task_pk == tasks_table.c.id
+                )
+            ).all()
         )
     assert planned == stored
 
@@ -1320,7 +1331,6 @@ def test_concurrent_registrations_of_one_id_both_succeed(pg_url: str) -> None:
                     fail_reason="",
                     created_at=T0,
                     updated_at=T0,
-                    next_poll_at=T0.timestamp(),
                     last_change_at=T0.timestamp(),
                 )
             )

@@ -15,11 +15,13 @@ from tracker.store.models import (
     AttemptRow,
     DeliveryRow,
     MetaRow,
+    PollRow,
     TaskRow,
     TransitionRow,
 )
 
 tasks = TaskRow.__table__  # type: ignore[attr-defined]
+polls = PollRow.__table__  # type: ignore[attr-defined]
 transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 deliveries = DeliveryRow.__table__  # type: ignore[attr-defined]
 attempts = AttemptRow.__table__  # type: ignore[attr-defined]
@@ -64,16 +66,18 @@ class SqlBase:
         return query
 
     def _claim(self, query: sa.Select[Any], column: sa.Column[Any], until: float) -> list[Any]:
-        """Rows of ``query`` (which selects ``id`` first), each row's ``column`` set to
-        ``until`` in the same transaction: the claim of due tasks and of due deliveries alike.
+        """Rows of ``query`` (which selects the key of ``column``'s table first), each row's
+        ``column`` set to ``until`` in the same transaction: the claim of due tasks and of due
+        deliveries alike.
         """
         table = column.table
+        (key,) = table.primary_key.columns
         with self._write() as conn:
             rows = list(conn.execute(self._lock(query)).all())
             for start in range(0, len(rows), IN_CHUNK):
                 conn.execute(
                     table.update()
-                    .where(table.c.id.in_([r[0] for r in rows[start : start + IN_CHUNK]]))
+                    .where(key.in_([r[0] for r in rows[start : start + IN_CHUNK]]))
                     .values({column.name: until})
                 )
         return rows

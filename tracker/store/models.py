@@ -44,8 +44,6 @@ class TaskRow(SQLModel, table=True):
     __tablename__ = "tasks"
     __table_args__ = (
         sa.UniqueConstraint("platform", "task_id", name="uq_tasks_platform_task_id"),
-        # The poll cycle's only query: due tasks in due order. Final tasks have NULL here.
-        sa.Index("ix_tasks_next_poll_at", "next_poll_at"),
         sa.Index("ix_tasks_status_id", "status", "id"),
         # Retention finds final tasks past their keep time without reading the others.
         sa.Index("ix_tasks_finished_at", "finished_at"),
@@ -67,12 +65,33 @@ class TaskRow(SQLModel, table=True):
     created_at: datetime = _utc()
     updated_at: datetime = _utc()
     finished_at: datetime | None = _utc(nullable=True)
-    #: epoch seconds of the next poll; NULL once the task is final
-    next_poll_at: float | None = Field(default=None, sa_type=sa.Float(precision=53))
     #: epoch seconds of the last status or progress move, for the back-off
     last_change_at: float = Field(sa_type=sa.Float(precision=53))
     #: epoch seconds since the upstream started leaving this id out of its answers
     missing_since: float | None = Field(default=None, sa_type=sa.Float(precision=53))
+
+
+class PollRow(SQLModel, table=True):
+    """The next poll of one live task; a final task has none.
+
+    A table of its own, not a column of tasks: every poll moves it twice (the claim's lease,
+    then the next plan), and a write to the wide tasks row rewrites its stored result too
+    (SQLite) or adds an entry to each of its indexes (PostgreSQL).
+    """
+
+    __tablename__ = "polls"
+    __table_args__ = (
+        # The poll cycle's only query: due tasks in due order.
+        sa.Index("ix_polls_next_poll_at", "next_poll_at"),
+    )
+
+    task_pk: int = Field(
+        sa_column=sa.Column(
+            sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    #: epoch seconds of the next poll; while a claim holds the task, the end of its lease
+    next_poll_at: float = Field(sa_type=sa.Float(precision=53))
 
 
 class TransitionRow(SQLModel, table=True):

@@ -21,6 +21,7 @@ from tracker.store.base import (
     _epoch,
     _from_epoch,
     deliveries,
+    polls,
     tasks,
     transitions,
 )
@@ -37,17 +38,24 @@ class Polling(SqlBase):
     # -- the poll cycle ---------------------------------------------------------------------
 
     def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
-        """Status and next poll (the claim's token) of these tasks, locked as _current locks."""
+        """Status and next poll (the claim's token; None for a final task) of these tasks,
+        locked as _current locks: the tasks rows, then their polls rows."""
         found: dict[int, tuple[str, float | None]] = {}
         ordered = sorted(pks)
         for start in range(0, len(ordered), IN_CHUNK):
+            chunk = ordered[start : start + IN_CHUNK]
             query = (
-                sa.select(tasks.c.id, tasks.c.status, tasks.c.next_poll_at)
-                .where(tasks.c.id.in_(ordered[start : start + IN_CHUNK]))
+                sa.select(tasks.c.id, tasks.c.status, polls.c.next_poll_at)
+                .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
+                .where(tasks.c.id.in_(chunk))
                 .order_by(tasks.c.id)
             )
             if self.dialect == "postgresql":
-                query = query.with_for_update()
+                # FOR UPDATE cannot reach the nullable side of an outer join: the polls rows
+                # are locked by a query of their own, in the same id order.
+                query = query.with_for_update(of=tasks)
+                lock = sa.select(polls.c.task_pk).where(polls.c.task_pk.in_(chunk))
+                conn.execute(lock.order_by(polls.c.task_pk).with_for_update()).all()
             found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
         return found
 
@@ -68,11 +76,12 @@ class Polling(SqlBase):
         else:
             query = (
                 sa.select(*_DUE_COLUMNS)
-                .where(tasks.c.next_poll_at <= _epoch(due_by or now))
-                .order_by(tasks.c.next_poll_at, tasks.c.id)
+                .select_from(polls.join(tasks, tasks.c.id == polls.c.task_pk))
+                .where(polls.c.next_poll_at <= _epoch(due_by or now))
+                .order_by(polls.c.next_poll_at, polls.c.task_pk)
                 .limit(limit)
             )
-            rows = self._claim(query, tasks.c.next_poll_at, until)
+            rows = self._claim(query, polls.c.next_poll_at, until)
         claim = records.Claim(until, tuple(r[0] for r in rows))
         return _due_tasks(rows, claim)
 
@@ -101,10 +110,10 @@ class Polling(SqlBase):
         with self._write() as conn:
             for start in range(0, len(claim.pks), IN_CHUNK):
                 done = conn.execute(
-                    tasks.update()
+                    polls.update()
                     .where(
-                        tasks.c.id.in_(claim.pks[start : start + IN_CHUNK]),
-                        tasks.c.next_poll_at == claim.until,
+                        polls.c.task_pk.in_(claim.pks[start : start + IN_CHUNK]),
+                        polls.c.next_poll_at == claim.until,
                     )
                     .values(next_poll_at=until)
                 )
@@ -115,15 +124,15 @@ class Polling(SqlBase):
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live): one index lookup."""
         with self._read() as conn:
-            value = conn.execute(sa.select(sa.func.min(tasks.c.next_poll_at))).scalar()
+            value = conn.execute(sa.select(sa.func.min(polls.c.next_poll_at))).scalar()
         return _from_epoch(value)
 
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
         with self._write() as conn:
             conn.execute(
-                tasks.update()
-                .where(tasks.c.next_poll_at > _epoch(latest))
+                polls.update()
+                .where(polls.c.next_poll_at > _epoch(latest))
                 .values(next_poll_at=_epoch(latest))
             )
 
@@ -172,6 +181,8 @@ class Polling(SqlBase):
         # Task updates grouped by the columns they set, so each group is one executemany.
         pending: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         in_pending: set[int] = set()
+        #: each written task's next poll (None: final, no more polls)
+        moves: dict[int, float | None] = {}
         written = 0
         with self._write() as conn:
             # The compare-and-set: statuses and claims read under lock, then checked here.
@@ -186,24 +197,49 @@ class Polling(SqlBase):
                     if task.lease_until is not None and found[1] != task.lease_until:
                         continue  # the lease ran out and another claim took the task
                     held.add(task.pk)
-                if values:
+                columns = values
+                if "next_poll_at" in values:  # a polls row's, not a tasks column
+                    moves[task.pk] = values["next_poll_at"]  # a later update's wins
+                    columns = {k: v for k, v in values.items() if k != "next_poll_at"}
+                if columns:
                     if task.pk in in_pending:
                         # The same task twice in one call: the later update must land last.
                         _update_tasks(conn, pending)
                         pending.clear()
                         in_pending.clear()
-                    pending.setdefault(tuple(sorted(values)), []).append({"pk_": task.pk, **values})
+                    row = {"pk_": task.pk, **columns}
+                    pending.setdefault(tuple(sorted(columns)), []).append(row)
                     in_pending.add(task.pk)
-                    current[task.pk] = (values.get("status", found[0]), found[1])
+                    current[task.pk] = (columns.get("status", found[0]), found[1])
                 written += 1
                 history.extend(_history_rows(update, now))
                 outbox.extend(_outbox_rows(update, now, epoch))
             _update_tasks(conn, pending)
+            self._move_polls(conn, moves)
             if history:
                 conn.execute(transitions.insert(), history)
             if outbox:
                 conn.execute(deliveries.insert(), outbox)
         return written
+
+    def _move_polls(self, conn: sa.Connection, moves: dict[int, float | None]) -> None:
+        """Set each task's next poll, or end its polls (None: the task is final)."""
+        ended = [pk for pk, at in moves.items() if at is None]
+        for start in range(0, len(ended), IN_CHUNK):
+            chunk = ended[start : start + IN_CHUNK]
+            conn.execute(polls.delete().where(polls.c.task_pk.in_(chunk)))
+        planned = [
+            {"task_pk": pk, "next_poll_at": at} for pk, at in moves.items() if at is not None
+        ]
+        if planned:
+            upsert = self._insert(polls)
+            conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[polls.c.task_pk],
+                    set_={"next_poll_at": upsert.excluded.next_poll_at},
+                ),
+                planned,
+            )
 
     def _replan(self, conn: sa.Connection, replanned: Sequence[tuple[float, int, float]]) -> int:
         """Run _REPLAN for (next poll, id, lease end) rows; how many rows it changed."""
@@ -281,16 +317,17 @@ class Polling(SqlBase):
 # A new plan for a task whose answer changed nothing else; the WHERE is the compare-and-set
 # (the claim still held: its lease's end is still the next poll).
 _REPLAN = (
-    tasks.update()
-    .where(tasks.c.id == sa.bindparam("pk_"), tasks.c.next_poll_at == sa.bindparam("lease_"))
+    polls.update()
+    .where(polls.c.task_pk == sa.bindparam("pk_"), polls.c.next_poll_at == sa.bindparam("lease_"))
     .values(next_poll_at=sa.bindparam("next_"))
 )
-_REPLAN_SQLITE = "UPDATE tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?"
+_REPLAN_SQLITE = "UPDATE polls SET next_poll_at = ? WHERE task_pk = ? AND next_poll_at = ?"
 # A claim on SQLite: _DUE_COLUMNS of the due rows in due order (the time and JSON columns as
 # stored, for _due_tasks), then their lease.
 _DUE_SQLITE = (
-    f"SELECT {', '.join(c.name for c in _DUE_COLUMNS)} FROM tasks"  # noqa: S608 - column names
-    " WHERE next_poll_at <= ? ORDER BY next_poll_at, id LIMIT ?"
+    f"SELECT {', '.join(f'{c.table.name}.{c.name}' for c in _DUE_COLUMNS)}"  # noqa: S608
+    " FROM polls JOIN tasks ON tasks.id = polls.task_pk"
+    " WHERE polls.next_poll_at <= ? ORDER BY polls.next_poll_at, polls.task_pk LIMIT ?"
 )
 #: SQLite 3.33 and later know UPDATE ... FROM
 _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
@@ -301,7 +338,7 @@ def _lease_sqlite(count: int) -> str:
     """A claim's lease for ``count`` ids: (end of the lease, id, id, ...)."""
     marks = ", ".join("?" * count)
     # Only placeholders go into the text.
-    return f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({marks})"  # noqa: S608
+    return f"UPDATE polls SET next_poll_at = ? WHERE task_pk IN ({marks})"  # noqa: S608
 
 
 @functools.cache
@@ -309,9 +346,9 @@ def _replan_sqlite(count: int) -> str:
     """_REPLAN_SQLITE for ``count`` (next poll, id, lease end) rows in one statement."""
     rows = ", ".join(["(?, ?, ?)"] * count)
     return (
-        "UPDATE tasks SET next_poll_at = r.column1"  # noqa: S608 - placeholders only
+        "UPDATE polls SET next_poll_at = r.column1"  # noqa: S608 - placeholders only
         f" FROM (VALUES {rows}) AS r"
-        " WHERE tasks.id = r.column2 AND tasks.next_poll_at = r.column3"
+        " WHERE polls.task_pk = r.column2 AND polls.next_poll_at = r.column3"
     )
 
 

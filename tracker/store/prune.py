@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
-from tracker.store.base import IN_CHUNK, attempts, deliveries, tasks, transitions
+from tracker.store.base import IN_CHUNK, attempts, deliveries, polls, tasks, transitions
 
 
 class Kind(enum.StrEnum):
@@ -192,6 +192,9 @@ def _delete_tasks(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
         owned = sa.select(deliveries.c.id).where(deliveries.c.task_pk.in_(chunk))
         pruned += _delete_deliveries(conn, list(conn.execute(owned).scalars()))
         history = conn.execute(transitions.delete().where(transitions.c.task_pk.in_(chunk)))
+        # A final task has no polls row; deleted all the same, as SQLite cascades only with
+        # its foreign_keys pragma on.
+        conn.execute(polls.delete().where(polls.c.task_pk.in_(chunk)))
         done = conn.execute(tasks.delete().where(tasks.c.id.in_(chunk)))
         pruned += Pruned(tasks=done.rowcount, transitions=history.rowcount)
     return pruned

@@ -14,6 +14,7 @@ from tracker.store.base import (
     _epoch,
     attempts,
     deliveries,
+    polls,
     tasks,
     transitions,
 )
@@ -78,12 +79,18 @@ class Registry(SqlBase):
                             "events": events,
                             "created_at": now,
                             "updated_at": now,
-                            "next_poll_at": epoch,
                             "last_change_at": epoch,
                         }
                         for task_id in new
                     ],
                 )
+                # Each new task is due at once: its polls row, made from the rows just added.
+                for start in range(0, len(new), IN_CHUNK):
+                    added = sa.select(tasks.c.id, sa.literal(epoch, sa.Float(precision=53))).where(
+                        tasks.c.platform == registration.platform,
+                        tasks.c.task_id.in_(new[start : start + IN_CHUNK]),
+                    )
+                    conn.execute(polls.insert().from_select(["task_pk", "next_poll_at"], added))
         return new, [i for i in ids if i in existing]
 
     def get(self, platform: str, task_id: str) -> records.TaskRecord | None:
@@ -132,5 +139,6 @@ class Registry(SqlBase):
             conn.execute(attempts.delete().where(attempts.c.delivery_pk.in_(delivery_pks)))
             conn.execute(deliveries.delete().where(deliveries.c.task_pk == pk))
             conn.execute(transitions.delete().where(transitions.c.task_pk == pk))
+            conn.execute(polls.delete().where(polls.c.task_pk == pk))
             conn.execute(tasks.delete().where(tasks.c.id == pk))
         return True

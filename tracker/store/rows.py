@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from tracker.retry import DeliveryState
 from tracker.status import EventType, Snapshot, TaskStatus
 from tracker.store import records
-from tracker.store.base import _from_epoch, attempts, tasks
+from tracker.store.base import _from_epoch, attempts, polls, tasks
 
 
 def _page(table: sa.Table, limit: int, before: int | None, **equal: str | None) -> Any:
@@ -114,13 +114,18 @@ def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
 
 
 # The columns a poll needs: not the stored result, which can be large and is never read back.
-_DUE_COLUMNS = tuple(
-    tasks.c[name]
-    for name in (
-        "id", "platform", "task_id", "status", "upstream_status", "progress",
-        "upstream_progress", "fail_reason", "created_at", "missing_since", "webhook_url",
-        "endpoint", "events", "metadata", "next_poll_at", "last_change_at",
-    )
+# The planned time is the polls row's; the claim reads it before moving it to the lease's end.
+_DUE_COLUMNS = (
+    *(
+        tasks.c[name]
+        for name in (
+            "id", "platform", "task_id", "status", "upstream_status", "progress",
+            "upstream_progress", "fail_reason", "created_at", "missing_since", "webhook_url",
+            "endpoint", "events", "metadata",
+        )
+    ),
+    polls.c.next_poll_at,
+    tasks.c.last_change_at,
 )  # fmt: skip
 
 _STATUSES = {s.value: s for s in TaskStatus}

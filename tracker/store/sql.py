@@ -15,7 +15,15 @@ import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
 from tracker.store import counts, records
-from tracker.store.base import IN_CHUNK, attempts, deliveries, meta, tasks, transitions
+from tracker.store.base import (
+    IN_CHUNK,
+    attempts,
+    deliveries,
+    meta,
+    polls,
+    tasks,
+    transitions,
+)
 from tracker.store.engine import (
     DEFAULT_POOL_SIZE,
     SchemaMismatchError,
@@ -36,6 +44,7 @@ __all__ = [
     "make_engine",
     "meta",
     "normalise_url",
+    "polls",
     "tasks",
     "transitions",
 ]
