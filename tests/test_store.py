@@ -529,6 +529,25 @@ def test_an_answer_after_the_lease_was_taken_over_changes_nothing(store: SqlStor
     )
 
 
+def test_a_lapsed_claims_answer_in_the_same_call_as_the_holders_changes_nothing(
+    store: SqlStore,
+) -> None:
+    """Two answers about one task in one call, the holding claim's first: the lapsed claim's
+    answer still fails its own check, so the task keeps the newer answer and only its event
+    is queued."""
+    register(store, "a")
+    (slow,) = claim(store, T0)
+    (fresh,) = claim(store, at(INTERVAL))  # the lease ran out: another claim took the task
+    newer = TaskUpdate(fresh, change(fresh, TaskStatus.PENDING, progress=60), (entry("msg_new"),))
+    late = TaskUpdate(slow, change(slow, TaskStatus.PENDING, progress=20), (entry("msg_late"),))
+
+    written = store.record([newer, late], at(INTERVAL + 1))
+
+    assert 1 == written
+    assert 60 == task_row(store, "a").progress
+    assert ["msg_new"] == [d.webhook_id for d in store.list_deliveries(task_id="a")[0]]
+
+
 def test_earliest_poll_is_the_first_live_task_due(store: SqlStore) -> None:
     """earliest_poll names the soonest next poll of a live task; None when none is live."""
     assert store.earliest_poll() is None

@@ -187,16 +187,19 @@ class Polling(SqlBase):
         with self._write() as conn:
             # The compare-and-set: statuses and claims read under lock, then checked here.
             current = self._claims(conn, {u.task.pk for u, _ in planned})
-            held: set[int] = set()  # claims checked once in this call hold for its later updates
+            # The claims checked once in this call, by task and token: they hold for the same
+            # claim's later updates (its first write moved the next poll), not for another's.
+            held: set[tuple[int, float | None]] = set()
             for update, values in planned:
                 task = update.task
                 found = current.get(task.pk)
                 if found is None or found[0] != task.snapshot.status.value:
                     continue
-                if task.pk not in held:
+                claim = (task.pk, task.lease_until)
+                if claim not in held:
                     if task.lease_until is not None and found[1] != task.lease_until:
                         continue  # the lease ran out and another claim took the task
-                    held.add(task.pk)
+                    held.add(claim)
                 columns = values
                 if "next_poll_at" in values:  # a polls row's, not a tasks column
                     moves[task.pk] = values["next_poll_at"]  # a later update's wins
@@ -256,7 +259,10 @@ class Polling(SqlBase):
                 flat = [value for row in part for value in row]
                 changed += conn.exec_driver_sql(_replan_sqlite(len(part)), tuple(flat)).rowcount
             return changed
-        params = [{"next_": n, "pk_": pk, "lease_": lease} for n, pk, lease in replanned]
+        # In id order, the order _claims locks in: two daemons writing the same rows (one of
+        # them under a lapsed claim) then wait for each other instead of deadlocking.
+        ordered = sorted(replanned, key=lambda row: row[1])
+        params = [{"next_": n, "pk_": pk, "lease_": lease} for n, pk, lease in ordered]
         return conn.execute(_REPLAN, params).rowcount
 
     # -- tasks whose write the database refuses ---------------------------------------------
