@@ -89,6 +89,27 @@ async def test_every_task_is_asked_once_per_interval_at_the_relay(
     assert 0.9 <= statistics.median(gaps) <= 1.1
 
 
+async def test_a_relay_slower_than_a_second_does_not_stretch_the_interval(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """A relay that takes 1.4 s to answer every request, 40 tasks at interval 3 s on the real
+    clock: each task is still asked every 3 s at the relay (its time to answer is not time
+    waited in the drain, so it never moves the plan)."""
+    ids = [f"s{n}" for n in range(40)]
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    relay.latency = 1.4
+    running = running_for(poll={"interval": 3, "max_interval": 3})
+    running.register(*ids)
+    await asyncio.sleep(14)
+    await running.close()
+
+    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
+    assert len(gaps) >= 40 * 3
+    assert 2.9 <= statistics.median(gaps) <= 3.1
+    assert quantile(gaps, 0.95) <= 3.3
+
+
 async def test_a_registration_wakes_the_engine_at_once(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
@@ -127,3 +148,16 @@ def test_a_poll_that_waited_behind_a_burst_starts_a_new_phase_from_its_answer() 
     assert 130.0 == next_poll(100.0, 100.5, 30.0, started=99.5)
     assert 130.0 == next_poll(100.0, 103.0, 30.0, started=102.5)
     assert 130.0 == next_poll(100.0, 103.0, 30.0)
+
+
+def test_the_relays_own_time_to_answer_is_not_waiting_in_the_drain() -> None:
+    """A request sent on time keeps its task on plan however long the relay takes to answer;
+    one sent after waiting over LATE_TOLERANCE in the drain starts a new phase from its
+    answer. Five polls through a relay taking 3 s each stay 30 s apart."""
+    assert 130.0 == next_poll(100.0, 103.0, 30.0, started=99.5, asked=100.1)
+    assert 134.5 == next_poll(100.0, 104.5, 30.0, started=99.5, asked=101.5)
+    planned = 100.0
+    for _ in range(5):
+        following = next_poll(planned, planned + 3.0, 30.0, started=planned, asked=planned)
+        assert planned + 30.0 == following
+        planned = following

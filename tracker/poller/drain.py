@@ -194,6 +194,7 @@ class Poller:
         self.report.requests += 1
         self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
         self.metrics.activity.count(Series.POLLS, len(ids))
+        asked = self.clock.now()
         try:
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
@@ -210,7 +211,7 @@ class Poller:
             return [self.planner.retry(t, now) for t in tasks]
         self.report_relay(platform.upstream, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
-        return Answer(platform, seen, self.clock.now())
+        return Answer(platform, seen, self.clock.now(), asked)
 
     async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> Decided:
         """Each task's decision from the relay's ``answer``, as of when it came."""
@@ -219,7 +220,7 @@ class Poller:
             if start:
                 await asyncio.sleep(0)
             chunk = tasks[start : start + DECIDE_CHUNK]
-            part = self.planner.decide(answer.platform, chunk, answer.seen, answer.at)
+            part = self.planner.decide(answer.platform, chunk, answer.seen, answer.at, answer.asked)
             decided.updates += part.updates
             decided.replans += part.replans
         return decided

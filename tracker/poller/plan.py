@@ -37,19 +37,28 @@ def back_off(settings: PollSettings, now: float, last_change_at: float) -> float
     return min(max(quiet, settings.interval), settings.max_interval)
 
 
-def next_poll(planned: float, now: float, gap: float, started: float | None = None) -> float:
+def next_poll(
+    planned: float,
+    now: float,
+    gap: float,
+    started: float | None = None,
+    asked: float | None = None,
+) -> float:
     """The poll after one planned at ``planned`` and answered at ``now``, ``gap`` seconds on.
 
     Planned from the planned time, not from the answer, so the time a claim, a request and
     its record take never adds up from one poll to the next. A task answered so late that
     the next planned poll would follow within a quarter of ``gap`` (work beyond capacity, or
     a restart) starts a new phase from now instead, so no backlog is polled twice in a row;
-    so does one that waited more than LATE_TOLERANCE in the drain that ``started`` then.
+    so does one that waited more than LATE_TOLERANCE in the drain that ``started`` then,
+    before its request went out at ``asked`` (default ``now``): the relay's own time to
+    answer is not waiting, and counted as such it would move every poll of a slow relay.
     """
     following = planned + gap
     if following < now + gap * REPHASE_SHARE:
         return now + gap
-    if started is not None and now - max(planned, started) > LATE_TOLERANCE:
+    sent = now if asked is None else asked
+    if started is not None and sent - max(planned, started) > LATE_TOLERANCE:
         return now + gap
     return following
 
@@ -101,14 +110,17 @@ class Planner:
         tasks: Sequence[DueTask],
         seen: Mapping[str, status.Observation | Glance],
         now: datetime,
+        asked: datetime | None = None,
     ) -> Decided:
         """Every task of the batch gets a decision: at least its next poll (which ends the claim).
 
-        ``seen`` is the answer by task id: observations, or glances at items (see `Glance`).
-        A claimed task whose glance shows the word and progress it holds moved nothing: only
-        its next poll is decided (a Replan), with no Observation or TaskUpdate built.
+        ``seen`` is the answer by task id: observations, or glances at items (see `Glance`),
+        answered at ``now`` to a request sent at ``asked`` (see `next_poll`). A claimed task
+        whose glance shows the word and progress it holds moved nothing: only its next poll
+        is decided (a Replan), with no Observation or TaskUpdate built.
         """
         epoch = now.timestamp()
+        sent = None if asked is None else asked.timestamp()
         aside = self.set_aside_until(epoch)
         settings, started = self.settings, self.drain_started
         statuses = platform.statuses
@@ -117,12 +129,12 @@ class Planner:
         for task in tasks:
             found = seen.get(task.task_id)
             if found is None:
-                updates.append(self._missing(task, now))
+                updates.append(self._missing(task, now, sent))
                 continue
             if isinstance(found, Glance):
                 if task.claim is not None and _unmoved(task, found, statuses):
                     gap = back_off(settings, epoch, task.last_change_at)
-                    planned = next_poll(task.planned, epoch, gap, started)
+                    planned = next_poll(task.planned, epoch, gap, started, sent)
                     following = self._hinted(found.wait_hint, epoch, planned)
                     replans.append(Replan(following, task.pk, task.claim.until))
                     continue
@@ -143,7 +155,7 @@ class Planner:
             )
             last_change = epoch if moved else task.last_change_at
             gap = back_off(settings, epoch, last_change)
-            planned = next_poll(task.planned, epoch, gap, started)
+            planned = next_poll(task.planned, epoch, gap, started, sent)
             following = self._hinted(observation.wait_hint, epoch, planned)
             if change is None:
                 # Positional, as keywords cost a third more on a path taken for nearly every
@@ -169,13 +181,13 @@ class Planner:
         per ``max_interval``, not one per claim (about the relay's timeout)."""
         return epoch + self.settings.max_interval
 
-    def unchanged(self, task: DueTask, now: datetime) -> TaskUpdate:
+    def unchanged(self, task: DueTask, now: datetime, asked: float | None = None) -> TaskUpdate:
         """Nothing learnt (a platform left the config): just the next poll, on plan."""
         epoch = now.timestamp()
         gap = back_off(self.settings, epoch, task.last_change_at)
         return TaskUpdate(
             task,
-            next_poll_at=next_poll(task.planned, epoch, gap, self.drain_started),
+            next_poll_at=next_poll(task.planned, epoch, gap, self.drain_started, asked),
             set_aside_until=self.set_aside_until(epoch),
         )
 
@@ -201,13 +213,13 @@ class Planner:
             return planned
         return max(planned, epoch + min(hint, self.settings.max_interval))
 
-    def _missing(self, task: DueTask, now: datetime) -> TaskUpdate:
+    def _missing(self, task: DueTask, now: datetime, asked: float | None) -> TaskUpdate:
         epoch = now.timestamp()
         if task.missing_since is not None and (
             epoch - task.missing_since >= self.settings.not_found_after
         ):
             return self._give_up(task, NOT_FOUND_REASON, now)
-        update = self.unchanged(task, now)
+        update = self.unchanged(task, now, asked)
         since: float | Keep = epoch if task.missing_since is None else KEEP
         return TaskUpdate(
             task,

@@ -30,12 +30,13 @@ RENEW_SHARE = 0.25
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Answer:
-    """A relay's answer about one batch: its observations (or glances) by task id, and when
-    it came."""
+    """A relay's answer about one batch: its observations (or glances) by task id, when it
+    came, and when its request went out."""
 
     platform: Platform
     seen: Mapping[str, Observation | Glance]
     at: datetime
+    asked: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
