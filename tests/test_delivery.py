@@ -20,7 +20,7 @@ import structlog.testing
 from pydantic import SecretStr
 
 from tracker import config, events, signing, ssrf, status
-from tracker.clock import FakeClock, SystemClock
+from tracker.clock import Clock, FakeClock, SystemClock
 from tracker.delivery import Deliverer
 from tracker.delivery.outbox import LEASE
 from tracker.delivery.sending import EXCERPT_BYTES
@@ -92,7 +92,7 @@ async def deliverer_for(
 
 def register(
     store: SqlStore,
-    clock: FakeClock,
+    clock: Clock,
     task_id: str = "task-1",
     **registration: Any,
 ) -> DueTask:
@@ -105,7 +105,7 @@ def register(
 
 def observe(
     store: SqlStore,
-    clock: FakeClock,
+    clock: Clock,
     settings: config.WebhookSettings,
     task: DueTask,
     new: TaskStatus,
@@ -130,7 +130,7 @@ def observe(
 
 def complete(
     store: SqlStore,
-    clock: FakeClock,
+    clock: Clock,
     settings: config.WebhookSettings,
     task_id: str = "task-1",
     **registration: Any,
@@ -982,3 +982,57 @@ async def test_each_delivery_logs_one_info_line(
     [line] = [e for e in logged if e["event"] == "webhook_delivered"]
     assert ("info", "task-1", receiver.url) == (line["log_level"], line["task_id"], line["url"])
     assert receiver.received[0].headers["webhook-id"] == line["webhook_id"]
+
+
+async def test_a_recovered_dead_delivery_gets_the_whole_retry_schedule_again(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """A delivery that died after the whole schedule, recovered once the receiver is back,
+    is retried on the schedule from its start when its next attempt fails too; the attempt
+    log keeps every try."""
+    settings = hook_settings(receiver.url)  # retry_delays [10, 20, 40]: dead at the 4th
+    complete(store, clock, settings)
+    receiver.default = Reply(status=500)
+    async with deliverer_for(store, clock, settings) as deliverer:
+        for _ in range(4):
+            await deliverer.run_once()
+            clock.advance(100)
+        assert ("dead", 4) == (only(store).state, only(store).attempts)
+        assert [only(store).id] == store.requeue(clock.now(), since=clock.now() - timedelta(1))
+        await deliverer.run_once()  # the receiver fails once more
+
+    recovered = only(store)
+    assert ("pending", 1) == (recovered.state, recovered.attempts)
+    assert 10 == retry_in(recovered, clock)
+    assert 5 == len(recovered.log)
+
+
+async def test_one_slow_store_round_never_sends_a_delivery_twice(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write round longer than what was left of the lease lets the pass's next claim take
+    a delivery the pass still has in flight: that one is sent once all the same, its result
+    written under the new claim."""
+    # A pass that keeps claiming while one receiver is slow (as a busy daemon's pace allows).
+    monkeypatch.setattr("tracker.delivery.passes.HELD_SHARE_OF_BUDGET", 1000.0)
+    store = SlowWritingStore.from_url(sqlite_url)
+    store.writes = []
+    store.delay = 0.7
+    store.create_schema()
+    clock = SystemClock()
+    with WebhookReceiver() as slow, WebhookReceiver() as fast, WebhookReceiver() as medium:
+        slow.default = Reply(status=204, delay=3.0)
+        medium.default = Reply(status=204, delay=0.5)
+        settings = hook_settings(timeout=6, url=fast.url)
+        complete(store, clock, settings, "slow", webhook_url=slow.url)
+        complete(store, clock, settings, "fast", webhook_url=fast.url)
+        complete(store, clock, settings, "medium", webhook_url=medium.url)
+        async with deliverer_for(store, clock, settings) as deliverer:
+            deliverer.outbox.lease = 0.6  # renewed every 0.2 s; a write takes 0.7 s
+            await deliverer.run()
+        posts = [r.headers["webhook-id"] for r in slow.received]
+    delivered = {d.task_id: (d.state, len(d.log)) for d in outbox(store)}
+    store.close()
+
+    assert 1 == len(posts)
+    assert ("delivered", 1) == delivered["slow"]

@@ -120,12 +120,20 @@ class DeliveryPass:
         done = await self._outbox.round(batch, claim, renew=renewing, hold=hold)
         if renew:
             self._renewed(renewing, done)
+        fresh: list[DeliveryJob] = []
         for job in done.jobs:
             self._lost.discard(job.pk)  # ours again: claimed anew after the takeover
             if job.lease_until is not None:
+                if job.pk in self._leases:
+                    # Our own claim lapsed during a slow round and this claim took the same
+                    # delivery again: it is still queued or in flight here, to be sent once,
+                    # its result written under the new token.
+                    self._leases[job.pk] = job.lease_until
+                    continue
                 self._leases[job.pk] = job.lease_until
+            fresh.append(job)
         more = self.refill_on_write and claim > 0 and len(done.jobs) == claim
-        return Claimed(units=self._take_on(done.jobs), more=more)
+        return Claimed(units=self._take_on(fresh), more=more)
 
     def _renewed(self, renewing: dict[int, float], done: Round) -> None:
         """Take the new tokens of the renewed claims; a claim not renewed was taken over.

@@ -253,6 +253,10 @@ class Outbox(SqlBase):
     ) -> list[int]:
         """Send deliveries again with their own ``webhook-id``: one by id (any state), or every
         dead one created in [since, until). Returns the ids re-queued.
+
+        Each starts the retry schedule again (``attempts`` back to 0; the attempt log keeps
+        every earlier try): a delivery recovered after an outage gets the whole schedule, not
+        one try and dead again at its first failure.
         """
         query = sa.select(deliveries.c.id)
         if pk is not None:
@@ -271,6 +275,7 @@ class Outbox(SqlBase):
                     .where(deliveries.c.id.in_(pks))
                     .values(
                         state=DeliveryState.PENDING,
+                        attempts=0,
                         next_attempt_at=_epoch(now),
                         claimed_until=None,
                         delivered_at=None,
