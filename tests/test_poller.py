@@ -721,9 +721,9 @@ async def test_a_large_answer_is_read_and_decided_in_parts_with_other_work_in_be
     seen: list[tuple[int, int]] = []  # (tasks decided, loop turns so far) per part
     decide = rig.poller.planner.decide
 
-    def counting(platform: Any, tasks: Any, observations: Any, now: Any) -> Any:
+    def counting(platform: Any, tasks: Any, observations: Any, now: Any, asked: Any) -> Any:
         seen.append((len(tasks), turns))
-        return decide(platform, tasks, observations, now)
+        return decide(platform, tasks, observations, now, asked)
 
     async def ticker() -> None:
         nonlocal turns
