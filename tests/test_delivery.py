@@ -1036,3 +1036,31 @@ async def test_one_slow_store_round_never_sends_a_delivery_twice(
 
     assert 1 == len(posts)
     assert ("delivered", 1) == delivered["slow"]
+
+
+async def test_events_for_an_endpoint_removed_from_the_config_wait_for_it_to_come_back(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, other: WebhookReceiver
+) -> None:
+    """A task registered for an endpoint a reload then removed: its final event is still
+    written; it is neither sent elsewhere nor signed with another secret but retried, and
+    delivered once the endpoint is configured again (at its URL then, with its secret)."""
+    ops_secret = signing.new_secret()
+    task = register(store, clock, endpoint="ops")
+    without = hook_settings(receiver.url)
+    observe(store, clock, without, task, TaskStatus.COMPLETED)
+    assert [("ops", "task.completed")] == [(d.endpoint, d.event_type) for d in outbox(store)]
+
+    async with deliverer_for(store, clock, without) as deliverer:
+        await deliverer.run_once()
+        held = only(store)
+        assert (0, "pending", 1) == (receiver.count, held.state, held.attempts)
+        assert "endpoint 'ops' is not in [webhooks.endpoints]: not sent" == held.last_error
+        back = {"ops": {"url": other.url, "secret": ops_secret}}
+        deliverer.configure(hook_settings(receiver.url, endpoints=back))
+        clock.advance(100)
+        await deliverer.run_once()
+
+    assert 0 == receiver.count
+    assert ["task.completed"] == [verify(r, ops_secret)["type"] for r in other.received]
+    assert "delivered" == only(store).state
+    assert other.url == only(store).log[-1].url

@@ -152,16 +152,20 @@ def test_an_endpoint_without_events_takes_the_global_list() -> None:
     assert frozenset({"task.completed", "task.progress"}) == target.events
 
 
-@pytest.mark.parametrize(
-    ("url", "endpoint"), [(DEFAULT_URL, "missing"), (None, None)], ids=["unknown", "nowhere"]
-)
-def test_no_target_when_the_endpoint_is_unknown_or_no_url_exists(
-    url: str | None, endpoint: str | None
-) -> None:
-    """An endpoint name not in the settings, or no URL at all, means nothing to deliver."""
-    settings = hooks(url=url)
+def test_no_target_when_no_url_exists() -> None:
+    """No webhook_url, no endpoint and no [webhooks].url: nothing to deliver."""
+    assert events.Targets(hooks(url=None)).resolve(None, None, None) is None
 
-    assert events.Targets(settings).resolve(None, endpoint, None) is None
+
+def test_an_endpoint_gone_from_the_config_still_gets_its_events_addressed_to_its_name() -> None:
+    """An endpoint name no longer in the settings (a reload removed it) keeps its events,
+    addressed to the name alone (the deliverer holds them until it is back), never to the
+    default URL."""
+    target = events.Targets(hooks(url=DEFAULT_URL)).resolve(None, "missing", None)
+
+    assert target is not None
+    assert ("", "missing", False) == (target.url, target.endpoint, target.guarded)
+    assert {"task.completed", "task.failed"} <= target.events
 
 
 def test_registration_events_narrow_but_never_widen() -> None:

@@ -37,9 +37,13 @@ class Targets:
         if endpoint is not None:
             named = settings.endpoints.get(endpoint)
             if named is None:
-                return None
-            url, guarded = named.url, False
-            wanted = set(named.events if named.events is not None else settings.events)
+                # The endpoint left the config after the task was registered: its events are
+                # still written, addressed to the name alone, and the deliverer holds them
+                # (failing, retried, then dead and recoverable) until the endpoint is back.
+                url, guarded, wanted = "", False, set(settings.events)
+            else:
+                url, guarded = named.url, False
+                wanted = set(named.events if named.events is not None else settings.events)
         elif webhook_url is not None:
             url, guarded, wanted = webhook_url, True, set(settings.events)
         elif settings.url is not None:

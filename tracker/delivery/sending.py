@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import random
 import time
@@ -109,6 +110,16 @@ class Sender:
         """One attempt of ``job``; every failure, of the receiver or of the request, is a result."""
         now = self._clock.now()
         started = time.perf_counter()
+        if job.endpoint is not None:
+            named = self._settings.endpoints.get(job.endpoint)
+            if named is None:
+                # Never sent elsewhere nor signed with another secret: retried, so putting
+                # the endpoint back in the config delivers it.
+                error = f"endpoint {job.endpoint!r} is not in [webhooks.endpoints]: not sent"
+                return self._result(job, now, started, retry.Outcome(error=error), b"", fatal=False)
+            if named.url != job.url:
+                # The endpoint's URL now, as its secret is the one it has now.
+                job = dataclasses.replace(job, url=named.url)
         outcome, excerpt, fatal = await self._exchange(job, now)
         return self._result(job, now, started, outcome, excerpt, fatal=fatal)
 
