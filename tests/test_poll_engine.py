@@ -66,21 +66,34 @@ async def _running_for(
         running.store.close()
 
 
+async def gaps_at_relay(
+    running_for: Callable[..., Running],
+    relay: SimulatedRelay,
+    *,
+    tasks: int,
+    interval: float,
+    seconds: float,
+) -> list[float]:
+    """Run an engine over ``tasks`` live tasks at ``interval`` for ``seconds`` on the real
+    clock; every gap between two polls of one task, as the relay saw them."""
+    ids = [f"c{n}" for n in range(tasks)]
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    running = running_for(poll={"interval": interval, "max_interval": interval})
+    running.register(*ids)
+    await asyncio.sleep(seconds)
+    await running.close()
+    return [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
+
+
 async def test_every_task_is_asked_once_per_interval_at_the_relay(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
     """300 live tasks at interval 1 s on the real clock: 95 % of the gaps between two polls of
     one task, measured at the relay, are within 1.2 s, and the median is the interval.
     """
-    ids = [f"c{n}" for n in range(300)]
-    for task_id in ids:
-        relay.set("luma", task_id, "IN_PROGRESS", "50%")
-    running = running_for(poll={"interval": 1, "max_interval": 1})
-    running.register(*ids)
-    await asyncio.sleep(6.5)
-    await running.close()
+    gaps = await gaps_at_relay(running_for, relay, tasks=300, interval=1, seconds=6.5)
 
-    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
     assert len(gaps) >= 300 * 5
     assert quantile(gaps, 0.95) <= 1.2
     # A poll answered late is followed by one planned on time, so some gaps are short; none
@@ -95,16 +108,9 @@ async def test_a_relay_slower_than_a_second_does_not_stretch_the_interval(
     """A relay that takes 1.4 s to answer every request, 40 tasks at interval 3 s on the real
     clock: each task is still asked every 3 s at the relay (its time to answer is not time
     waited in the drain, so it never moves the plan)."""
-    ids = [f"s{n}" for n in range(40)]
-    for task_id in ids:
-        relay.set("luma", task_id, "IN_PROGRESS", "50%")
     relay.latency = 1.4
-    running = running_for(poll={"interval": 3, "max_interval": 3})
-    running.register(*ids)
-    await asyncio.sleep(14)
-    await running.close()
+    gaps = await gaps_at_relay(running_for, relay, tasks=40, interval=3, seconds=14)
 
-    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
     assert len(gaps) >= 40 * 3
     assert 2.9 <= statistics.median(gaps) <= 3.1
     assert quantile(gaps, 0.95) <= 3.3
