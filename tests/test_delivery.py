@@ -1062,5 +1062,5 @@ async def test_events_for_an_endpoint_removed_from_the_config_wait_for_it_to_com
 
     assert 0 == receiver.count
     assert ["task.completed"] == [verify(r, ops_secret)["type"] for r in other.received]
-    assert "delivered" == only(store).state
+    assert ("delivered", other.url) == (only(store).state, only(store).url)
     assert other.url == only(store).log[-1].url

@@ -290,6 +290,8 @@ _FINISH = (
     .where(deliveries.c.id == sa.bindparam("pk_"))
     .values(
         state=sa.bindparam("state_"),
+        # Where it went: an endpoint's delivery follows the endpoint's URL as configured.
+        url=sa.bindparam("url_"),
         attempts=deliveries.c.attempts + 1,
         next_attempt_at=sa.func.coalesce(
             sa.bindparam("next_", type_=deliveries.c.next_attempt_at.type),
@@ -310,6 +312,7 @@ def _finish_values(result: records.AttemptResult) -> dict[str, Any]:
     return {
         "pk_": result.job.pk,
         "state_": result.state,
+        "url_": result.job.url,
         "next_": result.next_attempt_at,
         "at_": result.at,
         "code_": result.status_code,
