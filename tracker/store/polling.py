@@ -39,7 +39,8 @@ class Polling(SqlBase):
 
     def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
         """Status and next poll (the claim's token; None for a final task) of these tasks,
-        locked as _current locks: the tasks rows, then their polls rows."""
+        locked as _current locks, in id order: their polls rows, then the tasks rows (the
+        order removal and pruning delete them in)."""
         found: dict[int, tuple[str, float | None]] = {}
         ordered = sorted(pks)
         for start in range(0, len(ordered), IN_CHUNK):
@@ -52,7 +53,7 @@ class Polling(SqlBase):
             )
             if self.dialect == "postgresql":
                 # FOR UPDATE cannot reach the nullable side of an outer join: the polls rows
-                # are locked by a query of their own, in the same id order.
+                # are locked first, by a query of their own.
                 query = query.with_for_update(of=tasks)
                 lock = sa.select(polls.c.task_pk).where(polls.c.task_pk.in_(chunk))
                 conn.execute(lock.order_by(polls.c.task_pk).with_for_update()).all()
