@@ -282,6 +282,44 @@ def test_the_store_works_on_an_adopted_database(db_url: str) -> None:
     assert {"delivered": 1, "dead": 1} == dict(stats.deliveries)
 
 
+def test_an_sqlite_too_old_to_drop_a_column_keeps_it_empty_and_polls_from_the_new_table(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With SQLite before 3.35 (no ALTER TABLE ... DROP COLUMN), revision 0004 leaves
+    tasks.next_poll_at in place but empty, the row-count triggers whole, and the live task's
+    next poll in polls, where claims find it."""
+    make_release_0_1_database(sqlite_url)
+    monkeypatch.setattr("sqlite3.sqlite_version_info", (3, 34, 1))
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            left = conn.exec_driver_sql("SELECT count(next_poll_at) FROM tasks").scalar()
+            triggers = conn.exec_driver_sql(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger'"
+            ).scalar()
+    finally:
+        engine.dispose()
+    store = SqlStore.from_url(sqlite_url)
+    try:
+        planned = T1.timestamp() + 10.5
+        due = store.claim_due(datetime.fromtimestamp(planned + 1, UTC), 10, lease=5)
+        store.register(Registration("luma", ["new-1"]), T1)
+        new = store.claim_due(datetime.fromtimestamp(planned + 1, UTC), 10, lease=5)
+        stats = store.stats()
+    finally:
+        store.close()
+
+    assert (0, 6) == (left, triggers)
+    assert [("running-2", planned)] == [(t.task_id, t.planned) for t in due]
+    assert ["new-1"] == [t.task_id for t in new]
+    assert {
+        ("luma", "completed"): 1,
+        ("luma", "pending"): 1,
+        ("suno", "in_progress"): 1,
+    } == dict(stats.tasks)
+
+
 def test_upgrading_a_current_database_changes_nothing(store: SqlStore) -> None:
     """A second upgrade finds the database at head and leaves it be."""
     before, after = migrate.upgrade(store.engine)
