@@ -29,7 +29,7 @@ from tracker.platforms.base import Glance, Platform
 from tracker.platforms.observations import clean_observation, read_progress
 from tracker.poller import Poller
 from tracker.status import Change, Observation, Snapshot, TaskStatus
-from tracker.store import AttemptResult, Registration, SqlStore, TaskUpdate
+from tracker.store import AttemptResult, Registration, Replan, SqlStore, TaskUpdate
 from tracker.store.outbox import UNRECORDED_WAIT
 from tracker.store.records import DueTask
 from tracker.store.refusals import MEMORY_REASONS, RefusalMemory
@@ -608,3 +608,34 @@ def test_fuzz_whatever_a_relay_says_once_cleaned_both_databases_store_it(
     target = events.Target("http://h/x", None, guarded=False, events=frozenset())
     update = TaskUpdate(task, change, events.outbox_entries(task, change, target, T0))
     assert 1 == store.record([update], T0)
+
+
+def test_a_replan_under_a_lapsed_claim_leaves_a_refused_task_refused(store: SqlStore) -> None:
+    """A refused task counts as accepted again only once a replan of it is written: one from
+    a claim that no longer holds the task writes nothing, and logs nothing."""
+    refuse_upstream_word(store, "REFUSED")
+    store.register(Registration("luma", ["t"]), T0)
+    (slow,) = store.claim_due(T0, 10, lease=5)
+    observation = Observation(task_id="t", upstream_status="REFUSED", status=TaskStatus.QUEUED)
+    change = status.apply(slow.snapshot, observation)
+    assert change is not None
+
+    def at(seconds: float) -> datetime:
+        return T0 + timedelta(seconds=seconds)
+
+    def replan(task: DueTask, seconds: float) -> Replan:
+        assert task.lease_until is not None
+        return Replan(at(seconds).timestamp(), task.pk, task.lease_until)
+
+    with capture_logs() as logs:
+        refused = TaskUpdate(
+            slow, change, next_poll_at=at(10).timestamp(), set_aside_until=at(60).timestamp()
+        )
+        assert 0 == store.record([refused], T0)  # set aside until 60 s: the claim ends there
+        store.record([], at(30), [replan(slow, 70)])
+        accepted_late = [e for e in logs if e["event"] == "task_write_accepted"]
+        (fresh,) = store.claim_due(at(60), 10, lease=5)
+        store.record([], at(60), [replan(fresh, 90)])
+
+    assert [] == accepted_late
+    assert ["t"] == [e["task_id"] for e in logs if e["event"] == "task_write_accepted"]

@@ -307,18 +307,26 @@ class Polling(SqlBase):
                 )
 
     def _accepted_replans(self, replans: Sequence[records.Replan]) -> None:
-        """_accepted_updates for replans, whose names are read only for a task forgotten."""
-        forgotten = [r.pk for r in replans if self._task_refusals.forget(r.pk)]
-        if not forgotten:
+        """_accepted_updates for replans: a refused task is forgotten (and named in the log)
+        only if its replan was written, its claim still held; only those are read back."""
+        refused = {r.pk: r.next_poll_at for r in replans if r.pk in self._task_refusals}
+        if not refused:
             return
-        names: list[Any] = []
+        found: list[Any] = []
+        pks = sorted(refused)
         with self._read() as conn:
-            for start in range(0, len(forgotten), IN_CHUNK):
-                chunk = forgotten[start : start + IN_CHUNK]
-                query = sa.select(tasks.c.platform, tasks.c.task_id).where(tasks.c.id.in_(chunk))
-                names += conn.execute(query).all()
-        for platform, task_id in names:
-            log.info("task_write_accepted", platform=platform, task_id=task_id)
+            for start in range(0, len(pks), IN_CHUNK):
+                query = (
+                    sa.select(
+                        polls.c.task_pk, polls.c.next_poll_at, tasks.c.platform, tasks.c.task_id
+                    )
+                    .join(tasks, tasks.c.id == polls.c.task_pk)
+                    .where(polls.c.task_pk.in_(pks[start : start + IN_CHUNK]))
+                )
+                found += conn.execute(query).all()
+        for pk, next_poll_at, platform, task_id in found:
+            if next_poll_at == refused[pk] and self._task_refusals.forget(pk):
+                log.info("task_write_accepted", platform=platform, task_id=task_id)
 
 
 # A new plan for a task whose answer changed nothing else; the WHERE is the compare-and-set

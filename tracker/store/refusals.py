@@ -34,6 +34,9 @@ class RefusalMemory:
     def __bool__(self) -> bool:
         return bool(self._reasons)
 
+    def __contains__(self, row: Hashable) -> bool:
+        return row in self._reasons
+
     def first(self, row: Hashable, reason: str) -> bool:
         """Whether ``row`` is refused for ``reason`` for the first time (then remembered)."""
         with self._lock:
