@@ -1336,6 +1336,36 @@ def test_daemons_sharing_postgres_never_claim_the_same_delivery(
 
 
 @pytest.mark.postgres
+def test_concurrent_registrations_of_the_same_ids_in_opposite_orders_both_succeed(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """Two daemons registering the same 2,000 ids at once, one in reverse order: no deadlock;
+    each id is registered by exactly one of them (the other finds it existing), once, with
+    its next poll."""
+    stores = pg_stores
+    for attempt in range(3):
+        ids = [f"r{attempt}-{n:04}" for n in range(2000)]
+        start = threading.Barrier(2)
+
+        def work(store: SqlStore, order: list[str], start: threading.Barrier = start) -> Any:
+            start.wait(timeout=10)
+            return store.register(Registration("luma", order), T0)
+
+        with ThreadPoolExecutor(2) as pool:
+            (new_a, old_a), (new_b, old_b) = pool.map(work, stores, (ids, ids[::-1]))
+
+        assert set(ids) == set(new_a) | set(new_b)
+        assert not set(new_a) & set(new_b)
+        assert (set(old_a), set(old_b)) == (set(new_b), set(new_a))
+    with stores[0].engine.connect() as conn:
+        counted = [
+            conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+            for table in (tasks_table, polls_table)
+        ]
+    assert [6000, 6000] == counted
+
+
+@pytest.mark.postgres
 def test_concurrent_registrations_of_one_id_both_succeed(pg_url: str) -> None:
     """An id inserted by a concurrent request counts as existing instead of failing the call."""
     store = SqlStore.from_url(pg_url)

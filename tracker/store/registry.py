@@ -65,6 +65,9 @@ class Registry(SqlBase):
                 )
             new = [i for i in ids if i not in existing]
             if new:
+                # In one global order (sorted ids): two requests registering the same ids in
+                # different orders would otherwise each wait for the other's unique-key entry
+                # (a PostgreSQL deadlock); this way the later one waits, then retries.
                 conn.execute(
                     tasks.insert(),
                     [
@@ -81,7 +84,7 @@ class Registry(SqlBase):
                             "updated_at": now,
                             "last_change_at": epoch,
                         }
-                        for task_id in new
+                        for task_id in sorted(new)
                     ],
                 )
                 # Each new task is due at once: its polls row, made from the rows just added.
