@@ -259,6 +259,20 @@ def test_integrity_problems_is_empty_on_a_healthy_database(store: SqlStore) -> N
     store.ping()
 
 
+def test_integrity_problems_name_live_tasks_that_would_never_be_polled(store: SqlStore) -> None:
+    """A live task without its polls row (a row deleted by hand) is reported; a final one,
+    which has none, is not."""
+    register(store, "live", "done")
+    (done,) = [t for t in claim(store, T0) if t.task_id == "done"]
+    store.record([TaskUpdate(done, change(done, TaskStatus.COMPLETED))], T0)
+    assert [] == store.integrity_problems()
+    with store.engine.begin() as conn:
+        conn.execute(polls_table.delete())
+
+    (problem,) = store.integrity_problems()
+    assert problem.startswith("1 live task(s) without a polls row, so never polled again")
+
+
 def test_meta_values_are_written_overwritten_and_read(store: SqlStore) -> None:
     """get_meta is None until set_meta writes a key; a later set_meta replaces the value."""
     assert store.get_meta("last_cycle_at") is None

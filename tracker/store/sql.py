@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
+from tracker.status import FINAL
 from tracker.store import counts, records
 from tracker.store.base import (
     IN_CHUNK,
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 
+_FINAL_VALUES = sorted(status.value for status in FINAL)
+
+
 class SqlStore(Registry, Polling, Outbox):
     """Tasks, history and the webhook outbox in one SQL database."""
 
@@ -73,13 +77,26 @@ class SqlStore(Registry, Polling, Outbox):
         migrate.upgrade(self.engine)
 
     def integrity_problems(self) -> list[str]:
-        """What the database's own consistency check reports (empty when healthy)."""
+        """What the database's own consistency check reports, and live tasks without a next
+        poll (they would never be polled again); empty when healthy."""
+        problems: list[str] = []
         with self._read() as conn:
             if self.dialect == "sqlite":
                 rows = conn.exec_driver_sql("PRAGMA integrity_check").scalars().all()
-                return [str(r) for r in rows if r != "ok"]
-            conn.execute(sa.text("SELECT count(*) FROM tasks"))
-        return []
+                problems += [str(r) for r in rows if r != "ok"]
+            unplanned = 0
+            if sa.inspect(conn).has_table("polls"):  # else the schema check says what is wrong
+                unplanned = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
+                    .where(polls.c.task_pk.is_(None), tasks.c.status.not_in(_FINAL_VALUES))
+                ).scalar_one()
+        if unplanned:
+            problems.append(
+                f"{unplanned} live task(s) without a polls row, so never polled again (rows"
+                " written by hand?): `tracker tasks remove` them and `tracker tasks add` them"
+            )
+        return problems
 
     def set_meta(self, key: str, value: str) -> None:
         """Record a fact about the running daemon (e.g. when the last poll cycle ended)."""
