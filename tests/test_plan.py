@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tracker import config, events, platforms
 from tracker.platforms.base import Glance, Platform
+from tracker.platforms.newapi import _wait_hint
 from tracker.platforms.observations import read_progress
 from tracker.poller.plan import Planner
 from tracker.status import FINAL, Snapshot, TaskStatus
@@ -76,11 +77,8 @@ def item(word: object, progress: object, hint: object, reason: object) -> dict[s
 
 
 def glance_of(body: dict[str, Any]) -> Glance:
-    """What NewApiBatch.fetch_seen makes of an item."""
-    data = body["data"]
-    hint = data["estimate_wait_seconds"]
-    wait = float(hint) if isinstance(hint, int | float) and hint > 0 else None
-    return Glance(body.get("status"), body.get("progress"), wait, body)
+    """What NewApiBatch.fetch_seen makes of an item (its own wait-hint reader)."""
+    return Glance(body.get("status"), body.get("progress"), _wait_hint(body), body)
 
 
 @st.composite
