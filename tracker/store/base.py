@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tracker import sanitize
+from tracker.status import FINAL
 from tracker.store.models import (
     AttemptRow,
     DeliveryRow,
@@ -26,6 +27,9 @@ transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 deliveries = DeliveryRow.__table__  # type: ignore[attr-defined]
 attempts = AttemptRow.__table__  # type: ignore[attr-defined]
 meta = MetaRow.__table__  # type: ignore[attr-defined]
+
+#: the stored status values of final tasks
+FINAL_VALUES = sorted(status.value for status in FINAL)
 
 # Bound parameters per statement: an IN (...) list of this many ids and the few other
 # parameters stay under the 999 that SQLite builds before 3.32 allow (Ubuntu 20.04, RHEL 8).

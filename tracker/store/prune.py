@@ -20,8 +20,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
-from tracker.status import FINAL
-from tracker.store.base import IN_CHUNK, attempts, deliveries, polls, tasks, transitions
+from tracker.store.base import (
+    FINAL_VALUES,
+    IN_CHUNK,
+    attempts,
+    deliveries,
+    polls,
+    tasks,
+    transitions,
+)
 
 
 class Kind(enum.StrEnum):
@@ -135,7 +142,7 @@ def _task_due(cutoffs: Cutoffs) -> Any:
     kept = [deliveries.c.task_pk == tasks.c.id, *(~d for d in due if d is not None)]
     return sa.and_(
         tasks.c.finished_at < cutoffs.tasks,
-        tasks.c.status.in_([s.value for s in FINAL]),
+        tasks.c.status.in_(FINAL_VALUES),
         ~sa.exists().where(*kept),
     )
 

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from tracker.retry import DeliveryState
-from tracker.status import FINAL
 from tracker.store import counts, records
 from tracker.store.base import (
+    FINAL_VALUES,
     IN_CHUNK,
     attempts,
     deliveries,
@@ -49,9 +49,6 @@ __all__ = [
     "tasks",
     "transitions",
 ]
-
-
-_FINAL_VALUES = sorted(status.value for status in FINAL)
 
 
 class SqlStore(Registry, Polling, Outbox):
@@ -89,7 +86,7 @@ class SqlStore(Registry, Polling, Outbox):
                 unplanned = conn.execute(
                     sa.select(sa.func.count())
                     .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
-                    .where(polls.c.task_pk.is_(None), tasks.c.status.not_in(_FINAL_VALUES))
+                    .where(polls.c.task_pk.is_(None), tasks.c.status.not_in(FINAL_VALUES))
                 ).scalar_one()
         if unplanned:
             problems.append(
