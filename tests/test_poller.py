@@ -664,6 +664,30 @@ async def test_a_request_slower_than_the_lease_keeps_its_claim_renewed(
     assert first_end < tried_at  # the first lease alone would have run out by then
 
 
+async def test_the_next_claim_is_queued_before_the_answers_come(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real time: a claim takes 0.5 s (a busy database), the relay 0.6 s per answer. The
+    second claim is taken while the first batches are at the relay, so each lane sends its
+    next batch as soon as its answer comes, not a claim's time later."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 2})
+    rig.register(*(f"t{n}" for n in range(4)))
+    claim_due = rig.store.claim_due
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return claim_due(*args, **kwargs)
+
+    monkeypatch.setattr(rig.store, "claim_due", slow_claim)
+    relay.latency = 0.6
+    await rig.cycle()
+
+    sent = sorted(r.at for r in relay.requests)
+    assert 4 == len(sent)
+    # The second pair follows the first by the relay's 0.6 s; waiting for the claim: 1.1 s.
+    assert sent[2] - sent[0] < 0.6 + 0.25
+
+
 async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

@@ -64,8 +64,9 @@ class DrainWork:
     batches on one lane per upstream (``[poll].concurrency`` requests at a time each), and
     the answers' updates recorded together at the next store round.
 
-    Claims are prefetched one ahead: the next is taken once fewer than one claim's worth of
-    tasks wait for the relay, so the relay never waits for the daemon's own bookkeeping.
+    Claims are prefetched one ahead: the next is taken once fewer than two claims' worth of
+    tasks wait for the relay (one in flight, one queued), so a lane whose answer came finds its
+    next batch at once: the relay never waits for the daemon's own bookkeeping.
     """
 
     name = "poll"
@@ -78,7 +79,7 @@ class DrainWork:
         self._size = settings.batch_size * settings.concurrency
         self._width = settings.concurrency
         #: claimed tasks the relay has not answered about yet (queued or in flight): the next
-        #: claim is taken once fewer than one claim's worth are, so requests never wait for it
+        #: claim is taken once fewer than two claims' worth are, so requests never wait for it
         self._unanswered = 0
         #: unrecorded batches per claim; these claims are renewed
         self._held: dict[Claim, int] = {}
@@ -88,7 +89,7 @@ class DrainWork:
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        return self._size if self._unanswered < self._size else 0
+        return self._size if self._unanswered < 2 * self._size else 0
 
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
