@@ -450,6 +450,46 @@ def test_a_claim_leases_its_tasks_until_the_answer_plans_the_next_poll(store: Sq
     assert ["a"] == claim_ids(store, at(3))
 
 
+def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(store: SqlStore) -> None:
+    """record() writes SQLite's rows straight through the driver: what it stores (time
+    text, JSON text, numbers, NULLs) is, byte for byte, what SQLAlchemy's own UPDATE of the
+    same values stores, so every query comparing or decoding those columns reads them alike."""
+    register(store, "moving", "finished", "plain")
+    due = {t.task_id: t for t in claim(store, T0)}
+    result = {
+        "task_id": "x",
+        "progress": "50%",
+        "data": {"url": "https://a/caf\u00e9", "n": [1, 2.5]},
+    }
+    now = T0 + timedelta(seconds=5, microseconds=123456)
+    moving = change(due["moving"], TaskStatus.IN_PROGRESS, progress=50, result=result)
+    failed = change(due["finished"], TaskStatus.FAILED, result=result, fail_reason="quota \u00e9")
+    updates = [
+        TaskUpdate(
+            due["moving"], moving, missing_since=at(4).timestamp(), next_poll_at=at(15).timestamp()
+        ),
+        TaskUpdate(due["finished"], failed),
+    ]
+    assert 2 == store.record(updates, now)
+    columns = [c for c in tasks_table.c if c.name not in {"id", "task_id"}]
+
+    def stored(task_id: str) -> tuple[Any, ...]:
+        with store.engine.connect() as conn:
+            query = sa.select(*(sa.cast(c, sa.Text) for c in columns))
+            return tuple(conn.execute(query.where(tasks_table.c.task_id == task_id)).one())
+
+    for task_id in ("moving", "finished"):
+        written = stored(task_id)
+        with store.engine.begin() as conn:
+            row = conn.execute(sa.select(*columns).where(tasks_table.c.task_id == task_id)).one()
+            values = dict(zip([c.name for c in columns], row, strict=True))
+            values["result"] = result  # decoded and encoded again, as written
+            conn.execute(
+                tasks_table.update().where(tasks_table.c.task_id == "plain").values(**values)
+            )
+        assert written == stored("plain")
+
+
 def test_a_claim_of_thousands_leases_each_task_and_its_answers_plan_each_one(
     store: SqlStore,
 ) -> None:

@@ -232,18 +232,21 @@ class Polling(SqlBase):
         for start in range(0, len(ended), IN_CHUNK):
             chunk = ended[start : start + IN_CHUNK]
             conn.execute(polls.delete().where(polls.c.task_pk.in_(chunk)))
-        planned = [
-            {"task_pk": pk, "next_poll_at": at} for pk, at in moves.items() if at is not None
-        ]
-        if planned:
-            upsert = self._insert(polls)
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[polls.c.task_pk],
-                    set_={"next_poll_at": upsert.excluded.next_poll_at},
-                ),
-                planned,
-            )
+        upserts = [(pk, at) for pk, at in moves.items() if at is not None]
+        if not upserts:
+            return
+        if self.dialect == "sqlite":
+            # Straight to the driver, as _replan: a row per polled task whose answer moved it.
+            conn.exec_driver_sql(_UPSERT_POLL_SQLITE, upserts)
+            return
+        upsert = self._insert(polls)
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[polls.c.task_pk],
+                set_={"next_poll_at": upsert.excluded.next_poll_at},
+            ),
+            [{"task_pk": pk, "next_poll_at": at} for pk, at in upserts],
+        )
 
     def _replan(self, conn: sa.Connection, replanned: Sequence[tuple[float, int, float]]) -> int:
         """Run _REPLAN for (next poll, id, lease end) rows; how many rows it changed."""
@@ -337,6 +340,11 @@ _REPLAN = (
     .values(next_poll_at=sa.bindparam("next_"))
 )
 _REPLAN_SQLITE = "UPDATE polls SET next_poll_at = ? WHERE task_pk = ? AND next_poll_at = ?"
+# A written task's next poll on SQLite: (id, next poll) rows.
+_UPSERT_POLL_SQLITE = (
+    "INSERT INTO polls (task_pk, next_poll_at) VALUES (?, ?)"
+    " ON CONFLICT (task_pk) DO UPDATE SET next_poll_at = excluded.next_poll_at"
+)
 # A claim on SQLite: _DUE_COLUMNS of the due rows in due order (the time and JSON columns as
 # stored, for _due_tasks), then their lease.
 _DUE_SQLITE = (
@@ -438,8 +446,27 @@ def _split_replanned(
 
 def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
     # The SET clause comes from each group's keys; "pk_" only feeds the WHERE.
-    for rows in groups.values():
-        conn.execute(tasks.update().where(tasks.c.id == sa.bindparam("pk_")), rows)
+    if conn.dialect.name != "sqlite":
+        for rows in groups.values():
+            conn.execute(tasks.update().where(tasks.c.id == sa.bindparam("pk_")), rows)
+        return
+    # SQLite: straight to the driver, each value through its column's own bind processor (the
+    # stored text is SQLAlchemy's). Its per-row parameter handling cost more than the UPDATE
+    # itself, and a task whose progress moves is one row per poll.
+    for columns, rows in groups.items():
+        processors = [(name, tasks.c[name].type.bind_processor(conn.dialect)) for name in columns]
+        params = [
+            (*[row[n] if p is None else p(row[n]) for n, p in processors], row["pk_"])
+            for row in rows
+        ]
+        conn.exec_driver_sql(_update_sqlite(columns), params)
+
+
+@functools.cache
+def _update_sqlite(columns: tuple[str, ...]) -> str:
+    """A tasks UPDATE setting ``columns`` (in that order), then the id: for _update_tasks."""
+    sets = ", ".join(f"{tasks.c[name].name} = ?" for name in columns)
+    return f"UPDATE tasks SET {sets} WHERE id = ?"  # noqa: S608 - column names and placeholders
 
 
 def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:
