@@ -178,6 +178,25 @@ def test_registration_events_narrow_but_never_widen() -> None:
     assert frozenset({"task.progress"}) == target.events
 
 
+def test_a_registration_kind_is_resolved_once_and_many_urls_still_resolve_right() -> None:
+    """A drain resolves a target per changed task: the same registration gets the same
+    (immutable) target without working it out again, a list of events as its tuple does, and
+    more per-task URLs than are kept still each resolve to their own."""
+    settings = hooks(events=["task.progress", "task.started"])
+    targets = events.Targets(settings)
+    first = targets.resolve(None, None, ("task.progress",))
+
+    assert first is targets.resolve(None, None, ["task.progress"])
+    for n in range(events.RESOLVED_KEPT + 10):
+        url = f"https://client.example/cb/{n}"
+        target = targets.resolve(url, None, None)
+        assert target is not None
+        assert (url, True) == (target.url, target.guarded)
+    assert first == targets.resolve(None, None, ("task.progress",))
+    assert first is not None
+    assert {status.EventType.PROGRESS} == first.events
+
+
 def test_for_task_resolves_from_the_claimed_row() -> None:
     """for_task reads webhook_url, endpoint and events off the claimed task."""
     task = due(endpoint="ops", events=("task.failed",))

@@ -26,7 +26,7 @@ NEXT = (
     "`tracker run --config tracker.toml --simulate --receiver` and register a task with curl "
     "(the README's five-minute path)"
 )
-FINAL_TYPES = frozenset(status.FINAL_EVENTS.values())
+FINAL_TYPES = status.FINAL_EVENT_TYPES
 
 
 def _settings(

@@ -12,6 +12,9 @@ from tracker.config import WebhookSettings
 from tracker.status import Change, EventType
 from tracker.store.records import DueTask, OutboxEntry
 
+#: resolved targets kept by a Targets (a dict lookup instead of sets and enums per change)
+RESOLVED_KEPT = 4096
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Target:
@@ -28,11 +31,25 @@ class Targets:
 
     def __init__(self, settings: WebhookSettings) -> None:
         self._settings = settings
+        #: targets resolved so far: a drain resolves one per changed task, mostly the same few
+        self._resolved: dict[tuple[str | None, str | None, tuple[str, ...] | None], Target | None]
+        self._resolved = {}
 
     def resolve(
         self, webhook_url: str | None, endpoint: str | None, events: Sequence[str] | None
     ) -> Target | None:
         """The target for a registration; None when there is none (nothing to deliver)."""
+        key = (webhook_url, endpoint, None if events is None else tuple(events))
+        if key in self._resolved:
+            return self._resolved[key]
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved.clear()  # per-task URLs: each differs, and none is worth keeping long
+        target = self._resolved[key] = self._resolve(webhook_url, endpoint, events)
+        return target
+
+    def _resolve(
+        self, webhook_url: str | None, endpoint: str | None, events: Sequence[str] | None
+    ) -> Target | None:
         settings = self._settings
         if endpoint is not None:
             named = settings.endpoints.get(endpoint)
@@ -63,7 +80,7 @@ class Targets:
 
 def wanted_events(change: Change, target: Target) -> list[EventType]:
     """The events of ``change`` this target receives: final events always, others on request."""
-    return [e for e in change.events if e in target.events or e in status.FINAL_EVENTS.values()]
+    return [e for e in change.events if e in target.events or e in status.FINAL_EVENT_TYPES]
 
 
 def payload(task: DueTask, change: Change, event_type: EventType, now: datetime) -> bytes:

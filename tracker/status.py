@@ -53,6 +53,8 @@ FINAL_EVENTS: Mapping[TaskStatus, EventType] = {
     TaskStatus.CANCELED: EventType.CANCELED,
 }
 ALL_EVENTS: frozenset[EventType] = frozenset(EventType)
+#: the events every target receives, wanted or not
+FINAL_EVENT_TYPES: frozenset[EventType] = frozenset(FINAL_EVENTS.values())
 
 
 def can_move(old: TaskStatus, new: TaskStatus) -> bool:
