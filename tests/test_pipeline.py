@@ -28,6 +28,8 @@ class Table:
     in_flight: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
     most_in_flight: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
     claimed_while_busy: int = 0
+    #: (results written, rows asked for) of each round
+    rounds: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 class ToyWork:
@@ -47,8 +49,11 @@ class ToyWork:
         renew_every: float = 10.0,
         round_takes: float = 0.0,
         fails_on: int | None = None,
+        ahead: bool = False,
     ) -> None:
         self.table = table
+        #: claim by what is left to perform (as the poll drain does), not by what is unwritten
+        self.ahead = ahead
         self.claim = claim
         self.width = width
         self.takes = takes
@@ -59,6 +64,8 @@ class ToyWork:
         self.outstanding = 0
 
     def claim_size(self, pipeline: Pipeline[int, int]) -> int:
+        if self.ahead:
+            return self.claim if pipeline.held < self.claim else 0
         return self.claim if self.outstanding < self.claim else 0
 
     def renew_every(self) -> float:
@@ -70,6 +77,7 @@ class ToyWork:
     async def round(self, results: list[int], claim: int, *, renew: bool) -> Claimed[int, int]:
         table = self.table
         table.timeline.append(("round", len(results)))
+        table.rounds.append((len(results), claim))
         if results:
             table.round_sizes.append(len(results))
         await asyncio.sleep(self.round_takes)
@@ -138,6 +146,24 @@ async def test_the_next_claim_is_taken_while_units_are_under_way() -> None:
     table = table_of(100)
     await Pipeline(ToyWork(table, claim=10, width=2, takes=0.005)).run()
     assert table.claimed_while_busy > 0
+
+
+@pytest.mark.parametrize("apart", [False, True])
+async def test_with_claim_apart_a_claim_due_while_results_wait_goes_first_alone(
+    apart: bool,
+) -> None:
+    """Pace.claim_apart: when a claim is due and results wait, the claim is a round of its own,
+    before the write, so the lanes get their next units without waiting for the write (which
+    follows at once); without it one round does both. Every row is still written once."""
+    table = table_of(100)
+    pace = Pace(claim_apart=apart)
+    work = ToyWork(table, claim=10, width=2, takes=0.005, pace=pace, ahead=True)
+    await Pipeline(work).run()
+
+    assert sorted(table.written) == list(range(100))
+    both = [r for r in table.rounds if r[0] and r[1]]
+    assert (both == []) is apart
+    assert sum(written for written, _ in table.rounds) == 100
 
 
 async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:

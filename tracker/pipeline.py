@@ -50,6 +50,9 @@ class Pace:
     #: seconds workers hold off their next unit while a store round runs (0: never); see
     #: ``Pipeline._hold_off``
     hold_off: float = 0.0
+    #: a claim due while results wait is a round of its own, before the write: the lanes get
+    #: their next units without waiting for the results to be worked out and written
+    claim_apart: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,7 +152,12 @@ class Pipeline(Generic[U, R]):
                 renew_in = self._renew_due()
                 if claim or write_in == 0.0 or renew_in == 0.0:
                     wrote = bool(self._finished)
-                    claimed = await self._round(claim, renew=renew_in == 0.0)
+                    # Pace.claim_apart: the claim first, in a round of its own; the write next.
+                    apart = bool(claim and wrote and self._work.pace.claim_apart)
+                    wrote = wrote and not apart
+                    claimed = await self._round(
+                        claim, renew=renew_in == 0.0 and not apart, results=not apart
+                    )
                     if claim:
                         may_claim = claimed.more
                     elif wrote and self._work.refill_on_write:
@@ -166,10 +174,13 @@ class Pipeline(Generic[U, R]):
         finally:
             await self._shut_down()
 
-    async def _round(self, claim: int, *, renew: bool) -> Claimed[U, R]:
-        results, self._finished = self._finished, []
+    async def _round(self, claim: int, *, renew: bool, results: bool = True) -> Claimed[U, R]:
+        """One store round: write what finished (unless ``results`` is False), renew, claim."""
+        written: list[R] = []
+        if results:
+            written, self._finished = self._finished, []
         # Shielded: a cancel must not leave the store round running unawaited.
-        self._store_round = asyncio.create_task(self._work.round(results, claim, renew=renew))
+        self._store_round = asyncio.create_task(self._work.round(written, claim, renew=renew))
         self._round_done.clear()
         self._hold_off_until = asyncio.get_running_loop().time() + self._work.pace.hold_off
         try:

@@ -70,7 +70,7 @@ class DrainWork:
     """
 
     name = "poll"
-    pace = Pace()
+    pace = Pace(claim_apart=True)
     refill_on_write = False
 
     def __init__(self, poller: Poller, started: float) -> None:
