@@ -53,6 +53,8 @@ CADENCE_SLACK = 2.0  # seconds, p99 of the poll gap and of flip-to-webhook beyon
 SHORT_P99 = 3.0  # seconds, p99 poll gap at 1,000 tasks and interval 2 s
 MAX_EXTRA_MB = 30.0
 MAX_GET_P99 = 0.010
+#: the cases a full run measures (``--only`` picks some)
+CASES = ("ratio", "moving", "big", "short", "memory")
 
 
 # -- drains against a bare loop ----------------------------------------------------------------
@@ -107,12 +109,15 @@ def make_poller(outside: Outside, store: SqlStore, batch: int, client: httpx.Asy
     )
 
 
-async def ratio_case(
-    outside: Outside, work: Path, live: int, batch: int, rounds: int
+async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
+    outside: Outside, work: Path, live: int, batch: int, rounds: int, moving: bool = False
 ) -> dict[str, Any]:
-    """Bare and real sweeps over the same ids, interleaved B R B R ... B."""
-    url = f"sqlite:///{work / f'ratio-{live}-{batch}.db'}"
-    ids = populate(url, live, prefix=f"r{live}-{batch}-")
+    """Bare and real sweeps over the same ids, interleaved B R B R ... B. ``moving``: every
+    task's progress moves before each drain (instead of 1 % finishing), so each poll writes
+    its task's row, as while generations run."""
+    kind = "moving" if moving else "ratio"
+    url = f"sqlite:///{work / f'{kind}-{live}-{batch}.db'}"
+    ids = populate(url, live, prefix=f"{kind[0]}{live}-{batch}-")
     store = SqlStore.from_url(url)
     statements = [0]
 
@@ -128,6 +133,11 @@ async def ratio_case(
     )
     poller = make_poller(outside, store, batch, client)
     await poller.run_cycle()  # untimed: every task moves from pending to queued once
+    if moving:  # untimed too: every task moves to in_progress; from then on progress alone moves
+        outside.call("progress", ids, 1)
+        with store.engine.begin() as conn:
+            conn.execute(polls.update().values(next_poll_at=0.0))
+        await poller.run_cycle()
     bare = [await bare_sweep(outside.relay_url, batches)]
     # CPU seconds of this process (the daemon's side: the relay runs in the child) per sweep.
     cpu = time.process_time()
@@ -141,9 +151,12 @@ async def ratio_case(
         # Every live task due again, and 1 % of them finished at the relay.
         with store.engine.begin() as conn:
             conn.execute(polls.update().values(next_poll_at=0.0))
-        step = max(1, round(live * FINISHING))
-        outside.call("flip", ids[finished : finished + step])
-        finished += step
+        if moving:
+            outside.call("progress", ids, 2 + len(real))
+        else:
+            step = max(1, round(live * FINISHING))
+            outside.call("flip", ids[finished : finished + step])
+            finished += step
         cpu = time.process_time()
         seconds, written = await real_drain(poller, statements)
         real_cpu.append(time.process_time() - cpu)
@@ -248,6 +261,7 @@ def plan(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "ratio": [(10_000, 100), (10_000, 1000)],
+            "moving": [(10_000, 1000)],
             "rounds": 2,
             "big": (10_000, 10.0, 1000, 4.0),
             "short": (1_000, 2.0, 100, 8),
@@ -255,6 +269,7 @@ def plan(quick: bool) -> dict[str, Any]:
         }
     return {
         "ratio": [(10_000, 100), (10_000, 1000), (100_000, 100), (100_000, 1000)],
+        "moving": [(10_000, 1000)],
         "rounds": 3,
         "big": (100_000, 30.0, 1000, 5.5),
         "short": (1_000, 2.0, 100, 15),
@@ -264,7 +279,7 @@ def plan(quick: bool) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = plan(args.quick)
-    wanted = set(args.only.split(",")) if args.only else {"ratio", "big", "short", "memory"}
+    wanted = set(args.only.split(",")) if args.only else {*CASES}
     results: dict[str, Any] = {
         "machine": machine(),
         "started": datetime.now(UTC).isoformat(),
@@ -288,6 +303,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for live, batch in cases["ratio"]
             ]
             outside.call("latency", 0.0)
+        if "moving" in wanted:
+            results["moving"] = [
+                await ratio_case(outside, work, live, batch, cases["rounds"], moving=True)
+                for live, batch in cases["moving"]
+            ]
         for name, warm in (("big", 2.5), ("short", 1.5)):
             if name in wanted:
                 live, interval, batch, cycles = cases[name]
@@ -334,19 +354,34 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [
-        f"relay latency per answer: {results.get('relay_latency', 0.0):g} s",
-        "",
-        "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
-        "| writes/cycle | requests/cycle |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
-        f"| {r['bare_cpu_us']} | {r['real_cpu_us']} "
-        f"| {r['writes_per_cycle']} | {r['requests_per_cycle']} |"
-        for r in results.get("ratio", [])
-    ]
+    lines = [f"relay latency per answer: {results.get('relay_latency', 0.0):g} s"]
+    if results.get("ratio"):
+        lines += [
+            "",
+            "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
+            "| writes/cycle | requests/cycle |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
+            f"| {r['bare_cpu_us']} | {r['real_cpu_us']} "
+            f"| {r['writes_per_cycle']} | {r['requests_per_cycle']} |"
+            for r in results["ratio"]
+        ]
+    if results.get("moving"):
+        lines += [
+            "",
+            "every task's progress moves before each drain (no target):",
+            "",
+            "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
+            "| writes/cycle |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
+            f"| {r['bare_cpu_us']} | {r['real_cpu_us']} | {r['writes_per_cycle']} |"
+            for r in results["moving"]
+        ]
     lines += [
         "",
         (
@@ -378,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smaller cases, about a minute")
     parser.add_argument("--out", type=Path, default=Path("bench_poll.json"), help="JSON results")
-    parser.add_argument("--only", help="comma-separated cases: ratio,big,short,memory")
+    parser.add_argument("--only", help=f"comma-separated cases: {','.join(CASES)}")
     parser.add_argument("--keep", action="store_true", help="keep databases, configs and logs")
     parser.add_argument(
         "--relay-latency",

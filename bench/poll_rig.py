@@ -62,6 +62,11 @@ class _World:
             self.relay.set("luma", task_id, "SUCCESS", "100%")
             self.flips[task_id] = time.monotonic()
 
+    def progress(self, ids: Sequence[str], percent: int) -> None:
+        """Move these tasks to IN_PROGRESS at ``percent`` %."""
+        for task_id in ids:
+            self.relay.set("luma", task_id, "IN_PROGRESS", f"{percent}%")
+
     def schedule(self, ids: Sequence[str], share: float, interval: float, seed: int) -> None:
         """Finish ``share`` of ``ids`` per interval, each at a random moment of it (the
         schedule of an earlier case stops)."""
