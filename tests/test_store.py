@@ -450,10 +450,14 @@ def test_a_claim_leases_its_tasks_until_the_answer_plans_the_next_poll(store: Sq
     assert ["a"] == claim_ids(store, at(3))
 
 
-def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(store: SqlStore) -> None:
+@pytest.mark.parametrize("microseconds", [0, 123456])
+def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(
+    store: SqlStore, microseconds: int
+) -> None:
     """record() writes SQLite's rows straight through the driver: what it stores (time
     text, JSON text, numbers, NULLs) is, byte for byte, what SQLAlchemy's own UPDATE of the
-    same values stores, so every query comparing or decoding those columns reads them alike."""
+    same values stores, so every query comparing or decoding those columns reads them alike
+    (a time on a whole second included)."""
     register(store, "moving", "finished", "plain")
     due = {t.task_id: t for t in claim(store, T0)}
     result = {
@@ -461,7 +465,7 @@ def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(store: 
         "progress": "50%",
         "data": {"url": "https://a/caf\u00e9", "n": [1, 2.5]},
     }
-    now = T0 + timedelta(seconds=5, microseconds=123456)
+    now = T0 + timedelta(seconds=5, microseconds=microseconds)
     moving = change(due["moving"], TaskStatus.IN_PROGRESS, progress=50, result=result)
     failed = change(due["finished"], TaskStatus.FAILED, result=result, fail_reason="quota \u00e9")
     updates = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -454,12 +454,20 @@ def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[s
     # stored text is SQLAlchemy's). Its per-row parameter handling cost more than the UPDATE
     # itself, and a task whose progress moves is one row per poll.
     for columns, rows in groups.items():
-        processors = [(name, tasks.c[name].type.bind_processor(conn.dialect)) for name in columns]
+        processors = [(name, _bind_processor(conn.dialect, name)) for name in columns]
         params = [
             (*[row[n] if p is None else p(row[n]) for n, p in processors], row["pk_"])
             for row in rows
         ]
         conn.exec_driver_sql(_update_sqlite(columns), params)
+
+
+def _bind_processor(dialect: sa.Dialect, column: str) -> Callable[[Any], Any] | None:
+    """What SQLAlchemy does to a value of tasks.``column`` before the driver gets it: the
+    dialect's own form of the column's type (a bare DateTime's would hand sqlite3 a datetime,
+    which it stores without microseconds when there are none)."""
+    kind = tasks.c[column].type
+    return kind.dialect_impl(dialect).bind_processor(dialect)  # type: ignore[no-any-return]
 
 
 @functools.cache
