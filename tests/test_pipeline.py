@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 
 import pytest
 
@@ -164,6 +165,46 @@ async def test_with_claim_apart_a_claim_due_while_results_wait_goes_first_alone(
     both = [r for r in table.rounds if r[0] and r[1]]
     assert (both == []) is apart
     assert sum(written for written, _ in table.rounds) == 100
+
+
+class ReadyWork(ToyWork):
+    """Claims whose rows are decided without I/O (``ready``), but for one slow unit in the
+    first claim: as a drain finds tasks past give_up_after, or of a platform gone from the
+    config, while one batch is at the relay."""
+
+    renewed_while_claiming = 0
+
+    def claim_size(self, pipeline: Pipeline[int, int]) -> int:
+        return self.claim if self.table.due else 0
+
+    async def round(self, results: list[int], claim: int, *, renew: bool) -> Claimed[int, int]:
+        table = self.table
+        table.rounds.append((len(results), claim))
+        table.written += results
+        table.renewals += renew
+        self.renewed_while_claiming += renew and claim > 0
+        await asyncio.sleep(self.round_takes)
+        rows = [table.due.popleft() for _ in range(min(claim, len(table.due)))]
+        units = [("a", 1, row) for row in rows if row == 0]
+        ready = [row for row in rows if row != 0]
+        return Claimed(units=units, ready=ready, more=claim > 0 and len(rows) == claim)
+
+
+async def test_claims_of_rows_decided_without_io_hold_back_no_write_and_no_renewal() -> None:
+    """With Pace.claim_apart, a claim-only round is never followed by another while results
+    wait: claims that give the lanes nothing (every row decided without I/O) alternate with
+    writes, and the slow unit's claim is renewed as it falls due meanwhile."""
+    table = table_of(400)
+    work = ReadyWork(
+        table, claim=10, takes=0.3, pace=Pace(claim_apart=True), renew_every=0.02,
+        round_takes=0.002,
+    )  # fmt: skip
+    await Pipeline(work).run()
+
+    assert sorted(table.written) == list(range(400))
+    claim_only = [written == 0 and claim > 0 for written, claim in table.rounds[1:]]
+    assert not any(a and b for a, b in itertools.pairwise(claim_only))
+    assert work.renewed_while_claiming > 0
 
 
 async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:

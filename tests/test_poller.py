@@ -667,7 +667,7 @@ async def test_a_request_slower_than_the_lease_keeps_its_claim_renewed(
 async def test_the_next_claim_is_queued_before_the_answers_come(
     rig_for: Callable[..., Rig], relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real time: a claim takes 0.5 s (a busy database), the relay 0.6 s per answer. The
+    """Real time: a claim takes 0.6 s (a busy database), the relay 1 s per answer. The
     second claim is taken while the first batches are at the relay, so each lane sends its
     next batch as soon as its answer comes, not a claim's time later."""
     rig = rig_for(poll={"batch_size": 1, "concurrency": 2})
@@ -675,17 +675,17 @@ async def test_the_next_claim_is_queued_before_the_answers_come(
     claim_due = rig.store.claim_due
 
     def slow_claim(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.5)
+        time.sleep(0.6)
         return claim_due(*args, **kwargs)
 
     monkeypatch.setattr(rig.store, "claim_due", slow_claim)
-    relay.latency = 0.6
+    relay.latency = 1.0
     await rig.cycle()
 
     sent = sorted(r.at for r in relay.requests)
     assert 4 == len(sent)
-    # The second pair follows the first by the relay's 0.6 s; waiting for the claim: 1.1 s.
-    assert sent[2] - sent[0] < 0.6 + 0.25
+    # The second pair follows the first by the relay's 1 s; waiting for the claim: 1.6 s.
+    assert sent[2] - sent[0] < 1.0 + 0.3
 
 
 async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(

@@ -142,6 +142,7 @@ class Pipeline(Generic[U, R]):
         was claimed and not performed is left to lapse.
         """
         may_claim = True
+        apart = False  #: whether the last round was a claim of its own (Pace.claim_apart)
         try:
             while True:
                 if self._error is not None:
@@ -152,12 +153,12 @@ class Pipeline(Generic[U, R]):
                 renew_in = self._renew_due()
                 if claim or write_in == 0.0 or renew_in == 0.0:
                     wrote = bool(self._finished)
-                    # Pace.claim_apart: the claim first, in a round of its own; the write next.
-                    apart = bool(claim and wrote and self._work.pace.claim_apart)
+                    # Pace.claim_apart: the claim first, in a round of its own; the write next,
+                    # whatever comes due meanwhile (a claim of rows decided without I/O would
+                    # otherwise be followed by another claim, and the writes wait for them all).
+                    apart = bool(claim and wrote and self._work.pace.claim_apart and not apart)
                     wrote = wrote and not apart
-                    claimed = await self._round(
-                        claim, renew=renew_in == 0.0 and not apart, results=not apart
-                    )
+                    claimed = await self._round(claim, renew=renew_in == 0.0, results=not apart)
                     if claim:
                         may_claim = claimed.more
                     elif wrote and self._work.refill_on_write:

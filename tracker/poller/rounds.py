@@ -65,8 +65,9 @@ class DrainWork:
     the answers' updates recorded together at the next store round.
 
     Claims are prefetched one ahead: the next is taken once fewer than two claims' worth of
-    tasks wait for the relay (one in flight, one queued), so a lane whose answer came finds its
-    next batch at once: the relay never waits for the daemon's own bookkeeping.
+    tasks wait for the relay (about one in flight and one queued; at most three claims' worth
+    are held), so a lane whose answer came finds its next batch at once: the relay never waits
+    for the daemon's own bookkeeping.
     """
 
     name = "poll"
