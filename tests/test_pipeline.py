@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
+from typing import Any
 
 import pytest
 
@@ -172,6 +174,7 @@ class ReadyWork(ToyWork):
     first claim: as a drain finds tasks past give_up_after, or of a platform gone from the
     config, while one batch is at the relay."""
 
+    #: renewals in rounds that claimed and wrote nothing (Pace.claim_apart's own rounds)
     renewed_while_claiming = 0
 
     def claim_size(self, pipeline: Pipeline[int, int]) -> int:
@@ -182,7 +185,7 @@ class ReadyWork(ToyWork):
         table.rounds.append((len(results), claim))
         table.written += results
         table.renewals += renew
-        self.renewed_while_claiming += renew and claim > 0
+        self.renewed_while_claiming += renew and claim > 0 and not results
         await asyncio.sleep(self.round_takes)
         rows = [table.due.popleft() for _ in range(min(claim, len(table.due)))]
         units = [("a", 1, row) for row in rows if row == 0]
@@ -205,6 +208,48 @@ async def test_claims_of_rows_decided_without_io_hold_back_no_write_and_no_renew
     claim_only = [written == 0 and claim > 0 for written, claim in table.rounds[1:]]
     assert not any(a and b for a, b in itertools.pairwise(claim_only))
     assert work.renewed_while_claiming > 0
+
+
+class FailingClaimWork(ToyWork):
+    """ToyWork whose first claim-only round taken while results wait fails after a moment (a
+    database gone), as a cancel arrives."""
+
+    def __init__(self, table: Table, **kwargs: Any) -> None:
+        super().__init__(table, **kwargs)
+        self.performed: list[int] = []
+        self.waiting_then: list[int] = []
+        self.claim_only_began = asyncio.Event()
+
+    async def perform(self, unit: int) -> int:
+        self.performed.append(await super().perform(unit))
+        return unit
+
+    async def round(self, results: list[int], claim: int, *, renew: bool) -> Claimed[int, int]:
+        waiting = [n for n in self.performed if n not in self.table.written]
+        if not results and claim and waiting and not self.claim_only_began.is_set():
+            self.waiting_then = waiting
+            self.claim_only_began.set()
+            await asyncio.sleep(0.05)
+            raise RuntimeError("database gone")
+        return await super().round(results, claim, renew=renew)
+
+
+async def test_results_waiting_behind_a_failed_claim_only_round_are_still_written() -> None:
+    """A run cut off while a claim-only round (Pace.claim_apart) runs, that round then
+    failing: the results that waited for the next round were never in it, and are written at
+    the end all the same."""
+    table = table_of(100)
+    work = FailingClaimWork(
+        table, claim=10, width=2, takes=0.001, pace=Pace(claim_apart=True), ahead=True
+    )
+    run = asyncio.create_task(Pipeline(work).run())
+    await asyncio.wait_for(work.claim_only_began.wait(), 5)
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
+
+    assert work.waiting_then
+    assert set(work.waiting_then) <= set(table.written)
 
 
 async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:

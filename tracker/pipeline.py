@@ -299,12 +299,14 @@ class Pipeline(Generic[U, R]):
             try:
                 claimed = await self._store_round
             except Exception:
+                # Its own results are lost (their claims lapse); those that waited for the
+                # next round (Pace.claim_apart) are still written below.
                 log.exception(failed)
-                return
-            # Cut off while it ran: what it claimed is let go, what it decided is written.
-            for _, _, unit in claimed.units:
-                self._work.dropped(unit)
-            self._finished.extend(claimed.ready)
+            else:
+                # Cut off while it ran: what it claimed is let go, what it decided is written.
+                for _, _, unit in claimed.units:
+                    self._work.dropped(unit)
+                self._finished.extend(claimed.ready)
         if self._finished or self._work.unwritten():
             results, self._finished = self._finished, []
             try:

@@ -139,8 +139,9 @@ class DrainWork:
         if updates:
             poller.count_recorded(updates, written)
         claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
-        # A long drain's line per interval closes at a claim, so it counts what it claimed
-        # and what it recorded alike (renewals and writes alone run while requests wait).
+        # A long drain's line per interval closes at a claim (renewals and writes alone run
+        # while requests wait). Answers that waited for the round after a claim taken apart
+        # (Pace.claim_apart) count in the next line; the drain's total counts everything.
         if claim and time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
             self.logged.append(poller.report)
             await poller.close_line(poller.report, self.started)
