@@ -196,10 +196,11 @@ class ReadyWork(ToyWork):
 async def test_claims_of_rows_decided_without_io_hold_back_no_write_and_no_renewal() -> None:
     """With Pace.claim_apart, a claim-only round is never followed by another while results
     wait: claims that give the lanes nothing (every row decided without I/O) alternate with
-    writes, and the slow unit's claim is renewed as it falls due meanwhile."""
+    writes, and the slow unit's claim is renewed as it falls due meanwhile (here at every
+    round: no renewal period)."""
     table = table_of(400)
     work = ReadyWork(
-        table, claim=10, takes=0.3, pace=Pace(claim_apart=True), renew_every=0.02,
+        table, claim=10, takes=0.3, pace=Pace(claim_apart=True), renew_every=0.0,
         round_takes=0.002,
     )  # fmt: skip
     await Pipeline(work).run()
@@ -211,14 +212,15 @@ async def test_claims_of_rows_decided_without_io_hold_back_no_write_and_no_renew
 
 
 class FailingClaimWork(ToyWork):
-    """ToyWork whose first claim-only round taken while results wait fails after a moment (a
-    database gone), as a cancel arrives."""
+    """ToyWork whose first claim-only round taken while results wait fails (a database gone)
+    once ``fail`` is set."""
 
     def __init__(self, table: Table, **kwargs: Any) -> None:
         super().__init__(table, **kwargs)
         self.performed: list[int] = []
         self.waiting_then: list[int] = []
         self.claim_only_began = asyncio.Event()
+        self.fail = asyncio.Event()
 
     async def perform(self, unit: int) -> int:
         self.performed.append(await super().perform(unit))
@@ -229,7 +231,7 @@ class FailingClaimWork(ToyWork):
         if not results and claim and waiting and not self.claim_only_began.is_set():
             self.waiting_then = waiting
             self.claim_only_began.set()
-            await asyncio.sleep(0.05)
+            await self.fail.wait()
             raise RuntimeError("database gone")
         return await super().round(results, claim, renew=renew)
 
@@ -245,6 +247,7 @@ async def test_results_waiting_behind_a_failed_claim_only_round_are_still_writte
     run = asyncio.create_task(Pipeline(work).run())
     await asyncio.wait_for(work.claim_only_began.wait(), 5)
     run.cancel()
+    work.fail.set()
     with contextlib.suppress(asyncio.CancelledError):
         await run
 
