@@ -542,6 +542,38 @@ def test_a_renewed_claim_keeps_its_tasks_and_its_answers_are_written(store: SqlS
     assert TaskStatus.QUEUED.value == task_row(store, "b").status
 
 
+def test_a_renewal_moves_its_tasks_in_id_order_whatever_their_due_order(store: SqlStore) -> None:
+    """renew_claim updates a claim's rows in id order, the order record() and removal lock
+    them in, even when the claim took them in another (due) order across several statements:
+    two daemons touching the same rows then wait for each other instead of deadlocking."""
+    ids = [f"t{i:04d}" for i in range(2000)]
+    register(store, *ids)
+    first = claim(store, T0, limit=2000)
+    # Later ids fall due first: the next claim takes them in the reverse of id order.
+    planned = [
+        TaskUpdate(t, next_poll_at=at(100 - i / 100).timestamp()) for i, t in enumerate(first)
+    ]
+    store.record(planned, at(1))
+    due = claim(store, at(100), limit=2000)
+    assert [t.task_id for t in due] == ids[::-1]
+    held = due[0].claim
+    assert held is not None
+    moved: list[int] = []
+
+    def capture(_conn: Any, _cursor: Any, sql: str, params: Any, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith("UPDATE POLLS"):
+            values = params.values() if isinstance(params, dict) else params
+            moved.extend(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        assert 2000 == store.renew_claim(held, at(200).timestamp())
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+
+    assert moved == sorted(t.pk for t in due)
+
+
 def test_a_lapsed_claim_is_not_renewed_over_a_newer_claim(store: SqlStore) -> None:
     """A claim renewed after it lapsed and another claim took the task changes nothing, and
     its answer is not written."""

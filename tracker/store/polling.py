@@ -108,12 +108,15 @@ class Polling(SqlBase):
         or taken by another claim after this one lapsed, is left alone. Returns how many moved.
         """
         moved = 0
+        # In id order, the order _claims, removal and pruning lock rows in (a claim lists its
+        # tasks in due order): two daemons on the same rows then wait instead of deadlocking.
+        pks = sorted(claim.pks)
         with self._write() as conn:
-            for start in range(0, len(claim.pks), IN_CHUNK):
+            for start in range(0, len(pks), IN_CHUNK):
                 done = conn.execute(
                     polls.update()
                     .where(
-                        polls.c.task_pk.in_(claim.pks[start : start + IN_CHUNK]),
+                        polls.c.task_pk.in_(pks[start : start + IN_CHUNK]),
                         polls.c.next_poll_at == claim.until,
                     )
                     .values(next_poll_at=until)
