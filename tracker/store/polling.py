@@ -485,8 +485,11 @@ def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> d
     change = update.change
     if change is not None:
         after = change.after
+        if after.status is not update.task.snapshot.status:
+            # Otherwise the row has that status already (the compare-and-set checks it), and
+            # leaving it out of the SET spares the status index and the count trigger.
+            values["status"] = after.status.value
         values.update(
-            status=after.status.value,
             upstream_status=after.upstream_status,
             progress=after.progress,
             upstream_progress=after.upstream_progress,
