@@ -25,7 +25,7 @@ from tracker.store.base import (
     tasks,
     transitions,
 )
-from tracker.store.records import KEEP
+from tracker.store.records import KEEP, Keep
 from tracker.store.refusals import RefusalMemory, _isolated
 from tracker.store.rows import _DUE_COLUMNS, _due_tasks
 
@@ -176,8 +176,8 @@ class Polling(SqlBase):
 
     def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         epoch = _epoch(now)
-        planned = [(u, _update_values(u, now, epoch)) for u in updates]
-        planned = [(u, values) for u, values in planned if values or u.outbox]
+        planned = [(u, *_update_values(u, now, epoch)) for u in updates]
+        planned = [p for p in planned if p[1] or p[2] is not KEEP or p[0].outbox]
         if not planned:
             return 0
         history: list[dict[str, Any]] = []
@@ -190,11 +190,11 @@ class Polling(SqlBase):
         written = 0
         with self._write() as conn:
             # The compare-and-set: statuses and claims read under lock, then checked here.
-            current = self._claims(conn, {u.task.pk for u, _ in planned})
+            current = self._claims(conn, {u.task.pk for u, _, _ in planned})
             # The claims checked once in this call, by task and token: they hold for the same
             # claim's later updates (its first write moved the next poll), not for another's.
             held: set[tuple[int, float | None]] = set()
-            for update, values in planned:
+            for update, columns, next_poll in planned:
                 task = update.task
                 found = current.get(task.pk)
                 if found is None or found[0] != task.snapshot.status.value:
@@ -204,10 +204,8 @@ class Polling(SqlBase):
                     if task.lease_until is not None and found[1] != task.lease_until:
                         continue  # the lease ran out and another claim took the task
                     held.add(claim)
-                columns = values
-                if "next_poll_at" in values:  # a polls row's, not a tasks column
-                    moves[task.pk] = values["next_poll_at"]  # a later update's wins
-                    columns = {k: v for k, v in values.items() if k != "next_poll_at"}
+                if next_poll is not KEEP:
+                    moves[task.pk] = next_poll  # a later update's wins
                 if columns:
                     if task.pk in in_pending:
                         # The same task twice in one call: the later update must land last.
@@ -480,8 +478,13 @@ def _update_sqlite(columns: tuple[str, ...]) -> str:
     return f"UPDATE tasks SET {sets} WHERE id = ?"  # noqa: S608 - column names and placeholders
 
 
-def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> dict[str, Any]:
+def _update_values(
+    update: records.TaskUpdate, now: datetime, epoch: float
+) -> tuple[dict[str, Any], float | Keep | None]:
+    """The tasks columns ``update`` sets, and its task's next poll (a polls row: None ends
+    the polls of a final task, KEEP leaves it)."""
     values: dict[str, Any] = {}
+    next_poll: float | Keep | None = update.next_poll_at
     change = update.change
     if change is not None:
         after = change.after
@@ -502,10 +505,8 @@ def _update_values(update: records.TaskUpdate, now: datetime, epoch: float) -> d
             values["last_change_at"] = epoch
         if after.status in FINAL:
             values["finished_at"] = now
-            values["next_poll_at"] = None
             values["missing_since"] = None
+            next_poll = None
     if update.missing_since is not KEEP and "missing_since" not in values:
         values["missing_since"] = update.missing_since
-    if update.next_poll_at is not KEEP and "next_poll_at" not in values:
-        values["next_poll_at"] = update.next_poll_at
-    return values
+    return values, next_poll
