@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from tracker import retention
+from tracker.api.limits import MAX_PAGE
 from tracker.config import RetentionSettings
 from tracker.retry import DeliveryState
 from tracker.status import Change, Snapshot, TaskStatus
@@ -113,3 +114,33 @@ def test_thousands_of_tasks_go_from_registration_to_delivery_to_prune(
     assert pruned.tasks == MANY
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(tasks)).scalar() == 0
+
+
+def test_thousands_of_dead_deliveries_are_listed_and_recovered(old_sqlite: SqlStore) -> None:
+    """The API's largest page of deliveries (1,000, each with its attempt log) reads, and
+    `tracker deliveries recover` after a long outage puts 2,500 dead deliveries back to
+    pending in one call, every one of them."""
+    store = old_sqlite
+    ids = [f"d{i:05d}" for i in range(MANY)]
+    store.register(Registration(platform="luma", ids=ids), T0)
+    after = Snapshot(TaskStatus.COMPLETED, "SUCCESS", 100, "100%")
+    store.record(
+        [
+            TaskUpdate(task, Change(task.snapshot, after, {}, ()), (_entry(number),))
+            for number, task in enumerate(store.claim_due(T0, MANY, lease=30.0))
+        ],
+        T0,
+    )
+    jobs = store.claim_deliveries(T0, MANY, lease=30.0)
+    store.finish_attempts(
+        [AttemptResult(job, T0, 500, None, 1.0, "down", DeliveryState.DEAD, None) for job in jobs]
+    )
+    assert store.stats().deliveries.get("dead") == MANY
+    page, _ = store.list_deliveries(limit=MAX_PAGE)
+    assert len(page) == MAX_PAGE
+    assert all(len(delivery.log) == 1 for delivery in page)
+
+    requeued = store.requeue(T0 + timedelta(hours=1), since=T0 - timedelta(days=1))
+
+    assert sorted(requeued) == sorted(job.pk for job in jobs)
+    assert store.stats().deliveries == {"pending": MANY}

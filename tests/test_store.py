@@ -28,6 +28,7 @@ from tracker.store import (
     SqlStore,
     TaskUpdate,
 )
+from tracker.store.base import one_of
 from tracker.store.sql import polls as polls_table
 from tracker.store.sql import tasks as tasks_table
 
@@ -283,6 +284,24 @@ def test_meta_values_are_written_overwritten_and_read(store: SqlStore) -> None:
 
     assert "2026-01-01T00:00:10Z" == store.get_meta("last_cycle_at")
     assert "x" == store.get_meta("other")
+
+
+def test_a_list_of_ids_is_one_array_parameter_on_postgresql(store: SqlStore) -> None:
+    """one_of() matches exactly the listed values on both databases; PostgreSQL gets the list
+    as one array parameter (a statement that SQLAlchemy and psycopg prepare once), SQLite an
+    IN list."""
+    register(store, "a", "b", "c")
+    with store.engine.connect() as conn:
+        clause = one_of(conn, tasks_table.c.task_id, ["a", "c", "zz"])
+        query = sa.select(tasks_table.c.task_id).where(clause)
+        compiled = query.compile(conn)
+        found = sorted(conn.execute(query).scalars())
+    assert ["a", "c"] == found
+    if store.dialect == "postgresql":
+        assert "= ANY (" in str(compiled)
+        assert [["a", "c", "zz"]] == list(compiled.construct_params().values())
+    else:
+        assert " IN (" in str(compiled)
 
 
 # -- register ---------------------------------------------------------------------------------
@@ -563,7 +582,9 @@ def test_a_renewal_moves_its_tasks_in_id_order_whatever_their_due_order(store: S
     def capture(_conn: Any, _cursor: Any, sql: str, params: Any, *_rest: Any) -> None:
         if sql.lstrip().upper().startswith("UPDATE POLLS"):
             values = params.values() if isinstance(params, dict) else params
-            moved.extend(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+            for value in values:  # PostgreSQL's ids come as one list (see one_of)
+                listed = value if isinstance(value, list) else [value]
+                moved.extend(v for v in listed if isinstance(v, int) and not isinstance(v, bool))
 
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:

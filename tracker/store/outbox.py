@@ -24,6 +24,7 @@ from tracker.store.base import (
     _is_row_error,
     attempts,
     deliveries,
+    one_of,
     tasks,
 )
 from tracker.store.refusals import RefusalMemory, _isolated
@@ -82,7 +83,7 @@ class Outbox(SqlBase):
             for start in range(0, len(held), IN_CHUNK):
                 conn.execute(
                     deliveries.update()
-                    .where(deliveries.c.id.in_(held[start : start + IN_CHUNK]))
+                    .where(one_of(conn, deliveries.c.id, held[start : start + IN_CHUNK]))
                     .values(claimed_until=until)
                 )
         return set(held)
@@ -269,10 +270,10 @@ class Outbox(SqlBase):
                 query = query.where(deliveries.c.created_at < until)
         with self._write() as conn:
             pks = list(conn.execute(query).scalars())
-            if pks:
+            for start in range(0, len(pks), IN_CHUNK):
                 conn.execute(
                     deliveries.update()
-                    .where(deliveries.c.id.in_(pks))
+                    .where(one_of(conn, deliveries.c.id, pks[start : start + IN_CHUNK]))
                     .values(
                         state=DeliveryState.PENDING,
                         attempts=0,

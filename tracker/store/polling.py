@@ -21,6 +21,7 @@ from tracker.store.base import (
     _epoch,
     _from_epoch,
     deliveries,
+    one_of,
     polls,
     tasks,
     transitions,
@@ -48,14 +49,14 @@ class Polling(SqlBase):
             query = (
                 sa.select(tasks.c.id, tasks.c.status, polls.c.next_poll_at)
                 .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
-                .where(tasks.c.id.in_(chunk))
+                .where(one_of(conn, tasks.c.id, chunk))
                 .order_by(tasks.c.id)
             )
             if self.dialect == "postgresql":
                 # FOR UPDATE cannot reach the nullable side of an outer join: the polls rows
                 # are locked first, by a query of their own.
                 query = query.with_for_update(of=tasks)
-                lock = sa.select(polls.c.task_pk).where(polls.c.task_pk.in_(chunk))
+                lock = sa.select(polls.c.task_pk).where(one_of(conn, polls.c.task_pk, chunk))
                 conn.execute(lock.order_by(polls.c.task_pk).with_for_update()).all()
             found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
         return found
@@ -116,7 +117,7 @@ class Polling(SqlBase):
                 done = conn.execute(
                     polls.update()
                     .where(
-                        polls.c.task_pk.in_(pks[start : start + IN_CHUNK]),
+                        one_of(conn, polls.c.task_pk, pks[start : start + IN_CHUNK]),
                         polls.c.next_poll_at == claim.until,
                     )
                     .values(next_poll_at=until)
@@ -232,7 +233,7 @@ class Polling(SqlBase):
         ended = [pk for pk, at in moves.items() if at is None]
         for start in range(0, len(ended), IN_CHUNK):
             chunk = ended[start : start + IN_CHUNK]
-            conn.execute(polls.delete().where(polls.c.task_pk.in_(chunk)))
+            conn.execute(polls.delete().where(one_of(conn, polls.c.task_pk, chunk)))
         upserts = [(pk, at) for pk, at in moves.items() if at is not None]
         if not upserts:
             return
@@ -325,7 +326,7 @@ class Polling(SqlBase):
                         polls.c.task_pk, polls.c.next_poll_at, tasks.c.platform, tasks.c.task_id
                     )
                     .join(tasks, tasks.c.id == polls.c.task_pk)
-                    .where(polls.c.task_pk.in_(pks[start : start + IN_CHUNK]))
+                    .where(one_of(conn, polls.c.task_pk, pks[start : start + IN_CHUNK]))
                 )
                 found += conn.execute(query).all()
         for pk, next_poll_at, platform, task_id in found:

@@ -25,6 +25,7 @@ from tracker.store.base import (
     IN_CHUNK,
     attempts,
     deliveries,
+    one_of,
     polls,
     tasks,
     transitions,
@@ -174,9 +175,9 @@ def _tasks_still_due(conn: sa.Connection, pks: list[int], cutoffs: Cutoffs) -> l
     """
     if not pks or conn.dialect.name != "postgresql":
         return pks
-    locked = sa.select(deliveries.c.id).where(deliveries.c.task_pk.in_(pks)).with_for_update()
-    conn.execute(locked).all()
-    recheck = sa.select(tasks.c.id).where(tasks.c.id.in_(pks), _task_due(cutoffs))
+    locked = sa.select(deliveries.c.id).where(one_of(conn, deliveries.c.task_pk, pks))
+    conn.execute(locked.with_for_update()).all()
+    recheck = sa.select(tasks.c.id).where(one_of(conn, tasks.c.id, pks), _task_due(cutoffs))
     return sorted(conn.execute(recheck).scalars())
 
 
@@ -186,8 +187,8 @@ def _delete_deliveries(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
         chunk = pks[start : start + IN_CHUNK]
         # Attempts first, explicitly: a database opened without SQLite's foreign_keys pragma
         # would not cascade.
-        gone = conn.execute(attempts.delete().where(attempts.c.delivery_pk.in_(chunk)))
-        done = conn.execute(deliveries.delete().where(deliveries.c.id.in_(chunk)))
+        gone = conn.execute(attempts.delete().where(one_of(conn, attempts.c.delivery_pk, chunk)))
+        done = conn.execute(deliveries.delete().where(one_of(conn, deliveries.c.id, chunk)))
         pruned += Pruned(deliveries=done.rowcount, attempts=gone.rowcount)
     return pruned
 
@@ -196,13 +197,15 @@ def _delete_tasks(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
     pruned = Pruned()
     for start in range(0, len(pks), IN_CHUNK):
         chunk = pks[start : start + IN_CHUNK]
-        owned = sa.select(deliveries.c.id).where(deliveries.c.task_pk.in_(chunk))
+        owned = sa.select(deliveries.c.id).where(one_of(conn, deliveries.c.task_pk, chunk))
         pruned += _delete_deliveries(conn, list(conn.execute(owned).scalars()))
-        history = conn.execute(transitions.delete().where(transitions.c.task_pk.in_(chunk)))
+        history = conn.execute(
+            transitions.delete().where(one_of(conn, transitions.c.task_pk, chunk))
+        )
         # A final task has no polls row; deleted all the same, as SQLite cascades only with
         # its foreign_keys pragma on.
-        conn.execute(polls.delete().where(polls.c.task_pk.in_(chunk)))
-        done = conn.execute(tasks.delete().where(tasks.c.id.in_(chunk)))
+        conn.execute(polls.delete().where(one_of(conn, polls.c.task_pk, chunk)))
+        done = conn.execute(tasks.delete().where(one_of(conn, tasks.c.id, chunk)))
         pruned += Pruned(tasks=done.rowcount, transitions=history.rowcount)
     return pruned
 

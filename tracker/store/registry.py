@@ -14,6 +14,7 @@ from tracker.store.base import (
     _epoch,
     attempts,
     deliveries,
+    one_of,
     polls,
     tasks,
     transitions,
@@ -59,7 +60,7 @@ class Registry(SqlBase):
                     conn.execute(
                         sa.select(tasks.c.task_id).where(
                             tasks.c.platform == registration.platform,
-                            tasks.c.task_id.in_(ids[start : start + IN_CHUNK]),
+                            one_of(conn, tasks.c.task_id, ids[start : start + IN_CHUNK]),
                         )
                     ).scalars()
                 )
@@ -91,7 +92,7 @@ class Registry(SqlBase):
                 for start in range(0, len(new), IN_CHUNK):
                     added = sa.select(tasks.c.id, sa.literal(epoch, sa.Float(precision=53))).where(
                         tasks.c.platform == registration.platform,
-                        tasks.c.task_id.in_(new[start : start + IN_CHUNK]),
+                        one_of(conn, tasks.c.task_id, new[start : start + IN_CHUNK]),
                     )
                     conn.execute(polls.insert().from_select(["task_pk", "next_poll_at"], added))
         return new, [i for i in ids if i in existing]
