@@ -30,11 +30,14 @@ INTERVAL = 1.0
 BACKGROUND = 300
 #: concurrent API clients, three times the API's threads
 CLIENTS = 3 * API_THREADS
-#: registrations per client; each re-registers every background id and adds two new ones
-REQUESTS = 6
+#: seconds the burst lasts: each client registers again and again until then, re-registering
+#: every background id and adding two new ones each time
+BURST_SECONDS = 8.0
 #: the longest a background task may wait between two polls during the burst: one missed
-#: cycle and a second of slack (the burst's clients share the machine's cores)
-MAX_POLL_GAP = 2 * INTERVAL + 1.0
+#: cycle and 2.5 s of slack. The burst keeps both cores busy (PostgreSQL one of them, the
+#: daemon's 16 API threads contend for its GIL): measured 2.5-3.5 s on two cores. The burst
+#: lasts twice as long, so a poller held up for half of it fails.
+MAX_POLL_GAP = 2 * INTERVAL + 2.5
 
 
 @pytest.fixture(name="daemon")
@@ -42,7 +45,14 @@ def _daemon(tmp_path: Path, make_pg_url: Callable[[], str]) -> Iterator[dict[str
     with SimulatedRelay(step=0.3, record_limit=None) as relay, WebhookReceiver() as receiver:
         document = merge(
             base_config(relay.base_url, receiver.url, make_pg_url()),
-            {"poll": {"interval": INTERVAL, "max_interval": INTERVAL}},
+            {
+                "poll": {"interval": INTERVAL, "max_interval": INTERVAL},
+                # The relay and the receiver run in this process, on the cores the burst
+                # keeps busy: a 2 s timeout would fail a poll, or hold a webhook back 60 s
+                # (a timeout's overload floor), for the rig's sake rather than the daemon's.
+                "upstream": {"timeout": 10},
+                "webhooks": {"timeout": 10},
+            },
         )
         path = tmp_path / "config.toml"
         path.write_text(toml_text(document))
@@ -73,25 +83,32 @@ def poll_gaps(relay: SimulatedRelay, ids: set[str], start: float, end: float) ->
 BURST_CLIENT = """
 import concurrent.futures, json, sys
 import httpx
-api, token, clients, requests = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import time
+api, token, clients, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 background = json.loads(sys.stdin.read())
+# One client shared by the threads (httpx.Client is thread-safe), a connection each: 48
+# clients of their own would each build a TLS context first, two seconds of both cores.
+auth = {"Authorization": f"Bearer {token}"}
+limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+http = httpx.Client(base_url=api, headers=auth, timeout=60, limits=limits)
+deadline = time.monotonic() + seconds
 def client(n):
     codes = []
-    auth = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=api, headers=auth, timeout=60) as http:
-        for r in range(requests):
-            ids = [*background, f"new-{n}-{r}-a", f"new-{n}-{r}-b-fail"]
-            codes.append(http.post("/v1/tasks", json={"platform": "luma", "ids": ids}).status_code)
+    r = 0
+    while not codes or time.monotonic() < deadline:
+        r += 1
+        ids = [*background, f"new-{n}-{r}-a", f"new-{n}-{r}-b-fail"]
+        codes.append(http.post("/v1/tasks", json={"platform": "luma", "ids": ids}).status_code)
     return codes
-with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+with http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
     print(json.dumps([c for codes in pool.map(client, range(clients)) for c in codes]))
 """
 
 
 def burst(api: str, background: list[str]) -> list[int]:
-    """The status of every registration of CLIENTS clients sending REQUESTS each at once."""
+    """The status of every registration CLIENTS clients sent at once for BURST_SECONDS."""
     done = subprocess.run(
-        [sys.executable, "-c", BURST_CLIENT, api, TOKEN, str(CLIENTS), str(REQUESTS)],
+        [sys.executable, "-c", BURST_CLIENT, api, TOKEN, str(CLIENTS), str(BURST_SECONDS)],
         input=json.dumps(background),
         capture_output=True,
         text=True,
@@ -131,11 +148,12 @@ def test_a_registration_burst_leaves_polls_and_deliveries_their_connections(
     codes = burst(tracker.api, background)
     end = time.monotonic()
 
-    assert [201] * (CLIENTS * REQUESTS) == codes
+    assert len(codes) >= CLIENTS
+    assert [201] * len(codes) == codes
     gaps = poll_gaps(relay, set(background), start, end)
     assert max(gaps) <= MAX_POLL_GAP, f"burst {end - start:.1f} s, longest gap {max(gaps):.2f} s"
 
-    new = 2 * CLIENTS * REQUESTS
+    new = 2 * len(codes)
 
     def delivered() -> list[dict[str, Any]] | None:
         rows = all_pages(tracker.client, "/v1/deliveries", "deliveries")
