@@ -1556,6 +1556,53 @@ def test_pull_in_moves_later_polls_to_the_given_time(store: SqlStore) -> None:
     assert ["a", "b"] == sorted(claim_ids(store, at(1)))
 
 
+def test_pull_in_waits_for_a_daemon_locking_in_id_order_instead_of_deadlocking(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """pull_in locks its rows in id order, as record() and removal do: another daemon that
+    holds the first row and then asks for the second gets it, and pull_in goes on after it
+    commits. (Locking in table order, the later-written row first, deadlocked: PostgreSQL
+    then aborts one of the two.)"""
+    first, second = pg_stores
+    register(first, "a", "b")
+    a, b = sorted(t.pk for t in claim(first, T0))
+    with first.engine.begin() as conn:  # b's row first, a's after it, in the table
+        conn.execute(
+            polls_table.update().where(polls_table.c.task_pk == b).values(next_poll_at=500)
+        )
+        conn.execute(
+            polls_table.update().where(polls_table.c.task_pk == a).values(next_poll_at=900)
+        )
+
+    def lock(conn: sa.Connection, pk: int) -> None:
+        query = sa.select(polls_table.c.task_pk).where(polls_table.c.task_pk == pk)
+        conn.execute(query.with_for_update()).all()
+
+    with second.engine.connect() as other, ThreadPoolExecutor(1) as pool:
+        with other.begin():
+            other.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+            lock(other, a)
+            pulling = pool.submit(first.pull_in, datetime.fromtimestamp(100, UTC))
+            wait_for_lock_waiters(other, 1)
+            lock(other, b)  # a deadlock would fail here (or pull_in) within a second
+        pulling.result(timeout=10)
+    with first.engine.connect() as conn:
+        moved = conn.execute(sa.select(polls_table.c.next_poll_at)).scalars().all()
+    assert [100.0, 100.0] == moved
+
+
+def wait_for_lock_waiters(conn: sa.Connection, count: int) -> None:
+    """Until ``count`` sessions of this database wait for a lock (5 s at most)."""
+    deadline = time.monotonic() + 5
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while conn.exec_driver_sql(query).scalar_one() < count:
+        assert time.monotonic() < deadline, "pull_in never waited for the held row"
+        time.sleep(0.01)
+
+
 def test_release_claims_frees_every_pending_lease(store: SqlStore) -> None:
     """A restarted single daemon takes back deliveries it held when it died, at once."""
     queue_events(store, "a", "b")

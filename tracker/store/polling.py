@@ -134,12 +134,16 @@ class Polling(SqlBase):
 
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
+        cutoff = _epoch(latest)
+        later = polls.c.next_poll_at > cutoff
         with self._write() as conn:
-            conn.execute(
-                polls.update()
-                .where(polls.c.next_poll_at > _epoch(latest))
-                .values(next_poll_at=_epoch(latest))
-            )
+            if self.dialect == "postgresql":
+                # Locked in id order first, the order record() and removal lock rows in: an
+                # UPDATE alone locks them in whatever order its scan meets them, and another
+                # daemon recording the same rows meanwhile deadlocks with it.
+                locked = sa.select(polls.c.task_pk).where(later).order_by(polls.c.task_pk)
+                later = polls.c.task_pk.in_(locked.with_for_update().scalar_subquery())
+            conn.execute(polls.update().where(later).values(next_poll_at=cutoff))
 
     def record(
         self,
