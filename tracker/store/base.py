@@ -42,9 +42,8 @@ def one_of(
     """``column IN (values)``; on PostgreSQL ``column = ANY(array)``, one parameter for all.
 
     An IN list has a parameter per value: SQLAlchemy renders the statement anew for every
-    length and psycopg parses it anew (too long for its cache), which made a registration of
-    300 ids cost ten times its queries' own work. Callers still cut lists at IN_CHUNK for
-    SQLite.
+    length and psycopg parses it anew (too long for its cache), which doubled the CPU a
+    registration of 300 ids cost the daemon. Callers still cut lists at IN_CHUNK for SQLite.
     """
     if conn.dialect.name == "postgresql":
         array = postgresql.ARRAY(column.type)
