@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -34,6 +34,14 @@ FINAL_VALUES = sorted(status.value for status in FINAL)
 # Bound parameters per statement: an IN (...) list of this many ids and the few other
 # parameters stay under the 999 that SQLite builds before 3.32 allow (Ubuntu 20.04, RHEL 8).
 IN_CHUNK = 900
+
+_T = TypeVar("_T")
+
+
+def chunks(values: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_T]]:
+    """``values`` in consecutive slices of at most ``size`` (by default IN_CHUNK)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def one_of(
@@ -93,10 +101,10 @@ class SqlBase:
         (key,) = table.primary_key.columns
         with self._write() as conn:
             rows = list(conn.execute(self._lock(query)).all())
-            for start in range(0, len(rows), IN_CHUNK):
+            for chunk in chunks(rows):
                 conn.execute(
                     table.update()
-                    .where(one_of(conn, key, [r[0] for r in rows[start : start + IN_CHUNK]]))
+                    .where(one_of(conn, key, [r[0] for r in chunk]))
                     .values({column.name: until})
                 )
         return rows
@@ -118,10 +126,10 @@ class SqlBase:
         table = column.table
         found: dict[int, Any] = {}
         ordered = sorted(pks)
-        for start in range(0, len(ordered), IN_CHUNK):
+        for chunk in chunks(ordered):
             query = (
                 sa.select(table.c.id, column)
-                .where(one_of(conn, table.c.id, ordered[start : start + IN_CHUNK]))
+                .where(one_of(conn, table.c.id, chunk))
                 .order_by(table.c.id)
             )
             if self.dialect == "postgresql":

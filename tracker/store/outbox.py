@@ -16,13 +16,13 @@ from tracker.retry import DeliveryState
 from tracker.status import EventType
 from tracker.store import records
 from tracker.store.base import (
-    IN_CHUNK,
     SqlBase,
     _describe_error,
     _epoch,
     _from_epoch,
     _is_row_error,
     attempts,
+    chunks,
     deliveries,
     one_of,
     tasks,
@@ -80,10 +80,10 @@ class Outbox(SqlBase):
         with self._write() as conn:
             current = self._current(conn, deliveries.c.claimed_until, set(claims))
             held = sorted(pk for pk, token in claims.items() if current.get(pk) == token)
-            for start in range(0, len(held), IN_CHUNK):
+            for chunk in chunks(held):
                 conn.execute(
                     deliveries.update()
-                    .where(one_of(conn, deliveries.c.id, held[start : start + IN_CHUNK]))
+                    .where(one_of(conn, deliveries.c.id, chunk))
                     .values(claimed_until=until)
                 )
         return set(held)
@@ -270,10 +270,10 @@ class Outbox(SqlBase):
                 query = query.where(deliveries.c.created_at < until)
         with self._write() as conn:
             pks = list(conn.execute(query).scalars())
-            for start in range(0, len(pks), IN_CHUNK):
+            for chunk in chunks(pks):
                 conn.execute(
                     deliveries.update()
-                    .where(one_of(conn, deliveries.c.id, pks[start : start + IN_CHUNK]))
+                    .where(one_of(conn, deliveries.c.id, chunk))
                     .values(
                         state=DeliveryState.PENDING,
                         attempts=0,

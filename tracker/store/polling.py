@@ -20,6 +20,7 @@ from tracker.store.base import (
     _describe_error,
     _epoch,
     _from_epoch,
+    chunks,
     deliveries,
     one_of,
     polls,
@@ -44,8 +45,7 @@ class Polling(SqlBase):
         order removal and pruning delete them in)."""
         found: dict[int, tuple[str, float | None]] = {}
         ordered = sorted(pks)
-        for start in range(0, len(ordered), IN_CHUNK):
-            chunk = ordered[start : start + IN_CHUNK]
+        for chunk in chunks(ordered):
             query = (
                 sa.select(tasks.c.id, tasks.c.status, polls.c.next_poll_at)
                 .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
@@ -97,8 +97,8 @@ class Polling(SqlBase):
         """
         with self._write() as conn:
             rows = conn.exec_driver_sql(_DUE_SQLITE, (due_by, limit)).all()
-            for start in range(0, len(rows), IN_CHUNK):
-                ids = [r[0] for r in rows[start : start + IN_CHUNK]]
+            for chunk in chunks(rows):
+                ids = [r[0] for r in chunk]
                 conn.exec_driver_sql(_lease_sqlite(len(ids)), (until, *ids))
         return rows
 
@@ -113,11 +113,11 @@ class Polling(SqlBase):
         # tasks in due order): two daemons on the same rows then wait instead of deadlocking.
         pks = sorted(claim.pks)
         with self._write() as conn:
-            for start in range(0, len(pks), IN_CHUNK):
+            for chunk in chunks(pks):
                 done = conn.execute(
                     polls.update()
                     .where(
-                        one_of(conn, polls.c.task_pk, pks[start : start + IN_CHUNK]),
+                        one_of(conn, polls.c.task_pk, chunk),
                         polls.c.next_poll_at == claim.until,
                     )
                     .values(next_poll_at=until)
@@ -235,8 +235,7 @@ class Polling(SqlBase):
     def _move_polls(self, conn: sa.Connection, moves: dict[int, float | None]) -> None:
         """Set each task's next poll, or end its polls (None: the task is final)."""
         ended = [pk for pk, at in moves.items() if at is None]
-        for start in range(0, len(ended), IN_CHUNK):
-            chunk = ended[start : start + IN_CHUNK]
+        for chunk in chunks(ended):
             conn.execute(polls.delete().where(one_of(conn, polls.c.task_pk, chunk)))
         upserts = [(pk, at) for pk, at in moves.items() if at is not None]
         if not upserts:
@@ -264,8 +263,7 @@ class Polling(SqlBase):
             # One statement per few hundred rows, not one step per row: half the CPU, and the
             # driver lets go of the GIL once per statement rather than once per row.
             changed = 0
-            for start in range(0, len(replanned), IN_CHUNK // 3):
-                part = replanned[start : start + IN_CHUNK // 3]
+            for part in chunks(replanned, IN_CHUNK // 3):
                 flat = [value for row in part for value in row]
                 changed += conn.exec_driver_sql(_replan_sqlite(len(part)), tuple(flat)).rowcount
             return changed
@@ -324,13 +322,13 @@ class Polling(SqlBase):
         found: list[Any] = []
         pks = sorted(refused)
         with self._read() as conn:
-            for start in range(0, len(pks), IN_CHUNK):
+            for chunk in chunks(pks):
                 query = (
                     sa.select(
                         polls.c.task_pk, polls.c.next_poll_at, tasks.c.platform, tasks.c.task_id
                     )
                     .join(tasks, tasks.c.id == polls.c.task_pk)
-                    .where(one_of(conn, polls.c.task_pk, pks[start : start + IN_CHUNK]))
+                    .where(one_of(conn, polls.c.task_pk, chunk))
                 )
                 found += conn.execute(query).all()
         for pk, next_poll_at, platform, task_id in found:

@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from tracker.retry import DeliveryState
 from tracker.store.base import (
     FINAL_VALUES,
-    IN_CHUNK,
     attempts,
+    chunks,
     deliveries,
     one_of,
     polls,
@@ -183,8 +183,7 @@ def _tasks_still_due(conn: sa.Connection, pks: list[int], cutoffs: Cutoffs) -> l
 
 def _delete_deliveries(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
     pruned = Pruned()
-    for start in range(0, len(pks), IN_CHUNK):
-        chunk = pks[start : start + IN_CHUNK]
+    for chunk in chunks(pks):
         # Attempts first, explicitly: a database opened without SQLite's foreign_keys pragma
         # would not cascade.
         gone = conn.execute(attempts.delete().where(one_of(conn, attempts.c.delivery_pk, chunk)))
@@ -195,8 +194,7 @@ def _delete_deliveries(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
 
 def _delete_tasks(conn: sa.Connection, pks: Sequence[int]) -> Pruned:
     pruned = Pruned()
-    for start in range(0, len(pks), IN_CHUNK):
-        chunk = pks[start : start + IN_CHUNK]
+    for chunk in chunks(pks):
         owned = sa.select(deliveries.c.id).where(one_of(conn, deliveries.c.task_pk, chunk))
         pruned += _delete_deliveries(conn, list(conn.execute(owned).scalars()))
         history = conn.execute(

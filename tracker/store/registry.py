@@ -9,10 +9,10 @@ import sqlalchemy as sa
 from tracker.status import TaskStatus
 from tracker.store import records
 from tracker.store.base import (
-    IN_CHUNK,
     SqlBase,
     _epoch,
     attempts,
+    chunks,
     deliveries,
     one_of,
     polls,
@@ -55,12 +55,12 @@ class Registry(SqlBase):
         events = list(registration.events) if registration.events is not None else None
         existing: set[str] = set()
         with self._write() as conn:
-            for start in range(0, len(ids), IN_CHUNK):
+            for chunk in chunks(ids):
                 existing.update(
                     conn.execute(
                         sa.select(tasks.c.task_id).where(
                             tasks.c.platform == registration.platform,
-                            one_of(conn, tasks.c.task_id, ids[start : start + IN_CHUNK]),
+                            one_of(conn, tasks.c.task_id, chunk),
                         )
                     ).scalars()
                 )
@@ -89,10 +89,10 @@ class Registry(SqlBase):
                     ],
                 )
                 # Each new task is due at once: its polls row, made from the rows just added.
-                for start in range(0, len(new), IN_CHUNK):
+                for chunk in chunks(new):
                     added = sa.select(tasks.c.id, sa.literal(epoch, sa.Float(precision=53))).where(
                         tasks.c.platform == registration.platform,
-                        one_of(conn, tasks.c.task_id, new[start : start + IN_CHUNK]),
+                        one_of(conn, tasks.c.task_id, chunk),
                     )
                     conn.execute(polls.insert().from_select(["task_pk", "next_poll_at"], added))
         return new, [i for i in ids if i in existing]

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from tracker.retry import DeliveryState
 from tracker.status import EventType, Snapshot, TaskStatus
 from tracker.store import records
-from tracker.store.base import IN_CHUNK, _from_epoch, attempts, one_of, polls, tasks
+from tracker.store.base import _from_epoch, attempts, chunks, one_of, polls, tasks
 
 
 def _page(table: sa.Table, limit: int, before: int | None, **equal: str | None) -> Any:
@@ -68,13 +68,13 @@ def _task_record(row: Any, history: tuple[records.Transition, ...] = ()) -> reco
 
 
 def _with_logs(conn: sa.Connection, rows: Sequence[Any]) -> list[records.DeliveryRecord]:
-    """Delivery rows as records, each with its attempt log (one query for all)."""
+    """Delivery rows as records, each with its attempt log (one query per IN_CHUNK rows)."""
     logs: dict[int, list[Any]] = {r.id: [] for r in rows}
     pks = list(logs)
-    for start in range(0, len(pks), IN_CHUNK):
+    for chunk in chunks(pks):
         for a in conn.execute(
             sa.select(attempts)
-            .where(one_of(conn, attempts.c.delivery_pk, pks[start : start + IN_CHUNK]))
+            .where(one_of(conn, attempts.c.delivery_pk, chunk))
             .order_by(attempts.c.id)
         ):
             logs[a.delivery_pk].append(a)
