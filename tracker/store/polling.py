@@ -181,8 +181,12 @@ class Polling(SqlBase):
 
     def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
         epoch = _epoch(now)
-        planned = [(u, *_update_values(u, now, epoch)) for u in updates]
-        planned = [p for p in planned if p[1] or p[2] is not KEEP or p[0].outbox]
+        planned = [
+            (u, columns, next_poll)
+            for u in updates
+            for columns, next_poll in [_update_values(u, now, epoch)]
+            if columns or next_poll is not KEEP or u.outbox
+        ]
         if not planned:
             return 0
         history: list[dict[str, Any]] = []
