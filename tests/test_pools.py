@@ -36,7 +36,7 @@ BURST_SECONDS = 8.0
 #: the longest a background task may wait between two polls during the burst: one missed
 #: cycle and 2.5 s of slack. The burst keeps both cores busy (PostgreSQL one of them, the
 #: daemon's 16 API threads contend for its GIL): measured 2.5-3.5 s on two cores. The burst
-#: lasts twice as long, so a poller held up for half of it fails.
+#: lasts longer (BURST_SECONDS), so a poller held up for more than half of it fails.
 MAX_POLL_GAP = 2 * INTERVAL + 2.5
 
 
