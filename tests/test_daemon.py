@@ -214,6 +214,66 @@ async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
     assert "tracker_poll_lag_seconds 0.0" in daemon.parts.metrics.render().decode()
 
 
+async def test_a_step_back_of_the_clock_moves_polls_retries_and_jobs_back_as_far(
+    document: dict[str, Any],
+    make_daemon: Callable[..., Daemon],
+    relay: SimulatedRelay,
+    receiver: WebhookReceiver,
+) -> None:
+    """The daemon's wall clock steps back an hour: the engine moves the live task's next poll
+    and its webhook's next attempt back an hour (the retry is sent when its delay has run, not
+    an hour later) and logs the step once; the periodic jobs move back an hour too, as
+    APScheduler waits for wall-clock times. Here only the daemon's clock steps, not the
+    scheduler's, so the status job, next due 15 s after the start, runs at once."""
+    started = time.monotonic()
+    clock = FakeClock()
+    notifier = RecordingNotifier()
+    changes = {
+        "poll": {"interval": 30, "max_interval": 60},
+        "webhooks": {"retry_delays": [60], "events": ["task.started"]},
+    }
+    daemon = make_daemon(
+        config.parse(merge(document, changes), environ={}), clock=clock, notifier=notifier
+    )
+    await daemon.start()
+    receiver.reply(Reply(500))
+    relay.set("luma", "waiting", "IN_PROGRESS", "50%")
+    daemon.parts.store.register(Registration("luma", ["waiting"]), clock.now())
+    daemon.parts.engine.wake()
+    await eventually(lambda: receiver.count, 5, "the first attempt of task.started")
+
+    def retry_planned() -> bool:
+        (delivery,), _ = daemon.parts.store.list_deliveries()
+        return delivery.attempts == 1
+
+    await eventually(retry_planned, 5, "the failed attempt's retry to be planned")
+    planned = await daemon.parts.poller.earliest()
+    assert planned is not None
+    statuses = sum(m.startswith("STATUS=") for m in notifier.sent)
+
+    with structlog.testing.capture_logs() as logs:
+        clock.step(-3600)
+        daemon.parts.engine.wake()
+        step = await eventually(
+            lambda: [e for e in logs if e["event"] == "clock_stepped_back"], 5, "the step"
+        )
+        await eventually(
+            lambda: sum(m.startswith("STATUS=") for m in notifier.sent) > statuses,
+            5,
+            "the status job's run, moved back an hour",
+        )
+        clock.advance(60 * 1.2 + 1)  # the retry's delay: 60 s, give or take 20 % of jitter
+        # On the real clock the deliverer's timer fires as the delay runs out; a fake clock's
+        # minute passes at once, so the deliverer is told to look.
+        daemon.parts.delivering.kick()
+        await eventually(lambda: receiver.count >= 2, 5, "the retry, once its delay ran")
+
+    assert 1 == len([e for e in logs if e["event"] == "clock_stepped_back"])
+    assert (1, 1) == (step[0]["polls_moved"], step[0]["deliveries_moved"])
+    assert timedelta(hours=-1) == await daemon.parts.poller.earliest() - planned
+    assert time.monotonic() - started < routines.STATUS_EVERY - 1  # not its own next run
+
+
 async def test_readyz_names_an_unreachable_database_without_its_error_text(
     document: dict[str, Any], make_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:

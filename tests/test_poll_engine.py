@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tracker import config, events, platforms
-from tracker.clock import SystemClock
+from tracker.clock import Clock, SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import PollEngine, Poller
 from tracker.poller.plan import next_poll
@@ -21,26 +24,29 @@ from tracker.testing.simulator import SimulatedRelay
 
 
 class Running:
-    """A PollEngine on the system clock, running as a task until stopped."""
+    """A PollEngine on the system clock (or ``clock``), running as a task until stopped."""
 
-    def __init__(self, settings: config.Settings, store: SqlStore) -> None:
+    def __init__(
+        self, settings: config.Settings, store: SqlStore, clock: Clock | None = None
+    ) -> None:
         self.store = store
+        self.clock = clock or SystemClock()
         self.client = httpx.AsyncClient()
         self.poller = Poller(
             store=store,
             platforms=platforms.build(settings),
             client=self.client,
-            clock=SystemClock(),
+            clock=self.clock,
             settings=settings.poll,
             targets=events.Targets(settings.webhooks),
             metrics=Metrics(),
         )
-        self.engine = PollEngine(self.poller, SystemClock())
+        self.engine = PollEngine(self.poller, self.clock)
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.engine.run(self.stop))
 
     def register(self, *ids: str) -> None:
-        self.store.register(Registration("luma", list(ids)), SystemClock().now())
+        self.store.register(Registration("luma", list(ids)), self.clock.now())
 
     async def close(self) -> None:
         self.stop.set()
@@ -54,10 +60,10 @@ async def _running_for(
 ) -> AsyncIterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def make(**overrides: Any) -> Running:
+    def make(clock: Clock | None = None, **overrides: Any) -> Running:
         store = SqlStore.from_url(sqlite_url)
         store.create_schema()
-        started.append(Running(settings_for(**overrides), store))
+        started.append(Running(settings_for(**overrides), store, clock))
         return started[-1]
 
     yield make
@@ -130,6 +136,49 @@ async def test_a_registration_wakes_the_engine_at_once(
         await asyncio.sleep(0.005)
 
     assert asyncio.get_running_loop().time() - started < 0.5
+
+
+class SteppedClock:
+    """The system clock, which the test steps as NTP steps a machine's clock."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.offset)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_a_step_back_of_the_wall_clock_does_not_pause_the_polls(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Real clock, 50 live tasks at interval 1 s: the daemon's wall clock steps back an hour.
+    Every task is still asked about every second at the relay (the plans, wall-clock times,
+    move back by the step; left alone, the next polls would wait an hour), and the log says
+    how far the clock stepped."""
+    ids = [f"s{n}" for n in range(50)]
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    clock = SteppedClock()
+    with capture_logs() as logs:
+        running = running_for(clock=clock, poll={"interval": 1, "max_interval": 1})
+        running.register(*ids)
+        await asyncio.sleep(2.5)
+        stepped_at = time.monotonic()
+        clock.offset = -3600
+        await asyncio.sleep(3)
+        await running.close()
+
+    after = [r for r in relay.requests if r.at > stepped_at + 0.5]
+    asked = [task_id for r in after for task_id in r.json_body["ids"]]
+    assert all(asked.count(task_id) >= 2 for task_id in ids), sorted(set(ids) - set(asked))
+    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
+    assert max(gaps) <= 2.0
+    (step,) = [e for e in logs if e["event"] == "clock_stepped_back"]
+    assert 3599 <= step["seconds"] <= 3601
+    assert 50 == step["polls_moved"]
 
 
 def test_poll_gaps_are_measured_per_task_from_the_relay_log() -> None:

@@ -29,6 +29,7 @@ from tracker.store import (
     TaskUpdate,
 )
 from tracker.store.base import one_of
+from tracker.store.sql import deliveries as deliveries_table
 from tracker.store.sql import polls as polls_table
 from tracker.store.sql import tasks as tasks_table
 
@@ -1556,13 +1557,25 @@ def test_pull_in_moves_later_polls_to_the_given_time(store: SqlStore) -> None:
     assert ["a", "b"] == sorted(claim_ids(store, at(1)))
 
 
-def test_pull_in_waits_for_a_daemon_locking_in_id_order_instead_of_deadlocking(
-    pg_stores: tuple[SqlStore, SqlStore],
+MOVES_OF_EVERY_PLAN: dict[str, tuple[Callable[[SqlStore], object], list[float]]] = {
+    # how the plans of rows a and b (next polls 900 and 500) move, and where they end
+    "pull_in": (lambda store: store.pull_in(datetime.fromtimestamp(100, UTC)), [100.0, 100.0]),
+    "shift_plans": (
+        lambda store: store.shift_plans(50, datetime.fromtimestamp(0, UTC)),
+        [450.0, 850.0],
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(MOVES_OF_EVERY_PLAN))
+def test_moving_every_plan_waits_for_a_daemon_locking_in_id_order_instead_of_deadlocking(
+    pg_stores: tuple[SqlStore, SqlStore], how: str
 ) -> None:
-    """pull_in locks its rows in id order, as record() and removal do: another daemon that
-    holds the first row and then asks for the second gets it, and pull_in goes on after it
-    commits. (Locking in table order, the later-written row first, deadlocked: PostgreSQL
-    then aborts one of the two.)"""
+    """pull_in and shift_plans lock their rows in id order, as record() and removal do:
+    another daemon that holds the first row and then asks for the second gets it, and the
+    move goes on after it commits. (Locking in table order, the later-written row first,
+    deadlocked: PostgreSQL then aborts one of the two.)"""
+    move, expected = MOVES_OF_EVERY_PLAN[how]
     first, second = pg_stores
     register(first, "a", "b")
     a, b = sorted(t.pk for t in claim(first, T0))
@@ -1582,13 +1595,59 @@ def test_pull_in_waits_for_a_daemon_locking_in_id_order_instead_of_deadlocking(
         with other.begin():
             other.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
             lock(other, a)
-            pulling = pool.submit(first.pull_in, datetime.fromtimestamp(100, UTC))
+            moving = pool.submit(move, first)
             wait_for_lock_waiters(other, 1)
-            lock(other, b)  # a deadlock would fail here (or pull_in) within a second
-        pulling.result(timeout=10)
+            lock(other, b)  # a deadlock would fail here (or the move) within a second
+        moving.result(timeout=10)
     with first.engine.connect() as conn:
         moved = conn.execute(sa.select(polls_table.c.next_poll_at)).scalars().all()
-    assert [100.0, 100.0] == moved
+    assert expected == sorted(moved)
+
+
+def test_shift_plans_moves_what_was_planned_after_now_back_by_the_step(store: SqlStore) -> None:
+    """After the wall clock stepped back an hour, the polls and the pending deliveries' next
+    attempts planned after the new now move an hour earlier; what is due already, and
+    deliveries no longer pending, stay as they were."""
+    queue_events(store, "retry", "done", "due")
+    register(store, "later")
+    polls_at = {"retry": -5, "done": -5, "due": -5, "later": 3610}
+    attempts_at = {"retry": 3620, "done": 3630, "due": -1}
+
+    def pks() -> dict[str, int]:
+        with store.engine.connect() as conn:
+            return dict(conn.execute(sa.select(tasks_table.c.task_id, tasks_table.c.id)).all())
+
+    ids = pks()
+    with store.engine.begin() as conn:
+        for task_id, seconds in polls_at.items():
+            conn.execute(
+                polls_table.update()
+                .where(polls_table.c.task_pk == ids[task_id])
+                .values(next_poll_at=at(seconds).timestamp())
+            )
+        for task_id, seconds in attempts_at.items():
+            conn.execute(
+                deliveries_table.update()
+                .where(deliveries_table.c.task_pk == ids[task_id])
+                .values(
+                    next_attempt_at=at(seconds).timestamp(),
+                    state="delivered" if task_id == "done" else "pending",
+                )
+            )
+
+    assert (1, 1) == store.shift_plans(3600, T0)
+
+    by_pk = {pk: task_id for task_id, pk in ids.items()}
+    with store.engine.connect() as conn:
+        polls_now = dict(conn.execute(sa.select(polls_table)).all())
+        query = sa.select(deliveries_table.c.task_pk, deliveries_table.c.next_attempt_at)
+        attempts_now = dict(conn.execute(query).all())
+    assert {"retry": -5, "done": -5, "due": -5, "later": 10} == {
+        by_pk[pk]: round(value - T0.timestamp(), 3) for pk, value in polls_now.items()
+    }
+    assert {"retry": 20, "done": 3630, "due": -1} == {
+        by_pk[pk]: round(value - T0.timestamp(), 3) for pk, value in attempts_now.items()
+    }
 
 
 def wait_for_lock_waiters(conn: sa.Connection, count: int) -> None:
@@ -1599,7 +1658,7 @@ def wait_for_lock_waiters(conn: sa.Connection, count: int) -> None:
         " WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
     while conn.exec_driver_sql(query).scalar_one() < count:
-        assert time.monotonic() < deadline, "pull_in never waited for the held row"
+        assert time.monotonic() < deadline, "the move never waited for the held row"
         time.sleep(0.01)
 
 

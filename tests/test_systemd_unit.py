@@ -76,6 +76,16 @@ def test_unit_sets_directive(key: str, value: str) -> None:
     assert value in service_values(key)
 
 
+def test_unit_starts_after_the_network_the_database_and_the_clock() -> None:
+    """Ordered after network-online (pulled in), a local PostgreSQL and time-sync (not pulled
+    in: the NTP client's own unit decides whether starting waits for it)."""
+    unit = [(k, v) for section, k, v in directives(UNIT) if section == "Unit"]
+    after = {v for k, v in unit if k == "After"}
+    wants = {v for k, v in unit if k == "Wants"}
+    assert {"network-online.target", "postgresql.service", "time-sync.target"} <= after
+    assert {"network-online.target"} == wants
+
+
 def test_unit_has_no_ip_allow_list() -> None:
     """IPAddressAllow/IPAddressDeny stay out: webhook receivers may be at any address."""
     keys = {key for _section, key, _value in directives(UNIT)}

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+#: seconds the wall clock must fall behind the monotonic one between two looks to count as a
+#: step back: NTP slews the clock by at most half a millisecond a second, a step is sudden
+STEP_TOLERANCE = 1.0
 
 
 class Clock(Protocol):
@@ -12,6 +17,10 @@ class Clock(Protocol):
 
     def now(self) -> datetime:
         """The current time."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps, to tell when ``now`` did."""
         ...
 
 
@@ -22,12 +31,17 @@ class SystemClock:
         """The current time, from the operating system."""
         return datetime.now(UTC)
 
+    def monotonic(self) -> float:
+        """The operating system's monotonic clock."""
+        return time.monotonic()
+
 
 class FakeClock:
     """A clock that moves only when told to (for tests and benchmarks)."""
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
+        self._monotonic = 0.0
         self._lock = threading.Lock()
 
     def now(self) -> datetime:
@@ -35,11 +49,55 @@ class FakeClock:
         with self._lock:
             return self._now
 
+    def monotonic(self) -> float:
+        """Seconds advanced since the clock was made (steps of the wall time left out)."""
+        with self._lock:
+            return self._monotonic
+
     def advance(self, seconds: float) -> datetime:
         """Move time forward and return the new now."""
         with self._lock:
             self._now += timedelta(seconds=seconds)
+            self._monotonic += seconds
             return self._now
+
+    def step(self, seconds: float) -> datetime:
+        """Step the wall time alone by ``seconds`` (negative: back), as NTP or an operator
+        setting the clock does, and return the new now."""
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
+            return self._now
+
+
+class StepWatch:
+    """Tells when the wall clock stepped back (an NTP step, a hardware clock set right).
+
+    Plans are wall-clock times in the database: after a step back of an hour, every task
+    planned before it would look an hour away. A step forward is left alone: it cannot be told
+    from a machine that was suspended, whose tasks are overdue indeed.
+    """
+
+    def __init__(self, clock: Clock, tolerance: float = STEP_TOLERANCE) -> None:
+        self._clock = clock
+        self._tolerance = tolerance
+        self._offset = self._read()
+
+    def _read(self) -> float:
+        return self._clock.now().timestamp() - self._clock.monotonic()
+
+    def stepped_back(self) -> float:
+        """Seconds the wall clock stepped back and `followed` was not told of; 0.0 if none."""
+        offset = self._read()
+        back = self._offset - offset
+        if back > self._tolerance:
+            return back
+        # Forward steps and slewing: measured from here on.
+        self._offset = offset
+        return 0.0
+
+    def followed(self, back: float) -> None:
+        """The plans were moved back by ``back`` seconds (what `stepped_back` said)."""
+        self._offset -= back
 
 
 def isoformat(moment: datetime | None) -> str | None:

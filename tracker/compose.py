@@ -181,7 +181,7 @@ def build(
         on_events=delivering.kick,
         report_relay=relay_health.report,
     )
-    engine = PollEngine(poller, clock)
+    engine = PollEngine(poller, clock, on_step=jobs.shift_back)
     readiness = Readiness()
     state = api.ApiState(
         settings=settings, readiness=readiness, metrics=metrics.render, on_registered=engine.wake

@@ -142,6 +142,15 @@ class Jobs:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
+    def shift_back(self, seconds: float) -> None:
+        """Bring every job's next run ``seconds`` earlier: the wall clock stepped back that far,
+        and APScheduler waits for wall-clock times (a job would otherwise pause as long)."""
+        if not self.scheduler.running:
+            return
+        for job in self.scheduler.get_jobs():
+            if job.next_run_time is not None:
+                job.modify(next_run_time=job.next_run_time - timedelta(seconds=seconds))
+
     def run_in(self, job_id: str, seconds: float) -> None:
         """Bring the next run of ``job_id`` forward to ``seconds`` from now, when it is running."""
         job = self.scheduler.get_job(job_id)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 
-from tracker.clock import Clock
+from tracker.clock import Clock, StepWatch
 from tracker.poller.drain import Poller
 from tracker.poller.report import CycleReport
 
@@ -35,14 +36,23 @@ SUGGESTED_BATCH = 1000
 class PollEngine:
     """Runs the poller's drains back to back while work is due, and sleeps in between."""
 
-    def __init__(self, poller: Poller, clock: Clock) -> None:
+    def __init__(
+        self,
+        poller: Poller,
+        clock: Clock,
+        *,
+        on_step: Callable[[float], None] = lambda _seconds: None,
+    ) -> None:
         self.poller = poller
         self.clock = clock
+        #: told how far the wall clock stepped back, once the plans moved (the periodic jobs)
+        self.on_step = on_step
         self._wake = asyncio.Event()
         self._heartbeat = time.monotonic()
         self._warned_at = -LAG_WARNING_EVERY
         #: why the last drain failed (for /readyz); None once one succeeds
         self.last_error: Exception | None = None
+        self._steps = StepWatch(clock)
         poller.on_report = self.check_lag
 
     def wake(self) -> None:
@@ -55,6 +65,7 @@ class PollEngine:
             self._wake.clear()
             beat = time.monotonic() - self._heartbeat >= self.poller.settings.interval
             try:
+                await self.follow_clock()
                 report = await self.poller.run_cycle(until=stop, log_empty=beat)
             except Exception as exc:
                 self.last_error = exc
@@ -69,6 +80,8 @@ class PollEngine:
     async def _idle(self, stop: asyncio.Event, *, blocked: bool) -> None:
         """Return when a task is due, when woken, or when an empty drain is due as a heartbeat."""
         while not stop.is_set() and not self._wake.is_set():
+            if self._steps.stepped_back():
+                return  # the plans move back first (follow_clock), then what is due is due
             try:
                 earliest = await self.poller.earliest()
             except Exception:
@@ -86,6 +99,32 @@ class PollEngine:
                     await self._sleep(stop, BLOCKED_PAUSE)
                 return
             await self._sleep(stop, wait)
+
+    async def follow_clock(self) -> None:
+        """After a step back of the wall clock, move every plan back by as much.
+
+        Polls and retries are planned as wall-clock times: a step back of an hour (NTP at
+        boot, a hardware clock set right) would otherwise stop every poll and retry for that
+        hour. Run between drains, when no claim of this daemon is out.
+        """
+        back = self._steps.stepped_back()
+        if not back:
+            return
+        poller = self.poller
+        polls, deliveries = await poller.store_worker.call(
+            poller.store.shift_plans, back, self.clock.now()
+        )
+        self._steps.followed(back)
+        self.on_step(back)
+        log.warning(
+            "clock_stepped_back",
+            seconds=round(back, 3),
+            polls_moved=polls,
+            deliveries_moved=deliveries,
+            hint="every poll, retry and periodic job planned before the step moved back as far",
+        )
+        if deliveries:
+            poller.on_events()
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]

@@ -62,6 +62,11 @@ class TaskStore(Protocol):
         """Move every poll planned after ``latest`` to ``latest``."""
         ...
 
+    def shift_plans(self, seconds: float, after: datetime) -> tuple[int, int]:
+        """Move the polls and pending deliveries planned after ``after`` earlier by
+        ``seconds`` (the wall clock stepped back); how many of each moved."""
+        ...
+
     def record(
         self,
         updates: Sequence[records.TaskUpdate],

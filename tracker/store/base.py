@@ -59,6 +59,22 @@ def one_of(
     return column.in_(values)
 
 
+def in_id_order(
+    conn: sa.Connection, key: sa.Column[Any], where: sa.ColumnElement[bool]
+) -> sa.ColumnElement[bool]:
+    """``where`` for an UPDATE of many rows; on PostgreSQL the rows are locked in ``key``
+    order first.
+
+    An UPDATE alone locks rows in whatever order its scan meets them, while record(), claims
+    and removal lock them in id order: another daemon writing the same rows meanwhile would
+    deadlock with it.
+    """
+    if conn.dialect.name != "postgresql":
+        return where
+    locked = sa.select(key).where(where).order_by(key).with_for_update()
+    return key.in_(locked.scalar_subquery())
+
+
 def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 

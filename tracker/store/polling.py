@@ -22,6 +22,7 @@ from tracker.store.base import (
     _from_epoch,
     chunks,
     deliveries,
+    in_id_order,
     one_of,
     polls,
     tasks,
@@ -135,15 +136,31 @@ class Polling(SqlBase):
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
         cutoff = _epoch(latest)
-        later = polls.c.next_poll_at > cutoff
         with self._write() as conn:
-            if self.dialect == "postgresql":
-                # Locked in id order first, the order record() and removal lock rows in: an
-                # UPDATE alone locks them in whatever order its scan meets them, and another
-                # daemon recording the same rows meanwhile deadlocks with it.
-                locked = sa.select(polls.c.task_pk).where(later).order_by(polls.c.task_pk)
-                later = polls.c.task_pk.in_(locked.with_for_update().scalar_subquery())
+            later = in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > cutoff)
             conn.execute(polls.update().where(later).values(next_poll_at=cutoff))
+
+    def shift_plans(self, seconds: float, after: datetime) -> tuple[int, int]:
+        """Move every poll, and every pending delivery's next attempt, planned after ``after``
+        earlier by ``seconds``: the wall clock stepped back that far, and they were planned
+        by the clock before the step. Returns how many polls and deliveries moved.
+        """
+        cutoff = _epoch(after)
+        pending = sa.and_(
+            deliveries.c.state == DeliveryState.PENDING, deliveries.c.next_attempt_at > cutoff
+        )
+        with self._write() as conn:
+            moved = conn.execute(
+                polls.update()
+                .where(in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > cutoff))
+                .values(next_poll_at=polls.c.next_poll_at - seconds)
+            ).rowcount
+            retried = conn.execute(
+                deliveries.update()
+                .where(in_id_order(conn, deliveries.c.id, pending))
+                .values(next_attempt_at=deliveries.c.next_attempt_at - seconds)
+            ).rowcount
+        return int(moved), int(retried)
 
     def record(
         self,
