@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,30 +46,40 @@ def test_one_event_gets_its_burst_then_its_rate_and_says_how_many_it_dropped() -
     assert limiter.take("flood") is None
 
 
+def allowed_since(started: float) -> float:
+    """Lines of one event the limit lets through from ``started`` until now: the burst, and
+    the rate's refill meanwhile (a loaded machine can take a fifth of a second for a flood)."""
+    return logs.LOG_BURST + logs.LOG_RATE * (time.monotonic() - started)
+
+
 def test_a_flood_of_warnings_writes_at_most_the_burst_while_info_lines_all_pass() -> None:
-    """10,000 identical warnings in a moment write LOG_BURST lines; 1,000 info lines (one per
-    delivery, a contract) are all written.
+    """10,000 identical warnings in a moment write the LOG_BURST lines (and what the rate
+    refilled meanwhile); 1,000 info lines (one per delivery, a contract) are all written.
     """
     buf = io.StringIO()
     logs.configure(fmt="json", stream=buf, environ={})
     log = structlog.get_logger("test")
+    started = time.monotonic()
     for n in range(10_000):
         log.warning("bad_connection", n=n)
+    allowed = allowed_since(started)
     for n in range(1_000):
         log.info("webhook_delivered", n=n)
 
     written = lines(buf)
-    assert logs.LOG_BURST == sum(1 for e in written if e["event"] == "bad_connection")
+    assert logs.LOG_BURST <= sum(1 for e in written if e["event"] == "bad_connection") <= allowed
     assert 1_000 == sum(1 for e in written if e["event"] == "webhook_delivered")
 
 
 def test_stdlib_warnings_are_limited_the_same_way() -> None:
-    """uvicorn-style stdlib warnings of one message are cut at the burst too."""
+    """uvicorn-style stdlib warnings of one message are cut at the burst too (and what the
+    rate refilled meanwhile)."""
     buf = io.StringIO()
     logs.configure(fmt="json", stream=buf, environ={})
+    started = time.monotonic()
     for _ in range(1_000):
         logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
-    assert logs.LOG_BURST == len(lines(buf))
+    assert logs.LOG_BURST <= len(lines(buf)) <= allowed_since(started)
 
 
 def test_a_secret_cut_off_inside_a_logged_value_is_redacted_too() -> None:
