@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -21,7 +21,9 @@ from structlog.testing import capture_logs
 from tracker import config, events, platforms
 from tracker.clock import FakeClock, SystemClock
 from tracker.metrics import Metrics
-from tracker.poller import NOT_FOUND_REASON, Poller
+from tracker.platforms.base import UpstreamError
+from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller
+from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
 from tracker.store import Registration, SqlStore
 from tracker.store.sql import deliveries, polls, tasks
 from tracker.testing.simulator import SimulatedRelay
@@ -215,6 +217,76 @@ async def test_relay_errors_change_nothing_and_ask_again_next_cycle(
 
     await rig.cycle(advance=rig.settings.poll.interval)
     assert "completed" == rig.task("t1").status
+
+
+async def test_a_relay_answering_429_is_asked_nothing_more_for_its_retry_after(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: the relay answers the first request 429 with Retry-After: 1. The next
+    request to it goes out a second later, not at once; the wait counts as the platform's
+    rate wait, so the lag warning names its rate_limit; the log line says the pause."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    rig.register("t1", "t2", "t3")
+    relay.fail_next("http_429")
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    sent = sorted(r.at for r in relay.requests)
+    assert 3 == len(sent)
+    assert sent[1] - sent[0] >= 0.95
+    assert sent[2] - sent[1] < 0.5  # once, not before every request
+    assert report.rate_waits["luma"] >= 0.9
+    assert "platforms.luma.rate_limit" == PollEngine(rig.poller, rig.clock).helpful_setting(report)
+    [line] = [e for e in logs if e["event"] == "upstream_error"]
+    assert 1.0 == line["relay_paused_seconds"]
+
+
+async def test_a_drain_told_to_stop_does_not_wait_out_a_relays_pause(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: the relay paused for a second by a 429, the drain is told to stop 0.2 s in;
+    it ends at once, its unasked batches left to lapse, not after the pause."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    rig.register("t1", "t2", "t3")
+    relay.fail_next("http_429")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stop.set)
+    started = time.monotonic()
+    report = await rig.poller.run_cycle(until=stop)
+
+    assert time.monotonic() - started < 0.7
+    assert 1 == len(relay.requests)
+    assert (1, 0) == (report.errors, report.changed)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "pause"),
+    [
+        (429, None, RELAY_PAUSE),
+        (429, "5", 5.0),
+        (429, "86400", MAX_RELAY_PAUSE),  # the relay cannot park polling for a day
+        (429, "Thu, 01 Jan 2026 00:00:07 GMT", 7.0),  # an HTTP-date, from the answer's time
+        (429, "0", None),
+        (429, "soon", RELAY_PAUSE),  # unreadable: as if absent
+        (503, "3", 3.0),
+        (503, None, None),  # a relay down, not asking for time: the usual retry
+        (500, "3", None),
+    ],
+)
+def test_the_relays_pause_follows_its_retry_after_within_bounds(
+    status: int, retry_after: str | None, pause: float | None
+) -> None:
+    """429 pauses the relay for its Retry-After (RELAY_PAUSE without one), a 503 only with one;
+    never longer than MAX_RELAY_PAUSE."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    error = UpstreamError("HTTP", status_code=status, retry_after=retry_after)
+    assert pause == relay_pause(error, now)
+
+
+def test_a_failed_connection_pauses_nothing() -> None:
+    """Only an answer can ask for a pause; a timeout or a refused connection is retried as
+    usual."""
+    assert relay_pause(httpx.ConnectError("refused"), datetime(2026, 1, 1, tzinfo=UTC)) is None
 
 
 async def test_relay_timeout_changes_nothing(

@@ -77,7 +77,7 @@ class RetryPolicy:
 
         scheduled = self.delays[attempts - 1]
         delay = scheduled * (1 - self.jitter + 2 * self.jitter * rand)
-        retry_after = _parse_retry_after(outcome.retry_after, now)
+        retry_after = parse_retry_after(outcome.retry_after, now)
         if retry_after is not None:
             # honour the receiver, but neither hammer it nor let it park us for days
             delay = min(max(retry_after, scheduled), 2 * scheduled)
@@ -98,7 +98,7 @@ def _failure_reason(outcome: Outcome) -> str:
     return "no response"
 
 
-def _parse_retry_after(value: str | None, now: datetime) -> float | None:
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Return Retry-After as seconds from ``now``, or None when absent or unparsable."""
     if value is None:
         return None

@@ -16,9 +16,13 @@ from tracker import sanitize
 class UpstreamError(Exception):
     """The relay did not give a usable answer; no task changes and the ids are asked again."""
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
+        #: the answer's Retry-After header as sent (a 429's, say), None without one
+        self.retry_after = retry_after
 
 
 async def read_bounded(
@@ -79,7 +83,9 @@ def read_json(response: httpx.Response) -> Any:
     """
     if not response.is_success:
         raise UpstreamError(
-            f"HTTP {response.status_code}: {excerpt(response)}", status_code=response.status_code
+            f"HTTP {response.status_code}: {excerpt(response)}",
+            status_code=response.status_code,
+            retry_after=response.headers.get("retry-after"),
         )
     media_type = _media_type(response)
     if media_type and "json" not in media_type:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from tracker.platforms.base import Platform, Upstream, UpstreamError
 from tracker.poller.plan import Decided, Planner
 from tracker.poller.report import CycleReport
 from tracker.poller.rounds import Answer, DrainWork
+from tracker.retry import parse_retry_after
 from tracker.store.abc import TaskStore
 from tracker.store.records import DueTask, TaskUpdate
 from tracker.store.worker import StoreWorker
@@ -45,6 +47,11 @@ META_EVERY = 5.0
 #: tasks decided between two yields to the event loop: a 1,000-task answer decided in one go
 #: would hold up the API's requests on the same loop for tens of milliseconds
 DECIDE_CHUNK = 100
+#: seconds a relay is asked nothing after a 429 Too Many Requests without Retry-After ...
+RELAY_PAUSE = 2.0
+#: ... and the most its Retry-After may pause it: polls then run late, which the lag gauge,
+#: the lag warning and /readyz tell, rather than stopping on the relay's word
+MAX_RELAY_PAUSE = 30.0
 
 
 class Poller:
@@ -83,6 +90,11 @@ class Poller:
         self._limiters = {
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
+        #: monotonic time until which each relay (by upstream name) is asked nothing: it
+        #: answered 429 Too Many Requests (or 503 with a Retry-After)
+        self._paused: dict[str, float] = {}
+        #: set when the drain under way is to stop (run_cycle's ``until``)
+        self._until: asyncio.Event | None = None
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -145,6 +157,7 @@ class Poller:
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
             await self.store_worker.call(self.store.pull_in, latest)
         drain = DrainWork(self, started)
+        self._until = until
         await Pipeline(drain, until=until).run()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
@@ -178,13 +191,17 @@ class Poller:
         close a line while this waits).
         """
         ids = [t.task_id for t in tasks]
+        upstream = platform.upstream
+        paused = self._paused.get(upstream.name, 0.0) - time.monotonic()
+        if paused > 0:
+            if not await self._hold(paused):
+                return []  # stopping: the claim lapses, and the tasks fall due again
+            self._count_wait(platform, paused)
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
             before = limiter.waited
             await limiter.wait()
-            waited = limiter.waited - before
-            report = self.report
-            report.rate_waits[platform.name] = report.rate_waits.get(platform.name, 0.0) + waited
+            self._count_wait(platform, limiter.waited - before)
         lease_until = min(t.lease_until or float("inf") for t in tasks)
         if self.clock.now().timestamp() >= lease_until:
             # The claim lapsed while the batch waited (a stalled loop): another claim may hold
@@ -204,14 +221,40 @@ class Poller:
             self.metrics.upstream_requests.labels(platform.name, code).inc()
             self.metrics.upstream_errors.labels(platform.name, code).inc()
             self.metrics.activity.relay_error(platform.name, code, _describe(exc))
+            pause = relay_pause(exc, self.clock.now())
+            if pause is not None:
+                until = time.monotonic() + pause
+                self._paused[upstream.name] = max(self._paused.get(upstream.name, 0.0), until)
             log.warning(
-                "upstream_error", platform=platform.name, ids=len(ids), error=_describe(exc)
+                "upstream_error",
+                platform=platform.name,
+                ids=len(ids),
+                error=_describe(exc),
+                **({} if pause is None else {"relay_paused_seconds": round(pause, 3)}),
             )
             now = self.clock.now()
             return [self.planner.retry(t, now) for t in tasks]
         self.report_relay(platform.upstream, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
+
+    async def _hold(self, seconds: float) -> bool:
+        """Wait ``seconds`` for a relay that asked for a pause; False when the drain is told to
+        stop first (a stop never waits for a relay's Retry-After)."""
+        until = self._until
+        if until is None:
+            await asyncio.sleep(seconds)
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await until.wait()
+        return not until.is_set()
+
+    def _count_wait(self, platform: Platform, seconds: float) -> None:
+        """Seconds a request of ``platform`` waited for the relay's limits (ours or its own),
+        for the lag warning to name the rate limit."""
+        waits = self.report.rate_waits
+        waits[platform.name] = waits.get(platform.name, 0.0) + seconds
 
     async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> Decided:
         """Each task's decision from the relay's ``answer``, as of when it came."""
@@ -242,6 +285,21 @@ class Poller:
         report.events += fired
         if written and fired:
             self.on_events()
+
+
+def relay_pause(exc: Exception, now: datetime) -> float | None:
+    """Seconds the relay asked to be left alone (a 429, or a 503 with a Retry-After), at most
+    MAX_RELAY_PAUSE; None when its answer asked nothing of the kind."""
+    if not isinstance(exc, UpstreamError):
+        return None
+    asked = parse_retry_after(exc.retry_after, now)
+    if exc.status_code == 429:  # Too Many Requests
+        pause = RELAY_PAUSE if asked is None else asked
+    elif exc.status_code == 503 and asked is not None:  # Service Unavailable
+        pause = asked
+    else:
+        return None
+    return min(pause, MAX_RELAY_PAUSE) if pause > 0 else None
 
 
 def _error_code(exc: Exception) -> str:
