@@ -37,14 +37,18 @@ def test_a_step_back_is_told_until_followed_then_measured_from_there() -> None:
     assert pytest.approx(120) == watch.stepped_back()
 
 
-def test_a_step_forward_is_left_alone_and_a_later_step_back_measured_from_it() -> None:
-    """Forward is also what a suspended machine looks like (its tasks are overdue indeed)."""
+def test_a_step_forward_is_told_once_and_a_later_step_back_measured_from_it() -> None:
+    """Forward is also what a suspended machine looks like (its tasks are overdue indeed):
+    not a step back, only told once by jumped_forward()."""
     clock = FakeClock()
     watch = StepWatch(clock)
     clock.step(7200)
     assert 0.0 == watch.stepped_back()
+    assert pytest.approx(7200) == watch.jumped_forward()
+    assert 0.0 == watch.jumped_forward()
     clock.step(-30)
     assert pytest.approx(30) == watch.stepped_back()
+    assert 0.0 == watch.jumped_forward()
 
 
 @given(
@@ -60,7 +64,7 @@ def test_time_running_on_and_slewing_are_never_a_step_back(
     looks: list[tuple[float, float]],
 ) -> None:
     """However long time runs and however the clock slews within the tolerance between two
-    looks, for as long as that goes on, no step back is told."""
+    looks, for as long as that goes on, no step is told, back or forward."""
     assert STEP_TOLERANCE > 0.5
     clock = FakeClock()
     watch = StepWatch(clock)
@@ -68,3 +72,4 @@ def test_time_running_on_and_slewing_are_never_a_step_back(
         clock.advance(seconds)
         clock.step(slew)
         assert 0.0 == watch.stepped_back()
+    assert 0.0 == watch.jumped_forward()

@@ -138,6 +138,14 @@ async def test_a_registration_wakes_the_engine_at_once(
     assert asyncio.get_running_loop().time() - started < 0.5
 
 
+async def requests_at(relay: SimulatedRelay, count: int, *, within: float) -> None:
+    """Until the relay has seen ``count`` requests; fails after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while len(relay.requests) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests in {within} s"
+        await asyncio.sleep(0.01)
+
+
 class SteppedClock:
     """The system clock, which the test steps as NTP steps a machine's clock."""
 
@@ -179,6 +187,32 @@ async def test_a_step_back_of_the_wall_clock_does_not_pause_the_polls(
     (step,) = [e for e in logs if e["event"] == "clock_stepped_back"]
     assert 3599 <= step["seconds"] <= 3601
     assert 50 == step["polls_moved"]
+
+
+async def test_a_jump_forward_of_the_wall_clock_is_logged_and_what_fell_due_is_polled(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Real clock, interval 30 s: the daemon's wall clock jumps forward an hour (a machine
+    resumed from suspend looks the same). The task, due meanwhile, is asked about at once,
+    and the log says how far the clock jumped, once."""
+    relay.set("luma", "j", "IN_PROGRESS", "50%")
+    clock = SteppedClock()
+    with capture_logs() as logs:
+        running = running_for(clock=clock, poll={"interval": 30, "max_interval": 60})
+        running.register("j")
+        await requests_at(relay, 1, within=3)
+        await asyncio.sleep(0.2)
+        clock.offset = 3600
+        jumped = time.monotonic()
+        await requests_at(relay, 2, within=3)
+        asked_after = time.monotonic() - jumped
+        await asyncio.sleep(0.2)
+        await running.close()
+
+    assert asked_after < 1.5  # the engine looks at least once a second
+    [jump] = [e for e in logs if e["event"] == "clock_jumped_forward"]
+    assert 3599 <= jump["seconds"] <= 3601
+    assert [] == [e for e in logs if e["event"] == "clock_stepped_back"]
 
 
 def test_poll_gaps_are_measured_per_task_from_the_relay_log() -> None:

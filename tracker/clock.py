@@ -81,6 +81,7 @@ class StepWatch:
         self._clock = clock
         self._tolerance = tolerance
         self._offset = self._read()
+        self._forward = 0.0
 
     def _read(self) -> float:
         return self._clock.now().timestamp() - self._clock.monotonic()
@@ -91,9 +92,17 @@ class StepWatch:
         back = self._offset - offset
         if back > self._tolerance:
             return back
+        if -back > self._tolerance:
+            self._forward -= back
         # Forward steps and slewing: measured from here on.
         self._offset = offset
         return 0.0
+
+    def jumped_forward(self) -> float:
+        """Seconds the wall clock jumped forward (a suspended machine, a step) since this was
+        last asked, as `stepped_back` saw them; 0.0 if none."""
+        forward, self._forward = self._forward, 0.0
+        return forward
 
     def followed(self, back: float) -> None:
         """The plans were moved back by ``back`` seconds (what `stepped_back` said)."""

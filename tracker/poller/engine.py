@@ -105,9 +105,20 @@ class PollEngine:
 
         Polls and retries are planned as wall-clock times: a step back of an hour (NTP at
         boot, a hardware clock set right) would otherwise stop every poll and retry for that
-        hour. Run between drains, when no claim of this daemon is out.
+        hour. Run between drains, when no claim of this daemon is out. A jump forward moves
+        nothing (what fell due meanwhile is due indeed) and is only logged.
         """
         back = self._steps.stepped_back()
+        forward = self._steps.jumped_forward()
+        if forward:
+            # Nothing to move: what was planned meanwhile is due now. Said, as the lag it
+            # leaves (and a poll_lagging warning) would otherwise be a riddle.
+            log.warning(
+                "clock_jumped_forward",
+                seconds=round(forward, 3),
+                hint="the machine was suspended or its clock set forward; what fell due "
+                "meanwhile is polled and sent now",
+            )
         if not back:
             return
         poller = self.poller
