@@ -70,11 +70,13 @@ class FakeClock:
 
 
 class StepWatch:
-    """Tells when the wall clock stepped back (an NTP step, a hardware clock set right).
+    """Tells when the wall clock stepped back (an NTP step, a hardware clock set right), or
+    jumped forward.
 
     Plans are wall-clock times in the database: after a step back of an hour, every task
-    planned before it would look an hour away. A step forward is left alone: it cannot be told
-    from a machine that was suspended, whose tasks are overdue indeed.
+    planned before it would look an hour away, so the plans follow the step. A jump forward is
+    only told: it cannot be told from a machine that was suspended, whose tasks are overdue
+    indeed.
     """
 
     def __init__(self, clock: Clock, tolerance: float = STEP_TOLERANCE) -> None:
