@@ -170,22 +170,20 @@ def in_threads(count: int, work: Callable[[int], list[int]]) -> list[list[int]]:
         return list(pool.map(run, range(count)))
 
 
-def wait_for_lock_waiter(store: SqlStore) -> None:
-    """Return once some session of this PostgreSQL database waits for a lock."""
+def wait_for_lock_waiters(conn: sa.Connection, count: int = 1) -> None:
+    """Return once ``count`` sessions of this PostgreSQL database wait for a lock (within 5 s).
+
+    ``conn`` may be in a transaction of its own: pg_stat_activity is read anew each time.
+    """
     deadline = time.monotonic() + 5
-    with store.engine.connect() as conn:
-        while time.monotonic() < deadline:
-            waiting = conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar()
-            conn.rollback()
-            if waiting:
-                return
-            time.sleep(0.01)
-    pytest.fail("no session started waiting for the lock")
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while conn.exec_driver_sql(query).scalar_one() < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} sessions started waiting for a lock")
+        time.sleep(0.01)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -287,7 +285,9 @@ def test_meta_values_are_written_overwritten_and_read(store: SqlStore) -> None:
     assert "x" == store.get_meta("other")
 
 
-def test_a_list_of_ids_is_one_array_parameter_on_postgresql(store: SqlStore) -> None:
+def test_one_of_matches_the_listed_ids_as_one_array_parameter_on_postgresql(
+    store: SqlStore,
+) -> None:
     """one_of() matches exactly the listed values on both databases; PostgreSQL gets the list
     as one array parameter (a statement that SQLAlchemy and psycopg prepare once), SQLite an
     IN list."""
@@ -1496,7 +1496,8 @@ def test_concurrent_registrations_of_one_id_both_succeed(pg_url: str) -> None:
                 )
             )
             racing = pool.submit(register, store, "a", "b")
-            wait_for_lock_waiter(store)  # our INSERT of "a" waits for the other one
+            with store.engine.connect() as watching:
+                wait_for_lock_waiters(watching)  # our INSERT of "a" waits for the other one
             other.commit()
             result = racing.result(timeout=10)
     finally:
@@ -1648,18 +1649,6 @@ def test_shift_plans_moves_what_was_planned_after_now_back_by_the_step(store: Sq
     assert {"retry": 20, "done": 3630, "due": -1} == {
         by_pk[pk]: round(value - T0.timestamp(), 3) for pk, value in attempts_now.items()
     }
-
-
-def wait_for_lock_waiters(conn: sa.Connection, count: int) -> None:
-    """Until ``count`` sessions of this database wait for a lock (5 s at most)."""
-    deadline = time.monotonic() + 5
-    query = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    while conn.exec_driver_sql(query).scalar_one() < count:
-        assert time.monotonic() < deadline, "the move never waited for the held row"
-        time.sleep(0.01)
 
 
 def test_release_claims_frees_every_pending_lease(store: SqlStore) -> None:
