@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,9 +12,16 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import eventually
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from tracker import config
+from tracker.api import deliveries as delivery_routes
+from tracker.api import ops
+from tracker.api import tasks as task_routes
 from tracker.app import Daemon
+from tracker.dashboard.actions import router as actions
+from tracker.dashboard.pages import router as pages
 from tracker.store.sql import deliveries
 from tracker.testing.simulator import SimulatedRelay
 
@@ -86,6 +94,33 @@ async def test_v1_needs_a_bearer_token_but_healthz_does_not(api: Api) -> None:
         assert "Bearer" == answer.headers["www-authenticate"]
     assert 200 == (await api.client.get("/healthz")).status_code
     assert 200 == (await api.get("/v1/tasks")).status_code
+
+
+def _sync_calls(dependant: Dependant) -> Iterator[str]:
+    """The plain-def callables FastAPI would run on a worker thread for this dependant."""
+    call = dependant.call
+    if call is not None and not (
+        inspect.iscoroutinefunction(call)
+        or inspect.iscoroutinefunction(getattr(call, "__call__", None))  # noqa: B004 - instances
+    ):
+        yield getattr(call, "__qualname__", repr(call))
+    for sub in dependant.dependencies:
+        yield from _sync_calls(sub)
+
+
+def test_no_route_or_dependency_hops_to_a_worker_thread_of_its_own() -> None:
+    """Every route and dependency of the API and the dashboard is a coroutine.
+
+    FastAPI runs a plain def on a worker thread: a thread hop, and a wait for the GIL while
+    the poller works, on every request. The store's blocking calls are the only hops, each
+    made explicitly.
+    """
+    api = [task_routes.router, delivery_routes.router, ops.router, ops.protected]
+    routers = [*api, pages, actions]
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 20
+    offenders = {f"{r.path}: {call}" for r in routes for call in _sync_calls(r.dependant)}
+    assert set() == offenders
 
 
 async def test_registration_is_idempotent(api: Api) -> None:

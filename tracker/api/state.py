@@ -38,9 +38,15 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    """The dependency that hands a route the application's services."""
+    """The application's services, as the request reached them."""
     found: Services = request.app.state.services
     return found
 
 
-Deps = Annotated[Services, Depends(services)]
+async def _services(request: Request) -> Services:
+    # A coroutine: FastAPI runs a plain-def dependency on a worker thread, which would add a
+    # thread hop (and a wait for the GIL while the poller works) to every request.
+    return services(request)
+
+
+Deps = Annotated[Services, Depends(_services)]

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -26,12 +25,11 @@ from tracker.dashboard.sessions import (
     digest,
     tokens_match,
 )
-from tracker.dashboard.web import RENDER, dashboard_of, href, session_of
+from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href
 
 log = structlog.get_logger("tracker.dashboard")
 
 router = APIRouter()
-SessionDep = Annotated[Session, Depends(session_of)]
 
 
 def _cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from tracker.activity import Series
 from tracker.dashboard import chart, figures
 from tracker.dashboard.sessions import Session
-from tracker.dashboard.web import RENDER, dashboard_of, session_of
+from tracker.dashboard.web import RENDER, SessionDep, dashboard_of
 from tracker.retry import DeliveryState
 from tracker.status import FINAL, TaskStatus
 
@@ -21,7 +20,6 @@ PAGE_SIZE = 50
 MAX_SEARCH = 200
 
 router = APIRouter()
-SessionDep = Annotated[Session, Depends(session_of)]
 
 
 def _bad_request(request: Request, session: Session, problems: list[str]) -> HTMLResponse:

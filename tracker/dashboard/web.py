@@ -8,10 +8,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 import jinja2
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from tracker import clock as clock_module
@@ -88,14 +88,20 @@ def dashboard_of(request: Request) -> Dashboard:
     return found
 
 
-def session_of(request: Request) -> Session:
-    """The request's live session; redirects to the sign-in page without one (a dependency)."""
+async def session_of(request: Request) -> Session:
+    """The request's live session; redirects to the sign-in page without one (a dependency).
+
+    A coroutine, though it awaits nothing: FastAPI would run a plain def on a worker thread.
+    """
     dash = dashboard_of(request)
     session = dash.sessions.get(request.cookies.get(COOKIE))
     # A token taken out of the config (and reloaded) ends the sessions it opened.
     if session is None or session.token_digest not in dash.live_digests():
         raise SignInRequired
     return session
+
+
+SessionDep = Annotated[Session, Depends(session_of)]
 
 
 def href(request: Request, path: str) -> str:

@@ -24,6 +24,17 @@ from tracker.store.rows import _cut, _page, _task_record, _transition
 # How often register() starts over after losing a race for the same ids.
 REGISTER_TRIES = 3
 
+# The API's GET of one task, built once: building the statements anew for every request cost
+# SQLAlchemy more than running them.
+_TASK = sa.select(tasks).where(
+    tasks.c.platform == sa.bindparam("platform"), tasks.c.task_id == sa.bindparam("task_id")
+)
+_HISTORY = (
+    sa.select(transitions)
+    .where(transitions.c.task_pk == sa.bindparam("task_pk"))
+    .order_by(transitions.c.id)
+)
+
 
 class Registry(SqlBase):
     """Registration and the reads of tasks (the API's and the CLI's side)."""
@@ -100,16 +111,10 @@ class Registry(SqlBase):
     def get(self, platform: str, task_id: str) -> records.TaskRecord | None:
         """One task with its transitions (oldest first), None when unknown."""
         with self._read() as conn:
-            row = conn.execute(
-                sa.select(tasks).where(tasks.c.platform == platform, tasks.c.task_id == task_id)
-            ).first()
+            row = conn.execute(_TASK, {"platform": platform, "task_id": task_id}).first()
             if row is None:
                 return None
-            history = conn.execute(
-                sa.select(transitions)
-                .where(transitions.c.task_pk == row.id)
-                .order_by(transitions.c.id)
-            ).all()
+            history = conn.execute(_HISTORY, {"task_pk": row.id}).all()
         return _task_record(row, tuple(_transition(t) for t in history))
 
     def list_tasks(
