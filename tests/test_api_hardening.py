@@ -279,6 +279,20 @@ async def test_every_error_has_the_api_shape(api: Api) -> None:
     assert 401 == anonymous_v1.status_code
 
 
+async def test_a_405_names_every_method_the_path_takes(api: Api) -> None:
+    """A wrong method's Allow header lists every method the path takes, though each is a route
+    of its own (RFC 9110), and a caller without the token still learns nothing under /v1/."""
+    on_task = await api.client.put("/v1/tasks/luma/x", headers=TOKEN)
+    on_list = await api.client.patch("/v1/tasks", headers=TOKEN)
+    on_health = await api.client.post("/healthz")
+    anonymous = await api.client.put("/v1/tasks/luma/x")
+
+    assert (405, "GET, DELETE") == (on_task.status_code, on_task.headers["allow"])
+    assert (405, "GET, POST") == (on_list.status_code, on_list.headers["allow"])
+    assert (405, "GET") == (on_health.status_code, on_health.headers["allow"])
+    assert (401, None) == (anonymous.status_code, anonymous.headers.get("allow"))
+
+
 async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json(
     api: Api,
 ) -> None:

@@ -282,6 +282,17 @@ async def test_pages_carry_headers_that_forbid_scripts_framing_and_caching(
     )
 
 
+async def test_a_wrong_method_is_told_every_method_the_page_takes(
+    browser: httpx.AsyncClient,
+) -> None:
+    """The sign-in page takes GET and POST, each a route of its own: a PUT's 405 names both."""
+    login = await browser.put("/ui/login")
+    tasks = await browser.delete("/ui/tasks")
+
+    assert (405, "GET, POST") == (login.status_code, login.headers["allow"])
+    assert (405, "GET") == (tasks.status_code, tasks.headers["allow"])
+
+
 async def test_sign_out_ends_the_session(browser: httpx.AsyncClient) -> None:
     """After signing out, the old cookie opens nothing."""
     csrf = await sign_in(browser, TOKEN)

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from tracker.api import auth, deliveries, ops, tasks
-from tracker.api.errors import ApiError, problems, unauthorized
+from tracker.api.errors import ApiError, allowed_methods, problems, unauthorized
 from tracker.api.state import ApiState, Services
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.clock import Clock
@@ -36,13 +36,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     # Under /v1/ a caller without the token learns nothing, not even which routes exist.
     if path.startswith("/v1/") and not auth.authorized(request):
         return unauthorized().response()
+    headers = exc.headers
     if exc.status_code == 404:
         message = f"no route {request.method} {path[:200]!r}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {path[:200]!r}"
+        headers = {"Allow": allowed_methods(request)}
     else:
         message = str(exc.detail)
-    return ApiError(exc.status_code, message, headers=exc.headers).response()
+    return ApiError(exc.status_code, message, headers=headers).response()
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

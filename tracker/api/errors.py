@@ -10,12 +10,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic_core import PydanticCustomError
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from tracker.api.limits import MAX_ID_LENGTH, MAX_PAGE
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.retry import DeliveryState
 from tracker.status import TaskStatus
+
+#: the methods a 405 answer's Allow header may name
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 #: the pydantic error type of a rule of ours, whose message is already the user's
 RULE_ERROR = "api_rule"
@@ -111,3 +116,16 @@ def broken_rule(message: str) -> PydanticCustomError:
 def unauthorized() -> ApiError:
     """The answer to a request without the right bearer token."""
     return ApiError(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def allowed_methods(request: Request) -> str:
+    """The Allow header of a 405: every method some route of the request's application takes
+    at its path. Starlette's names the first matching route's alone, and here each method is a
+    route of its own (a task's GET and DELETE); RFC 9110 wants them all.
+    """
+
+    def taken(method: str) -> bool:
+        probe = {**request.scope, "method": method}
+        return any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes)
+
+    return ", ".join(method for method in METHODS if taken(method))

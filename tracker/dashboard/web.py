@@ -12,10 +12,13 @@ from typing import Annotated, Any
 
 import jinja2
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.exceptions import HTTPException
 
 from tracker import clock as clock_module
 from tracker.activity import Activity
+from tracker.api.errors import allowed_methods
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
@@ -209,6 +212,13 @@ def build(dashboard: Dashboard) -> FastAPI:
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        return response
+
+    @ui.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        response = await http_exception_handler(request, exc)
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)
         return response
 
     @ui.exception_handler(SignInRequired)
