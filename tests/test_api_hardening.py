@@ -287,10 +287,34 @@ async def test_a_405_names_every_method_the_path_takes(api: Api) -> None:
     on_health = await api.client.post("/healthz")
     anonymous = await api.client.put("/v1/tasks/luma/x")
 
-    assert (405, "GET, DELETE") == (on_task.status_code, on_task.headers["allow"])
-    assert (405, "GET, POST") == (on_list.status_code, on_list.headers["allow"])
-    assert (405, "GET") == (on_health.status_code, on_health.headers["allow"])
+    assert (405, "GET, HEAD, DELETE") == (on_task.status_code, on_task.headers["allow"])
+    assert (405, "GET, HEAD, POST") == (on_list.status_code, on_list.headers["allow"])
+    assert (405, "GET, HEAD") == (on_health.status_code, on_health.headers["allow"])
     assert (401, None) == (anonymous.status_code, anonymous.headers.get("allow"))
+
+
+async def test_head_is_answered_wherever_get_is_without_a_body(api: Api) -> None:
+    """HEAD (an uptime monitor's probe) gets GET's status and headers and no body, behind the
+    same token; on a path without GET it is refused like any other method."""
+    await api.register(ids=["headed"])
+    health = await api.client.head("/healthz")
+    got = await api.client.get("/healthz")
+    task = await api.client.head("/v1/tasks/luma/headed", headers=TOKEN)
+    anonymous = await api.client.head("/v1/tasks/luma/headed")
+    unknown = await api.client.head("/v1/tasks/luma/nobody", headers=TOKEN)
+    post_only = await api.client.head("/v1/deliveries/recover", headers=TOKEN)
+
+    assert (200, b"") == (health.status_code, health.content)
+    assert (200, b"") == (task.status_code, task.content)
+    assert got.headers["content-length"] == health.headers["content-length"] != "0"
+    assert got.headers["content-type"] == health.headers["content-type"]
+    assert (401, b"") == (anonymous.status_code, anonymous.content)
+    assert (404, b"") == (unknown.status_code, unknown.content)
+    assert (405, b"", "POST") == (
+        post_only.status_code,
+        post_only.content,
+        post_only.headers["allow"],
+    )
 
 
 async def test_values_stored_before_the_edge_was_strict_are_shown_as_strict_json(

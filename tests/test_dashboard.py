@@ -289,8 +289,8 @@ async def test_a_wrong_method_is_told_every_method_the_page_takes(
     login = await browser.put("/ui/login")
     tasks = await browser.delete("/ui/tasks")
 
-    assert (405, "GET, POST") == (login.status_code, login.headers["allow"])
-    assert (405, "GET") == (tasks.status_code, tasks.headers["allow"])
+    assert (405, "GET, HEAD, POST") == (login.status_code, login.headers["allow"])
+    assert (405, "GET, HEAD") == (tasks.status_code, tasks.headers["allow"])
 
 
 async def test_sign_out_ends_the_session(browser: httpx.AsyncClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -47,6 +48,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return ApiError(exc.status_code, message, headers=headers).response()
 
 
+class HeadAsGet:
+    """Answers HEAD wherever GET is answered, as RFC 9110 wants of every server (uptime
+    monitors probe with HEAD): the application sees a GET, and uvicorn, which keeps the
+    request's own method, sends the answer's headers without its body.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("api_request_failed", method=request.method, error=type(exc).__name__)
     return StrictJSONResponse({"error": "internal error"}, status_code=500)
@@ -70,4 +86,5 @@ def build(*, store: Store, platforms: Sequence[str], state: ApiState, clock: Clo
     app.add_exception_handler(Exception, _unexpected)
     for router in (ops.router, ops.protected, tasks.router, deliveries.router):
         app.include_router(router)
+    app.add_middleware(HeadAsGet)
     return app

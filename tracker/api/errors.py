@@ -120,12 +120,13 @@ def unauthorized() -> ApiError:
 
 def allowed_methods(request: Request) -> str:
     """The Allow header of a 405: every method some route of the request's application takes
-    at its path. Starlette's names the first matching route's alone, and here each method is a
-    route of its own (a task's GET and DELETE); RFC 9110 wants them all.
+    at its path (HEAD wherever GET). Starlette's names the first matching route's alone, and
+    here each method is a route of its own (a task's GET and DELETE); RFC 9110 wants them all.
     """
 
     def taken(method: str) -> bool:
         probe = {**request.scope, "method": method}
         return any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes)
 
-    return ", ".join(method for method in METHODS if taken(method))
+    get = taken("GET")  # HEAD is answered wherever GET is (HeadAsGet)
+    return ", ".join(m for m in METHODS if taken(m) or (m == "HEAD" and get))
