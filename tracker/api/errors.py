@@ -12,7 +12,7 @@ from typing import Any
 from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from tracker.api.limits import MAX_ID_LENGTH, MAX_PAGE
 from tracker.api.strict_json import StrictJSONResponse
@@ -124,9 +124,11 @@ def allowed_methods(request: Request) -> str:
     here each method is a route of its own (a task's GET and DELETE); RFC 9110 wants them all.
     """
 
-    def taken(method: str) -> bool:
-        probe = {**request.scope, "method": method}
-        return any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes)
+    def takes(route: BaseRoute, method: str) -> bool:
+        return route.matches({**request.scope, "method": method})[0] == Match.FULL
 
-    get = taken("GET")  # HEAD is answered wherever GET is (HeadAsGet)
-    return ", ".join(m for m in METHODS if taken(m) or (m == "HEAD" and get))
+    routes = request.app.router.routes
+    taken = {method for method in METHODS if any(takes(route, method) for route in routes)}
+    if "GET" in taken:
+        taken.add("HEAD")  # answered wherever GET is (application.HeadAsGet)
+    return ", ".join(method for method in METHODS if method in taken)
