@@ -49,6 +49,15 @@ def test_new_message_id_shape() -> None:
         )
 
 
+def test_new_message_ids_use_the_whole_alphabet_at_every_position() -> None:
+    """Every one of the 64 characters turns up, and no position of the 26 is fixed: an id's
+    randomness is not cut short by how it is drawn."""
+    suffixes = [new_message_id().removeprefix("msg_") for _ in range(2000)]
+    assert len(set("".join(suffixes))) == 64
+    for position in range(26):
+        assert len({suffix[position] for suffix in suffixes}) > 40
+
+
 def test_decode_secret_tolerates_missing_padding_and_prefix() -> None:
     """Secrets decode with or without the whsec_ prefix and with padding stripped."""
     key = bytes(range(31))  # 31 bytes -> base64 needs one "=" of padding
