@@ -594,6 +594,23 @@ async def test_unusable_single_answers_raise_upstream_error(
     assert caught.value.status_code == status
 
 
+@pytest.mark.parametrize("style", ["batch", "single"])
+async def test_a_relay_message_quoting_the_key_is_raised_with_the_key_redacted(
+    relay: CannedRelay, client: httpx.AsyncClient, style: str
+) -> None:
+    """A relay's own error message (a `code` envelope, HTTP 200) that quotes the key the
+    request carried is kept, the key in it redacted: these messages reach the dashboard."""
+    body = {"code": "invalid_token", "message": f"token {KEY} is disabled", "data": None}
+    relay.answer("/luma/tasks", body)
+    relay.answer("/v1/video/generations/t1", body)
+    platform = luma(relay) if style == "batch" else video(relay)
+
+    with pytest.raises(UpstreamError) as caught:
+        await platform.fetch(client, ["t1"])
+
+    assert "code 'invalid_token': token [redacted] is disabled" == str(caught.value)
+
+
 async def test_kling_failure_through_new_api(relay: CannedRelay, client: httpx.AsyncClient) -> None:
     """new-api's Kling TaskDto gives FAILURE with the relay's fail_reason."""
     relay.answer(

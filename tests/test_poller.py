@@ -219,6 +219,26 @@ async def test_relay_errors_change_nothing_and_ask_again_next_cycle(
     assert "completed" == rig.task("t1").status
 
 
+@pytest.mark.parametrize("fault", ["echo_key_code", "echo_key"])
+async def test_a_relay_error_quoting_the_key_reaches_neither_the_log_nor_the_dashboard_feed(
+    rig: Rig, relay: SimulatedRelay, fault: str
+) -> None:
+    """A relay refusing the key may quote it: in its JSON error message (HTTP 200) or on an
+    error page. The warning and the dashboard's recent relay errors say what it said, with
+    the key redacted."""
+    rig.register("t1")
+    relay.fail_next(fault)
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    assert 1 == report.errors
+    [line] = [entry for entry in logs if entry["event"] == "upstream_error"]
+    [shown] = rig.poller.metrics.activity.recent_errors()
+    for said in (line["error"], shown.message):
+        assert "[redacted]" in said
+        assert "sk-sim" not in said
+
+
 async def test_a_relay_answering_429_is_asked_nothing_more_for_its_retry_after(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

@@ -135,11 +135,22 @@ def _request_secrets(response: httpx.Response) -> list[str]:
     return [secret for secret in found if secret]
 
 
-def new_api_items(body: Any, *, status_code: int | None = None) -> list[Any]:
+def relay_message(response: httpx.Response, body: Any) -> str:
+    """The relay's own error message in ``body`` (a new-api envelope's ``message``), with the
+    key the request carried redacted: a relay refusing a key may quote it."""
+    message = body.get("message") if isinstance(body, dict) else None
+    if not message:
+        return "(no message)"
+    return sanitize.redact(str(message), _request_secrets(response))
+
+
+def new_api_items(body: Any, response: httpx.Response) -> list[Any]:
     """The items of a new-api answer: the ``{code, message, data}`` envelope or a bare array.
 
-    ``status_code`` is the HTTP status of the answer, carried by the UpstreamError raised.
+    ``response`` is the answer ``body`` came in; its HTTP status goes with the UpstreamError
+    raised, and its request's key never does.
     """
+    status_code = response.status_code
     if isinstance(body, list):
         return body
     if not isinstance(body, dict):
@@ -150,7 +161,7 @@ def new_api_items(body: Any, *, status_code: int | None = None) -> list[Any]:
     code = body.get("code")
     if code != "success":
         raise UpstreamError(
-            f"code {code!r}: {body.get('message') or '(no message)'}", status_code=status_code
+            f"code {code!r}: {relay_message(response, body)}", status_code=status_code
         )
     data = body.get("data")
     if data is None:

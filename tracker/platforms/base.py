@@ -174,7 +174,7 @@ class Platform(abc.ABC):
         response = await self.send(
             client, "POST", self.upstream.url(self.path), json={"ids": list(ids)}
         )
-        return new_api_items(read_json(response), status_code=response.status_code)
+        return new_api_items(read_json(response), response)
 
     def normalise(self, word: object) -> TaskStatus | None:
         """The tracker status for an upstream word, None when the word is not in the table."""

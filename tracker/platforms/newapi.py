@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from tracker.platforms.answers import UpstreamError, read_json, try_json
+from tracker.platforms.answers import UpstreamError, read_json, relay_message, try_json
 from tracker.platforms.base import CANCELED_WORDS, Glance, PerIdPlatform, Platform
 from tracker.platforms.observations import (
     READ_CHUNK,
@@ -214,7 +214,7 @@ class NewApiSingle(PerIdPlatform):
         if "code" not in body and body.get("object") == "video":
             return observe_item(self, body, task_id=task_id, reason_key="error")
         raise UpstreamError(
-            f"code {code!r}: {body.get('message') or '(no message)'}",
+            f"code {code!r}: {relay_message(response, body)}",
             status_code=response.status_code,
         )
 

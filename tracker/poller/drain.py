@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import httpx
 import structlog
 
-from tracker import events
+from tracker import events, sanitize
 from tracker.activity import Series
 from tracker.clock import Clock, isoformat
 from tracker.config import PollSettings
@@ -220,7 +220,10 @@ class Poller:
             code = _error_code(exc)
             self.metrics.upstream_requests.labels(platform.name, code).inc()
             self.metrics.upstream_errors.labels(platform.name, code).inc()
-            self.metrics.activity.relay_error(platform.name, code, _describe(exc))
+            # Shown on the dashboard, which has no log redactor: whatever the relay put in its
+            # error, the key never goes further.
+            error = sanitize.redact(_describe(exc), (upstream.api_key,))
+            self.metrics.activity.relay_error(platform.name, code, error)
             pause = relay_pause(exc, self.clock.now())
             if pause is not None:
                 until = time.monotonic() + pause
@@ -229,7 +232,7 @@ class Poller:
                 "upstream_error",
                 platform=platform.name,
                 ids=len(ids),
-                error=_describe(exc),
+                error=error,
                 **({} if pause is None else {"relay_paused_seconds": round(pause, 3)}),
             )
             now = self.clock.now()

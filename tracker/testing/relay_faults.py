@@ -43,6 +43,8 @@ FAULT_KINDS: Final = frozenset(
         "hang_up",
         # an error page quoting the request, key and all
         "echo_key",
+        # a new-api error envelope (HTTP 200) whose message quotes the key
+        "echo_key_code",
     }
 )
 #: Item faults `poison` attaches to one task: its item is malformed in every answer.

@@ -302,6 +302,11 @@ class SimulatedRelay(LoopbackServer):
             quoted = headers.get("authorization") or headers.get("mj-api-secret") or ""
             page = f"<html>502: upstream refused request with {quoted}</html>"
             return Answer(502, page.encode(), "text/html", {})
+        elif fault == "echo_key_code":
+            quoted = headers.get("authorization") or headers.get("mj-api-secret") or ""
+            key = quoted.removeprefix("Bearer ")
+            message = f"token {key} has been disabled"
+            return json_answer(200, {"code": "invalid_token", "message": message, "data": None})
         elif fault is not None and fault not in SPOILERS:
             return fault_answer(fault)
         route = path.split("?", 1)[0].rstrip("/")
