@@ -620,6 +620,53 @@ async def test_shorter_interval_after_reload_applies_at_the_next_cycle(
     assert 2 == len(relay.requests)
 
 
+async def test_a_second_reload_before_the_next_cycle_keeps_the_first_ones_pull_in(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A reload shortening max_interval, then another changing something else (the same
+    max_interval) before the next cycle: the task planned under the long interval is still
+    pulled in, not left planned 300 s out."""
+    rig = rig_for(poll={"interval": 300})
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "5%")
+    await rig.cycle()
+    rig.poller.configure(config.PollSettings(interval=1, max_interval=2))
+    rig.poller.configure(config.PollSettings(interval=1, max_interval=2, batch_size=50))
+    await rig.cycle(advance=1)
+    await rig.cycle(advance=2)
+
+    assert 2 == len(relay.requests)
+
+
+async def test_a_pull_in_the_database_refused_is_done_at_the_next_cycle(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pull-in after a shorter max_interval fails once (the database is down): that
+    cycle fails, and the next one pulls the task in."""
+    rig = rig_for(poll={"interval": 300})
+    rig.register("t1")
+    relay.set("luma", "t1", "IN_PROGRESS", "5%")
+    await rig.cycle()
+    rig.poller.configure(config.PollSettings(interval=1, max_interval=2))
+    real = rig.poller.store.pull_in
+    calls: list[datetime] = []
+
+    def down_once(latest: datetime) -> None:
+        calls.append(latest)
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("UPDATE polls", {}, Exception("database is locked"))
+        real(latest)
+
+    monkeypatch.setattr(rig.poller.store, "pull_in", down_once)
+    with pytest.raises(sa.exc.OperationalError):
+        await rig.cycle(advance=1)
+    await rig.cycle(advance=0)
+    await rig.cycle(advance=2)
+
+    assert 2 == len(calls)
+    assert 2 == len(relay.requests)
+
+
 async def test_a_set_stop_event_ends_the_cycle_before_claiming_more(rig: Rig) -> None:
     """When stopping, no new batch is claimed; the tasks stay due for the next start."""
     rig.register("t1")

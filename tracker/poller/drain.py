@@ -108,8 +108,9 @@ class Poller:
         ``platforms``, built from the new settings, carries the batch sizes to use from now on;
         ``targets`` is where the webhooks of changes decided from now on go.
         """
-        # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now.
-        self._pull_in = settings.max_interval < self.settings.max_interval
+        # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now;
+        # a pull-in still to do stays to do whatever a later reload changes.
+        self._pull_in |= settings.max_interval < self.settings.max_interval
         self.settings = settings
         self.planner.settings = settings
         if targets is not None:
@@ -153,9 +154,9 @@ class Poller:
         started = time.monotonic()
         self.planner.drain_started = self.clock.now().timestamp()
         if self._pull_in:
-            self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
             await self.store_worker.call(self.store.pull_in, latest)
+            self._pull_in = False  # only once done: a failed pull-in is tried at the next drain
         drain = DrainWork(self, started)
         self._until = until
         await Pipeline(drain, until=until).run()
