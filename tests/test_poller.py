@@ -24,6 +24,7 @@ from tracker.metrics import Metrics
 from tracker.platforms.base import UpstreamError
 from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller
 from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
+from tracker.poller.rounds import DrainWork
 from tracker.store import Registration, SqlStore
 from tracker.store.sql import deliveries, polls, tasks
 from tracker.testing.simulator import SimulatedRelay
@@ -868,6 +869,32 @@ async def test_a_drain_longer_than_an_interval_logs_a_line_per_interval_and_retu
     assert len(lines) >= 2
     assert (30, 30) == (report.claimed, report.requests)
     assert 30 == sum(line["claimed"] for line in lines)
+
+
+async def test_a_drain_keeps_one_total_of_its_earlier_lines_not_one_report_each(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under more work than fits a drain never ends: what it logged so far is kept as one
+    running total, so its memory does not grow a report per interval."""
+    drains: list[DrainWork] = []
+    init = DrainWork.__init__
+
+    def remembered(self: DrainWork, *args: Any) -> None:
+        init(self, *args)
+        drains.append(self)
+
+    monkeypatch.setattr(DrainWork, "__init__", remembered)
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    relay.slow_seconds = 0.06
+    relay.fail_next("slow", 45)  # 2.7 s: lines at about 1 and 2 s, and the last
+    rig.register(*(f"s{n}" for n in range(45)))
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    [drain] = drains
+    assert len([e for e in logs if e["event"] == "poll_cycle"]) >= 3
+    assert 1 == len(drain.logged)
+    assert 45 == report.claimed
 
 
 async def test_a_large_answer_is_read_and_decided_in_parts_with_other_work_in_between(

@@ -86,7 +86,8 @@ class DrainWork:
         self._held: dict[Claim, int] = {}
         #: when the current log line's part of the drain began (monotonic)
         self.started = started
-        #: the lines a drain longer than an interval logged before its last
+        #: the lines a drain longer than an interval logged before its last, summed up (a
+        #: drain under more work than fits may never end: one total, not a list of lines)
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
@@ -143,7 +144,7 @@ class DrainWork:
         # while requests wait). Answers that waited for the round after a claim taken apart
         # (Pace.claim_apart) count in the next line; the drain's total counts everything.
         if claim and time.monotonic() - self.started >= max(poller.settings.interval, 1.0):
-            self.logged.append(poller.report)
+            self.logged = [CycleReport.total([*self.logged, poller.report])]
             await poller.close_line(poller.report, self.started)
             self.started = time.monotonic()
         return claimed
