@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from tracker import config, events, signing, ssrf, status
 from tracker.clock import Clock, FakeClock, SystemClock
-from tracker.delivery import Deliverer
+from tracker.delivery import Deliverer, passes
 from tracker.delivery.outbox import LEASE
 from tracker.delivery.sending import EXCERPT_BYTES
 from tracker.metrics import Metrics
@@ -1064,3 +1064,40 @@ async def test_events_for_an_endpoint_removed_from_the_config_wait_for_it_to_com
     assert ["task.completed"] == [verify(r, ops_secret)["type"] for r in other.received]
     assert ("delivered", other.url) == (only(store).state, only(store).url)
     assert other.url == only(store).log[-1].url
+
+
+# -- a re-queue while the pass holds the delivery ----------------------------------------------
+
+
+@pytest.mark.parametrize("moment", ["queued", "in flight"])
+async def test_a_delivery_requeued_while_this_pass_holds_it_is_sent_once_on_the_new_schedule(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """An operator re-queues a delivery on its last retry while this daemon has it queued
+    behind a slow receiver, or in flight. The pass claims it again at once; it is POSTed once
+    (no second copy from the claim before), and its failure counts as the first attempt of
+    the schedule started again: pending, 1 attempt, not dead."""
+    monkeypatch.setattr(passes, "HELD_SHARE_OF_BUDGET", 1000.0)  # keeps claiming: a busy pass
+    clock = SystemClock()
+    with WebhookReceiver() as receiver:
+        settings = hook_settings(receiver.url, timeout=3, per_host=1)
+        complete(store, clock, settings, "first")
+        complete(store, clock, settings, "last-try")
+        _first, last_try = outbox(store)
+        with store.engine.begin() as conn:
+            conn.execute(
+                deliveries.update().where(deliveries.c.id == last_try.id).values(attempts=3)
+            )
+        receiver.default = Reply(status=500, delay=1.0)
+        async with deliverer_for(store, clock, settings) as deliverer:
+            deliverer.outbox.lease = 0.6  # renewed every 0.2 s: the re-queue is seen at once
+            running = asyncio.create_task(deliverer.run())
+            await asyncio.to_thread(receiver.wait_for, 1 if moment == "queued" else 2, 3.0)
+            assert [last_try.id] == store.requeue(clock.now(), pk=last_try.id)
+            await running
+
+    webhook_ids = [r.headers["webhook-id"] for r in receiver.received]
+    assert 1 == webhook_ids.count(last_try.webhook_id)
+    after = outbox(store)[1]
+    assert ("pending", 1) == (after.state, after.attempts)
+    assert 1 == len(after.log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 
 import structlog
@@ -37,6 +38,8 @@ ROUND_HOLD_OFF = 0.025
 #: the share of the lease after which a pass renews the claims it holds: two more renewals
 #: fit in before it would lapse, so one late round (a busy loop, a slow store) costs nothing
 RENEW_SHARE = 1 / 3
+#: the claim token of an attempt that is to move nothing: no lease's end equals NaN
+_HOLDS_NOTHING = math.nan
 
 
 class DeliveryPass:
@@ -82,6 +85,14 @@ class DeliveryPass:
         self._left: dict[int, float] = {}
         #: ids taken over by another claim: not to be sent
         self._lost: set[int] = set()
+        #: id -> its ticket, from its admission until its attempt ends: one per delivery, so a
+        #: delivery claimed again meanwhile is sent once, as its latest claim has it
+        self._tickets: dict[int, Ticket] = {}
+        #: id -> the attempts a finished attempt was decided after, until it is written
+        self._decided: dict[int, int] = {}
+        #: ids whose finished attempt, still to be written, was decided on a schedule that a
+        #: re-queue has started again since: written to the log, it moves nothing
+        self._superseded: set[int] = set()
         self.deferred = 0  #: claimed but not taken on: the receiver already had enough queued
         self.expired = 0  #: taken on but not started within the wait budget
         self.taken_over = 0  #: dropped unsent: another claim took them after a lapse
@@ -122,16 +133,28 @@ class DeliveryPass:
             self._renewed(renewing, done)
         fresh: list[DeliveryJob] = []
         for job in done.jobs:
-            self._lost.discard(job.pk)  # ours again: claimed anew after the takeover
+            pk = job.pk
+            self._lost.discard(pk)  # ours again: claimed anew after the takeover
+            ticket = self._tickets.get(pk)
+            if ticket is not None:
+                # Claimed again while queued or in flight here: our claim lapsed during a slow
+                # round, or the delivery was re-queued (its attempts back to 0). Its one ticket
+                # sends it, or decides what its attempt means, as this claim has it.
+                ticket.job = job
+                new = False
+            elif pk in self._leases:
+                # Its attempt is over, to be written: as this claim's, unless a re-queue has
+                # started its schedule again since; then that attempt moves nothing and this
+                # claim is sent anew.
+                new = self._decided.get(pk, job.attempts) != job.attempts
+                if new:
+                    self._superseded.add(pk)
+            else:
+                new = True
             if job.lease_until is not None:
-                if job.pk in self._leases:
-                    # Our own claim lapsed during a slow round and this claim took the same
-                    # delivery again: it is still queued or in flight here, to be sent once,
-                    # its result written under the new token.
-                    self._leases[job.pk] = job.lease_until
-                    continue
-                self._leases[job.pk] = job.lease_until
-            fresh.append(job)
+                self._leases[pk] = job.lease_until
+            if new:
+                fresh.append(job)
         more = self.refill_on_write and claim > 0 and len(done.jobs) == claim
         return Claimed(units=self._take_on(fresh), more=more)
 
@@ -154,7 +177,14 @@ class DeliveryPass:
     def _with_tokens(self, results: list[AttemptResult]) -> list[AttemptResult]:
         """The finished attempts to write, each with its claim's token as last renewed."""
         for n, result in enumerate(results):
-            token = self._leases.pop(result.job.pk, None)
+            pk = result.job.pk
+            self._decided.pop(pk, None)
+            if pk in self._superseded:
+                self._superseded.discard(pk)
+                job = dataclasses.replace(result.job, lease_until=_HOLDS_NOTHING)
+                results[n] = dataclasses.replace(result, job=job)
+                continue  # the lease it would take is the new claim's
+            token = self._leases.pop(pk, None)
             if token is not None and token != result.job.lease_until:
                 job = dataclasses.replace(result.job, lease_until=token)
                 results[n] = dataclasses.replace(result, job=job)
@@ -189,6 +219,7 @@ class DeliveryPass:
                 self._leave(job.pk)
                 continue
             self._hosts.setdefault(ticket.host, ticket.host_load)
+            self._tickets[job.pk] = ticket
             units.append((ticket.host, per_host, ticket))
         return units
 
@@ -199,32 +230,42 @@ class DeliveryPass:
         try:
             return await self._attempt(unit)
         finally:
-            self._admission.release(unit)
+            self._done_with(unit)
 
     async def _attempt(self, ticket: Ticket) -> AttemptResult | None:
-        job = ticket.job
-        taken = None if job.pk in self._lost else await self._admission.take_slots(ticket)
-        if job.pk in self._lost:
+        pk = ticket.job.pk
+        taken = None if pk in self._lost else await self._admission.take_slots(ticket)
+        if pk in self._lost:
             self.taken_over += 1
             if taken is not None:
                 give_back(taken)
             return None
         if taken is None:
             self.expired += 1
-            self._leave(job.pk)
+            self._leave(pk)
             return None
+        job = ticket.job  # as last claimed: a claim taken while it waited for slots counts
         try:
-            result = await self._sender.send(job)
+            # Decided as the latest claim has it: one taken during the request (a re-queue)
+            # makes this attempt the first of the schedule started again.
+            result = await self._sender.send(job, decide_as=lambda: ticket.job)
         except Exception as exc:
             log.exception("webhook_attempt_crashed", webhook_id=job.webhook_id, url=job.url)
-            return self._sender.crashed(job, exc)
+            result = self._sender.crashed(ticket.job, exc)
+        else:
+            ticket.host_load.observe(result.latency_ms / 1000)
         finally:
             give_back(taken)
-        ticket.host_load.observe(result.latency_ms / 1000)
+        self._decided[pk] = result.job.attempts
         return result
 
     def dropped(self, unit: Ticket) -> None:
-        self._admission.release(unit)
+        self._done_with(unit)
+
+    def _done_with(self, ticket: Ticket) -> None:
+        self._admission.release(ticket)
+        if self._tickets.get(ticket.job.pk) is ticket:
+            del self._tickets[ticket.job.pk]
 
     def _leave(self, pk: int) -> None:
         """Hold ``pk`` back at the next round instead of renewing its claim."""

@@ -106,8 +106,15 @@ class Sender:
             return current_secrets(named.secret.get_secret_value(), named.previous_secrets, now)
         return current_secrets(settings.secret.get_secret_value(), settings.previous_secrets, now)
 
-    async def send(self, job: DeliveryJob) -> AttemptResult:
-        """One attempt of ``job``; every failure, of the receiver or of the request, is a result."""
+    async def send(
+        self, job: DeliveryJob, *, decide_as: Callable[[], DeliveryJob] | None = None
+    ) -> AttemptResult:
+        """One attempt of ``job``; every failure, of the receiver or of the request, is a result.
+
+        ``decide_as`` gives the delivery as claimed once the answer is in, when a claim taken
+        meanwhile may have changed it (a re-queue sets its attempts back to 0): the retry
+        policy decides by that one.
+        """
         now = self._clock.now()
         started = time.perf_counter()
         if job.endpoint is not None:
@@ -116,11 +123,14 @@ class Sender:
                 # Never sent elsewhere nor signed with another secret: retried, so putting
                 # the endpoint back in the config delivers it.
                 error = f"endpoint {job.endpoint!r} is not in [webhooks.endpoints]: not sent"
+                job = job if decide_as is None else decide_as()
                 return self._result(job, now, started, retry.Outcome(error=error), b"", fatal=False)
             if named.url != job.url:
                 # The endpoint's URL now, as its secret is the one it has now.
                 job = dataclasses.replace(job, url=named.url)
         outcome, excerpt, fatal = await self._exchange(job, now)
+        if decide_as is not None:
+            job = dataclasses.replace(decide_as(), url=job.url)
         return self._result(job, now, started, outcome, excerpt, fatal=fatal)
 
     def crashed(self, job: DeliveryJob, exc: Exception) -> AttemptResult:
