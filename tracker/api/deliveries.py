@@ -21,7 +21,7 @@ from tracker.api.common import (
     request_body,
 )
 from tracker.api.errors import ApiError, problems
-from tracker.api.limits import DEFAULT_PAGE, MAX_ROW_ID
+from tracker.api.limits import DEFAULT_PAGE, MAX_ROW_ID, row_id
 from tracker.api.state import Deps
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.retry import DeliveryState
@@ -75,10 +75,8 @@ async def recover(
 )
 async def redeliver(deps: Deps, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
-    # Delivery ids are positive and at most MAX_ROW_ID; anything else names no delivery.
-    digits = delivery_id.isascii() and delivery_id.isdigit() and len(delivery_id) <= 19
-    pk = int(delivery_id) if digits else 0
-    if not 1 <= pk <= MAX_ROW_ID:
+    pk = row_id(delivery_id)
+    if pk is None:
         raise ApiError(
             404, f"no delivery {delivery_id[:40]!r}: ids are integers from 1 to {MAX_ROW_ID}"
         )

@@ -17,3 +17,13 @@ MAX_ROW_ID = 2**31 - 1
 #: times the API takes (recover's window); what a datetime and an epoch second can both hold
 MIN_YEAR = 1970
 MAX_YEAR = 9999
+
+
+def row_id(raw: str) -> int | None:
+    """The row id (a delivery's, a page cursor) ``raw`` spells; None unless it is ASCII digits
+    from 1 to MAX_ROW_ID: int() also reads "²", and a larger id would overflow the column.
+    """
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_ROW_ID)):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_ROW_ID else None

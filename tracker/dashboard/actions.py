@@ -13,8 +13,12 @@ from datetime import UTC, datetime
 import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from tracker.api.errors import problems as api_problems
+from tracker.api.limits import MAX_ROW_ID, row_id
+from tracker.api.models import RecoverIn
 from tracker.dashboard.sessions import (
     COOKIE,
     LOGIN_COOKIE,
@@ -25,7 +29,7 @@ from tracker.dashboard.sessions import (
     digest,
     tokens_match,
 )
-from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href
+from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href, segment
 
 log = structlog.get_logger("tracker.dashboard")
 
@@ -132,15 +136,22 @@ async def sign_out(request: Request, session: SessionDep) -> Response:
 # -- redeliver one ---------------------------------------------------------------------------
 
 
+def _no_delivery(raw: str) -> str:
+    return f"no delivery {raw[:40]!r}: ids are integers from 1 to {MAX_ROW_ID}"
+
+
 @router.get("/deliveries/{delivery_id}/redeliver")
-async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: int) -> Response:
+async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: str) -> Response:
     """Ask before sending one delivery again."""
-    delivery = await run_in_threadpool(dashboard_of(request).store.get_delivery, delivery_id)
+    pk = row_id(delivery_id)
+    if pk is None:
+        return _missing(request, session, _no_delivery(delivery_id))
+    delivery = await run_in_threadpool(dashboard_of(request).store.get_delivery, pk)
     if delivery is None:
-        return _missing(request, session, f"no delivery {delivery_id}")
+        return _missing(request, session, f"no delivery {pk}")
     return RENDER.page(
         request, "confirm.html", session=session, title="Redeliver this webhook?",
-        action=href(request, f"/deliveries/{delivery_id}/redeliver"), fields={},
+        action=href(request, f"/deliveries/{pk}/redeliver"), fields={},
         details=[
             f"Delivery {delivery.id} ({delivery.event_type}) of task {delivery.task_id} "
             f"on {delivery.platform}, now {delivery.state} after {delivery.attempts} attempts.",
@@ -152,19 +163,22 @@ async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: 
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
-async def redeliver(request: Request, session: SessionDep, delivery_id: int) -> Response:
+async def redeliver(request: Request, session: SessionDep, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
     if await _checked_form(request, session) is None:
         return _refused(request, session)
+    pk = row_id(delivery_id)
+    if pk is None:
+        return _missing(request, session, _no_delivery(delivery_id))
     dash = dashboard_of(request)
-    requeued = await run_in_threadpool(lambda: dash.store.requeue(dash.clock.now(), pk=delivery_id))
+    requeued = await run_in_threadpool(lambda: dash.store.requeue(dash.clock.now(), pk=pk))
     if not requeued:
-        return _missing(request, session, f"no delivery {delivery_id}")
-    log.info("dashboard_redeliver", delivery=delivery_id)
-    delivery = await run_in_threadpool(dash.store.get_delivery, delivery_id)
+        return _missing(request, session, f"no delivery {pk}")
+    log.info("dashboard_redeliver", delivery=pk)
+    delivery = await run_in_threadpool(dash.store.get_delivery, pk)
     return RENDER.page(
         request, "done.html", session=session, title="Queued again",
-        lines=[f"Delivery {delivery_id} is queued again and goes out with the next delivery pass."],
+        lines=[f"Delivery {pk} is queued again and goes out with the next delivery pass."],
         requeued=requeued, delivery=delivery,
     )  # fmt: skip
 
@@ -197,9 +211,17 @@ def _window(fields: dict[str, str]) -> tuple[datetime | None, datetime | None, l
     until = _window_time(fields.get("until"), "until", problems)
     if since is None and not problems:
         problems.append("since: required")
-    if since is not None and until is not None and until <= since:
-        problems.append("until: must be after since")
-    return since, until, problems
+    if problems or since is None:
+        return None, None, problems
+    # The API's own bounds: past them a time overflows on its way to UTC or into the database.
+    window = {"since": since.isoformat(), "until": until.isoformat() if until else None}
+    try:
+        checked = RecoverIn.model_validate(window)
+    except ValidationError as exc:
+        return None, None, api_problems(exc.errors())
+    if checked.until is not None and checked.until <= checked.since:
+        return None, None, ["until: must be after since"]
+    return checked.since, checked.until, []
 
 
 @router.get("/recover")
@@ -260,12 +282,15 @@ async def remove_confirm(
     request: Request, session: SessionDep, platform: str, task_id: str
 ) -> Response:
     """Ask before forgetting a task."""
-    task = await run_in_threadpool(dashboard_of(request).store.get, platform, task_id)
+    dash = dashboard_of(request)
+    task = None
+    if dash.could_hold(platform, task_id):
+        task = await run_in_threadpool(dash.store.get, platform, task_id)
     if task is None:
         return _missing(request, session, f"no task {task_id!r} on platform {platform!r}")
     return RENDER.page(
         request, "confirm.html", session=session, title="Stop tracking this task?",
-        action=href(request, f"/remove/{platform}/{task_id}"), fields={},
+        action=href(request, f"/remove/{segment(platform)}/{segment(task_id)}"), fields={},
         details=[f"Task {task_id} on {platform} ({task.status}) is deleted with its history "
                  "and its undelivered webhooks; no webhook follows."],
         button="Stop tracking",
@@ -277,7 +302,10 @@ async def remove(request: Request, session: SessionDep, platform: str, task_id: 
     """Stop tracking a task."""
     if await _checked_form(request, session) is None:
         return _refused(request, session)
-    removed = await run_in_threadpool(dashboard_of(request).store.remove, platform, task_id)
+    dash = dashboard_of(request)
+    removed = dash.could_hold(platform, task_id) and await run_in_threadpool(
+        dash.store.remove, platform, task_id
+    )
     if not removed:
         return _missing(request, session, f"no task {task_id!r} on platform {platform!r}")
     log.info("dashboard_remove", platform=platform, task_id=task_id)

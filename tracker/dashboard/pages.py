@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from tracker.activity import Series
+from tracker.api.limits import row_id
 from tracker.dashboard import chart, figures
 from tracker.dashboard.sessions import Session
 from tracker.dashboard.web import RENDER, SessionDep, dashboard_of
@@ -32,10 +33,10 @@ def _bad_request(request: Request, session: Session, problems: list[str]) -> HTM
 def _cursor(raw: str | None, problems: list[str]) -> int | None:
     if not raw:
         return None
-    if not raw.isdigit():
+    cursor = row_id(raw)
+    if cursor is None:
         problems.append("before: must be a page link's value")
-        return None
-    return int(raw)
+    return cursor
 
 
 @router.get("/")
@@ -87,10 +88,15 @@ async def tasks(request: Request, session: SessionDep) -> HTMLResponse:
     platform = params.get("platform") or None
     status = params.get("status") or None
     text = (params.get("q") or "").strip() or None
+    if platform is not None and platform not in dash.platforms:
+        problems.append(f"platform: must be one of {', '.join(sorted(dash.platforms))}")
     if status is not None and status not in TaskStatus.__members__.values():
         problems.append(f"status: must be one of {', '.join(TaskStatus)}")
     if text is not None and len(text) > MAX_SEARCH:
         problems.append(f"q: at most {MAX_SEARCH} characters")
+    if text is not None and "\x00" in text:
+        # Nothing stored holds one (JSON escapes it), and PostgreSQL refuses it in a query.
+        problems.append("q: must not contain a NUL character")
     before = _cursor(params.get("before"), problems)
     if problems:
         return _bad_request(request, session, problems)
@@ -120,7 +126,9 @@ async def tasks(request: Request, session: SessionDep) -> HTMLResponse:
 async def task(request: Request, session: SessionDep, platform: str, task_id: str) -> HTMLResponse:
     """One task: its fields, its transition timeline, its result and every delivery."""
     dash = dashboard_of(request)
-    record = await run_in_threadpool(dash.store.get, platform, task_id)
+    record = None
+    if dash.could_hold(platform, task_id):
+        record = await run_in_threadpool(dash.store.get, platform, task_id)
     if record is None:
         return RENDER.page(
             request, "error.html", session=session, status_code=404, title="No such task",

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import jinja2
 from fastapi import Depends, FastAPI, Request, Response
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 from tracker import clock as clock_module
 from tracker.activity import Activity
 from tracker.api.errors import allowed_methods
+from tracker.api.models import is_task_id
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
@@ -80,6 +82,12 @@ class Dashboard:
             tokens.append(settings.dashboard.token.get_secret_value())
         return tokens
 
+    def could_hold(self, platform: str, task_id: str) -> bool:
+        """Whether a task could be stored under these names, answered without a query as the
+        API does: PostgreSQL fails on a NUL in a parameter rather than finding nothing.
+        """
+        return platform in self.platforms and is_task_id(task_id)
+
 
 class SignInRequired(Exception):  # noqa: N818 - a redirect, not an error
     """The request has no live session."""
@@ -110,6 +118,13 @@ SessionDep = Annotated[Session, Depends(session_of)]
 def href(request: Request, path: str) -> str:
     """An absolute path under the dashboard's mount point."""
     return f"{request.scope.get('root_path', '')}{path}"
+
+
+def segment(value: str) -> str:
+    """``value`` as one path segment: "/", "?", "#" and "%" escaped too, so a link or form for
+    task ``abc?x`` or ``x/../abc`` reaches that task and not ``abc``.
+    """
+    return quote(value, safe="")
 
 
 def _age(moment: datetime | None, now: datetime) -> str:
@@ -158,6 +173,7 @@ def environment() -> jinja2.Environment:
     env.filters["when"] = _when
     env.filters["pretty"] = _pretty
     env.filters["epoch"] = _from_epoch
+    env.filters["segment"] = segment
     env.globals["age"] = _age
     return env
 
