@@ -68,11 +68,21 @@ def check_database(url: str) -> None:
         raise StartupError(problem, ExitCode.DATABASE)
 
 
-def unreachable(url: str, exc: sa_exc.SQLAlchemyError) -> StartupError:
-    """The one-line error for a database that refused to open, naming where (no password)."""
+def shown_url(url: str) -> str | None:
+    """``url`` as it may be shown (in a line, a log, check-config), its password as ***; None
+    when SQLAlchemy cannot read it.
+    """
     from sqlalchemy.engine import make_url  # noqa: PLC0415 - cold path
 
-    where = make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (sa_exc.ArgumentError, ValueError):
+        return None
+
+
+def unreachable(url: str, exc: sa_exc.SQLAlchemyError) -> StartupError:
+    """The one-line error for a database that refused to open, naming where (no password)."""
+    where = shown_url(url) or "(an unreadable URL)"
     cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return StartupError(
         f"database {where} unreachable: {cause[0] if cause else type(exc).__name__}",

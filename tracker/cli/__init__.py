@@ -7,12 +7,14 @@ parser they all add to (`parsing`).
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 
 from tracker import config
 from tracker.cli import output
 from tracker.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from tracker.cli.parsing import parser
+from tracker.cli.parsing import CommandLineError, asks_json, parser
 from tracker.startup import ExitCode, StartupError
 from tracker.store.sql import SchemaMismatchError
 
@@ -21,7 +23,11 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tracker` console script."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser().parse_args(argv)
+    except CommandLineError as exc:
+        return _refused(exc, json=asks_json(argv))
     try:
         code: int = args.handler(args)
     except config.ConfigError as exc:
@@ -33,3 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     return code
+
+
+def _refused(exc: CommandLineError, *, json: bool) -> int:
+    """Report a command line the parser refused: one JSON object with --json, else as
+    argparse itself says it (the command's usage, then what is wrong).
+    """
+    if json:
+        problem = f"{exc.parser.prog}: {exc.message}"
+        return output.fail(argparse.Namespace(json=True), ExitCode.USAGE, [problem])
+    exc.parser.print_usage(sys.stderr)
+    print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)  # noqa: T201
+    return ExitCode.USAGE

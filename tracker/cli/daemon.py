@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tracker import config, logs, runtime, startup
+from tracker.api import limits
 from tracker.cli import output
 from tracker.cli.common import EXIT_OK, config_path
 
@@ -49,13 +50,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args)
     settings = config.load(path)
     problems = config.placeholder_problems(settings)
-    database = startup.database_problem(settings.database.url)
+    url = startup.shown_url(settings.database.url)
+    # A URL that cannot be read fails every command; the problem does not echo its password.
+    database = (
+        startup.database_problem(settings.database.url)
+        if url is not None
+        else "not a database URL (is the port a number, the password %-encoded?)"
+    )
     if problems or database:
         raise config.ConfigError([*problems, *([f"database.url: {database}"] if database else [])])
     from tracker import platforms  # noqa: PLC0415
 
     names = sorted(platforms.build(settings))
-    shown = {"config": path, "platforms": names, "database": settings.database.url}
+    shown = {"config": path, "platforms": names, "database": url}
     output.show(
         args,
         {"ok": True, **shown},
@@ -109,6 +116,10 @@ def register(commands: Commands) -> None:
     init.add_argument("path", nargs="?", default="tracker.toml", help="default: ./tracker.toml")
     demo = commands.command("demo", cmd_demo)
     demo.add_argument(
-        "--tasks", type=output.positive, default=5, help="tasks to register (default 5)"
+        "--tasks",
+        # The demo registers them in one request, which the API caps.
+        type=output.up_to(limits.MAX_IDS),
+        default=5,
+        help=f"tasks to register, at most {limits.MAX_IDS} (default 5)",
     )
     demo.add_argument("--step", type=output.seconds, default=1.0, help="seconds per simulated step")

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tracker import api, clock
+from tracker.api import limits
 from tracker.cli import output
 from tracker.cli.common import EXIT_FAILURE, EXIT_OK, store
 from tracker.retry import DeliveryState
@@ -33,8 +34,7 @@ def cmd_deliveries_redeliver(args: argparse.Namespace) -> int:
     """Queue one delivery again, whatever its state."""
     ids = store(args).requeue(clock.SystemClock().now(), pk=args.id)
     if not ids:
-        print(f"no delivery {args.id}", file=sys.stderr)  # noqa: T201
-        return EXIT_FAILURE
+        return output.fail(args, EXIT_FAILURE, [f"no delivery {args.id}"])
     output.show(args, {"requeued": ids}, lambda out: out.write(f"requeued {args.id}\n"))
     return EXIT_OK
 
@@ -54,9 +54,15 @@ def register(commands: Commands) -> None:
     deliveries = commands.group("deliveries", "webhook deliveries")
     listing = commands.command("list", cmd_deliveries_list, deliveries)
     listing.add_argument("--state", choices=[s.value for s in DeliveryState])
-    listing.add_argument("--limit", type=output.positive, default=50)
+    listing.add_argument(
+        "--limit",
+        type=output.up_to(limits.MAX_PAGE),
+        default=limits.DEFAULT_PAGE,
+        help=f"at most {limits.MAX_PAGE}, as the API's pages (default {limits.DEFAULT_PAGE})",
+    )
     redeliver = commands.command("redeliver", cmd_deliveries_redeliver, deliveries)
-    redeliver.add_argument("id", type=output.positive)
+    # The API's bound: ids live in INTEGER columns, 32-bit on PostgreSQL.
+    redeliver.add_argument("id", type=output.up_to(limits.MAX_ROW_ID))
     recover = commands.command("recover", cmd_deliveries_recover, deliveries)
     recover.add_argument(
         "--since", type=output.aware, required=True, help="ISO time, e.g. 2026-11-25T00:00Z"

@@ -9,6 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+import pydantic
+
+from tracker.api import errors, models
+
 
 def print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
@@ -62,17 +66,33 @@ def aware(value: str) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{value!r} has no time zone (add Z or +00:00)")
-    return parsed
-
-
-def positive(value: str) -> int:
+    # Then the API's own reading of a time, so the CLI takes exactly the times it takes (a
+    # year 1 time cannot even be moved to UTC).
     try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
+        return pydantic.TypeAdapter(models.ZonedTime).validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} {errors.problems(exc.errors())[0]}") from None
+
+
+def up_to(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``maximum``.
+
+    Every number has a top: a row id or a limit past what the database holds is an
+    OverflowError in the driver, not an answer.
+    """
+
+    def whole(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+        if number > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, not {number}")
+        return number
+
+    return whole
 
 
 def seconds(value: str) -> float:

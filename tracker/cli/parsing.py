@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from tracker.cli import daemon, db, deliveries, tasks
 
 #: what `tracker --help` says the command is
 DESCRIPTION = "The `tracker` command: the daemon, the demo, config checks and operator commands."
+
+
+class CommandLineError(Exception):
+    """A command line the parser refused; ``main`` reports it as it reports every failure."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser that raises CommandLineError where argparse would print and exit.
+
+    Its sub-parsers are of its class too (argparse makes them so), so every command's
+    refusal reaches ``main``, which writes it as one JSON object with --json.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self, message)
+
+
+def asks_json(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` holds --json, or a prefix of it argparse would take for it.
+
+    For a command line the parser refused, which leaves no namespace to ask.
+    """
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(arg) > 2 and "--json".startswith(arg) for arg in options)
 
 
 def _global_flags(*, top: bool) -> argparse.ArgumentParser:
@@ -60,9 +89,7 @@ class Commands:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    top = argparse.ArgumentParser(
-        prog="tracker", description=DESCRIPTION, parents=[_global_flags(top=True)]
-    )
+    top = _Parser(prog="tracker", description=DESCRIPTION, parents=[_global_flags(top=True)])
     commands = Commands(top.add_subparsers(dest="command", required=True))
     for module in (daemon, tasks, db, deliveries):
         module.register(commands)

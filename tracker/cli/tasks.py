@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from tracker import api, clock
+from tracker import api, clock, config
+from tracker.api import limits, strict_json
 from tracker.cli import output
 from tracker.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, known_platform, load, store
+from tracker.status import TaskStatus
 
 if TYPE_CHECKING:
     from tracker.cli.parsing import Commands
@@ -27,18 +28,12 @@ def cmd_tasks_add(args: argparse.Namespace) -> int:
     if args.endpoint:
         body["endpoint"] = args.endpoint
     if args.metadata:
-        try:
-            body["metadata"] = json.loads(args.metadata)
-        except json.JSONDecodeError:
-            print("metadata: not valid JSON", file=sys.stderr)  # noqa: T201
-            return EXIT_USAGE
+        body["metadata"] = _metadata(args.metadata)
     registration, problems = asyncio.run(
         api.validate_registration(body, sorted(platforms.build(settings)), settings)
     )
     if registration is None:
-        for problem in problems:
-            print(problem, file=sys.stderr)  # noqa: T201
-        return EXIT_USAGE
+        return output.fail(args, EXIT_USAGE, problems)
     new, existing = store(args).register(registration, clock.SystemClock().now())
     out = sys.stdout
     if output.wants_json(args, out):
@@ -66,8 +61,7 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     known_platform(args, args.platform)
     task = store(args).get(args.platform, args.task_id)
     if task is None:
-        print(f"no task {args.task_id!r} on platform {args.platform!r}", file=sys.stderr)  # noqa: T201
-        return EXIT_FAILURE
+        return output.fail(args, EXIT_FAILURE, [_no_task(args)])
     shown = api.task_json(task)
     if output.wants_json(args, sys.stdout):
         output.print_json(shown, sys.stdout)
@@ -85,14 +79,30 @@ def cmd_tasks_remove(args: argparse.Namespace) -> int:
     """Stop tracking a task."""
     known_platform(args, args.platform)
     if not store(args).remove(args.platform, args.task_id):
-        print(f"no task {args.task_id!r} on platform {args.platform!r}", file=sys.stderr)  # noqa: T201
-        return EXIT_FAILURE
+        return output.fail(args, EXIT_FAILURE, [_no_task(args)])
     output.show(
         args,
         {"removed": {"platform": args.platform, "task_id": args.task_id}},
         lambda out: out.write(f"removed {args.platform}/{args.task_id}\n"),
     )
     return EXIT_OK
+
+
+def _metadata(text: str) -> Any:
+    """--metadata read as the API reads a request body, so the CLI refuses what it refuses."""
+    # surrogatepass: bytes of the command line that are not UTF-8 stay so, and are refused
+    raw = text.encode("utf-8", "surrogatepass")
+    try:
+        value = strict_json.parse(raw)
+        # In a body the metadata sits one level down, which counts against the depth bound.
+        strict_json.parse(b'{"metadata":' + raw + b"}")
+    except strict_json.BodyError as exc:
+        raise config.ConfigError([f"metadata: {exc}"]) from None
+    return value
+
+
+def _no_task(args: argparse.Namespace) -> str:
+    return f"no task {args.task_id!r} on platform {args.platform!r}"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -127,9 +137,14 @@ def register(commands: Commands) -> None:
     add.add_argument("--endpoint")
     add.add_argument("--metadata", help="a JSON object")
     listing = commands.command("list", cmd_tasks_list, tasks)
-    listing.add_argument("--status")
+    listing.add_argument("--status", choices=[s.value for s in TaskStatus])
     listing.add_argument("--platform")
-    listing.add_argument("--limit", type=output.positive, default=50)
+    listing.add_argument(
+        "--limit",
+        type=output.up_to(limits.MAX_PAGE),
+        default=limits.DEFAULT_PAGE,
+        help=f"at most {limits.MAX_PAGE}, as the API's pages (default {limits.DEFAULT_PAGE})",
+    )
     for name, handler in (("show", cmd_tasks_show), ("remove", cmd_tasks_remove)):
         one = commands.command(name, handler, tasks)
         one.add_argument("platform")
