@@ -148,6 +148,8 @@ async def test_registration_is_idempotent(api: Api) -> None:
         ({"ids": ["tab\there"]}, "ids[0]"),
         ({"ids": ["a"], "platform": "nope"}, "platform:"),
         ({"ids": ["a"], "webhook_url": "ftp://x.example.com/h"}, "webhook_url:"),
+        ({"ids": ["a"], "webhook_url": "http://127.0.0.1:99999/h"}, "webhook_url: port 99999"),
+        ({"ids": ["a"], "webhook_url": "http://127.0.0.1:0/h"}, "webhook_url: port 0"),
         ({"ids": ["a"], "metadata": [1]}, "metadata:"),
         ({"ids": ["a"], "metadata": {"blob": "x" * 5000}}, "4096 bytes"),
         ({"ids": ["a"], "colour": "red"}, "colour: unknown field"),

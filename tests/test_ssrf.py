@@ -194,6 +194,17 @@ async def test_check_url_needs_a_host() -> None:
         await check_url("http:///path", (), resolver=FakeResolver(["8.8.8.8"]))
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+async def test_check_url_refuses_a_port_no_connection_can_use(port: str) -> None:
+    """Port 0 and ports over 65535 parse (httpx takes any number) but can never be dialled:
+    refused at registration, before any resolution, not stored to fail every attempt."""
+    resolver = FakeResolver(["93.184.215.14"])
+    with pytest.raises(UnsafeURL, match=f"port {port} is not a TCP port"):
+        await check_url(f"https://hooks.example.com:{port}/in", (), resolver=resolver)
+    assert resolver.calls == []
+    await check_url("https://hooks.example.com:65535/in", (), resolver=resolver)
+
+
 async def test_check_url_passes_a_public_host() -> None:
     """A host that resolves only to public addresses passes, resolved with the right port."""
     resolver = FakeResolver(["93.184.215.14", "2606:4700::1111"])

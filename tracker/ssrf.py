@@ -30,6 +30,8 @@ SocketOption: TypeAlias = (
 # httpx turns httpcore.ConnectError into httpx.ConnectError keeping only the message,
 # so callers recognise a refused destination by this prefix (see is_blocked_error)
 BLOCKED_PREFIX = "blocked: "
+#: the highest TCP port: httpx parses any number as a port
+MAX_PORT = 65535
 
 # httpx's own default (httpx._config.DEFAULT_LIMITS), which httpx does not export
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -223,6 +225,9 @@ async def check_url(
         )
     if not host:
         raise UnsafeURL("the URL has no host")
+    if parsed.port is not None and not 1 <= parsed.port <= MAX_PORT:
+        # httpx reads any number there; no delivery could ever connect to it
+        raise UnsafeURL(f"port {parsed.port} is not a TCP port (1 to {MAX_PORT})", host=host)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         addresses = await _resolve(host, port, resolver)
