@@ -91,7 +91,7 @@ def test_secrets_may_come_only_from_the_environment() -> None:
         ({"server": {"port": "8686"}}, "server.port: Input should be a valid integer"),
         ({"server": {"bogus": 1}}, "server.bogus: unknown key"),
         ({"nonsense": {}}, "nonsense: unknown key"),
-        ({"poll": {"interval": 0}}, "poll.interval: Input should be greater than 0"),
+        ({"poll": {"interval": 0}}, "poll.interval: must be more than 0 and at most"),
         ({"poll": {"interval": "10"}}, "poll.interval: Input should be a valid number"),
         ({"poll": {"batch_size": 1.5}}, "poll.batch_size: Input should be a valid integer"),
         ({"poll": {"interval": 30, "max_interval": 5}}, "max_interval must not be below"),
@@ -102,7 +102,7 @@ def test_secrets_may_come_only_from_the_environment() -> None:
         ({"webhooks": {"retry_delays": []}}, "webhooks.retry_delays"),
         ({"database": {"url": "mysql://x"}}, "database.url"),
         ({"server": {"host": "0.0.0.0"}}, "api_tokens may be empty only when host is a loopback"),
-        ({"platforms": {"x": {"upstream": "missing"}}}, "platforms.x.upstream names 'missing'"),
+        ({"platforms": {"x": {"upstream": "missing"}}}, "platforms.x.upstream: names 'missing'"),
         ({"logging": {"level": "loud"}}, "logging.level"),
         ({"webhooks": {"secret": "not base64!"}}, "webhooks.secret: must be a Standard Webhooks"),
         (

@@ -29,7 +29,8 @@ log = structlog.get_logger("tracker.app")
 class Daemon:
     """API, poll loop and delivery over one store, with SIGTERM/SIGINT/SIGHUP handled.
 
-    The parts are ``compose.build``'s (``self.parts``), given every argument but ``config_path``.
+    The parts are ``compose.build``'s (``self.parts``), given every argument but ``config_path``
+    and ``overrides``.
     """
 
     def __init__(
@@ -41,12 +42,15 @@ class Daemon:
         store: SqlStore | None = None,
         notifier: sdnotify.Notifier | None = None,
         config_path: str | os.PathLike[str] | None = None,
+        overrides: reloading.Overrides | None = None,
     ) -> None:
         self.parts = compose.build(
             settings, clock=clock, transports=transports, store=store, notifier=notifier
         )
         #: the file a SIGHUP re-reads
         self.config_path = Path(config_path) if config_path is not None else None
+        #: what `tracker run` changed in the file's settings (--simulate); each reload too
+        self._overrides = overrides
         self._log_secrets = reloading.LogSecrets(settings)
         self._stack = contextlib.AsyncExitStack()
         self._started = False
@@ -131,7 +135,7 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the config file and apply what can change live (SIGHUP)."""
-        reloading.reload_file(self.parts, self._log_secrets, self.config_path)
+        reloading.reload_file(self.parts, self._log_secrets, self.config_path, self._overrides)
 
     def apply(self, new: config.Settings) -> reloading.ReloadPlan:
         """Put the live parts of ``new`` in force; returns what was applied and what was not."""

@@ -1,16 +1,21 @@
 """Config reloads: which changes apply to a running daemon at once and which wait for a restart
-(``plan_reload``, pure), and putting the live ones in force (``apply``, ``reload_file``)."""
+(``plan_reload``, pure), and putting the live ones in force (``apply``, ``reload_file``).
+
+A reload refuses whatever `tracker run` refuses at start (`startup.start_problems`), so a config
+the daemon could not start with is never half put in force by SIGHUP.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydantic
 import structlog
 
-from tracker import config, events, logs, platforms
+from tracker import config, events, logs, platforms, startup
 
 if TYPE_CHECKING:
     from tracker.compose import Parts
@@ -23,6 +28,10 @@ LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
 LIVE_SERVER_KEYS = ("api_tokens", "metrics_require_auth")
 #: [webhooks] keys that need a restart: the SSRF guard is built into the transport at start
 RESTART_WEBHOOK_KEYS = ("allow_private",)
+
+#: what `tracker run` changed in the file's settings before starting (``--simulate`` points
+#: them at its simulated relay); a reload applies the same, or the file would undo it
+Overrides = Callable[[config.Settings], config.Settings]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,10 +149,26 @@ def apply(parts: Parts, secrets: LogSecrets, new: config.Settings) -> ReloadPlan
     return plan
 
 
-def reload_file(parts: Parts, secrets: LogSecrets, path: Path | None) -> None:
+def read(path: Path, overrides: Overrides | None = None) -> config.Settings:
+    """The config file at ``path`` as `tracker run` would start with it: ``overrides``
+    applied, and refused (ConfigError) for anything `run` refuses."""
+    new = config.load(path)
+    if overrides is not None:
+        new = overrides(new)
+    problems = startup.start_problems(new)
+    if problems:
+        raise config.ConfigError(problems)
+    return new
+
+
+def reload_file(
+    parts: Parts, secrets: LogSecrets, path: Path | None, overrides: Overrides | None = None
+) -> None:
     """Re-read the config file at ``path`` and apply what can change live (SIGHUP).
 
-    Brackets the work with RELOADING=1 and READY=1; a file that does not parse changes nothing.
+    ``overrides`` are the changes `tracker run` made to the file's settings at start (see
+    ``read``). Brackets the work with RELOADING=1 and READY=1; a file `tracker run` would
+    refuse changes nothing.
     """
     if parts.stop.is_set():
         log.info("reload_ignored", reason="shutting down")
@@ -153,7 +178,7 @@ def reload_file(parts: Parts, secrets: LogSecrets, path: Path | None) -> None:
         return
     parts.notifier.reloading()
     try:
-        new = config.load(path)
+        new = read(path, overrides)
     except config.ConfigError as exc:
         log.error(  # noqa: TRY400 - the problems say it all; a traceback would not
             "reload_failed", problems=exc.problems, config=str(path)

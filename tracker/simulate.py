@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from pydantic import SecretStr
 
@@ -19,22 +19,19 @@ STEP = 2.0
 @contextlib.contextmanager
 def simulated(
     settings: config.Settings, *, receiver: bool, step: float = STEP
-) -> Iterator[config.Settings]:
-    """``settings`` pointed at a simulated relay (and a printing receiver) while inside."""
+) -> Iterator[Callable[[config.Settings], config.Settings]]:
+    """What points settings at a simulated relay (and a printing receiver) while inside.
+
+    Yields the override itself, not overridden settings: `tracker run` applies it at start and
+    again to the file each reload reads, so a reload never undoes it.
+    """
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(SimulatedRelay(step=step))
-        moved = {"base_url": relay.base_url, "api_key": SecretStr(relay.api_key)}
-        update: dict[str, object] = {
-            "upstream": settings.upstream.model_copy(update=moved),
-            "upstreams": {n: u.model_copy(update=moved) for n, u in settings.upstreams.items()},
-        }
-        if settings.poll.interval > step:
-            # Polled every step, so each simulated status shows up as it happens.
-            update["poll"] = settings.poll.model_copy(update={"interval": step})
         demo.say(
             f"simulated relay on {relay.base_url}: any id finishes in about {5 * step:g} s, "
             "an id containing 'fail' fails"
         )
+        hook_url: str | None = None
         if receiver:
             secret = settings.webhooks.secret.get_secret_value()
 
@@ -44,6 +41,20 @@ def simulated(
             hooks = stack.enter_context(
                 WebhookReceiver(verify=verify, on_receive=demo.show_webhook)
             )
-            update["webhooks"] = settings.webhooks.model_copy(update={"url": hooks.url})
+            hook_url = hooks.url
             demo.say(f"webhook receiver on {hooks.url}: prints every webhook it verifies")
-        yield settings.model_copy(update=update)
+
+        def override(current: config.Settings) -> config.Settings:
+            moved = {"base_url": relay.base_url, "api_key": SecretStr(relay.api_key)}
+            update: dict[str, object] = {
+                "upstream": current.upstream.model_copy(update=moved),
+                "upstreams": {n: u.model_copy(update=moved) for n, u in current.upstreams.items()},
+            }
+            if current.poll.interval > step:
+                # Polled every step, so each simulated status shows up as it happens.
+                update["poll"] = current.poll.model_copy(update={"interval": step})
+            if hook_url is not None:
+                update["webhooks"] = current.webhooks.model_copy(update={"url": hook_url})
+            return current.model_copy(update=update)
+
+        yield override

@@ -61,6 +61,30 @@ def database_problem(url: str) -> str | None:
     return None
 
 
+def start_problems(settings: config.Settings) -> list[str]:
+    """What `tracker run` refuses to start with beyond the file's own keys, one line each by
+    key: the example's placeholders, a database URL that cannot be read or an unusable SQLite
+    file, platforms that cannot be built. check-config lists them all; a reload refuses them.
+    """
+    from tracker import platforms  # noqa: PLC0415 - httpx and the adapters, only when asked
+
+    problems = config.placeholder_problems(settings)
+    if shown_url(settings.database.url) is None:
+        # Said without the URL, which may hold a password.
+        problems.append(
+            "database.url: not a database URL (is the port a number, the password %-encoded?)"
+        )
+    else:
+        database = database_problem(settings.database.url)
+        if database is not None:
+            problems.append(f"database.url: {database}")
+    try:
+        platforms.build(settings)
+    except config.ConfigError as exc:
+        problems += exc.problems
+    return problems
+
+
 def check_database(url: str) -> None:
     """Raise StartupError (DATABASE) when the SQLite file of ``url`` is unusable."""
     problem = database_problem(url)

@@ -24,13 +24,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
     settings = config.load(path)
     with contextlib.ExitStack() as stack:
+        overrides = None
         if args.simulate:
             from tracker import simulate  # noqa: PLC0415
 
             step = args.step if args.step is not None else simulate.STEP
-            settings = stack.enter_context(
+            overrides = stack.enter_context(
                 simulate.simulated(settings, receiver=args.receiver, step=step)
             )
+            settings = overrides(settings)
         elif args.receiver:
             raise config.ConfigError(["--receiver goes with --simulate"])
         problems = config.placeholder_problems(settings)
@@ -41,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             level=settings.logging.level, fmt=settings.logging.format, secrets=settings.secrets()
         )
         runtime.tune_gc()
-        asyncio.run(Daemon(settings, config_path=path).run())
+        asyncio.run(Daemon(settings, config_path=path, overrides=overrides).run())
     return EXIT_OK
 
 
@@ -49,20 +51,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and say so."""
     path = config_path(args)
     settings = config.load(path)
-    problems = config.placeholder_problems(settings)
-    url = startup.shown_url(settings.database.url)
-    # A URL that cannot be read fails every command; the problem does not echo its password.
-    database = (
-        startup.database_problem(settings.database.url)
-        if url is not None
-        else "not a database URL (is the port a number, the password %-encoded?)"
-    )
-    if problems or database:
-        raise config.ConfigError([*problems, *([f"database.url: {database}"] if database else [])])
+    problems = startup.start_problems(settings)
+    if problems:
+        raise config.ConfigError(problems)
     from tracker import platforms  # noqa: PLC0415
 
     names = sorted(platforms.build(settings))
-    shown = {"config": path, "platforms": names, "database": url}
+    database = startup.shown_url(settings.database.url)  # never with its password
+    shown = {"config": path, "platforms": names, "database": database}
     output.show(
         args,
         {"ok": True, **shown},

@@ -7,7 +7,7 @@ importable from `tracker.config` as before.
 
 from __future__ import annotations
 
-from tracker.config.loading import ENV_OVERRIDES, ConfigError, load, parse
+from tracker.config.loading import ENV_OVERRIDES, load, parse
 from tracker.config.sections import (
     DEFAULT_EVENTS,
     DEFAULT_MAX_INTERVAL,
@@ -15,6 +15,11 @@ from tracker.config.sections import (
     DEFAULT_RETRY_DELAYS,
     DEFAULT_SESSION_LIFETIME,
     DEFAULT_WEBHOOK_RESPONSE_BYTES,
+    MAX_DAYS,
+    MAX_RATE,
+    MAX_SECONDS,
+    MIN_RATE,
+    NAME_MAX_LENGTH,
     Count,
     DashboardSettings,
     DatabaseSettings,
@@ -22,6 +27,8 @@ from tracker.config.sections import (
     EndpointSettings,
     HttpUrl,
     LoggingSettings,
+    Name,
+    PerSecond,
     PlatformSettings,
     PollSettings,
     PreviousSecret,
@@ -40,7 +47,9 @@ from tracker.config.settings import (
     PLACEHOLDER_KEYS,
     PLACEHOLDER_SECRETS,
     PLACEHOLDER_TOKENS,
+    ConfigError,
     Settings,
+    in_memory,
     placeholder_problems,
     resolve_database,
     sqlite_path,
@@ -55,6 +64,11 @@ __all__ = [
     "DEFAULT_WEBHOOK_RESPONSE_BYTES",
     "ENV_OVERRIDES",
     "MAKE_REAL_ONES",
+    "MAX_DAYS",
+    "MAX_RATE",
+    "MAX_SECONDS",
+    "MIN_RATE",
+    "NAME_MAX_LENGTH",
     "PLACEHOLDER_KEYS",
     "PLACEHOLDER_SECRETS",
     "PLACEHOLDER_TOKENS",
@@ -66,6 +80,8 @@ __all__ = [
     "EndpointSettings",
     "HttpUrl",
     "LoggingSettings",
+    "Name",
+    "PerSecond",
     "PlatformSettings",
     "PollSettings",
     "PreviousSecret",
@@ -78,6 +94,7 @@ __all__ = [
     "UpstreamSettings",
     "WebhookSettings",
     "check_events",
+    "in_memory",
     "is_loopback",
     "load",
     "parse",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pydantic
 
-from tracker.config.settings import Settings, resolve_database
+from tracker.config.settings import IN_MEMORY, ConfigError, Settings, in_memory, resolve_database
 
 # Environment variables that override a key, so secrets can live outside the config file
 # (systemd's EnvironmentFile=).
@@ -20,16 +20,12 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
-    """The configuration is not usable; the message lists every problem by key."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+__all__ = ["ENV_OVERRIDES", "ConfigError", "load", "parse"]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    # A bad table name (a dict key) is named by its own path: platforms.NAME, not NAME.[key].
+    return ".".join(str(part) for part in loc if part != "[key]") or "(top level)"
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -55,11 +51,22 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> S
         return Settings.model_validate(document)
     except pydantic.ValidationError as exc:
         # The input value is left out on purpose: it may be a secret.
-        problems = [
-            f"{_location(error['loc'])}: {_describe(error)}"
-            for error in exc.errors(include_url=False, include_input=False)
-        ]
+        problems: list[str] = []
+        for error in exc.errors(include_url=False, include_input=False):
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigError):  # several problems, each naming its key
+                problems += cause.problems
+            else:
+                problems.append(f"{_location(error['loc'])}: {_describe(error)}")
         raise ConfigError(problems) from None
+
+
+def _in_memory_problems(raw: Mapping[str, Any]) -> list[str]:
+    # Checked for a file the daemon or a command would open, not in `parse`, which also
+    # validates documents built in code (tests use sqlite:// for settings never opened).
+    database = raw.get("database")
+    url = database.get("url") if isinstance(database, dict) else None
+    return [f"database.url: {IN_MEMORY}"] if isinstance(url, str) and in_memory(url) else []
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -73,4 +80,11 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML ({exc})"]) from None
-    return resolve_database(parse(raw, environ), file.absolute().parent)
+    memory = _in_memory_problems(raw)
+    try:
+        settings = parse(raw, environ)
+    except ConfigError as exc:
+        raise ConfigError([*exc.problems, *memory]) from None
+    if memory:
+        raise ConfigError(memory)
+    return resolve_database(settings, file.absolute().parent)

@@ -6,6 +6,7 @@ import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, StrictInt, StrictStr
@@ -20,14 +21,78 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: bytes of one webhook receiver's answer read at most (its status code alone decides)
 DEFAULT_WEBHOOK_RESPONSE_BYTES = 64 * 1024
 
-Seconds = Annotated[float, Strict(), Field(gt=0)]
-Days = Annotated[float, Strict(), Field(ge=0)]
+#: the longest duration in seconds any key takes: beyond every sensible value, and far enough
+#: from datetime's limits that ``now + timedelta(seconds=...)`` (doubled, as a receiver's
+#: Retry-After may) cannot overflow
+MAX_SECONDS = 366 * 86400
+#: the longest [retention] span in days (0 keeps rows forever)
+MAX_DAYS = 3660
+#: [platforms.NAME] and [webhooks.endpoints.NAME] rate limits, requests per second: at least
+#: one a day (a slower pace would leave a request waiting without end), at most 10000
+MIN_RATE = 1 / 86400
+MAX_RATE = 10_000
+#: characters of a platform or endpoint name, the width of the database columns that keep them
+NAME_MAX_LENGTH = 64
+#: the highest TCP port (a URL may name any number)
+MAX_PORT = 65535
+
+
+# TOML reads inf and nan as floats; the comparisons below refuse them (nan compares false).
+def _seconds(value: float) -> float:
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(
+            f"must be more than 0 and at most {MAX_SECONDS} s (366 days), not {value:g}"
+        )
+    return value
+
+
+def _days(value: float) -> float:
+    if not 0 <= value <= MAX_DAYS:
+        raise ValueError(
+            f"must be from 0 (kept forever) to {MAX_DAYS} days (about 10 years), not {value:g}"
+        )
+    return value
+
+
+def _rate(value: float) -> float:
+    if not MIN_RATE <= value <= MAX_RATE:
+        raise ValueError(
+            f"must be from 1/86400 (one request a day) to {MAX_RATE} requests per second, "
+            f"not {value:g}"
+        )
+    return value
+
+
+def _name(value: str) -> str:
+    if len(value) > NAME_MAX_LENGTH:
+        raise ValueError(
+            f"the name is {len(value)} characters long; at most {NAME_MAX_LENGTH} fit the "
+            "database's column"
+        )
+    return value
+
+
+Seconds = Annotated[float, Strict(), pydantic.AfterValidator(_seconds)]
+Days = Annotated[float, Strict(), pydantic.AfterValidator(_days)]
+PerSecond = Annotated[float, Strict(), pydantic.AfterValidator(_rate)]
 Count = Annotated[StrictInt, Field(ge=1)]
+#: a platform's or an endpoint's name: stored with every task and delivery
+Name = Annotated[StrictStr, pydantic.AfterValidator(_name)]
+#: ids per upstream request, [poll].batch_size and a platform's own alike
+BatchSize = Annotated[StrictInt, Field(ge=1, le=10000)]
+#: deliveries in flight at once, over all receivers or to one of them
+InFlight = Annotated[StrictInt, Field(ge=1, le=1024)]
 
 
 def _http_url(value: str) -> str:
     if not re.match(r"^https?://[^\s/?#]+", value):
         raise ValueError(f"must be an http:// or https:// URL, not {value[:60]!r}")
+    try:
+        port = urlsplit(value).port
+    except ValueError:  # not a number, or past 65535
+        port = -1
+    if port is not None and not 1 <= port <= MAX_PORT:
+        raise ValueError(f"must have a TCP port from 1 to {MAX_PORT} if any, not {value[:60]!r}")
     return value
 
 
@@ -107,7 +172,7 @@ class PollSettings(Section):
     """[poll]: how often and how hard the upstream is asked."""
 
     interval: Seconds = 10.0
-    batch_size: Annotated[StrictInt, Field(ge=1, le=10000)] = 100
+    batch_size: BatchSize = 100
     concurrency: Annotated[StrictInt, Field(ge=1, le=256)] = 4
     give_up_after: Seconds = 86400.0
     not_found_after: Seconds = 600.0
@@ -121,7 +186,8 @@ class PollSettings(Section):
     def _default_max_interval(cls, data: Any) -> Any:
         if isinstance(data, dict) and "max_interval" not in data:
             interval = data.get("interval")
-            if isinstance(interval, int | float) and interval > DEFAULT_MAX_INTERVAL:
+            # An interval out of range is reported once, by its own key, not copied here too.
+            if isinstance(interval, int | float) and DEFAULT_MAX_INTERVAL < interval <= MAX_SECONDS:
                 return {**data, "max_interval": interval}
         return data
 
@@ -137,9 +203,10 @@ class PlatformSettings(Section):
 
     style: Style | None = None
     path: StrictStr | None = None
-    batch_size: Count | None = None
+    batch_size: BatchSize | None = None
     upstream: StrictStr | None = None
-    rate_limit: Seconds | None = None
+    #: requests per second at most
+    rate_limit: PerSecond | None = None
     #: upstream word -> tracker status, layered over the style's own table
     statuses: dict[StrictStr, status.TaskStatus] = Field(default_factory=dict)
 
@@ -176,8 +243,14 @@ class EndpointSettings(Section):
     secret: SigningSecret
     previous_secrets: tuple[PreviousSecret, ...] = ()
     events: tuple[StrictStr, ...] | None = None
-    rate_limit: Seconds | None = None
-    max_in_flight: Count | None = None
+    #: requests per second at most
+    rate_limit: PerSecond | None = None
+    max_in_flight: InFlight | None = None
+
+    @pydantic.field_validator("events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else check_events(value)
 
 
 class WebhookSettings(Section):
@@ -190,11 +263,11 @@ class WebhookSettings(Section):
     timeout: Seconds = 15.0
     events: tuple[StrictStr, ...] = DEFAULT_EVENTS
     allow_private: tuple[StrictStr, ...] = ()
-    endpoints: dict[StrictStr, EndpointSettings] = Field(default_factory=dict)
+    endpoints: dict[Name, EndpointSettings] = Field(default_factory=dict)
     #: deliveries in flight at once, over all receivers
-    concurrency: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    concurrency: InFlight = 64
     #: deliveries in flight at once to one host
-    per_host: Annotated[StrictInt, Field(ge=1, le=1024)] = 8
+    per_host: InFlight = 8
     #: bytes of a receiver's answer read at most; the rest is dropped unread
     max_response_bytes: Annotated[StrictInt, Field(ge=1024)] = DEFAULT_WEBHOOK_RESPONSE_BYTES
 

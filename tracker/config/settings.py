@@ -1,5 +1,6 @@
 """`Settings`, the whole config, and what is checked of it beyond its keys: the example's
-placeholder credentials, and the SQLite path made absolute against the config's directory."""
+placeholder credentials, an in-memory SQLite database, and the SQLite path made absolute
+against the config's directory."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tracker.config.sections import (
     DashboardSettings,
     DatabaseSettings,
     LoggingSettings,
+    Name,
     PlatformSettings,
     PollSettings,
     RetentionSettings,
@@ -20,7 +22,6 @@ from tracker.config.sections import (
     ServerSettings,
     UpstreamSettings,
     WebhookSettings,
-    check_events,
     is_loopback,
 )
 
@@ -37,6 +38,18 @@ PLACEHOLDER_SECRETS = frozenset(
 MAKE_REAL_ONES = "`tracker init` writes a config with a fresh API token and webhook secret"
 
 
+class ConfigError(ValueError):
+    """The configuration is not usable; the message lists every problem by key.
+
+    Raised inside a validator too, with problems that each name their own dotted key: `parse`
+    then reports every one of them instead of the validator's first.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 class Settings(Section):
     """Everything the daemon needs, validated once at start (and at reload)."""
 
@@ -45,27 +58,30 @@ class Settings(Section):
     upstream: UpstreamSettings
     upstreams: dict[StrictStr, UpstreamSettings] = Field(default_factory=dict)
     poll: PollSettings = Field(default_factory=PollSettings)
-    platforms: dict[StrictStr, PlatformSettings] = Field(default_factory=dict)
+    platforms: dict[Name, PlatformSettings] = Field(default_factory=dict)
     webhooks: WebhookSettings
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
-    @pydantic.model_validator(mode="after")
-    def _references(self) -> Settings:
-        for name, platform in self.platforms.items():
-            if platform.upstream is not None and platform.upstream not in self.upstreams:
-                raise ValueError(
-                    f"platforms.{name}.upstream names {platform.upstream!r}, "
-                    "which is not an [upstreams.NAME] section"
-                )
-        for name, endpoint in self.webhooks.endpoints.items():
-            if endpoint.events is not None:
-                try:
-                    check_events(endpoint.events)
-                except ValueError as exc:
-                    raise ValueError(f"webhooks.endpoints.{name}.events: {exc}") from None
-        return self
+    @pydantic.field_validator("platforms")
+    @classmethod
+    def _known_upstreams(
+        cls, value: dict[str, PlatformSettings], info: pydantic.ValidationInfo
+    ) -> dict[str, PlatformSettings]:
+        # A field validator, not a model one, so it is reported with every other bad key;
+        # upstreams comes first, and is missing from info.data when it is invalid itself.
+        if "upstreams" not in info.data:
+            return value
+        problems = [
+            f"platforms.{name}.upstream: names {platform.upstream!r}, which is not an "
+            "[upstreams.NAME] section"
+            for name, platform in value.items()
+            if platform.upstream is not None and platform.upstream not in info.data["upstreams"]
+        ]
+        if problems:
+            raise ConfigError(problems)
+        return value
 
     def dashboard_enabled(self) -> bool:
         """Whether /ui is served: as configured, else only on a loopback host."""
@@ -116,6 +132,20 @@ def placeholder_problems(settings: Settings) -> list[str]:
 
 
 _SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>[^?]*)")
+_SQLITE_ANY = re.compile(r"^sqlite(\+\w+)?:///?(?P<path>[^?]*)\??(?P<query>.*)$")
+IN_MEMORY = (
+    "an in-memory SQLite database cannot be used: each of the daemon's connection pools "
+    "would get its own empty one; name a file, e.g. sqlite:///tracker.db"
+)
+
+
+def in_memory(url: str) -> bool:
+    """Whether ``url`` is an in-memory SQLite database: no path, :memory: or mode=memory."""
+    match = _SQLITE_ANY.match(url)
+    if match is None:
+        return False
+    path, query = match.group("path"), match.group("query").lower().split("&")
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in query
 
 
 def sqlite_path(url: str) -> Path | None:

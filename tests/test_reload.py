@@ -1,0 +1,174 @@
+"""A reload (SIGHUP) refuses whatever `tracker run` refuses at start, and keeps the overrides
+`tracker run` put on the file's settings (``--simulate``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from conftest import base_config, merge, toml_text
+
+from tracker import config, sdnotify, startup
+from tracker import reload as reloading
+from tracker.app import Daemon
+from tracker.testing.receiver import WebhookReceiver
+from tracker.testing.simulator import SimulatedRelay
+
+TOKEN = "test-token"
+EXAMPLE_SECRET = "whsec_CHANGE+ME+run+tracker+init"
+
+
+class RecordingNotifier(sdnotify.Notifier):
+    """A notifier that keeps what it would have sent to systemd."""
+
+    def __init__(self) -> None:
+        super().__init__("/nonexistent/notify")
+        self.sent: list[str] = []
+
+    def send(self, message: str) -> bool:
+        """Record the datagram instead of sending it."""
+        self.sent.append(message)
+        return True
+
+
+@pytest.fixture(name="document")
+def _document(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> dict[str, Any]:
+    return merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {"poll": {"interval": 0.2, "max_interval": 1}},
+    )
+
+
+@pytest.fixture(name="started")
+async def _started(tmp_path: Path, document: dict[str, Any]) -> AsyncIterator[Daemon]:
+    """A started daemon whose config file is tmp_path/tracker.toml."""
+    path = tmp_path / "tracker.toml"
+    path.write_text(toml_text(document))
+    daemon = Daemon(config.load(path, environ={}), config_path=path, notifier=RecordingNotifier())
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+def rewrite(daemon: Daemon, document: dict[str, Any]) -> None:
+    assert daemon.config_path is not None
+    daemon.config_path.write_text(toml_text(document))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"server": {"api_tokens": ["change-me"]}}, "server.api_tokens: the example's"),
+        ({"webhooks": {"secret": EXAMPLE_SECRET}}, "webhooks.secret: the example's published"),
+        ({"upstream": {"api_key": "sk-..."}}, "upstream.api_key: the example's placeholder"),
+        (
+            {"platforms": {"custom": {"style": "replicate"}}},
+            "platforms.custom.path must be set",
+        ),
+        ({"database": {"url": "sqlite:////nonexistent/dir/t.db"}}, "database.url: database dir"),
+    ],
+)
+async def test_a_reload_refuses_what_run_refuses_at_start(
+    started: Daemon, document: dict[str, Any], overrides: dict[str, Any], expected: str
+) -> None:
+    """The example's placeholders, a platform that cannot be built or an unusable database
+    file: the reload is refused whole, logged by key, and the old settings stay in force."""
+    before = started.settings
+    rewrite(started, merge(document, {"poll": {"interval": 0.5}, **overrides}))
+
+    with structlog.testing.capture_logs() as logged:
+        started.reload()
+
+    assert before is started.settings
+    assert 0.2 == started.parts.poller.settings.interval
+    failed = [e for e in logged if e["event"] == "reload_failed"]
+    assert 1 == len(failed), logged
+    assert any(p.startswith(expected) for p in failed[0]["problems"]), failed
+    assert not [e for e in logged if e["event"] == "reloaded"]
+
+
+async def test_placeholder_credentials_never_open_the_api(
+    started: Daemon, document: dict[str, Any]
+) -> None:
+    """The reviewers' case: the example's token and secret together are refused, so
+    `Bearer change-me` stays unauthorised and the old token keeps working."""
+    rewrite(
+        started,
+        merge(
+            document,
+            {"server": {"api_tokens": ["change-me"]}, "webhooks": {"secret": EXAMPLE_SECRET}},
+        ),
+    )
+
+    with structlog.testing.capture_logs() as logged:
+        started.reload()
+
+    (failed,) = [e for e in logged if e["event"] == "reload_failed"]
+    assert {"server.api_tokens", "webhooks.secret"} == {p.split(":")[0] for p in failed["problems"]}
+    headers = {"Authorization": "Bearer change-me"}
+    async with httpx.AsyncClient(base_url=started.api_url, timeout=5) as client:
+        assert 401 == (await client.get("/v1/tasks", headers=headers)).status_code
+        ok = await client.get("/v1/tasks", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert 200 == ok.status_code
+
+
+async def test_a_reload_reapplies_the_overrides_run_started_with(
+    started: Daemon, document: dict[str, Any]
+) -> None:
+    """As under `tracker run --simulate`: the file's slower poll interval and its placeholder
+    relay key do not replace the simulated ones; the rest of the file applies."""
+    simulated = started.settings
+
+    def simulate(settings: config.Settings) -> config.Settings:
+        poll = settings.poll.model_copy(update={"interval": 0.2})
+        return settings.model_copy(update={"upstream": simulated.upstream, "poll": poll})
+
+    rewrite(
+        started,
+        merge(
+            document,
+            {
+                "upstream": {"base_url": "https://relay.example.com", "api_key": "sk-..."},
+                "poll": {"interval": 10, "max_interval": 120, "batch_size": 7},
+            },
+        ),
+    )
+
+    with structlog.testing.capture_logs() as logged:
+        reloading.reload_file(
+            started.parts, reloading.LogSecrets(simulated), started.config_path, simulate
+        )
+
+    (reloaded,) = [e for e in logged if e["event"] == "reloaded"]
+    assert [] == reloaded["needs_restart"]
+    assert (0.2, 7) == (started.settings.poll.interval, started.settings.poll.batch_size)
+    assert 0.2 == started.parts.poller.settings.interval
+    assert simulated.upstream == started.settings.upstream
+
+
+def test_start_problems_lists_every_refusal_at_once(document: dict[str, Any]) -> None:
+    """Placeholders, an unusable database file and a platform that cannot be built, in one
+    list (what check-config could show in one run)."""
+    settings = config.parse(
+        merge(
+            document,
+            {
+                "server": {"api_tokens": ["change-me"]},
+                "database": {"url": "sqlite:////nonexistent/dir/t.db"},
+                "platforms": {"one": {"style": "replicate"}},
+            },
+        ),
+        environ={},
+    )
+
+    found = startup.start_problems(settings)
+
+    assert ["server.api_tokens", "database.url", "platforms.one.path"] == [
+        p.split(" ")[0].rstrip(":") for p in found
+    ]
