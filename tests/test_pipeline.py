@@ -53,6 +53,7 @@ class ToyWork:
         round_takes: float = 0.0,
         fails_on: int | None = None,
         ahead: bool = False,
+        reclaim_every: float | None = None,
     ) -> None:
         self.table = table
         #: claim by what is left to perform (as the poll drain does), not by what is unwritten
@@ -62,6 +63,7 @@ class ToyWork:
         self.takes = takes
         self.pace = pace or Pace()
         self._renew_every = renew_every
+        self._reclaim_every = reclaim_every
         self.round_takes = round_takes
         self.fails_on = fails_on
         self.outstanding = 0
@@ -73,6 +75,9 @@ class ToyWork:
 
     def renew_every(self) -> float:
         return self._renew_every
+
+    def reclaim_every(self) -> float | None:
+        return self._reclaim_every
 
     def unwritten(self) -> bool:
         return False
@@ -264,6 +269,23 @@ async def test_a_short_claim_ends_the_run_once_everything_is_written() -> None:
     rounds = [n for what, n in table.timeline if what == "round"]
     assert rounds[0] == 0  # the first round only claimed
     assert sum(rounds) == 5
+
+
+async def test_while_a_slow_unit_is_under_way_rows_falling_due_are_claimed_every_period() -> None:
+    """With reclaim_every, a short claim does not end the claiming while units are under way:
+    a row falling due meanwhile is claimed within the period and performed on its lane, long
+    before the slow unit is done; without it, it waits for the next run."""
+    for reclaim_every, claimed_before_done in ((0.05, True), (None, False)):
+        table = table_of(1)  # row 0: lane "a", slow
+        work = ToyWork(table, claim=8, takes=0.5, reclaim_every=reclaim_every)
+        run = asyncio.create_task(Pipeline(work).run())
+        await asyncio.sleep(0.1)
+        table.due.append(1)  # falls due on lane "b" while row 0 is under way
+        await run
+
+        performed = [unit for kind, unit in table.timeline if kind == "perform"]
+        assert claimed_before_done == (performed == [0, 1]), (reclaim_every, table.timeline)
+        assert table.written == ([0, 1] if claimed_before_done else [0])
 
 
 async def test_claims_are_renewed_while_a_unit_outlasts_the_renewal_period() -> None:

@@ -122,6 +122,40 @@ async def test_a_relay_slower_than_a_second_does_not_stretch_the_interval(
     assert quantile(gaps, 0.95) <= 3.3
 
 
+async def test_a_slow_relay_does_not_hold_up_the_polls_of_another(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Suno on a second relay that takes 2.5 s per answer, luma on the usual one, interval 1 s,
+    batches of 10 two at a time, on the real clock: luma's 30 tasks are still asked every
+    second at their relay, although suno's 100 fill its lane many times over; suno's relay is
+    still asked, and the log names the upstream whose polls are put off."""
+    with SimulatedRelay(step=0.0) as slow:
+        slow.latency = 2.5
+        running = running_for(
+            upstreams={"slow": {"base_url": slow.base_url, "api_key": "sk-sim", "timeout": 5}},
+            platforms={"suno": {"upstream": "slow"}},
+            poll={"interval": 1, "max_interval": 1, "batch_size": 10, "concurrency": 2},
+        )
+        fast_ids = [f"f{n}" for n in range(30)]
+        for task_id in fast_ids:
+            relay.set("luma", task_id, "IN_PROGRESS", "50%")
+        with capture_logs() as logs:
+            running.register(*fast_ids)
+            running.store.register(
+                Registration("suno", [f"s{n}" for n in range(100)]), running.clock.now()
+            )
+            await asyncio.sleep(6)
+            await running.close()
+
+    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
+    assert len(gaps) >= 30 * 4
+    assert quantile(gaps, 0.95) <= 1.3
+    assert len(slow.requests) >= 4
+    put_off = [e for e in logs if e["event"] == "poll_put_off"]
+    assert put_off
+    assert {"slow"} == {e["upstream"] for e in put_off}
+
+
 async def test_a_registration_wakes_the_engine_at_once(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:

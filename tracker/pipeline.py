@@ -14,6 +14,11 @@ webhooks sent to receivers) until nothing more is due:
 
 Claims are leases: a round renews what is held every ``Work.renew_every()`` seconds, so a
 slow unit keeps its rows and a daemon that dies lets them lapse within one lease.
+
+A claim that found less than it asked for ends the claiming: the run ends once the units
+under way are done. Work whose rows fall due all the time (polls) claims again every
+``Work.reclaim_every()`` seconds while units are still under way, so one slow lane does not
+keep what falls due meanwhile for the others waiting until it is done.
 """
 
 from __future__ import annotations
@@ -88,6 +93,12 @@ class Work(Protocol[U, R]):
         """Seconds between two renewals of the claims held."""
         ...
 
+    def reclaim_every(self) -> float | None:
+        """Seconds after a claim that found less than it asked for before the next claim, while
+        units are still under way; None: no claim after such a one (the run ends when they are).
+        """
+        ...
+
     async def round(self, results: list[R], claim: int, *, renew: bool) -> Claimed[U, R]:
         """Write ``results``, renew the claims held when ``renew``, claim up to ``claim``."""
         ...
@@ -122,6 +133,7 @@ class Pipeline(Generic[U, R]):
         self._round_done.set()
         self._hold_off_until = 0.0
         self._renew_at = math.inf  #: monotonic time of the next renewal
+        self._claimed_at = 0.0  #: monotonic time of the last claim
         self._wake = asyncio.Event()
         self._error: Exception | None = None
         self.started_at = time.monotonic()
@@ -148,6 +160,8 @@ class Pipeline(Generic[U, R]):
                 if self._error is not None:
                     raise self._error
                 stopping = self._until is not None and self._until.is_set()
+                reclaim_in = None if may_claim else self._reclaim_due()
+                may_claim = may_claim or reclaim_in == 0.0
                 claim = self._work.claim_size(self) if may_claim and not stopping else 0
                 write_in = self._write_due()
                 renew_in = self._renew_due()
@@ -167,7 +181,7 @@ class Pipeline(Generic[U, R]):
                     continue
                 if not self._workers:
                     return self.performed
-                waits = [w for w in (write_in, renew_in) if w is not None]
+                waits = [w for w in (write_in, renew_in, reclaim_in) if w is not None and w > 0]
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(waits) if waits else None):
                         await self._wake.wait()
@@ -181,6 +195,8 @@ class Pipeline(Generic[U, R]):
         if results:
             written, self._finished = self._finished, []
         # Shielded: a cancel must not leave the store round running unawaited.
+        if claim:
+            self._claimed_at = time.monotonic()
         self._store_round = asyncio.create_task(self._work.round(written, claim, renew=renew))
         self._round_done.clear()
         self._hold_off_until = asyncio.get_running_loop().time() + self._work.pace.hold_off
@@ -193,6 +209,16 @@ class Pipeline(Generic[U, R]):
         if renew or (claimed.units and self._renew_at == math.inf):
             self._renew_at = time.monotonic() + self._work.renew_every()
         return claimed
+
+    def _reclaim_due(self) -> float | None:
+        """0 when another claim should be tried now, after one that found less than it asked
+        for, else seconds until then; None when none is to be (no unit is under way, or the
+        work claims no more after such a claim).
+        """
+        every = self._work.reclaim_every()
+        if every is None or not self._workers:
+            return None
+        return max(0.0, self._claimed_at + every - time.monotonic())
 
     def _renew_due(self) -> float | None:
         """0 when the claims held should be renewed now, else seconds until then; None when

@@ -119,6 +119,9 @@ class DeliveryPass:
     def unwritten(self) -> bool:
         return bool(self._left)
 
+    def reclaim_every(self) -> None:
+        return None  # the next pass (every tick, or woken by new events) takes what fell due
+
     async def round(
         self, results: list[AttemptResult], claim: int, *, renew: bool
     ) -> Claimed[Ticket, AttemptResult]:

@@ -26,6 +26,9 @@ log = structlog.get_logger("tracker.poller")
 
 #: the claims a drain still works on are renewed every this share of a lease
 RENEW_SHARE = 0.25
+#: seconds at least between two claims while requests are still out after a claim that found
+#: less than it asked for (each is a write transaction, even when it finds nothing)
+MIN_RECLAIM = 0.2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +71,14 @@ class DrainWork:
     tasks wait for the relay (about one in flight and one queued; at most three claims' worth
     are held), so a lane whose answer came finds its next batch at once: the relay never waits
     for the daemon's own bookkeeping.
+
+    Each upstream's lane counts on its own. A lane holding two claims' worth (its relay slow,
+    down or pausing) does not stop the claims while another lane has room: what a claim brings
+    it beyond three claims' worth is not asked this time but planned as if it had been (its
+    next poll on plan), so the other relays keep their cadence and the full lane's backlog is
+    not held in memory. With a single upstream nothing is put off: the work waits its turn.
+    While requests are out, a drain claims again every ``reclaim_every()`` seconds, so what
+    falls due meanwhile does not wait for the slowest request.
     """
 
     name = "poll"
@@ -79,9 +90,14 @@ class DrainWork:
         settings = poller.settings
         self._size = settings.batch_size * settings.concurrency
         self._width = settings.concurrency
-        #: claimed tasks the relay has not answered about yet (queued or in flight): the next
-        #: claim is taken once fewer than two claims' worth are, so requests never wait for it
-        self._unanswered = 0
+        #: the lanes: one per upstream that a configured platform asks
+        self._lanes = {p.upstream.name for p in poller.platforms.values()}
+        #: claimed tasks each lane's relay has not answered about yet (queued or in flight):
+        #: the next claim is taken once a lane has fewer than two claims' worth, so requests
+        #: never wait for it
+        self._unanswered: dict[str, int] = dict.fromkeys(self._lanes, 0)
+        #: lanes whose put-off tasks the current log line of the drain has warned about
+        self._warned: set[str] = set()
         #: unrecorded batches per claim; these claims are renewed
         self._held: dict[Claim, int] = {}
         #: when the current log line's part of the drain began (monotonic)
@@ -91,10 +107,15 @@ class DrainWork:
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        return self._size if self._unanswered < 2 * self._size else 0
+        # Lanes with room only: a full one (a relay slow or down) does not hold the others up.
+        waiting = [n for n in self._unanswered.values() if n < 2 * self._size]
+        return self._size if waiting and sum(waiting) < 2 * self._size else 0
 
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
+
+    def reclaim_every(self) -> float:
+        return max(self._poller.ahead(), MIN_RECLAIM)
 
     def unwritten(self) -> bool:
         return False
@@ -147,6 +168,7 @@ class DrainWork:
             self.logged = [CycleReport.total([*self.logged, poller.report])]
             await poller.close_line(poller.report, self.started)
             self.started = time.monotonic()
+            self._warned.clear()
         return claimed
 
     def _store_round(
@@ -187,6 +209,7 @@ class DrainWork:
             report.given_up += len(given_up)
             ready.append(_Answered(None, given_up))
         units: list[tuple[str, int, _Batch]] = []
+        put_off: list[TaskUpdate] = []
         for name, tasks in by_platform.items():
             platform = poller.platforms.get(name)
             if platform is None:
@@ -199,10 +222,24 @@ class DrainWork:
             lane = platform.upstream.name
             for i in range(0, len(tasks), size):
                 batch = _Batch(platform, tasks[i : i + size], claim)
+                if self._unanswered.get(lane, 0) >= 3 * self._size:
+                    put_off.extend(poller.planner.unchanged(t, now) for t in batch.tasks)
+                    continue
                 units.append((lane, self._width, batch))
-                self._unanswered += len(batch.tasks)
+                self._unanswered[lane] = self._unanswered.get(lane, 0) + len(batch.tasks)
                 if claim is not None:
                     self._held[claim] = self._held.get(claim, 0) + 1
+            if put_off:
+                if lane not in self._warned:  # once per log line of the drain
+                    self._warned.add(lane)
+                    log.warning(
+                        "poll_put_off",
+                        upstream=lane,
+                        tasks=len(put_off),
+                        reason="its requests are slow or failing: the other upstreams go first",
+                    )
+                ready.append(_Answered(None, put_off))
+                put_off = []
         return Claimed(units=units, ready=ready, more=len(due) == self._size)
 
     def _release(self, claim: Claim) -> None:
@@ -214,7 +251,7 @@ class DrainWork:
         try:
             got = await self._poller.ask(unit.platform, unit.tasks)
         finally:
-            self._unanswered -= len(unit.tasks)
+            self._unanswered[unit.platform.upstream.name] -= len(unit.tasks)
         if isinstance(got, Answer):
             return _Answered(unit, [], got)
         return _Answered(unit, got)
