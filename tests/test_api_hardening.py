@@ -361,3 +361,50 @@ async def test_values_postgresql_would_refuse_are_answered_without_asking_it(
     registered = await api.register(ids=["nul"], metadata={"k": "a\x00b"})
     assert 201 == registered.status_code
     assert {"k": "a\x00b"} == (await api.get("/v1/tasks/luma/nul")).json()["metadata"]
+
+
+# -- an open API (no token) and web pages -------------------------------------------------------
+
+#: what a browser adds to a request a page on another site makes (a form post, a fetch)
+CROSS_SITE = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+
+
+async def test_with_no_token_programs_are_served_and_web_pages_are_refused(
+    api_for: Callable[..., Any],
+) -> None:
+    """An open API on loopback: a program (no Origin, a loopback Host) registers and reads; a
+    cross-site page's POST (a body with no content type, as a fetch sends a Blob) and its
+    bodiless redeliver are 403 and change nothing; a DNS-rebound page (Host naming its own
+    site) can read nothing, the dashboard included; the browser's own same-origin requests
+    (the dashboard's forms) pass."""
+    api = await api_for(server={"api_tokens": []})
+    client = api.client
+    port = api.daemon.api_port
+    body = b'{"platform": "luma", "ids": ["by-a-program"]}'
+    assert 201 == (await client.post("/v1/tasks", content=body)).status_code
+
+    page = b'{"platform": "luma", "ids": ["by-a-page"]}'
+    refused = await client.post("/v1/tasks", content=page, headers=CROSS_SITE)
+    assert 403 == refused.status_code
+    assert "web page" in refused.json()["error"]
+    assert "api_tokens" in refused.json()["error"]
+    form = {"Origin": "https://evil.example"}  # an older browser: Origin only
+    assert 403 == (await client.post("/v1/deliveries/1/redeliver", headers=form)).status_code
+    rebound = {"Host": f"evil.example:{port}"}
+    for path in ("/v1/tasks", "/ui/login", "/metrics"):
+        answer = await client.get(path, headers=rebound)
+        assert 403 == answer.status_code, path
+        assert "not a loopback address" in answer.json()["error"]
+    same_origin = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert 200 == (await client.get("/ui/login", headers=same_origin)).status_code
+    assert 200 == (await client.get("/v1/tasks", headers={"Host": f"localhost:{port}"})).status_code
+
+    ids = [t["task_id"] for t in (await client.get("/v1/tasks")).json()["tasks"]]
+    assert ["by-a-program"] == ids
+
+
+async def test_with_a_token_the_host_and_origin_are_not_judged(api: Api) -> None:
+    """With tokens configured the token decides: a reverse proxy's Host or a page's Origin
+    does not refuse a request that carries it."""
+    headers = {**TOKEN, **CROSS_SITE, "Host": "tracker.example.com"}
+    assert 200 == (await api.client.get("/v1/tasks", headers=headers)).status_code

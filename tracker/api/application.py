@@ -87,4 +87,5 @@ def build(*, store: Store, platforms: Sequence[str], state: ApiState, clock: Clo
     for router in (ops.router, ops.protected, tasks.router, deliveries.router):
         app.include_router(router)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(auth.WebPageGuard, state=state)
     return app
