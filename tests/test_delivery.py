@@ -1066,6 +1066,31 @@ async def test_events_for_an_endpoint_removed_from_the_config_wait_for_it_to_com
     assert other.url == only(store).log[-1].url
 
 
+async def test_events_for_the_default_url_follow_it_when_a_reload_moves_it(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, other: WebhookReceiver
+) -> None:
+    """The app moved: [webhooks].url changes while its event is being retried. The next
+    attempt goes to the new URL (not to the old host until it dies); with no default URL at
+    all the event is held, not sent, and retried."""
+    complete(store, clock, hook_settings(receiver.url))
+    receiver.default = Reply(status=503)
+    async with deliverer_for(store, clock, hook_settings(receiver.url)) as deliverer:
+        await deliverer.run_once()
+        assert ("pending", 1) == (only(store).state, receiver.count)
+        deliverer.configure(hook_settings(None))
+        clock.advance(100)
+        await deliverer.run_once()
+        held = only(store)
+        assert ("pending", 1) == (held.state, receiver.count)
+        assert "no [webhooks].url in the config: not sent" == held.last_error
+        deliverer.configure(hook_settings(other.url))
+        clock.advance(100)
+        await deliverer.run_once()
+
+    assert ["task.completed"] == [verify(r, SECRET)["type"] for r in other.received]
+    assert ("delivered", other.url) == (only(store).state, only(store).url)
+
+
 # -- a re-queue while the pass holds the delivery ----------------------------------------------
 
 

@@ -128,6 +128,16 @@ class Sender:
             if named.url != job.url:
                 # The endpoint's URL now, as its secret is the one it has now.
                 job = dataclasses.replace(job, url=named.url)
+        elif not job.guarded:
+            # The default target ([webhooks].url; a registration's own webhook_url is guarded):
+            # likewise where the config points now, as an app that moved is found again.
+            default = self._settings.url
+            if default is None:
+                error = "no [webhooks].url in the config: not sent"
+                job = job if decide_as is None else decide_as()
+                return self._result(job, now, started, retry.Outcome(error=error), b"", fatal=False)
+            if default != job.url:
+                job = dataclasses.replace(job, url=default)
         outcome, excerpt, fatal = await self._exchange(job, now)
         if decide_as is not None:
             job = dataclasses.replace(decide_as(), url=job.url)
