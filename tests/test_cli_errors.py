@@ -318,3 +318,31 @@ def test_check_config_refuses_an_unreadable_database_url_without_echoing_it(
     assert (2, "") == (code, out)
     assert json_error(err)["error"].startswith("database.url: not a database URL")
     assert PASSWORD not in err
+
+
+def test_check_config_hides_a_password_given_as_a_query_parameter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libpq also takes the password as ?password=: it is shown as *** like the other."""
+    url = f"postgresql+psycopg://postgres@db.example:5432/t?password={PASSWORD}&sslmode=require"
+    path = postgres_config(tmp_path, url)
+
+    code, out, err = run(capsys, "--json", "check-config", "--config", str(path))
+
+    assert 0 == code, err
+    assert PASSWORD not in out + err
+    assert json.loads(out)["database"].endswith("/t?password=%2A%2A%2A&sslmode=require")
+
+
+def test_check_config_refuses_a_password_with_a_bare_at_sign_without_showing_any_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An "@" in a password must be %-encoded; unencoded, the URL reads as a host holding the
+    password's end, so it is refused as unreadable, not shown with that end as the host."""
+    path = postgres_config(tmp_path, "postgresql://postgres:pass@word42@db.example:5432/t")
+
+    code, out, err = run(capsys, "--json", "check-config", "--config", str(path))
+
+    assert (2, "") == (code, out)
+    assert json_error(err)["error"].startswith("database.url: not a database URL")
+    assert "word42" not in err

@@ -92,6 +92,10 @@ def check_database(url: str) -> None:
         raise StartupError(problem, ExitCode.DATABASE)
 
 
+#: query parameters of a database URL that carry a secret (libpq takes a password there too)
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
 def shown_url(url: str) -> str | None:
     """``url`` as it may be shown (in a line, a log, check-config), its password as ***; None
     when SQLAlchemy cannot read it.
@@ -99,9 +103,13 @@ def shown_url(url: str) -> str | None:
     from sqlalchemy.engine import make_url  # noqa: PLC0415 - cold path
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):
         return None
+    if "@" in (parsed.host or ""):
+        return None  # a password with a bare "@": part of it would show as the host
+    hidden = {k: "***" for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS}
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
 def unreachable(url: str, exc: sa_exc.SQLAlchemyError) -> StartupError:
