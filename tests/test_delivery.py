@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -22,12 +23,14 @@ from pydantic import SecretStr
 from tracker import config, events, signing, ssrf, status
 from tracker.clock import Clock, FakeClock, SystemClock
 from tracker.delivery import Deliverer, passes
-from tracker.delivery.outbox import LEASE
+from tracker.delivery.outbox import LEASE, Round
 from tracker.delivery.sending import EXCERPT_BYTES
+from tracker.limits import Load, Ticket
 from tracker.metrics import Metrics
-from tracker.status import TaskStatus
+from tracker.retry import DeliveryState
+from tracker.status import EventType, TaskStatus
 from tracker.store import Registration, SqlStore, TaskUpdate
-from tracker.store.records import DeliveryRecord, DueTask
+from tracker.store.records import AttemptResult, DeliveryJob, DeliveryRecord, DueTask
 from tracker.store.sql import deliveries
 from tracker.testing.receiver import Received, Reply, WebhookReceiver
 
@@ -1126,3 +1129,95 @@ async def test_a_delivery_requeued_while_this_pass_holds_it_is_sent_once_on_the_
     after = outbox(store)[1]
     assert ("pending", 1) == (after.state, after.attempts)
     assert 1 == len(after.log)
+
+
+class _HeldSender:
+    """Sends nothing until told: each attempt fails, dead from the 4th on (the schedule)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.sent: list[DeliveryJob] = []
+
+    async def send(
+        self, job: DeliveryJob, *, decide_as: Callable[[], DeliveryJob] | None = None
+    ) -> AttemptResult:
+        self.sent.append(job)
+        await self.go.wait()
+        decided = job if decide_as is None else decide_as()
+        state = DeliveryState.DEAD if decided.attempts >= 3 else DeliveryState.PENDING
+        return AttemptResult(decided, datetime.now(UTC), 500, "refused", 1.0, "", state, None)
+
+
+class _ScriptedOutbox:
+    """Each store round answers what the test scripted for it, and keeps what it was given."""
+
+    lease = 6.0
+
+    def __init__(self) -> None:
+        self.rounds: list[Callable[[], Awaitable[Round]]] = []
+        self.written: list[list[AttemptResult]] = []
+
+    async def round(self, batch: list[AttemptResult], claim: int, **_: object) -> Round:
+        self.written.append(list(batch))
+        return await self.rounds.pop(0)()
+
+
+class _OpenAdmission:
+    settings = hook_settings("http://h.example/hooks")
+
+    def admit(self, job: DeliveryJob) -> Ticket:
+        return Ticket(job, "h.example", Load(), None, math.inf)
+
+    async def take_slots(self, _ticket: Ticket) -> list[asyncio.Semaphore]:
+        return []
+
+    def release(self, _ticket: Ticket) -> None:
+        pass
+
+
+def _claimed(attempts: int, token: float) -> DeliveryJob:
+    return DeliveryJob(
+        pk=1, webhook_id="msg_1", task_pk=1, platform="luma", task_id="t", payload=b"{}",
+        event_type=EventType.COMPLETED, url="http://h.example/hooks", endpoint=None,
+        guarded=False, attempts=attempts, lease_until=token,
+    )  # fmt: skip
+
+
+async def test_an_attempt_ended_in_the_round_reclaiming_it_after_a_requeue_moves_nothing() -> None:
+    """The narrowest case of a re-queue: the attempt on the last retry is in flight, a renewal
+    finds the claim gone (re-queued), and the attempt ends while the round claiming the
+    delivery again runs. That attempt is written to move nothing (its schedule was replaced),
+    and the delivery is sent again under the new claim, on the schedule started again."""
+    sender, outbox = _HeldSender(), _ScriptedOutbox()
+    work = passes.DeliveryPass(
+        admission=_OpenAdmission(),  # type: ignore[arg-type]
+        sender=sender,  # type: ignore[arg-type]
+        outbox=outbox,  # type: ignore[arg-type]
+        refill=True,
+        until=None,
+    )
+
+    async def first() -> Round:
+        return Round(jobs=[_claimed(3, 100.0)], renewed=set(), until=0.0)
+
+    async def requeued_and_claimed_again() -> Round:
+        sender.go.set()  # the attempt ends while this round runs
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return Round(jobs=[_claimed(0, 200.0)], renewed=set(), until=0.0)
+
+    async def last() -> Round:
+        return Round(jobs=[], renewed=set(), until=0.0)
+
+    outbox.rounds += [first, requeued_and_claimed_again, last]
+    [(_, _, ticket)] = (await work.round([], 1, renew=False)).units
+    attempt = asyncio.create_task(work.perform(ticket))
+    await asyncio.sleep(0)
+    again = await work.round([], 1, renew=True)
+    stale = await attempt
+    assert stale is not None
+    await work.round([stale], 0, renew=False)
+
+    assert [0] == [job.attempts for _, _, t in again.units for job in [t.job]]
+    [written] = outbox.written[-1]
+    assert math.isnan(written.job.lease_until or 0.0)  # no lease equals it: moves nothing

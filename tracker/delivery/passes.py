@@ -145,11 +145,11 @@ class DeliveryPass:
                 # sends it, or decides what its attempt means, as this claim has it.
                 ticket.job = job
                 new = False
-            elif pk in self._leases:
+            elif pk in self._decided:
                 # Its attempt is over, to be written: as this claim's, unless a re-queue has
                 # started its schedule again since; then that attempt moves nothing and this
-                # claim is sent anew.
-                new = self._decided.get(pk, job.attempts) != job.attempts
+                # claim is sent anew. (Its lease may be gone: a renewal found it re-queued.)
+                new = self._decided[pk] != job.attempts
                 if new:
                     self._superseded.add(pk)
             else:
