@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 import standardwebhooks
 
-from tracker import config, signing
+from tracker import config, sdnotify, signing
 from tracker.store import SqlStore
 from tracker.testing import browser
 from tracker.testing.daemon import Daemon as TrackerProcess
@@ -282,3 +282,26 @@ def _listening() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
+
+
+class RecordingNotifier(sdnotify.Notifier):
+    """A notifier that keeps what it would have sent to systemd (with a watchdog when
+    ``watchdog_usec`` is given)."""
+
+    def __init__(self, watchdog_usec: int | None = None) -> None:
+        super().__init__("/nonexistent/notify", watchdog_usec=watchdog_usec)
+        self.sent: list[str] = []
+
+    def send(self, message: str) -> bool:
+        """Record the datagram instead of sending it."""
+        self.sent.append(message)
+        return True
+
+
+@pytest.fixture(name="document")
+def _document(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> dict[str, Any]:
+    """The base config document against the fixture relay and receiver, polling fast."""
+    return merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {"poll": {"interval": 0.2, "max_interval": 1}},
+    )

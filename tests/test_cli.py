@@ -35,7 +35,11 @@ def _config_file(tmp_path: Path, relay: SimulatedRelay, sqlite_url: str) -> Path
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    """The exit code and what `tracker ARGV` printed to stdout and stderr (in this process)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse's own exits (--help); the code is what a shell sees
+        code = int(str(exc.code))
     out, err = capsys.readouterr()
     return code, out, err
 

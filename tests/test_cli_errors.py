@@ -13,30 +13,14 @@ from typing import Any
 import pydantic
 import pytest
 from conftest import base_config, toml_text
+from test_cli import _config_file, run  # noqa: F401 - _config_file is the config_file fixture
 
 from tracker import cli
 from tracker.api import limits, models, strict_json
 from tracker.cli import parsing
 from tracker.status import TaskStatus
-from tracker.testing.simulator import SimulatedRelay
 
 PASSWORD = "hunter2pw"
-
-
-@pytest.fixture(name="config_file")
-def _config_file(tmp_path: Path, relay: SimulatedRelay, sqlite_url: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(toml_text(base_config(relay.base_url, "http://127.0.0.1:9/hooks", sqlite_url)))
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:  # how argparse used to refuse; the code is what a shell sees
-        code = int(str(exc.code))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def json_error(err: str) -> dict[str, Any]:

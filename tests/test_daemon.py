@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import WEBHOOK_SECRET, base_config, eventually, merge, toml_text
+from conftest import WEBHOOK_SECRET, RecordingNotifier, eventually, merge, toml_text
 
-from tracker import config, database, jobs, logs, routines, sdnotify, signing
+from tracker import config, database, jobs, logs, routines, signing
 from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
@@ -26,28 +26,6 @@ from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
-
-
-class RecordingNotifier(sdnotify.Notifier):
-    """A notifier that keeps what it would have sent to systemd."""
-
-    def __init__(self) -> None:
-        super().__init__("/nonexistent/notify")
-        self.sent: list[str] = []
-
-    def send(self, message: str) -> bool:
-        """Record the datagram instead of sending it."""
-        self.sent.append(message)
-        return True
-
-
-@pytest.fixture(name="document")
-def _document(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> dict[str, Any]:
-    """The base config document against the fixture relay and receiver, polling fast."""
-    return merge(
-        base_config(relay.base_url, receiver.url, sqlite_url),
-        {"poll": {"interval": 0.2, "max_interval": 1}},
-    )
 
 
 @pytest.fixture(name="restore_logging")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import base_config, merge
+from conftest import RecordingNotifier, base_config, merge
 
-from tracker import compose, config, sdnotify
+from tracker import compose, config
 from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.startup import DatabaseLock, ExitCode, StartupError
@@ -21,19 +21,6 @@ from tracker.testing.simulator import SimulatedRelay
 
 #: the tasks a started daemon runs besides the scheduler's jobs
 PART_TASKS = {"api", "poll", "watchdog"}
-
-
-class RecordingNotifier(sdnotify.Notifier):
-    """A notifier with a watchdog that keeps what it would have sent to systemd."""
-
-    def __init__(self) -> None:
-        super().__init__("/nonexistent/notify", watchdog_usec=200_000)
-        self.sent: list[str] = []
-
-    def send(self, message: str) -> bool:
-        """Record the datagram instead of sending it."""
-        self.sent.append(message)
-        return True
 
 
 @pytest.fixture(name="free_port")
@@ -83,7 +70,7 @@ async def test_a_taken_port_unwinds_the_database_opened_before_it(
     free again and no part runs, before anyone calls stop(); stop() then says STOPPING=1 only.
     """
     database = tmp_path / "t.db"
-    notifier = RecordingNotifier()
+    notifier = RecordingNotifier(watchdog_usec=200_000)
     daemon = Daemon(settings_on(relay, database, listening), notifier=notifier)
 
     with pytest.raises(StartupError) as failure:
@@ -106,7 +93,7 @@ async def test_a_part_failing_after_the_api_started_closes_the_api_and_the_datab
     the watchdog started: the port is closed, the watchdog stopped and the lock free again.
     """
     database = tmp_path / "t.db"
-    notifier = RecordingNotifier()
+    notifier = RecordingNotifier(watchdog_usec=200_000)
     daemon = Daemon(settings_on(relay, database, free_port), notifier=notifier)
     scheduler = daemon.parts.jobs.scheduler
     scheduler.start(paused=True)  # the one real way to make starting the jobs fail
@@ -129,7 +116,7 @@ async def test_a_stop_closes_every_part_that_started(
     and READY=1 came before STOPPING=1.
     """
     database = tmp_path / "t.db"
-    notifier = RecordingNotifier()
+    notifier = RecordingNotifier(watchdog_usec=200_000)
     daemon = Daemon(settings_on(relay, database, free_port), notifier=notifier)
     await daemon.start()
     assert PART_TASKS == part_tasks()
@@ -163,7 +150,7 @@ async def test_build_takes_the_clock_the_transports_and_the_store_it_is_given(
         clock=clock,
         transports=compose.Transports(relay=httpx.MockTransport(answer)),
         store=store,
-        notifier=RecordingNotifier(),
+        notifier=RecordingNotifier(watchdog_usec=200_000),
     )
     try:
         store.create_schema()

@@ -10,37 +10,14 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import base_config, merge, toml_text
+from conftest import RecordingNotifier, merge, toml_text
 
-from tracker import config, sdnotify, startup
+from tracker import config, startup
 from tracker import reload as reloading
 from tracker.app import Daemon
-from tracker.testing.receiver import WebhookReceiver
-from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
 EXAMPLE_SECRET = "whsec_CHANGE+ME+run+tracker+init"
-
-
-class RecordingNotifier(sdnotify.Notifier):
-    """A notifier that keeps what it would have sent to systemd."""
-
-    def __init__(self) -> None:
-        super().__init__("/nonexistent/notify")
-        self.sent: list[str] = []
-
-    def send(self, message: str) -> bool:
-        """Record the datagram instead of sending it."""
-        self.sent.append(message)
-        return True
-
-
-@pytest.fixture(name="document")
-def _document(relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str) -> dict[str, Any]:
-    return merge(
-        base_config(relay.base_url, receiver.url, sqlite_url),
-        {"poll": {"interval": 0.2, "max_interval": 1}},
-    )
 
 
 @pytest.fixture(name="started")
