@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import merge
 from structlog.testing import capture_logs
 
 from tracker import config, events, platforms
@@ -122,38 +123,76 @@ async def test_a_relay_slower_than_a_second_does_not_stretch_the_interval(
     assert quantile(gaps, 0.95) <= 3.3
 
 
+async def polls_beside(
+    running_for: Callable[..., Running],
+    relay: SimulatedRelay,
+    other: SimulatedRelay,
+    *,
+    suno: int,
+    seconds: float,
+    **overrides: Any,
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """30 luma tasks on ``relay`` and ``suno`` suno tasks on ``other`` (a second upstream),
+    interval 1 s, on the real clock for ``seconds``: the gaps between two polls of each luma
+    task at its relay, and the log."""
+    sections = {
+        "upstreams": {"other": {"base_url": other.base_url, "api_key": "sk-sim", "timeout": 5}},
+        "platforms": {"suno": {"upstream": "other"}},
+        "poll": {"interval": 1, "max_interval": 1},
+    }
+    running = running_for(**merge(sections, overrides))
+    luma, others = [f"f{n}" for n in range(30)], [f"s{n}" for n in range(suno)]
+    for task_id in luma:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    for task_id in others:
+        other.set("suno", task_id, "IN_PROGRESS", "50%")
+    with capture_logs() as logs:
+        running.register(*luma)
+        running.store.register(Registration("suno", others), running.clock.now())
+        await asyncio.sleep(seconds)
+        await running.close()
+    return [g for per_task in poll_gaps(relay.requests).values() for g in per_task], logs
+
+
 async def test_a_slow_relay_does_not_hold_up_the_polls_of_another(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
-    """Suno on a second relay that takes 2.5 s per answer, luma on the usual one, interval 1 s,
-    batches of 10 two at a time, on the real clock: luma's 30 tasks are still asked every
-    second at their relay, although suno's 100 fill its lane many times over; suno's relay is
-    still asked, and the log names the upstream whose polls are put off."""
+    """Suno on a second relay answering in 2.5 s, luma on the usual one, interval 1 s, real
+    clock: luma's tasks are still asked every second at their relay; the drain does not wait
+    for suno's answers before it claims what falls due meanwhile."""
     with SimulatedRelay(step=0.0) as slow:
         slow.latency = 2.5
-        running = running_for(
-            upstreams={"slow": {"base_url": slow.base_url, "api_key": "sk-sim", "timeout": 5}},
-            platforms={"suno": {"upstream": "slow"}},
-            poll={"interval": 1, "max_interval": 1, "batch_size": 10, "concurrency": 2},
-        )
-        fast_ids = [f"f{n}" for n in range(30)]
-        for task_id in fast_ids:
-            relay.set("luma", task_id, "IN_PROGRESS", "50%")
-        with capture_logs() as logs:
-            running.register(*fast_ids)
-            running.store.register(
-                Registration("suno", [f"s{n}" for n in range(100)]), running.clock.now()
-            )
-            await asyncio.sleep(6)
-            await running.close()
+        gaps, _ = await polls_beside(running_for, relay, slow, suno=100, seconds=6)
 
-    gaps = [g for per_task in poll_gaps(relay.requests).values() for g in per_task]
     assert len(gaps) >= 30 * 4
     assert quantile(gaps, 0.95) <= 1.3
-    assert len(slow.requests) >= 4
-    put_off = [e for e in logs if e["event"] == "poll_put_off"]
-    assert put_off
-    assert {"slow"} == {e["upstream"] for e in put_off}
+    assert len(slow.requests) >= 2
+
+
+async def test_a_relay_that_does_not_answer_does_not_hold_up_the_polls_of_another(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Suno's relay answers nothing within its 0.5 s timeout, and its 200 tasks are more than
+    the drain's claims hold (batches of 10, two at a time): after its first timeouts it is
+    paused (longer at each failure in a row) and its tasks planned for the pause's end, not
+    held in its lane, so luma's tasks on the other relay are still asked about every second."""
+    with SimulatedRelay(step=0.0) as down:
+        down.latency = 5.0
+        gaps, logs = await polls_beside(
+            running_for,
+            relay,
+            down,
+            suno=200,
+            seconds=8,
+            upstreams={"other": {"timeout": 0.5}},
+            poll={"batch_size": 10, "concurrency": 2},
+        )
+
+    assert len(gaps) >= 30 * 6
+    assert 0.9 <= statistics.median(gaps) <= 1.1
+    assert quantile(gaps, 0.9) <= 1.6
+    pauses = [e["relay_paused_seconds"] for e in logs if "relay_paused_seconds" in e]
+    assert max(pauses) > 2.0  # doubled for failures in a row
 
 
 async def test_a_registration_wakes_the_engine_at_once(

@@ -22,7 +22,7 @@ from tracker import config, events, platforms
 from tracker.clock import FakeClock, SystemClock
 from tracker.metrics import Metrics
 from tracker.platforms.base import UpstreamError
-from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller
+from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller, rounds
 from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
 from tracker.poller.rounds import DrainWork
 from tracker.store import Registration, SqlStore
@@ -197,7 +197,8 @@ async def test_batches_respect_batch_size_and_concurrency(
     assert all(r.headers["authorization"] == "Bearer sk-sim" for r in relay.requests)
 
 
-@pytest.mark.parametrize("fault", ["http_500", "http_429", "code_error", "bad_json", "wrong_shape"])
+# A 429 pauses the relay for real seconds first: its own tests are below.
+@pytest.mark.parametrize("fault", ["http_500", "code_error", "bad_json", "wrong_shape"])
 async def test_relay_errors_change_nothing_and_ask_again_next_cycle(
     rig: Rig, relay: SimulatedRelay, fault: str
 ) -> None:
@@ -243,23 +244,30 @@ async def test_a_relay_error_quoting_the_key_reaches_neither_the_log_nor_the_das
 async def test_a_relay_answering_429_is_asked_nothing_more_for_its_retry_after(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
-    """Real time: the relay answers the first request 429 with Retry-After: 1. The next
-    request to it goes out a second later, not at once; the wait counts as the platform's
-    rate wait, so the lag warning names its rate_limit; the log line says the pause."""
+    """Real time: the relay answers the first request 429 with Retry-After: 1. The batches
+    behind it are neither sent into the pause nor held in their lane (where they would hold up
+    every other relay's claims): planned for the pause's end, they go out a second later. The
+    wait counts as the platform's rate wait, so the lag warning names its rate_limit; the log
+    line says the pause."""
     rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
     rig.register("t1", "t2", "t3")
     relay.fail_next("http_429")
     with capture_logs() as logs:
         report = await rig.cycle()
 
-    sent = sorted(r.at for r in relay.requests)
-    assert 3 == len(sent)
-    assert sent[1] - sent[0] >= 0.95
-    assert sent[2] - sent[1] < 0.5  # once, not before every request
+    assert 1 == len(relay.requests)
     assert report.rate_waits["luma"] >= 0.9
     assert "platforms.luma.rate_limit" == PollEngine(rig.poller, rig.clock).helpful_setting(report)
     [line] = [e for e in logs if e["event"] == "upstream_error"]
     assert 1.0 == line["relay_paused_seconds"]
+    planned = [next_poll_at(rig, task_id) for task_id in ("t2", "t3")]
+    assert all(0.9 <= p - rig.clock.now().timestamp() <= 1.0 for p in planned)
+
+    await asyncio.sleep(1.0)  # the pause, on the real clock
+    await rig.cycle(advance=1.0)
+    sent = sorted(r.at for r in relay.requests)
+    assert 4 == len(sent)  # t1 again (retried an interval on), t2 and t3
+    assert sent[1] - sent[0] >= 0.95
 
 
 async def test_a_drain_told_to_stop_does_not_wait_out_a_relays_pause(
@@ -304,10 +312,20 @@ def test_the_relays_pause_follows_its_retry_after_within_bounds(
     assert pause == relay_pause(error, now)
 
 
-def test_a_failed_connection_pauses_nothing() -> None:
-    """Only an answer can ask for a pause; a timeout or a refused connection is retried as
-    usual."""
-    assert relay_pause(httpx.ConnectError("refused"), datetime(2026, 1, 1, tzinfo=UTC)) is None
+@pytest.mark.parametrize(
+    "error", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.ReadError("reset")]
+)
+def test_a_relay_that_does_not_answer_is_paused_longer_for_each_failure_in_a_row(
+    error: httpx.TransportError,
+) -> None:
+    """No answer at all (refused, reset, timed out): RELAY_PAUSE, doubled for each failure in
+    a row, at most MAX_RELAY_PAUSE; while it is down the relay gets a round of requests now
+    and then, not every batch waiting out its timeout."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    pauses = [relay_pause(error, now, failures) for failures in (1, 2, 3, 4, 5, 50)]
+
+    assert [2.0, 4.0, 8.0, 16.0, 30.0, 30.0] == pauses
+    assert relay_pause(UpstreamError("HTTP 500: boom", status_code=500), now, 5) is None
 
 
 async def test_relay_timeout_changes_nothing(
@@ -931,3 +949,17 @@ async def test_a_large_answer_is_read_and_decided_in_parts_with_other_work_in_be
     assert [100, 100, 50] == [size for size, _ in seen]
     assert seen[0][1] < seen[1][1] < seen[2][1]
     assert 250 == sum(1 for t in ids if rig.task(t).status == "in_progress")
+
+
+def test_a_drain_takes_no_claim_after_ten_intervals_so_the_engines_chores_run(rig: Rig) -> None:
+    """A drain kept going by claims (a slow relay and tasks falling due all the time, or
+    more work than fits) stops claiming after ten intervals, at least 10 s, and ends once its
+    requests are answered: the clock-step check, a reload's pull-in and its new batch size run
+    between two drains."""
+    interval = rig.settings.poll.interval
+    span = max(interval * rounds.DRAIN_INTERVALS, rounds.MIN_DRAIN_SPAN)
+    size = rig.settings.poll.batch_size * rig.settings.poll.concurrency
+    fresh = DrainWork(rig.poller, time.monotonic())
+    old = DrainWork(rig.poller, time.monotonic() - span - 0.01)
+
+    assert (10.0, size, 0) == (span, fresh.claim_size(None), old.claim_size(None))  # type: ignore[arg-type]

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -47,10 +46,11 @@ META_EVERY = 5.0
 #: tasks decided between two yields to the event loop: a 1,000-task answer decided in one go
 #: would hold up the API's requests on the same loop for tens of milliseconds
 DECIDE_CHUNK = 100
-#: seconds a relay is asked nothing after a 429 Too Many Requests without Retry-After ...
+#: seconds a relay is asked nothing after a 429 Too Many Requests without Retry-After, or
+#: after a request it did not answer at all (doubled for each such failure in a row) ...
 RELAY_PAUSE = 2.0
-#: ... and the most its Retry-After may pause it: polls then run late, which the lag gauge,
-#: the lag warning and /readyz tell, rather than stopping on the relay's word
+#: ... and the most its Retry-After or its failures may pause it: polls then run late, which
+#: the lag gauge, the lag warning and /readyz tell, rather than stopping on the relay's word
 MAX_RELAY_PAUSE = 30.0
 
 
@@ -91,10 +91,10 @@ class Poller:
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
         #: monotonic time until which each relay (by upstream name) is asked nothing: it
-        #: answered 429 Too Many Requests (or 503 with a Retry-After)
+        #: answered 429 Too Many Requests (or 503 with a Retry-After), or did not answer
         self._paused: dict[str, float] = {}
-        #: set when the drain under way is to stop (run_cycle's ``until``)
-        self._until: asyncio.Event | None = None
+        #: upstream name -> its requests that failed in a row without an answer
+        self._failures: dict[str, int] = {}
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -158,7 +158,6 @@ class Poller:
             await self.store_worker.call(self.store.pull_in, latest)
             self._pull_in = False  # only once done: a failed pull-in is tried at the next drain
         drain = DrainWork(self, started)
-        self._until = until
         await Pipeline(drain, until=until).run()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
@@ -195,9 +194,12 @@ class Poller:
         upstream = platform.upstream
         paused = self._paused.get(upstream.name, 0.0) - time.monotonic()
         if paused > 0:
-            if not await self._hold(paused):
-                return []  # stopping: the claim lapses, and the tasks fall due again
+            # Not waited out here: a batch waiting in its lane counts against the claims of
+            # every upstream, so one relay's pause would stop the polls of all. Asked again
+            # when the pause is over; the wait counts as the platform's rate wait.
             self._count_wait(platform, paused)
+            now = self.clock.now()
+            return [self.planner.later(t, now, paused) for t in tasks]
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
             before = limiter.waited
@@ -225,7 +227,8 @@ class Poller:
             # error, the key never goes further.
             error = sanitize.redact(_describe(exc), (upstream.api_key,))
             self.metrics.activity.relay_error(platform.name, code, error)
-            pause = relay_pause(exc, self.clock.now())
+            failures = self._failures[upstream.name] = self._failures.get(upstream.name, 0) + 1
+            pause = relay_pause(exc, self.clock.now(), failures)
             if pause is not None:
                 until = time.monotonic() + pause
                 self._paused[upstream.name] = max(self._paused.get(upstream.name, 0.0), until)
@@ -239,20 +242,9 @@ class Poller:
             now = self.clock.now()
             return [self.planner.retry(t, now) for t in tasks]
         self.report_relay(platform.upstream, None)
+        self._failures.pop(upstream.name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
-
-    async def _hold(self, seconds: float) -> bool:
-        """Wait ``seconds`` for a relay that asked for a pause; False when the drain is told to
-        stop first (a stop never waits for a relay's Retry-After)."""
-        until = self._until
-        if until is None:
-            await asyncio.sleep(seconds)
-            return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await until.wait()
-        return not until.is_set()
 
     def _count_wait(self, platform: Platform, seconds: float) -> None:
         """Seconds a request of ``platform`` waited for the relay's limits (ours or its own),
@@ -291,9 +283,17 @@ class Poller:
             self.on_events()
 
 
-def relay_pause(exc: Exception, now: datetime) -> float | None:
-    """Seconds the relay asked to be left alone (a 429, or a 503 with a Retry-After), at most
-    MAX_RELAY_PAUSE; None when its answer asked nothing of the kind."""
+def relay_pause(exc: Exception, now: datetime, failures: int = 1) -> float | None:
+    """Seconds the relay is left alone after ``exc``, at most MAX_RELAY_PAUSE; None when it
+    answered in a way that asks for no pause.
+
+    A 429, or a 503 with a Retry-After, pauses it as long as it asked. A relay that did not
+    answer at all (a timeout, a refused or reset connection), ``failures`` times in a row, is
+    paused RELAY_PAUSE, twice as long for each failure more: while it is down it gets one
+    round of requests now and then, not every batch waiting out its timeout.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return min(RELAY_PAUSE * 2.0 ** min(failures - 1, 8), MAX_RELAY_PAUSE)
     if not isinstance(exc, UpstreamError):
         return None
     asked = parse_retry_after(exc.retry_after, now)

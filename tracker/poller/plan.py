@@ -191,6 +191,13 @@ class Planner:
             set_aside_until=self.set_aside_until(epoch),
         )
 
+    def later(self, task: DueTask, now: datetime, seconds: float) -> TaskUpdate:
+        """Not asked now (its relay asked for a pause): asked again ``seconds`` on."""
+        epoch = now.timestamp()
+        return TaskUpdate(
+            task, next_poll_at=epoch + seconds, set_aside_until=self.set_aside_until(epoch)
+        )
+
     def retry(self, task: DueTask, now: datetime) -> TaskUpdate:
         """After an unusable answer: asked again one interval on, not after the back-off."""
         epoch = now.timestamp()

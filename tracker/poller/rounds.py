@@ -29,6 +29,11 @@ RENEW_SHARE = 0.25
 #: seconds at least between two claims while requests are still out after a claim that found
 #: less than it asked for (each is a write transaction, even when it finds nothing)
 MIN_RECLAIM = 0.2
+#: a drain takes no claim after this many intervals (and this many seconds at least): it
+#: ends once its requests are answered, and the engine's chores between two drains (a clock
+#: step, a reload's pull-in and new batch size) run before the next one starts
+DRAIN_INTERVALS = 10
+MIN_DRAIN_SPAN = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,13 +77,9 @@ class DrainWork:
     are held), so a lane whose answer came finds its next batch at once: the relay never waits
     for the daemon's own bookkeeping.
 
-    Each upstream's lane counts on its own. A lane holding two claims' worth (its relay slow,
-    down or pausing) does not stop the claims while another lane has room: what a claim brings
-    it beyond three claims' worth is not asked this time but planned as if it had been (its
-    next poll on plan), so the other relays keep their cadence and the full lane's backlog is
-    not held in memory. With a single upstream nothing is put off: the work waits its turn.
     While requests are out, a drain claims again every ``reclaim_every()`` seconds, so what
-    falls due meanwhile does not wait for the slowest request.
+    falls due meanwhile does not wait for the slowest request; after DRAIN_INTERVALS intervals
+    it claims no more and ends.
     """
 
     name = "poll"
@@ -90,14 +91,11 @@ class DrainWork:
         settings = poller.settings
         self._size = settings.batch_size * settings.concurrency
         self._width = settings.concurrency
-        #: the lanes: one per upstream that a configured platform asks
-        self._lanes = {p.upstream.name for p in poller.platforms.values()}
-        #: claimed tasks each lane's relay has not answered about yet (queued or in flight):
-        #: the next claim is taken once a lane has fewer than two claims' worth, so requests
-        #: never wait for it
-        self._unanswered: dict[str, int] = dict.fromkeys(self._lanes, 0)
-        #: lanes whose put-off tasks the current log line of the drain has warned about
-        self._warned: set[str] = set()
+        #: claimed tasks the relay has not answered about yet (queued or in flight): the next
+        #: claim is taken once fewer than two claims' worth are, so requests never wait for it
+        self._unanswered = 0
+        #: when the drain takes no more claims (monotonic)
+        self._claims_until = started + max(settings.interval * DRAIN_INTERVALS, MIN_DRAIN_SPAN)
         #: unrecorded batches per claim; these claims are renewed
         self._held: dict[Claim, int] = {}
         #: when the current log line's part of the drain began (monotonic)
@@ -107,9 +105,9 @@ class DrainWork:
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        # Lanes with room only: a full one (a relay slow or down) does not hold the others up.
-        waiting = [n for n in self._unanswered.values() if n < 2 * self._size]
-        return self._size if waiting and sum(waiting) < 2 * self._size else 0
+        if self._unanswered >= 2 * self._size or time.monotonic() >= self._claims_until:
+            return 0
+        return self._size
 
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
@@ -168,7 +166,6 @@ class DrainWork:
             self.logged = [CycleReport.total([*self.logged, poller.report])]
             await poller.close_line(poller.report, self.started)
             self.started = time.monotonic()
-            self._warned.clear()
         return claimed
 
     def _store_round(
@@ -209,7 +206,6 @@ class DrainWork:
             report.given_up += len(given_up)
             ready.append(_Answered(None, given_up))
         units: list[tuple[str, int, _Batch]] = []
-        put_off: list[TaskUpdate] = []
         for name, tasks in by_platform.items():
             platform = poller.platforms.get(name)
             if platform is None:
@@ -222,24 +218,10 @@ class DrainWork:
             lane = platform.upstream.name
             for i in range(0, len(tasks), size):
                 batch = _Batch(platform, tasks[i : i + size], claim)
-                if self._unanswered.get(lane, 0) >= 3 * self._size:
-                    put_off.extend(poller.planner.unchanged(t, now) for t in batch.tasks)
-                    continue
                 units.append((lane, self._width, batch))
-                self._unanswered[lane] = self._unanswered.get(lane, 0) + len(batch.tasks)
+                self._unanswered += len(batch.tasks)
                 if claim is not None:
                     self._held[claim] = self._held.get(claim, 0) + 1
-            if put_off:
-                if lane not in self._warned:  # once per log line of the drain
-                    self._warned.add(lane)
-                    log.warning(
-                        "poll_put_off",
-                        upstream=lane,
-                        tasks=len(put_off),
-                        reason="its requests are slow or failing: the other upstreams go first",
-                    )
-                ready.append(_Answered(None, put_off))
-                put_off = []
         return Claimed(units=units, ready=ready, more=len(due) == self._size)
 
     def _release(self, claim: Claim) -> None:
@@ -251,7 +233,7 @@ class DrainWork:
         try:
             got = await self._poller.ask(unit.platform, unit.tasks)
         finally:
-            self._unanswered[unit.platform.upstream.name] -= len(unit.tasks)
+            self._unanswered -= len(unit.tasks)
         if isinstance(got, Answer):
             return _Answered(unit, [], got)
         return _Answered(unit, got)
