@@ -328,6 +328,25 @@ def test_a_relay_that_does_not_answer_is_paused_longer_for_each_failure_in_a_row
     assert relay_pause(UpstreamError("HTTP 500: boom", status_code=500), now, 5) is None
 
 
+async def test_any_answer_ends_a_row_of_failures_without_one(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """Real time: a reset connection pauses the relay 2 s; an HTTP 500 after it is an answer,
+    if not a useful one, so the next reset starts a new row: 2 s again, not 4."""
+    rig.register("t1")
+    for fault in ("reset", "http_500", "reset"):
+        relay.fail_next(fault)
+    with capture_logs() as logs:
+        await rig.cycle()
+        await asyncio.sleep(RELAY_PAUSE + 0.05)
+        await rig.cycle(advance=1)
+        await rig.cycle(advance=1)
+
+    errors = [e for e in logs if e["event"] == "upstream_error"]
+    assert [RELAY_PAUSE, None, RELAY_PAUSE] == [e.get("relay_paused_seconds") for e in errors]
+    assert 3 == len(relay.requests)
+
+
 async def test_relay_timeout_changes_nothing(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

@@ -93,7 +93,8 @@ class Poller:
         #: monotonic time until which each relay (by upstream name) is asked nothing: it
         #: answered 429 Too Many Requests (or 503 with a Retry-After), or did not answer
         self._paused: dict[str, float] = {}
-        #: upstream name -> its requests that failed in a row without an answer
+        #: upstream name -> its requests that got no answer at all, in a row (any answer ends
+        #: the row)
         self._failures: dict[str, int] = {}
         self.store_worker = StoreWorker("tracker-poll-store")
 
@@ -227,7 +228,12 @@ class Poller:
             # error, the key never goes further.
             error = sanitize.redact(_describe(exc), (upstream.api_key,))
             self.metrics.activity.relay_error(platform.name, code, error)
-            failures = self._failures[upstream.name] = self._failures.get(upstream.name, 0) + 1
+            if isinstance(exc, httpx.TransportError):
+                failures = self._failures.get(upstream.name, 0) + 1
+                self._failures[upstream.name] = failures
+            else:  # it answered, if not usefully: not down
+                failures = 1
+                self._failures.pop(upstream.name, None)
             pause = relay_pause(exc, self.clock.now(), failures)
             if pause is not None:
                 until = time.monotonic() + pause
