@@ -347,6 +347,36 @@ async def test_any_answer_ends_a_row_of_failures_without_one(
     assert 3 == len(relay.requests)
 
 
+async def test_a_relay_that_stopped_answering_is_asked_one_request_at_a_time(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: four batches out at once all reset (one round: paused 2 s, not 16). After
+    the pause, with eight batches due, one request goes out (the probe) and the others are
+    planned for when it has had its time; once it is answered, the relay is asked as usual."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 4})
+    ids = [f"t{n}" for n in range(8)]
+    rig.register(*ids[:4])
+    relay.slow_seconds = 0.2
+    for _ in range(4):
+        relay.fail_next("reset")
+    with capture_logs() as logs:
+        await rig.cycle()
+    pauses = [e["relay_paused_seconds"] for e in logs if e["event"] == "upstream_error"]
+    assert [RELAY_PAUSE] * 4 == pauses
+    relay.clear_requests()
+
+    await asyncio.sleep(RELAY_PAUSE + 0.05)
+    rig.register(*ids[4:])
+    relay.fail_next("slow")  # the probe takes 0.2 s: the other batches see it out
+    report = await rig.cycle(advance=1)
+
+    assert 1 == len(relay.requests)
+    assert 1 == report.requests
+    relay.clear_requests()
+    await rig.cycle(advance=rig.settings.upstream.timeout)
+    assert 7 <= len(relay.requests)
+
+
 async def test_relay_timeout_changes_nothing(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
@@ -972,13 +1002,16 @@ async def test_a_large_answer_is_read_and_decided_in_parts_with_other_work_in_be
 
 def test_a_drain_takes_no_claim_after_ten_intervals_so_the_engines_chores_run(rig: Rig) -> None:
     """A drain kept going by claims (a slow relay and tasks falling due all the time, or
-    more work than fits) stops claiming after ten intervals, at least 10 s, and ends once its
-    requests are answered: the clock-step check, a reload's pull-in and its new batch size run
-    between two drains."""
-    interval = rig.settings.poll.interval
-    span = max(interval * rounds.DRAIN_INTERVALS, rounds.MIN_DRAIN_SPAN)
-    size = rig.settings.poll.batch_size * rig.settings.poll.concurrency
+    more work than fits) stops claiming after ten intervals or ten relay timeouts, the longer
+    (at least 10 s), and ends once its requests are answered: the clock-step check, a
+    reload's pull-in and its new batch size run between two drains."""
+    settings = rig.settings
+    span = max(settings.poll.interval, settings.upstream.timeout) * rounds.DRAIN_INTERVALS
+    size = settings.poll.batch_size * settings.poll.concurrency
     fresh = DrainWork(rig.poller, time.monotonic())
     old = DrainWork(rig.poller, time.monotonic() - span - 0.01)
+    younger = DrainWork(rig.poller, time.monotonic() - span + 1)
 
-    assert (10.0, size, 0) == (span, fresh.claim_size(None), old.claim_size(None))  # type: ignore[arg-type]
+    assert 20.0 == span  # interval 1 s, timeout 2 s: ten timeouts
+    claims = [work.claim_size(None) for work in (fresh, younger, old)]  # type: ignore[arg-type]
+    assert [size, size, 0] == claims

@@ -63,6 +63,30 @@ def test_an_unreachable_relay_is_named_after_three_intervals_without_an_answer()
     assert [] == health.problems()
 
 
+def test_a_relay_answering_only_429_is_named_after_three_intervals() -> None:
+    """Its pauses plan its tasks ahead, so the poll lag cannot show a relay that refuses every
+    request as too many: after three intervals of nothing but 429 it is named, with what
+    would help; any other answer clears it."""
+    clock = FakeClock()
+    health = RelayHealth(clock, interval=10)
+    too_many = UpstreamError("HTTP 429: slow down", status_code=429)
+
+    health.report(RELAY, too_many)
+    clock.advance(25)
+    health.report(RELAY, too_many)
+    early = health.problems()
+    clock.advance(6)
+    late = health.problems()
+    health.report(RELAY, None)
+
+    assert [] == early
+    assert [
+        "relay http://relay.test has answered only 429 Too Many Requests for 31 s (more than "
+        "3 poll intervals): lower the platforms' rate_limit, or ask the relay for a higher limit"
+    ] == late
+    assert [] == health.problems()
+
+
 @pytest.fixture(name="start")
 async def _start() -> AsyncIterator[Callable[..., Any]]:
     made: list[Daemon] = []

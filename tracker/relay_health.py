@@ -1,4 +1,5 @@
-"""Relay problems only a human can fix (a refused key, a relay gone for long), for /readyz."""
+"""Relay problems only a human can fix (a refused key, a relay gone or refusing every request
+for long), for /readyz."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tracker.platforms.base import Upstream, UpstreamError
 UNREACHABLE_INTERVALS = 3
 #: answers that mean the relay refused our key
 REFUSED = frozenset({401, 403})
+#: the answer of a relay that wants fewer requests
+TOO_MANY = 429
 
 
 @dataclasses.dataclass(slots=True)
@@ -23,6 +26,9 @@ class _Relay:
     refused: int | None = None  #: the status code of a refusal not followed by an answer
     silent_since: datetime | None = None  #: first request without an answer since the last
     error: str = ""  #: why the last request got no answer
+    #: first 429 Too Many Requests since the last other answer: its pauses keep the relay's
+    #: tasks planned ahead, so the poll lag does not show a relay that refuses every request
+    limited_since: datetime | None = None
 
 
 class RelayHealth:
@@ -49,6 +55,10 @@ class RelayHealth:
         relay.silent_since = None
         code = error.status_code if isinstance(error, UpstreamError) else None
         relay.refused = code if code in REFUSED else None
+        if code != TOO_MANY:
+            relay.limited_since = None
+        elif relay.limited_since is None:
+            relay.limited_since = self.clock.now()
 
     def problems(self) -> list[str]:
         """What needs a human, one line per relay; never the key itself."""
@@ -67,6 +77,14 @@ class RelayHealth:
                     found.append(
                         f"relay {url} unreachable for {silent:.0f} s ({relay.error}; "
                         f"more than {UNREACHABLE_INTERVALS} poll intervals)"
+                    )
+            elif relay.limited_since is not None:
+                limited = (now - relay.limited_since).total_seconds()
+                if limited > window:
+                    found.append(
+                        f"relay {url} has answered only 429 Too Many Requests for "
+                        f"{limited:.0f} s (more than {UNREACHABLE_INTERVALS} poll intervals): "
+                        "lower the platforms' rate_limit, or ask the relay for a higher limit"
                     )
         return found
 

@@ -93,9 +93,11 @@ class Poller:
         #: monotonic time until which each relay (by upstream name) is asked nothing: it
         #: answered 429 Too Many Requests (or 503 with a Retry-After), or did not answer
         self._paused: dict[str, float] = {}
-        #: upstream name -> its requests that got no answer at all, in a row (any answer ends
-        #: the row)
+        #: upstream name -> its rounds of requests that got no answer at all, in a row (any
+        #: answer ends the row); while it has some, it is asked one request at a time
         self._failures: dict[str, int] = {}
+        #: upstreams whose one request (the probe, after failures) is out
+        self._probing: set[str] = set()
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -193,14 +195,19 @@ class Poller:
         """
         ids = [t.task_id for t in tasks]
         upstream = platform.upstream
-        paused = self._paused.get(upstream.name, 0.0) - time.monotonic()
-        if paused > 0:
+        name = upstream.name
+        paused = self._paused.get(name, 0.0) - time.monotonic()
+        if paused > 0 or name in self._probing:
             # Not waited out here: a batch waiting in its lane counts against the claims of
             # every upstream, so one relay's pause would stop the polls of all. Asked again
-            # when the pause is over; the wait counts as the platform's rate wait.
-            self._count_wait(platform, paused)
+            # when the pause is over, or (a relay that stopped answering gets one request
+            # at a time) when the one out has had its time; beyond the drain's look-ahead,
+            # or the next claim would take the tasks again at once. The wait counts as the
+            # platform's rate wait.
+            wait = paused if paused > 0 else upstream.timeout
+            self._count_wait(platform, wait)
             now = self.clock.now()
-            return [self.planner.later(t, now, paused) for t in tasks]
+            return [self.planner.later(t, now, max(wait, self.ahead())) for t in tasks]
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
             before = limiter.waited
@@ -216,41 +223,59 @@ class Poller:
         self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
         self.metrics.activity.count(Series.POLLS, len(ids))
         asked = self.clock.now()
+        probe = name in self._failures  # its last requests got no answer: one at a time
+        if probe:
+            self._probing.add(name)
         try:
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
-            self.report_relay(platform.upstream, exc)
-            self.report.errors += 1
-            code = _error_code(exc)
-            self.metrics.upstream_requests.labels(platform.name, code).inc()
-            self.metrics.upstream_errors.labels(platform.name, code).inc()
-            # Shown on the dashboard, which has no log redactor: whatever the relay put in its
-            # error, the key never goes further.
-            error = sanitize.redact(_describe(exc), (upstream.api_key,))
-            self.metrics.activity.relay_error(platform.name, code, error)
-            if isinstance(exc, httpx.TransportError):
-                failures = self._failures.get(upstream.name, 0) + 1
-                self._failures[upstream.name] = failures
-            else:  # it answered, if not usefully: not down
-                failures = 1
-                self._failures.pop(upstream.name, None)
-            pause = relay_pause(exc, self.clock.now(), failures)
-            if pause is not None:
-                until = time.monotonic() + pause
-                self._paused[upstream.name] = max(self._paused.get(upstream.name, 0.0), until)
-            log.warning(
-                "upstream_error",
-                platform=platform.name,
-                ids=len(ids),
-                error=error,
-                **({} if pause is None else {"relay_paused_seconds": round(pause, 3)}),
-            )
-            now = self.clock.now()
-            return [self.planner.retry(t, now) for t in tasks]
+            return self._failed(platform, tasks, exc)
+        finally:
+            if probe:
+                self._probing.discard(name)
         self.report_relay(platform.upstream, None)
-        self._failures.pop(upstream.name, None)
+        self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
+
+    def _failed(
+        self, platform: Platform, tasks: Sequence[DueTask], exc: UpstreamError | httpx.HTTPError
+    ) -> list[TaskUpdate]:
+        """Note a request that gave no usable answer; its tasks are asked again later."""
+        upstream = platform.upstream
+        name = upstream.name
+        self.report_relay(upstream, exc)
+        self.report.errors += 1
+        code = _error_code(exc)
+        self.metrics.upstream_requests.labels(platform.name, code).inc()
+        self.metrics.upstream_errors.labels(platform.name, code).inc()
+        # Shown on the dashboard, which has no log redactor: whatever the relay put in its
+        # error, the key never goes further.
+        error = sanitize.redact(_describe(exc), (upstream.api_key,))
+        self.metrics.activity.relay_error(platform.name, code, error)
+        if isinstance(exc, httpx.TransportError):
+            failures = self._failures.get(name, 0)
+            if time.monotonic() >= self._paused.get(name, 0.0):
+                # Requests sent before the pause began fail within it: one round of
+                # them is one failure, not one per request.
+                failures += 1
+            self._failures[name] = max(failures, 1)
+        else:  # it answered, if not usefully: not down
+            failures = 1
+            self._failures.pop(name, None)
+        pause = relay_pause(exc, self.clock.now(), failures)
+        if pause is not None:
+            until = time.monotonic() + pause
+            self._paused[name] = max(self._paused.get(name, 0.0), until)
+        log.warning(
+            "upstream_error",
+            platform=platform.name,
+            ids=len(tasks),
+            error=error,
+            **({} if pause is None else {"relay_paused_seconds": round(pause, 3)}),
+        )
+        now = self.clock.now()
+        return [self.planner.retry(t, now) for t in tasks]
 
     def _count_wait(self, platform: Platform, seconds: float) -> None:
         """Seconds a request of ``platform`` waited for the relay's limits (ours or its own),

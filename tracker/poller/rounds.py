@@ -29,9 +29,11 @@ RENEW_SHARE = 0.25
 #: seconds at least between two claims while requests are still out after a claim that found
 #: less than it asked for (each is a write transaction, even when it finds nothing)
 MIN_RECLAIM = 0.2
-#: a drain takes no claim after this many intervals (and this many seconds at least): it
-#: ends once its requests are answered, and the engine's chores between two drains (a clock
-#: step, a reload's pull-in and new batch size) run before the next one starts
+#: a drain takes no claim after this many intervals, or this many relay timeouts if longer
+#: (and this many seconds at least): it ends once its requests are answered, and the engine's
+#: chores between two drains (a clock step, a reload's pull-in and new batch size) run before
+#: the next one starts. Meanwhile nothing is claimed, for up to a timeout of a relay that
+#: does not answer: the longer the span, the rarer that is.
 DRAIN_INTERVALS = 10
 MIN_DRAIN_SPAN = 10.0
 
@@ -95,7 +97,10 @@ class DrainWork:
         #: claim is taken once fewer than two claims' worth are, so requests never wait for it
         self._unanswered = 0
         #: when the drain takes no more claims (monotonic)
-        self._claims_until = started + max(settings.interval * DRAIN_INTERVALS, MIN_DRAIN_SPAN)
+        timeout = max((p.upstream.timeout for p in poller.platforms.values()), default=0.0)
+        self._claims_until = started + max(
+            max(settings.interval, timeout) * DRAIN_INTERVALS, MIN_DRAIN_SPAN
+        )
         #: unrecorded batches per claim; these claims are renewed
         self._held: dict[Claim, int] = {}
         #: when the current log line's part of the drain began (monotonic)
