@@ -21,7 +21,7 @@ from tracker.api.common import (
     request_body,
 )
 from tracker.api.errors import ApiError, problems
-from tracker.api.limits import DEFAULT_PAGE, MAX_ROW_ID, row_id
+from tracker.api.limits import DEFAULT_PAGE, no_delivery, row_id
 from tracker.api.state import Deps
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.retry import DeliveryState
@@ -77,9 +77,7 @@ async def redeliver(deps: Deps, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
     pk = row_id(delivery_id)
     if pk is None:
-        raise ApiError(
-            404, f"no delivery {delivery_id[:40]!r}: ids are integers from 1 to {MAX_ROW_ID}"
-        )
+        raise ApiError(404, no_delivery(delivery_id))
     ids = await run_in_threadpool(lambda: deps.store.requeue(deps.clock.now(), pk=pk))
     if not ids:
         raise ApiError(404, f"no delivery {delivery_id!r}")

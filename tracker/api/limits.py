@@ -19,6 +19,11 @@ MIN_YEAR = 1970
 MAX_YEAR = 9999
 
 
+def no_delivery(raw: str) -> str:
+    """What a request naming delivery ``raw``, not a row id, is told."""
+    return f"no delivery {raw[:40]!r}: ids are integers from 1 to {MAX_ROW_ID}"
+
+
 def row_id(raw: str) -> int | None:
     """The row id (a delivery's, a page cursor) ``raw`` spells; None unless it is ASCII digits
     from 1 to MAX_ROW_ID: int() also reads "²", and a larger id would overflow the column.

@@ -51,6 +51,12 @@ def is_task_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and value.strip() == value
 
 
+def could_be_stored(platforms: Collection[str], platform: str, task_id: str) -> bool:
+    """Whether a task could be stored under these names, answered without a query: a NUL in
+    a parameter is an error on PostgreSQL, not a miss."""
+    return platform in platforms and is_task_id(task_id)
+
+
 def _printable_id(value: str) -> str:
     if not is_task_id(value):
         raise ValueError("not printable")  # shown as the ids[] rule, which says it all

@@ -132,8 +132,7 @@ def _no_task(platform: str, task_id: str) -> ApiError:
 
 
 def _could_exist(deps: Deps, platform: str, task_id: str) -> bool:
-    # Answered without a query: a NUL in a parameter is an error on PostgreSQL, not a miss.
-    return platform in deps.platforms and models.is_task_id(task_id)
+    return models.could_be_stored(deps.platforms, platform, task_id)
 
 
 async def _task(deps: Deps, platform: str, task_id: str) -> Response:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tracker.api.errors import problems as api_problems
-from tracker.api.limits import MAX_ROW_ID, row_id
+from tracker.api.limits import no_delivery, row_id
 from tracker.api.models import RecoverIn
 from tracker.dashboard.sessions import (
     COOKIE,
@@ -136,16 +136,12 @@ async def sign_out(request: Request, session: SessionDep) -> Response:
 # -- redeliver one ---------------------------------------------------------------------------
 
 
-def _no_delivery(raw: str) -> str:
-    return f"no delivery {raw[:40]!r}: ids are integers from 1 to {MAX_ROW_ID}"
-
-
 @router.get("/deliveries/{delivery_id}/redeliver")
 async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: str) -> Response:
     """Ask before sending one delivery again."""
     pk = row_id(delivery_id)
     if pk is None:
-        return _missing(request, session, _no_delivery(delivery_id))
+        return _missing(request, session, no_delivery(delivery_id))
     delivery = await run_in_threadpool(dashboard_of(request).store.get_delivery, pk)
     if delivery is None:
         return _missing(request, session, f"no delivery {pk}")
@@ -169,7 +165,7 @@ async def redeliver(request: Request, session: SessionDep, delivery_id: str) -> 
         return _refused(request, session)
     pk = row_id(delivery_id)
     if pk is None:
-        return _missing(request, session, _no_delivery(delivery_id))
+        return _missing(request, session, no_delivery(delivery_id))
     dash = dashboard_of(request)
     requeued = await run_in_threadpool(lambda: dash.store.requeue(dash.clock.now(), pk=pk))
     if not requeued:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from tracker import clock as clock_module
 from tracker.activity import Activity
 from tracker.api.errors import allowed_methods
-from tracker.api.models import is_task_id
+from tracker.api.models import could_be_stored
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
@@ -83,10 +83,8 @@ class Dashboard:
         return tokens
 
     def could_hold(self, platform: str, task_id: str) -> bool:
-        """Whether a task could be stored under these names, answered without a query as the
-        API does: PostgreSQL fails on a NUL in a parameter rather than finding nothing.
-        """
-        return platform in self.platforms and is_task_id(task_id)
+        """Whether a task could be stored under these names (`models.could_be_stored`)."""
+        return could_be_stored(self.platforms, platform, task_id)
 
 
 class SignInRequired(Exception):  # noqa: N818 - a redirect, not an error
