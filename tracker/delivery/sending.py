@@ -117,31 +117,36 @@ class Sender:
         """
         now = self._clock.now()
         started = time.perf_counter()
+
+        def as_claimed(sent: DeliveryJob) -> DeliveryJob:
+            return sent if decide_as is None else dataclasses.replace(decide_as(), url=sent.url)
+
+        url = self._target(job)
+        if url is None:
+            # Never sent elsewhere nor signed with another secret: retried, so putting the
+            # target back in the config delivers it.
+            missing = (
+                f"endpoint {job.endpoint!r} is not in [webhooks.endpoints]"
+                if job.endpoint is not None
+                else "no [webhooks].url in the config"
+            )
+            outcome = retry.Outcome(error=f"{missing}: not sent")
+            return self._result(as_claimed(job), now, started, outcome, b"", fatal=False)
+        if url != job.url:
+            job = dataclasses.replace(job, url=url)
+        outcome, excerpt, fatal = await self._exchange(job, now)
+        return self._result(as_claimed(job), now, started, outcome, excerpt, fatal=fatal)
+
+    def _target(self, job: DeliveryJob) -> str | None:
+        """Where ``job`` goes now: a named endpoint's URL, or [webhooks].url for the default
+        target, as the config has them now (as their secrets are the ones they have now: an
+        app that moved is found again); a registration's own webhook_url (guarded) as given.
+        None when the config has no such target any more.
+        """
         if job.endpoint is not None:
             named = self._settings.endpoints.get(job.endpoint)
-            if named is None:
-                # Never sent elsewhere nor signed with another secret: retried, so putting
-                # the endpoint back in the config delivers it.
-                error = f"endpoint {job.endpoint!r} is not in [webhooks.endpoints]: not sent"
-                job = job if decide_as is None else decide_as()
-                return self._result(job, now, started, retry.Outcome(error=error), b"", fatal=False)
-            if named.url != job.url:
-                # The endpoint's URL now, as its secret is the one it has now.
-                job = dataclasses.replace(job, url=named.url)
-        elif not job.guarded:
-            # The default target ([webhooks].url; a registration's own webhook_url is guarded):
-            # likewise where the config points now, as an app that moved is found again.
-            default = self._settings.url
-            if default is None:
-                error = "no [webhooks].url in the config: not sent"
-                job = job if decide_as is None else decide_as()
-                return self._result(job, now, started, retry.Outcome(error=error), b"", fatal=False)
-            if default != job.url:
-                job = dataclasses.replace(job, url=default)
-        outcome, excerpt, fatal = await self._exchange(job, now)
-        if decide_as is not None:
-            job = dataclasses.replace(decide_as(), url=job.url)
-        return self._result(job, now, started, outcome, excerpt, fatal=fatal)
+            return None if named is None else named.url
+        return job.url if job.guarded else self._settings.url
 
     def crashed(self, job: DeliveryJob, exc: Exception) -> AttemptResult:
         """The result of an attempt that raised ``exc``: a failure like any other, so one
