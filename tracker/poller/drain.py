@@ -49,8 +49,8 @@ DECIDE_CHUNK = 100
 #: seconds a relay is asked nothing after a 429 Too Many Requests without Retry-After, or
 #: after a request it did not answer at all (doubled for each such failure in a row) ...
 RELAY_PAUSE = 2.0
-#: ... and the most its Retry-After or its failures may pause it: polls then run late, which
-#: the lag gauge, the lag warning and /readyz tell, rather than stopping on the relay's word
+#: ... and the most its Retry-After or its failures may pause it, rather than stopping on the
+#: relay's word (RelayHealth names on /readyz a relay that answers nothing, or only 429)
 MAX_RELAY_PAUSE = 30.0
 
 
@@ -202,10 +202,12 @@ class Poller:
             # every upstream, so one relay's pause would stop the polls of all. Asked again
             # when the pause is over, or (a relay that stopped answering gets one request
             # at a time) when the one out has had its time; beyond the drain's look-ahead,
-            # or the next claim would take the tasks again at once. The wait counts as the
-            # platform's rate wait.
+            # or the next claim would take the tasks again at once. A pause the relay asked
+            # for counts as the platform's rate wait; one for a relay that is down does not
+            # (the lag warning would name rate_limit, which cannot help).
             wait = paused if paused > 0 else upstream.timeout
-            self._count_wait(platform, wait)
+            if name not in self._failures:
+                self._count_wait(platform, wait)
             now = self.clock.now()
             return [self.planner.later(t, now, max(wait, self.ahead())) for t in tasks]
         limiter = self._limiters.get(platform.name)
@@ -255,11 +257,11 @@ class Poller:
         self.metrics.activity.relay_error(platform.name, code, error)
         if isinstance(exc, httpx.TransportError):
             failures = self._failures.get(name, 0)
-            if time.monotonic() >= self._paused.get(name, 0.0):
-                # Requests sent before the pause began fail within it: one round of
-                # them is one failure, not one per request.
+            # Requests sent before a pause began fail within it: one round of them is one
+            # failure, not one per request.
+            if not failures or time.monotonic() >= self._paused.get(name, 0.0):
                 failures += 1
-            self._failures[name] = max(failures, 1)
+            self._failures[name] = failures
         else:  # it answered, if not usefully: not down
             failures = 1
             self._failures.pop(name, None)

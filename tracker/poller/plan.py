@@ -192,7 +192,8 @@ class Planner:
         )
 
     def later(self, task: DueTask, now: datetime, seconds: float) -> TaskUpdate:
-        """Not asked now (its relay asked for a pause): asked again ``seconds`` on."""
+        """Not asked now (its relay is paused, or has one request out after failures): asked
+        again ``seconds`` on."""
         epoch = now.timestamp()
         return TaskUpdate(
             task, next_poll_at=epoch + seconds, set_aside_until=self.set_aside_until(epoch)
