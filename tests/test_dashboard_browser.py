@@ -11,6 +11,7 @@ import httpx
 import pytest
 from conftest import base_config, merge, wait_until
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
@@ -35,7 +36,9 @@ def arrive(chrome: webdriver.Chrome, url: str) -> None:
 def heading(chrome: webdriver.Chrome, text: str) -> None:
     """Wait for the page's h1 to read ``text`` (the page a click leads to may still load)."""
     located = (By.TAG_NAME, "h1")
-    WebDriverWait(chrome, 10).until(
+    # Read while the old page is being replaced, the h1 may belong to neither document:
+    # Chromium then answers a bare WebDriverException, not a stale element. Looked at again.
+    WebDriverWait(chrome, 10, ignored_exceptions=(WebDriverException,)).until(
         expected_conditions.text_to_be_present_in_element(located, text)
     )
 
