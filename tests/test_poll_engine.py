@@ -169,6 +169,84 @@ async def test_a_slow_relay_does_not_hold_up_the_polls_of_another(
     assert len(slow.requests) >= 2
 
 
+async def test_a_slow_relay_with_more_tasks_than_it_can_answer_does_not_hold_up_another(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Suno's relay answers in 1.5 s, and its 300 tasks at interval 1 s are far more than it
+    can answer (batches of 10, two at a time): its tasks fall ever further behind, and, most
+    overdue, would fill every claim. The drain claims no more of an upstream's tasks while
+    two claims' worth wait for it, so luma's tasks on the other relay are still asked about
+    every second."""
+    with SimulatedRelay(step=0.0) as slow:
+        slow.latency = 1.5
+        gaps, _ = await polls_beside(
+            running_for,
+            relay,
+            slow,
+            suno=300,
+            seconds=8,
+            poll={"batch_size": 10, "concurrency": 2},
+        )
+
+    assert len(gaps) >= 30 * 6
+    assert 0.9 <= statistics.median(gaps) <= 1.1
+    assert quantile(gaps, 0.95) <= 1.3
+    assert len(slow.requests) >= 8
+
+
+async def test_a_backlog_on_one_relay_is_claimed_without_pause_beside_an_idle_one(
+    settings_for: Callable[..., config.Settings], sqlite_url: str, relay: SimulatedRelay
+) -> None:
+    """400 overdue luma tasks in claims of 20 (batches of 10, two at a time), while suno's
+    relay has nothing due (interval 30 s, so the reclaim period is 1 s). A claim taken while
+    luma's lane is busy finds nothing (suno's alone); yet each time the lane has room again it
+    gets its next claim at once, so one drain asks about all 400 without a pause, and the
+    claim that finds nothing is not repeated within the period."""
+    with SimulatedRelay(step=0.0) as other:
+        settings = settings_for(
+            upstreams={"other": {"base_url": other.base_url, "api_key": "sk-sim"}},
+            platforms={"suno": {"upstream": "other"}},
+            poll={"interval": 30, "batch_size": 10, "concurrency": 2},
+        )
+        store = SqlStore.from_url(sqlite_url)
+        store.create_schema()
+        clock = SystemClock()
+        store.register(Registration("suno", ["s0"]), clock.now())
+        luma = [f"l{n}" for n in range(400)]
+        async with httpx.AsyncClient() as client:
+            poller = Poller(
+                store=store,
+                platforms=platforms.build(settings),
+                client=client,
+                clock=clock,
+                settings=settings.poll,
+                targets=events.Targets(settings.webhooks),
+                metrics=Metrics(),
+            )
+            await poller.run_cycle()  # suno's task: asked, then not due for 30 s
+            store.register(Registration("luma", luma), clock.now())
+            found: list[int] = []
+            claim_due = store.claim_due
+
+            def counted(*args: Any, **kwargs: Any) -> list[Any]:
+                due = claim_due(*args, **kwargs)
+                found.append(len(due))
+                return due
+
+            store.claim_due = counted  # type: ignore[method-assign]
+            started = time.monotonic()
+            await poller.run_cycle()
+            took = time.monotonic() - started
+        store.close()
+
+    asked = [i for r in relay.requests for i in (r.json_body or {}).get("ids", [])]
+    assert sorted(asked) == sorted(luma)
+    assert sum(found) == 400
+    # 20 claims; waiting out the period at each would take 20 s.
+    assert took < 5.0
+    assert found.count(0) <= 2 + took
+
+
 async def test_a_relay_that_does_not_answer_does_not_hold_up_the_polls_of_another(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:

@@ -416,6 +416,21 @@ def test_claim_due_honours_the_limit_and_leaves_the_rest_due(store: SqlStore) ->
     assert [] == claim_ids(store, T0, limit=2)
 
 
+def test_claim_due_leaves_the_tasks_of_skipped_platforms_due(store: SqlStore) -> None:
+    """A claim that skips platforms takes the due tasks of the others, most overdue first,
+    however many of the skipped ones are more overdue; a later claim still finds those."""
+    register(store, "l1", "l2", "l3", now=T0)
+    register(store, "s1", "s2", platform="suno", now=at(1))
+    register(store, "m1", platform="mj", now=at(2))
+
+    taken = store.claim_due(at(5), 2, lease=INTERVAL, skip=["luma"])
+    assert [("suno", "s1"), ("suno", "s2")] == [(t.platform, t.task_id) for t in taken]
+    taken = store.claim_due(at(5), 10, lease=INTERVAL, skip=["luma", "suno", "kling"])
+    assert ["m1"] == [t.task_id for t in taken]
+    assert [] == store.claim_due(at(5), 10, lease=INTERVAL, skip=["luma"])
+    assert ["l1", "l2", "l3"] == claim_ids(store, at(5))
+
+
 def test_claimed_tasks_are_not_claimed_again_before_their_next_poll(store: SqlStore) -> None:
     """A claim schedules the next poll, so the task is not handed out twice in between."""
     register(store, "a", "b")

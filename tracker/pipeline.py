@@ -96,6 +96,7 @@ class Work(Protocol[U, R]):
     def reclaim_every(self) -> float | None:
         """Seconds after a claim that found less than it asked for before the next claim, while
         units are still under way; None: no claim after such a one (the run ends when they are).
+        Also how long after the last claim to ask ``claim_size`` again when it said 0.
         """
         ...
 
@@ -163,6 +164,11 @@ class Pipeline(Generic[U, R]):
                 reclaim_in = None if may_claim else self._reclaim_due()
                 may_claim = may_claim or reclaim_in == 0.0
                 claim = self._work.claim_size(self) if may_claim and not stopping else 0
+                if may_claim and not claim and not stopping:
+                    # Nothing to claim now: enough is held, or (polls) what could be claimed
+                    # was found missing of late; units finishing wake the loop, and so does
+                    # the reclaim period, after which a claim may find what fell due.
+                    reclaim_in = self._reclaim_due()
                 write_in = self._write_due()
                 renew_in = self._renew_due()
                 if claim or write_in == 0.0 or renew_in == 0.0:

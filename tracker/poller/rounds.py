@@ -5,6 +5,7 @@ per platform on one lane per upstream, and the answers' updates recorded at the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -75,9 +76,12 @@ class DrainWork:
     the answers' updates recorded together at the next store round.
 
     Claims are prefetched one ahead: the next is taken once fewer than two claims' worth of
-    tasks wait for the relay (about one in flight and one queued; at most three claims' worth
+    tasks wait for a relay (about one in flight and one queued; at most three claims' worth
     are held), so a lane whose answer came finds its next batch at once: the relay never waits
-    for the daemon's own bookkeeping.
+    for the daemon's own bookkeeping. The count is per upstream, and a claim takes none of the
+    tasks of an upstream that has two claims' worth waiting: a relay slower than its share of
+    the work (whose tasks, most overdue, would come first in every claim) does not keep the
+    tasks of the others from being claimed.
 
     While requests are out, a drain claims again every ``reclaim_every()`` seconds, so what
     falls due meanwhile does not wait for the slowest request; after DRAIN_INTERVALS intervals
@@ -93,9 +97,15 @@ class DrainWork:
         settings = poller.settings
         self._size = settings.batch_size * settings.concurrency
         self._width = settings.concurrency
-        #: claimed tasks the relay has not answered about yet (queued or in flight): the next
-        #: claim is taken once fewer than two claims' worth are, so requests never wait for it
-        self._unanswered = 0
+        #: upstream name -> its claimed tasks the relay has not answered about yet (queued or
+        #: in flight): the next claim takes its tasks once fewer than two claims' worth are,
+        #: so requests never wait for it
+        self._unanswered: dict[str, int] = defaultdict(int)
+        #: upstream name -> when a claim that did not leave its tasks out found fewer than it
+        #: asked for (monotonic): none of its tasks were due then, so a claim for it alone
+        #: waits for the reclaim period
+        self._emptied: dict[str, float] = {}
+        self._claiming_at = 0.0
         #: when the drain takes no more claims (monotonic)
         timeout = max((p.upstream.timeout for p in poller.platforms.values()), default=0.0)
         self._claims_until = started + max(
@@ -110,14 +120,44 @@ class DrainWork:
         self.logged: list[CycleReport] = []
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
-        if self._unanswered >= 2 * self._size or time.monotonic() >= self._claims_until:
+        now = time.monotonic()
+        if now >= self._claims_until or not self._open():
             return 0
+        # No later than the pipeline's own time of the claim: an upstream this claim finds
+        # without due tasks is open again by the time the reclaim period has passed for it.
+        self._claiming_at = now
         return self._size
+
+    def _upstreams(self) -> set[str]:
+        return {p.upstream.name for p in self._poller.platforms.values()}
+
+    def _busy(self, upstream: str) -> bool:
+        """Whether two claims' worth of ``upstream``'s tasks wait for its relay."""
+        return self._unanswered.get(upstream, 0) >= 2 * self._size
+
+    def _open(self) -> bool:
+        """Whether a claim now may find tasks for a relay that has room for them: one not
+        busy, and not found without due tasks within the last ``reclaim_every()`` (with no
+        upstream at all, a claim still finds the tasks of platforms no longer configured)."""
+        upstreams = self._upstreams()
+        now = time.monotonic()
+        since = now - self._period()
+        return not upstreams or any(
+            not self._busy(u) and self._emptied.get(u, -math.inf) <= since for u in upstreams
+        )
+
+    def _skipped(self) -> list[str]:
+        """The platforms whose tasks a claim now leaves due: their upstream is busy."""
+        platforms = self._poller.platforms
+        return [name for name, p in platforms.items() if self._busy(p.upstream.name)]
 
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
 
     def reclaim_every(self) -> float:
+        return self._period()
+
+    def _period(self) -> float:
         return max(self._poller.ahead(), MIN_RECLAIM)
 
     def unwritten(self) -> bool:
@@ -151,6 +191,8 @@ class DrainWork:
             else:
                 updates += answered.updates
         due_by = now + timedelta(seconds=poller.ahead())
+        skip = self._skipped() if claim else []
+        asked_for = {u for u in self._upstreams() if not self._busy(u)}
         written, due = await poller.store_worker.call(
             self._store_round,
             updates,
@@ -160,10 +202,16 @@ class DrainWork:
             now=now,
             lease=lease,
             due_by=due_by,
+            skip=skip,
         )
+        if claim and len(due) < claim:
+            self._emptied.update(dict.fromkeys(asked_for, self._claiming_at))
         if updates:
             poller.count_recorded(updates, written)
         claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
+        if skip and not claimed.more:
+            # The busy upstreams' tasks are still due: claim_size says when there is room.
+            claimed = dataclasses.replace(claimed, more=True)
         # A long drain's line per interval closes at a claim (renewals and writes alone run
         # while requests wait). Answers that waited for the round after a claim taken apart
         # (Pace.claim_apart) count in the next line; the drain's total counts everything.
@@ -183,12 +231,13 @@ class DrainWork:
         now: datetime,
         lease: float,
         due_by: datetime,
+        skip: list[str],
     ) -> tuple[int, list[DueTask]]:
         store = self._poller.store
         written = store.record(updates, now, replans) if updates or replans else 0
         for held in renewing:
             store.renew_claim(held, now.timestamp() + lease)
-        due = store.claim_due(now, claim, lease=lease, due_by=due_by) if claim else []
+        due = store.claim_due(now, claim, lease=lease, due_by=due_by, skip=skip) if claim else []
         return written, due
 
     def _split(self, due: list[DueTask], now: datetime) -> Claimed[_Batch, _Answered]:
@@ -224,7 +273,7 @@ class DrainWork:
             for i in range(0, len(tasks), size):
                 batch = _Batch(platform, tasks[i : i + size], claim)
                 units.append((lane, self._width, batch))
-                self._unanswered += len(batch.tasks)
+                self._unanswered[lane] += len(batch.tasks)
                 if claim is not None:
                     self._held[claim] = self._held.get(claim, 0) + 1
         return Claimed(units=units, ready=ready, more=len(due) == self._size)
@@ -238,7 +287,7 @@ class DrainWork:
         try:
             got = await self._poller.ask(unit.platform, unit.tasks)
         finally:
-            self._unanswered -= len(unit.tasks)
+            self._unanswered[unit.platform.upstream.name] -= len(unit.tasks)
         if isinstance(got, Answer):
             return _Answered(unit, [], got)
         return _Answered(unit, got)

@@ -7,7 +7,7 @@ wired); another implementation, or a test double, needs only the side its user r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -44,10 +44,16 @@ class TaskStore(Protocol):
         ...
 
     def claim_due(
-        self, now: datetime, limit: int, *, lease: float, due_by: datetime | None = None
+        self,
+        now: datetime,
+        limit: int,
+        *,
+        lease: float,
+        due_by: datetime | None = None,
+        skip: Collection[str] = (),
     ) -> list[records.DueTask]:
         """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first,
-        leased for ``lease`` seconds."""
+        leased for ``lease`` seconds; none of the platforms named in ``skip``."""
         ...
 
     def renew_claim(self, claim: records.Claim, until: float) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,9 +63,16 @@ class Polling(SqlBase):
         return found
 
     def claim_due(
-        self, now: datetime, limit: int, *, lease: float, due_by: datetime | None = None
+        self,
+        now: datetime,
+        limit: int,
+        *,
+        lease: float,
+        due_by: datetime | None = None,
+        skip: Collection[str] = (),
     ) -> list[records.DueTask]:
-        """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first.
+        """Take up to ``limit`` tasks due by ``due_by`` (default ``now``), most overdue first,
+        none of the platforms named in ``skip`` (their relay has enough to do).
 
         The claim moves each task's next poll to the end of its ``lease`` (seconds), so no
         other claim takes it meanwhile, and that exact value is the claim's token: record()
@@ -74,8 +81,9 @@ class Polling(SqlBase):
         when its answer is recorded; renew_claim() extends a claim still being worked on.
         """
         until = _epoch(now) + lease
+        skipped = sorted(set(skip))
         if self.dialect == "sqlite":
-            rows = self._claim_sqlite(_epoch(due_by or now), limit, until)
+            rows = self._claim_sqlite(_epoch(due_by or now), limit, until, skipped)
         else:
             query = (
                 sa.select(*_DUE_COLUMNS)
@@ -84,11 +92,15 @@ class Polling(SqlBase):
                 .order_by(polls.c.next_poll_at, polls.c.task_pk)
                 .limit(limit)
             )
+            if skipped:
+                query = query.where(tasks.c.platform.not_in(skipped))
             rows = self._claim(query, polls.c.next_poll_at, until)
         claim = records.Claim(until, tuple(r[0] for r in rows))
         return _due_tasks(rows, claim)
 
-    def _claim_sqlite(self, due_by: float, limit: int, until: float) -> Sequence[Any]:
+    def _claim_sqlite(
+        self, due_by: float, limit: int, until: float, skip: Sequence[str]
+    ) -> Sequence[Any]:
         """_claim's due rows and lease, as two statements straight to the driver.
 
         SQLAlchemy's per-row processing and its expansion of an IN list of thousands of ids
@@ -97,7 +109,7 @@ class Polling(SqlBase):
         transaction excludes every other writer, so the rows read are the rows leased.
         """
         with self._write() as conn:
-            rows = conn.exec_driver_sql(_DUE_SQLITE, (due_by, limit)).all()
+            rows = conn.exec_driver_sql(_due_sqlite(len(skip)), (due_by, *skip, limit)).all()
             for chunk in chunks(rows):
                 ids = [r[0] for r in chunk]
                 conn.exec_driver_sql(_lease_sqlite(len(ids)), (until, *ids))
@@ -370,15 +382,23 @@ _UPSERT_POLL_SQLITE = (
     "INSERT INTO polls (task_pk, next_poll_at) VALUES (?, ?)"
     " ON CONFLICT (task_pk) DO UPDATE SET next_poll_at = excluded.next_poll_at"
 )
-# A claim on SQLite: _DUE_COLUMNS of the due rows in due order (the time and JSON columns as
-# stored, for _due_tasks), then their lease.
-_DUE_SQLITE = (
-    f"SELECT {', '.join(f'{c.table.name}.{c.name}' for c in _DUE_COLUMNS)}"  # noqa: S608
-    " FROM polls JOIN tasks ON tasks.id = polls.task_pk"
-    " WHERE polls.next_poll_at <= ? ORDER BY polls.next_poll_at, polls.task_pk LIMIT ?"
-)
 #: SQLite 3.33 and later know UPDATE ... FROM
 _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
+
+
+@functools.cache
+def _due_sqlite(skipped: int) -> str:
+    """A claim on SQLite: _DUE_COLUMNS of the due rows in due order (the time and JSON columns
+    as stored, for _due_tasks), but those of ``skipped`` platforms: (due by, platform, ...,
+    limit). The lease follows."""
+    columns = ", ".join(f"{c.table.name}.{c.name}" for c in _DUE_COLUMNS)
+    # Only placeholders and column names go into the text.
+    skip = f" AND tasks.platform NOT IN ({', '.join('?' * skipped)})" if skipped else ""
+    return (
+        f"SELECT {columns} FROM polls JOIN tasks ON tasks.id = polls.task_pk"  # noqa: S608
+        f" WHERE polls.next_poll_at <= ?{skip}"
+        " ORDER BY polls.next_poll_at, polls.task_pk LIMIT ?"
+    )
 
 
 @functools.cache
