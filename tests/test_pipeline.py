@@ -79,6 +79,9 @@ class ToyWork:
     def reclaim_every(self) -> float | None:
         return self._reclaim_every
 
+    def claim_in(self) -> float | None:
+        return None
+
     def unwritten(self) -> bool:
         return False
 
@@ -286,6 +289,60 @@ async def test_while_a_slow_unit_is_under_way_rows_falling_due_are_claimed_every
         performed = [unit for kind, unit in table.timeline if kind == "perform"]
         assert claimed_before_done == (performed == [0, 1]), (reclaim_every, table.timeline)
         assert table.written == ([0, 1] if claimed_before_done else [0])
+
+
+async def test_a_claim_size_of_0_is_asked_again_when_the_work_says() -> None:
+    """A work whose claim_size says 0 for a while (the poll drain, after finding an upstream
+    without due rows) is asked again at the time its claim_in names, not only when a unit
+    finishes: a row it then claims runs beside a slow unit, long before that one is done."""
+
+    class Later(ToyWork):
+        opens_at = 0.0
+
+        def claim_size(self, pipeline: Pipeline[int, int]) -> int:
+            if self.table.written or self.outstanding == 0:
+                return super().claim_size(pipeline)
+            return self.claim if asyncio.get_running_loop().time() >= self.opens_at else 0
+
+        def claim_in(self) -> float | None:
+            return self.opens_at - asyncio.get_running_loop().time()
+
+    table = table_of(1)  # row 0: lane "a", slow
+    work = Later(table, claim=8, takes=0.5, reclaim_every=0.05)
+    work.opens_at = asyncio.get_running_loop().time() + 0.1
+    run = asyncio.create_task(Pipeline(work).run())
+    await asyncio.sleep(0.02)
+    table.due.append(1)  # due, but claim_size says 0 until opens_at
+    await run
+
+    performed = [unit for kind, unit in table.timeline if kind == "perform"]
+    assert performed == [0, 1]
+    assert table.written == [0, 1]
+    assert table.timeline.index(("perform", 1)) < table.timeline.index(("round", 1))
+
+
+async def test_units_taken_back_from_the_lanes_are_not_performed_and_the_run_ends() -> None:
+    """take_back_queued() hands the units not started yet back to the work: they are never
+    performed, the units under way finish and are written, and the run ends with none held."""
+    table = table_of(12)
+    taken: list[int] = []
+
+    class TakesBack(ToyWork):
+        def claim_size(self, pipeline: Pipeline[int, int]) -> int:
+            if table.in_flight["a"] and not taken:
+                taken.extend(pipeline.take_back_queued())
+                self.outstanding -= len(taken)
+                return 0
+            return 0 if taken else super().claim_size(pipeline)
+
+    pipeline = Pipeline(TakesBack(table, claim=12, width=1, takes=0.02))
+    performed = await pipeline.run()
+
+    assert taken  # rows of both lanes, queued behind the first of each
+    assert performed == len(table.written) == 12 - len(taken)
+    assert not set(taken) & set(table.written)
+    assert sorted([*taken, *table.written]) == list(range(12))
+    assert pipeline.held == 0
 
 
 async def test_claims_are_renewed_while_a_unit_outlasts_the_renewal_period() -> None:

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from tracker import config, events, platforms
 from tracker.clock import FakeClock, SystemClock
 from tracker.metrics import Metrics
+from tracker.pipeline import Pipeline
 from tracker.platforms.base import UpstreamError
 from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller, rounds
 from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
@@ -1015,5 +1016,5 @@ def test_a_drain_takes_no_claim_after_ten_intervals_so_the_engines_chores_run(ri
     younger = DrainWork(rig.poller, time.monotonic() - span + 1)
 
     assert 20.0 == span  # interval 1 s, timeout 2 s: ten timeouts
-    claims = [work.claim_size(None) for work in (fresh, younger, old)]  # type: ignore[arg-type]
+    claims = [work.claim_size(Pipeline(work)) for work in (fresh, younger, old)]
     assert [size, size, 0] == claims

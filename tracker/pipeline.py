@@ -35,6 +35,8 @@ import structlog
 
 log = structlog.get_logger("tracker.pipeline")
 
+#: seconds at least before claim_size is asked again at the time Work.claim_in names
+MIN_LOOK = 0.001
 #: what the log says when a store round fails, or results cannot be written at the end
 FAILURES = ("store_round_failed", "results_unrecorded")
 
@@ -96,8 +98,12 @@ class Work(Protocol[U, R]):
     def reclaim_every(self) -> float | None:
         """Seconds after a claim that found less than it asked for before the next claim, while
         units are still under way; None: no claim after such a one (the run ends when they are).
-        Also how long after the last claim to ask ``claim_size`` again when it said 0.
         """
+        ...
+
+    def claim_in(self) -> float | None:
+        """After ``claim_size`` said 0: seconds until it may say more without a unit finishing
+        (None: only units finishing change it)."""
         ...
 
     async def round(self, results: list[R], claim: int, *, renew: bool) -> Claimed[U, R]:
@@ -148,6 +154,16 @@ class Pipeline(Generic[U, R]):
         """Workers running."""
         return len(self._workers)
 
+    def take_back_queued(self) -> list[U]:
+        """The units queued on every lane and not started yet, taken off their lanes: the run
+        then ends once the units under way are done (the work writes what they held)."""
+        units: list[U] = []
+        for lane in self._lanes.values():
+            units.extend(lane.queue)
+            lane.queue.clear()
+        self.held -= len(units)
+        return units
+
     async def run(self) -> int:
         """Claim, perform and record until nothing more is due; returns the units performed.
 
@@ -165,10 +181,10 @@ class Pipeline(Generic[U, R]):
                 may_claim = may_claim or reclaim_in == 0.0
                 claim = self._work.claim_size(self) if may_claim and not stopping else 0
                 if may_claim and not claim and not stopping:
-                    # Nothing to claim now: enough is held, or (polls) what could be claimed
-                    # was found missing of late; units finishing wake the loop, and so does
-                    # the reclaim period, after which a claim may find what fell due.
-                    reclaim_in = self._reclaim_due()
+                    # Nothing to claim now; units finishing wake the loop, and so does the
+                    # time the work names (at least a moment on: its clock read came first).
+                    look_in = self._work.claim_in()
+                    reclaim_in = None if look_in is None else max(look_in, MIN_LOOK)
                 write_in = self._write_due()
                 renew_in = self._renew_due()
                 if claim or write_in == 0.0 or renew_in == 0.0:

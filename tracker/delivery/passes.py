@@ -122,6 +122,9 @@ class DeliveryPass:
     def reclaim_every(self) -> None:
         return None  # the next pass (every tick, or woken by new events) takes what fell due
 
+    def claim_in(self) -> None:
+        return None  # claim_size says 0 only while enough is held: a finished send changes it
+
     async def round(
         self, results: list[AttemptResult], claim: int, *, renew: bool
     ) -> Claimed[Ticket, AttemptResult]:

@@ -106,6 +106,10 @@ class DrainWork:
         #: waits for the reclaim period
         self._emptied: dict[str, float] = {}
         self._claiming_at = 0.0
+        #: batches taken back unasked when the drain stopped claiming, their tasks to write as
+        #: due (their claims renewed until then)
+        self._put_back_batches: list[_Batch] = []
+        self._wound_down = False
         #: when the drain takes no more claims (monotonic)
         timeout = max((p.upstream.timeout for p in poller.platforms.values()), default=0.0)
         self._claims_until = started + max(
@@ -121,7 +125,16 @@ class DrainWork:
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
         now = time.monotonic()
-        if now >= self._claims_until or not self._open():
+        if now >= self._claims_until:
+            if not self._wound_down:
+                # The drain ends once its requests under way are answered, not after every
+                # batch queued behind a slow relay's: those go back, due as they were, to be
+                # claimed by the next drain, which the other relays need not wait for.
+                self._wound_down = True
+                for batch in pipeline.take_back_queued():
+                    self._put_back(batch)
+            return 0
+        if not self._open(ignore_emptied=not pipeline.workers):
             return 0
         # No later than the pipeline's own time of the claim: an upstream this claim finds
         # without due tasks is open again by the time the reclaim period has passed for it.
@@ -135,16 +148,33 @@ class DrainWork:
         """Whether two claims' worth of ``upstream``'s tasks wait for its relay."""
         return self._unanswered.get(upstream, 0) >= 2 * self._size
 
-    def _open(self) -> bool:
+    def _open(self, *, ignore_emptied: bool = False) -> bool:
         """Whether a claim now may find tasks for a relay that has room for them: one not
         busy, and not found without due tasks within the last ``reclaim_every()`` (with no
-        upstream at all, a claim still finds the tasks of platforms no longer configured)."""
+        upstream at all, a claim still finds the tasks of platforms no longer configured).
+        ``ignore_emptied``: with nothing under way, a last claim says whether the drain ends.
+        """
         upstreams = self._upstreams()
-        now = time.monotonic()
-        since = now - self._period()
-        return not upstreams or any(
-            not self._busy(u) and self._emptied.get(u, -math.inf) <= since for u in upstreams
-        )
+        if not upstreams:
+            return True
+        if ignore_emptied:
+            return any(not self._busy(u) for u in upstreams)
+        return self._reopens_in(upstreams) == 0.0
+
+    def _reopens_in(self, upstreams: set[str]) -> float | None:
+        """Seconds until the first upstream not busy may be claimed for again (0: now; None:
+        every upstream is busy)."""
+        waits = [
+            self._emptied.get(u, -math.inf) + self._period() - time.monotonic()
+            for u in upstreams
+            if not self._busy(u)
+        ]
+        return max(min(waits), 0.0) if waits else None
+
+    def claim_in(self) -> float | None:
+        if time.monotonic() >= self._claims_until:
+            return None
+        return self._reopens_in(self._upstreams())
 
     def _skipped(self) -> list[str]:
         """The platforms whose tasks a claim now leaves due: their upstream is busy."""
@@ -161,7 +191,12 @@ class DrainWork:
         return max(self._poller.ahead(), MIN_RECLAIM)
 
     def unwritten(self) -> bool:
-        return False
+        return bool(self._put_back_batches)
+
+    def _put_back(self, batch: _Batch) -> None:
+        self._unanswered[batch.platform.upstream.name] -= len(batch.tasks)
+        if batch.claim is not None:
+            self._put_back_batches.append(batch)
 
     async def round(
         self, results: list[_Answered], claim: int, *, renew: bool
@@ -182,7 +217,13 @@ class DrainWork:
         # Answers are decided here, not in their lane, so the lane's next request is out while
         # the loop decides: a relay's own time hides the deciding instead of adding to it.
         updates: list[TaskUpdate] = []
+        # Tasks taken back unasked: due again when they were, while their claim holds them.
         replans: list[Replan] = []
+        for batch in self._put_back_batches:
+            if batch.claim is not None:
+                replans += [Replan(t.planned, t.pk, batch.claim.until) for t in batch.tasks]
+                self._release(batch.claim)
+        self._put_back_batches = []
         for answered in results:
             if answered.answer is not None and answered.batch is not None:
                 decided = await poller.decide(answered.batch.tasks, answered.answer)
