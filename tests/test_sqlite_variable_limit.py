@@ -52,6 +52,24 @@ def test_the_fixture_really_refuses_a_thousand_parameters(old_sqlite: SqlStore) 
         conn.exec_driver_sql(f"SELECT 1 WHERE 1 IN ({marks})", tuple(range(1000)))
 
 
+def test_a_claim_of_thousands_that_skips_a_platform_takes_them_in_due_order(
+    old_sqlite: SqlStore,
+) -> None:
+    """A claim leaving a busy platform's tasks out reads the ids first, then takes those
+    still due in chunks below the limit: all 2,500, most overdue first, none of the other."""
+    store = old_sqlite
+    store.register(Registration(platform="suno", ids=[f"s{i}" for i in range(10)]), T0)
+    ids = [f"t{i:05d}" for i in range(MANY)]
+    for number, task_id in enumerate(ids):  # the last id (and row) is the most overdue
+        at = T0 + timedelta(seconds=MANY - number)
+        store.register(Registration(platform="luma", ids=[task_id]), at)
+
+    due = store.claim_due(T0 + timedelta(hours=1), MANY + 10, lease=30.0, skip=["suno"])
+
+    assert [t.task_id for t in due] == list(reversed(ids))
+    assert store.claim_due(T0 + timedelta(hours=1), MANY, lease=30.0, skip=["suno"]) == []
+
+
 def _entry(number: int) -> OutboxEntry:
     return OutboxEntry(
         webhook_id=f"msg_{number}",
