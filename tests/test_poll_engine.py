@@ -204,9 +204,17 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_batches_queued_for_a_slo
     rounds of 1.5 s here)."""
     monkeypatch.setattr(rounds, "DRAIN_INTERVALS", 1)
     monkeypatch.setattr(rounds, "MIN_DRAIN_SPAN", 1.0)
+    drains: list[rounds.DrainWork] = []
+    start = rounds.DrainWork.__init__
+
+    def counted(work: rounds.DrainWork, *args: Any) -> None:
+        drains.append(work)
+        start(work, *args)
+
+    monkeypatch.setattr(rounds.DrainWork, "__init__", counted)
     with SimulatedRelay(step=0.0) as slow:
         slow.latency = 1.5
-        gaps, logs = await polls_beside(
+        gaps, _ = await polls_beside(
             running_for,
             relay,
             slow,
@@ -216,9 +224,10 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_batches_queued_for_a_slo
         )
         asked = [i for r in slow.requests for i in (r.json_body or {}).get("ids", [])]
 
-    assert len([e for e in logs if e.get("event") == "poll_cycle"]) >= 2  # drains ended
+    assert len(drains) >= 2
     assert len(gaps) >= 30 * 9
-    assert max(gaps) <= 2.9
+    # One slow answer (1.5 s) late at most; waiting for the queued batches too was 4.5 s.
+    assert max(gaps) <= 3.5
     # Suno's relay was kept busy, and no task of its backlog was asked twice while others
     # waited: the tasks put back kept their place, first in due order.
     assert len(asked) >= 120

@@ -924,6 +924,31 @@ async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(
     assert time.monotonic() - cut_at <= 1.0 + 0.3
 
 
+async def test_a_drain_cut_off_puts_back_the_batches_queued_behind_a_request(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real clock: a drain stopped (the daemon stopping) while a batch waits behind a slow
+    request writes its task back as due when it was: another claim takes it at once, beside
+    the task no claim had taken yet, and leaves the one whose request was cut off until its
+    claim lapses."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 1, "batch_size": 1, "concurrency": 1})
+    rig.poller.clock = SystemClock()
+    rig.store.register(
+        Registration("luma", ["a-sent", "b-queued", "c-queued"]), SystemClock().now()
+    )
+    relay.slow_seconds = 5.0
+    relay.fail_next("slow", 1)
+    drain = asyncio.create_task(rig.cycle())
+    await asyncio.sleep(0.3)  # "a-sent" is at the relay, "b-queued" waits in its lane
+    drain.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain
+
+    taken = rig.store.claim_due(SystemClock().now(), 10, lease=1.0)
+    assert ["b-queued", "c-queued"] == [t.task_id for t in taken]
+    assert 1 == len(relay.requests)
+
+
 async def test_a_drain_longer_than_an_interval_logs_a_line_per_interval_and_returns_all(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
@@ -1016,5 +1041,19 @@ def test_a_drain_takes_no_claim_after_ten_intervals_so_the_engines_chores_run(ri
     younger = DrainWork(rig.poller, time.monotonic() - span + 1)
 
     assert 20.0 == span  # interval 1 s, timeout 2 s: ten timeouts
+    assert old.claim_in() == 0.0  # claim_size is asked at once, and winds the drain down
     claims = [work.claim_size(Pipeline(work)) for work in (fresh, younger, old)]
     assert [size, size, 0] == claims
+    assert old.claim_in() is None  # wound down: only its requests finishing matter now
+
+
+def test_while_every_relay_is_busy_a_drain_is_woken_when_its_claims_end(rig: Rig) -> None:
+    """With two claims' worth of tasks waiting for every relay, nothing but an answer would
+    make a claim, yet the end of the drain's claiming still wakes it (claim_in), to take back
+    what is queued before a lane starts its next batch."""
+    span = max(rig.settings.poll.interval, rig.settings.upstream.timeout) * rounds.DRAIN_INTERVALS
+    work = DrainWork(rig.poller, time.monotonic() - span + 5)
+    work._unanswered["default"] = 10**6
+
+    assert work.claim_size(Pipeline(work)) == 0
+    assert 4.5 < (work.claim_in() or 0.0) <= 5.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import secrets
@@ -429,6 +430,36 @@ def test_claim_due_leaves_the_tasks_of_skipped_platforms_due(store: SqlStore) ->
     assert ["m1"] == [t.task_id for t in taken]
     assert [] == store.claim_due(at(5), 10, lease=INTERVAL, skip=["luma"])
     assert ["l1", "l2", "l3"] == claim_ids(store, at(5))
+
+
+def test_a_claim_skipping_platforms_on_sqlite_takes_only_the_rows_still_due_when_it_writes(
+    sqlite_url: str,
+) -> None:
+    """On SQLite such a claim reads the due ids before its write transaction; a task another
+    writer re-planned, and one removed, in between are not taken (nor leased)."""
+    store = SqlStore.from_url(sqlite_url)
+    store.create_schema()
+    register(store, "a", "b", "c", now=T0)
+    register(store, "s", platform="suno", now=T0)
+    read = store._read
+
+    @contextlib.contextmanager
+    def read_then_others_write() -> Iterator[sa.Connection]:
+        with read() as conn:
+            yield conn
+        with store.engine.begin() as conn:  # what another writer did meanwhile
+            pk = sa.select(tasks_table.c.id).where(tasks_table.c.task_id == "a").scalar_subquery()
+            replan = polls_table.update().where(polls_table.c.task_pk == pk)
+            conn.execute(replan.values(next_poll_at=1e12))
+        store.remove("luma", "c")
+
+    store._read = read_then_others_write  # type: ignore[method-assign]
+    taken = store.claim_due(at(1), 10, lease=INTERVAL, skip=["suno"])
+    store._read = read  # type: ignore[method-assign]
+
+    assert ["b"] == [t.task_id for t in taken]
+    assert ["s"] == claim_ids(store, at(1))
+    store.close()
 
 
 def test_claimed_tasks_are_not_claimed_again_before_their_next_poll(store: SqlStore) -> None:

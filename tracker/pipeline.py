@@ -178,6 +178,11 @@ class Pipeline(Generic[U, R]):
                     raise self._error
                 stopping = self._until is not None and self._until.is_set()
                 reclaim_in = None if may_claim else self._reclaim_due()
+                if reclaim_in is not None:
+                    # Units are under way: the work may name an earlier time to claim.
+                    look_in = self._work.claim_in()
+                    if look_in is not None:
+                        reclaim_in = min(reclaim_in, max(look_in, 0.0))
                 may_claim = may_claim or reclaim_in == 0.0
                 claim = self._work.claim_size(self) if may_claim and not stopping else 0
                 if may_claim and not claim and not stopping:

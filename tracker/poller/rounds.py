@@ -172,9 +172,13 @@ class DrainWork:
         return max(min(waits), 0.0) if waits else None
 
     def claim_in(self) -> float | None:
-        if time.monotonic() >= self._claims_until:
+        if self._wound_down:
             return None
-        return self._reopens_in(self._upstreams())
+        # The end of the claiming too: claim_size then takes back what is queued, before a
+        # lane whose answer came starts its next batch.
+        until_end = self._claims_until - time.monotonic()
+        reopens_in = self._reopens_in(self._upstreams())
+        return max(0.0, until_end if reopens_in is None else min(reopens_in, until_end))
 
     def _skipped(self) -> list[str]:
         """The platforms whose tasks a claim now leaves due: their upstream is busy."""
@@ -198,6 +202,27 @@ class DrainWork:
         if batch.claim is not None:
             self._put_back_batches.append(batch)
 
+    def _put_back_replans(self) -> tuple[int, list[Replan]]:
+        """How many batches were put back, and their tasks due again when they were (while
+        their claim holds them)."""
+        batches = self._put_back_batches
+        replans = [
+            Replan(t.planned, t.pk, b.claim.until)
+            for b in batches
+            if b.claim is not None
+            for t in b.tasks
+        ]
+        return len(batches), replans
+
+    def _written_back(self, count: int) -> None:
+        """The first ``count`` batches put back were written: their claims need no more
+        renewals. Those put back meanwhile, and all of them if the round failed, are still to
+        write (at the latest at the pipeline's last round)."""
+        for batch in self._put_back_batches[:count]:
+            if batch.claim is not None:
+                self._release(batch.claim)
+        del self._put_back_batches[:count]
+
     async def round(
         self, results: list[_Answered], claim: int, *, renew: bool
     ) -> Claimed[_Batch, _Answered]:
@@ -217,13 +242,7 @@ class DrainWork:
         # Answers are decided here, not in their lane, so the lane's next request is out while
         # the loop decides: a relay's own time hides the deciding instead of adding to it.
         updates: list[TaskUpdate] = []
-        # Tasks taken back unasked: due again when they were, while their claim holds them.
-        replans: list[Replan] = []
-        for batch in self._put_back_batches:
-            if batch.claim is not None:
-                replans += [Replan(t.planned, t.pk, batch.claim.until) for t in batch.tasks]
-                self._release(batch.claim)
-        self._put_back_batches = []
+        put_back, replans = self._put_back_replans()
         for answered in results:
             if answered.answer is not None and answered.batch is not None:
                 decided = await poller.decide(answered.batch.tasks, answered.answer)
@@ -245,6 +264,7 @@ class DrainWork:
             due_by=due_by,
             skip=skip,
         )
+        self._written_back(put_back)
         if claim and len(due) < claim:
             self._emptied.update(dict.fromkeys(asked_for, self._claiming_at))
         if updates:
@@ -334,4 +354,6 @@ class DrainWork:
         return _Answered(unit, got)
 
     def dropped(self, unit: _Batch) -> None:
-        """Nothing to undo: its claim lapses, and the tasks fall due again."""
+        """Put back, to write as due at the pipeline's last round (if that fails, the claim
+        lapses, and the tasks fall due again)."""
+        self._put_back(unit)

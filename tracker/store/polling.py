@@ -106,7 +106,9 @@ class Polling(SqlBase):
         SQLAlchemy's per-row processing and its expansion of an IN list of thousands of ids
         (a statement compiled anew per claim) cost more than the claim's own work; the driver
         keeps the few statements of each IN list's length prepared instead. The write
-        transaction excludes every other writer, so the rows read are the rows leased.
+        transaction excludes every other writer, so the rows read are the rows leased; a claim
+        that ``skip``s platforms reads the ids first, outside it (see below), and then takes
+        those of them still due.
         """
         if skip:
             # Reading past a busy relay's overdue rows (about 0.1 us each, millions perhaps)
@@ -122,9 +124,9 @@ class Polling(SqlBase):
                 rows = conn.exec_driver_sql(_due_sqlite(0), (due_by, limit)).all()
             else:
                 rows = []
-                for part in chunks(pks):
-                    among = conn.exec_driver_sql(_due_among_sqlite(len(part)), (due_by, *part))
-                    rows += among.all()
+                for part in chunks(pks, IN_CHUNK - len(skip)):
+                    query = _due_among_sqlite(len(part), len(skip))
+                    rows += conn.exec_driver_sql(query, (due_by, *skip, *part)).all()
                 rows.sort(key=lambda row: (row[_PLANNED], row[0]))
             for chunk in chunks(rows):
                 ids = [r[0] for r in chunk]
@@ -423,13 +425,15 @@ def _due_sqlite(skipped: int, *, pks: bool = False) -> str:
 
 
 @functools.cache
-def _due_among_sqlite(count: int) -> str:
-    """_DUE_COLUMNS of those of ``count`` ids still due: (due by, id, id, ...)."""
-    marks = ", ".join("?" * count)
+def _due_among_sqlite(count: int, skipped: int) -> str:
+    """_DUE_COLUMNS of those of ``count`` ids still due and of none of ``skipped`` platforms
+    (an id may have been reused meanwhile): (due by, platform, ..., id, id, ...)."""
+    marks, skip = ", ".join("?" * count), ", ".join("?" * skipped)
     # Only placeholders and column names go into the text.
     return (
         f"SELECT {_DUE_SELECT} FROM polls JOIN tasks ON tasks.id = polls.task_pk"  # noqa: S608
-        f" WHERE polls.next_poll_at <= ? AND polls.task_pk IN ({marks})"
+        f" WHERE polls.next_poll_at <= ? AND tasks.platform NOT IN ({skip})"
+        f" AND polls.task_pk IN ({marks})"
     )
 
 
