@@ -18,7 +18,11 @@ slow unit keeps its rows and a daemon that dies lets them lapse within one lease
 A claim that found less than it asked for ends the claiming: the run ends once the units
 under way are done. Work whose rows fall due all the time (polls) claims again every
 ``Work.reclaim_every()`` seconds while units are still under way, so one slow lane does not
-keep what falls due meanwhile for the others waiting until it is done.
+keep what falls due meanwhile for the others waiting until it is done. A work whose
+``claim_size`` says 0 for a reason of its own (the poll drain: every relay with room was found
+without due tasks a moment ago) names when to ask it again (``Work.claim_in``), and one that
+stops claiming may take back the units still queued (``take_back_queued``), so the run ends
+once the units under way are done.
 """
 
 from __future__ import annotations
