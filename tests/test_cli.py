@@ -11,14 +11,15 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import base_config, toml_text
+from conftest import base_config, merge, toml_text
 
-from tracker import cli, config
+from tracker import cli, config, signing, simulate
 from tracker.status import Change, TaskStatus
 from tracker.store import Registration, SqlStore
 from tracker.store.records import OutboxEntry, TaskUpdate
@@ -359,6 +360,54 @@ def test_init_says_where_it_wrote_and_what_to_edit(
     assert f"tracker run --config {path} --simulate --receiver" in text
     assert "edit" in text
     assert "[upstream] base_url and api_key" in text
+
+
+def test_the_simulate_receiver_verifies_webhooks_under_a_secret_a_reload_rotated_to(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str
+) -> None:
+    """`tracker run --simulate --receiver`: after a reload that rotates `[webhooks].secret`,
+    the printing receiver verifies what the daemon now signs with the new secret (and still
+    what it signed before)."""
+    old, new = signing.new_secret(), signing.new_secret()
+    document = base_config("http://127.0.0.1:9", "http://127.0.0.1:9/hook", sqlite_url)
+    settings = config.parse(merge(document, {"webhooks": {"secret": old}}), environ={})
+    rotated = config.parse(merge(document, {"webhooks": {"secret": new}}), environ={})
+    body = json.dumps(
+        {
+            "type": "task.completed",
+            "data": {
+                "platform": "luma",
+                "task_id": "t1",
+                "previous_status": "in_progress",
+                "status": "completed",
+                "fail_reason": None,
+                "result": None,
+            },
+        }
+    ).encode()
+
+    def send(url: str, secret: str, msg_id: str) -> int:
+        stamp = int(time.time())
+        headers = {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": signing.signature_header([secret], msg_id, stamp, body),
+        }
+        return httpx.post(url, content=body, headers=headers, timeout=10).status_code
+
+    with simulate.simulated(settings, receiver=True) as override:
+        started = override(settings)
+        answers = [send(started.webhooks.url, old, "msg_before")]
+        reloaded = override(rotated)  # what each reload does to the file's settings
+        answers.append(send(reloaded.webhooks.url, new, "msg_after"))
+        answers.append(send(reloaded.webhooks.url, signing.new_secret(), "msg_forged"))
+
+    assert [204, 204, 400] == answers
+
+    printed = capsys.readouterr().out
+    assert "[verified, webhook-id msg_before]" in printed
+    assert "[verified, webhook-id msg_after]" in printed
+    assert "[NOT VERIFIED, webhook-id msg_forged]" in printed
 
 
 def test_init_writes_a_private_config_and_the_simulator_path_delivers_a_webhook(

@@ -32,11 +32,21 @@ def simulated(
             "an id containing 'fail' fails"
         )
         hook_url: str | None = None
+        #: every webhook secret of this run: a reload may rotate it (and may yet be refused)
+        secrets = [settings.webhooks.secret.get_secret_value()]
         if receiver:
-            secret = settings.webhooks.secret.get_secret_value()
 
             def verify(body: bytes, headers: Mapping[str, str]) -> None:
-                signing.verify(secret, body, headers, now=time.time())
+                failure: signing.InvalidSignature | None = None
+                for secret in reversed(secrets):
+                    try:
+                        signing.verify(secret, body, headers, now=time.time())
+                    except signing.InvalidSignature as exc:
+                        failure = failure or exc
+                    else:
+                        return
+                if failure is not None:
+                    raise failure
 
             hooks = stack.enter_context(
                 WebhookReceiver(verify=verify, on_receive=demo.show_webhook)
@@ -45,6 +55,9 @@ def simulated(
             demo.say(f"webhook receiver on {hooks.url}: prints every webhook it verifies")
 
         def override(current: config.Settings) -> config.Settings:
+            secret = current.webhooks.secret.get_secret_value()
+            if secret not in secrets:
+                secrets.append(secret)
             moved = {"base_url": relay.base_url, "api_key": SecretStr(relay.api_key)}
             update: dict[str, object] = {
                 "upstream": current.upstream.model_copy(update=moved),
