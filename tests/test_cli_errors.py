@@ -19,6 +19,7 @@ from tracker import cli
 from tracker.api import limits, models, strict_json
 from tracker.cli import parsing
 from tracker.status import TaskStatus
+from tracker.store import SqlStore
 
 PASSWORD = "hunter2pw"
 
@@ -64,6 +65,31 @@ def test_with_json_every_failure_is_one_json_object_on_stderr(
     error = json_error(err)
     assert (code, code, "") == (got, error["exit_code"], out)
     assert says in error["error"]
+
+
+@pytest.mark.parametrize("json_flag", [True, False])
+def test_an_interrupted_command_says_so_and_exits_130(
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    json_flag: bool,
+) -> None:
+    """Ctrl-C during a command: exit 130, and one line on stderr, the JSON object with --json."""
+
+    def interrupted(_self: object, *_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SqlStore, "stats", interrupted)
+    flags = ["--json"] if json_flag else []
+    got, out, err = run(capsys, *flags, "--config", str(config_file), "stats")
+
+    assert (130, "") == (got, out)
+    if json_flag:
+        assert {"error": "interrupted", "problems": ["interrupted"], "exit_code": 130} == (
+            json_error(err)
+        )
+    else:
+        assert "tracker: interrupted\n" == err
 
 
 @pytest.mark.parametrize(

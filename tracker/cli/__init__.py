@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SchemaMismatchError as exc:
         return output.fail(args, ExitCode.SCHEMA, [f"database: {exc}"])
     except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+        # Said as any failure is (a script reading --json gets its one object).
+        return output.fail(args, ExitCode.INTERRUPTED, ["interrupted"])
     return code
 
 
