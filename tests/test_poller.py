@@ -924,6 +924,38 @@ async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(
     assert time.monotonic() - cut_at <= 1.0 + 0.3
 
 
+async def test_a_reload_ends_the_drain_under_way_so_the_next_asks_with_its_batch_size(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real clock: a drain working off 20 tasks one at a time from a relay that takes 0.3 s
+    (it would take 6 s) is reloaded with batches of 10: it takes no more claims, puts back what
+    it had queued, and ends once its request under way is answered; the next drain asks in
+    batches of 10."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 1, "batch_size": 1, "concurrency": 1})
+    rig.poller.clock = SystemClock()
+    ids = [f"t{n:02d}" for n in range(20)]
+    rig.store.register(Registration("luma", ids), SystemClock().now())
+    relay.latency = 0.3
+    drain = asyncio.create_task(rig.cycle())
+    await asyncio.sleep(0.45)  # the second request is at the relay
+    poll = rig.settings.poll.model_copy(update={"batch_size": 10})
+    reloaded = rig.settings.model_copy(update={"poll": poll})
+    rig.poller.configure(poll, platforms.build(reloaded))
+    reloaded_at = time.monotonic()
+    await drain
+    ended_after = time.monotonic() - reloaded_at
+    before = len(relay.requests)
+    second = await rig.cycle()
+
+    assert ended_after < 0.3 + 0.2  # the answer under way, not the 5 s of the rest
+    assert 2 <= before <= 3
+    left = 20 - before
+    asked = [len((r.json_body or {})["ids"]) for r in relay.requests]
+    assert asked == [1] * before + [10, left - 10]
+    assert second.claimed == left  # what the first had queued was put back, due
+    assert sorted(i for r in relay.requests for i in (r.json_body or {})["ids"]) == ids
+
+
 async def test_a_drain_cut_off_puts_back_the_batches_queued_behind_a_request(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

@@ -158,6 +158,10 @@ class Pipeline(Generic[U, R]):
         """Workers running."""
         return len(self._workers)
 
+    def wake(self) -> None:
+        """Look at the work again now (its claim_size or claim_in may say something new)."""
+        self._wake.set()
+
     def take_back_queued(self) -> list[U]:
         """The units queued on every lane and not started yet, taken off their lanes: the run
         then ends once the units under way are done (the work writes what they held)."""

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import structlog
@@ -87,6 +88,8 @@ class Poller:
         self._meta_written = -META_EVERY
         self.report = CycleReport()
         self._pull_in = False
+        #: the drain under way and its pipeline, for a reload to end its claims
+        self._drain: tuple[DrainWork, Pipeline[Any, Any]] | None = None
         self._limiters = {
             name: RateLimiter(p.rate_limit) for name, p in platforms.items() if p.rate_limit
         }
@@ -106,10 +109,12 @@ class Poller:
         platforms: Mapping[str, Platform] | None = None,
         targets: events.Targets | None = None,
     ) -> None:
-        """Take new [poll] settings (a reload); they apply from the next claim on.
+        """Take new [poll] settings (a reload); they apply from the next drain on.
 
         ``platforms``, built from the new settings, carries the batch sizes to use from now on;
-        ``targets`` is where the webhooks of changes decided from now on go.
+        ``targets`` is where the webhooks of changes decided from now on go. A drain under way
+        takes no more claims and ends once its requests are answered (what it had queued goes
+        back), so the next one starts at once with the new claim size, concurrency and pull-in.
         """
         # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now;
         # a pull-in still to do stays to do whatever a later reload changes.
@@ -121,6 +126,10 @@ class Poller:
         for name, fresh in (platforms or {}).items():
             if name in self.platforms:
                 self.platforms[name].batch_size = fresh.batch_size
+        if self._drain is not None:
+            drain, pipeline = self._drain
+            drain.end_claims()
+            pipeline.wake()
 
     def lag(self) -> float | None:
         """Seconds the most overdue task was late when last claimed; None before any drain."""
@@ -161,7 +170,12 @@ class Poller:
             await self.store_worker.call(self.store.pull_in, latest)
             self._pull_in = False  # only once done: a failed pull-in is tried at the next drain
         drain = DrainWork(self, started)
-        await Pipeline(drain, until=until).run()
+        pipeline = Pipeline(drain, until=until)
+        self._drain = (drain, pipeline)
+        try:
+            await pipeline.run()
+        finally:
+            self._drain = None
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
         return CycleReport.total([*drain.logged, report])

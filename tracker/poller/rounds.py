@@ -123,6 +123,10 @@ class DrainWork:
         #: drain under more work than fits may never end: one total, not a list of lines)
         self.logged: list[CycleReport] = []
 
+    def end_claims(self) -> None:
+        """Take no more claims (a reload: the next drain starts with its settings)."""
+        self._claims_until = min(self._claims_until, time.monotonic())
+
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
         now = time.monotonic()
         if now >= self._claims_until:
