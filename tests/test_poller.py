@@ -924,20 +924,28 @@ async def test_the_claims_of_a_drain_cut_off_mid_request_lapse_within_one_lease(
     assert time.monotonic() - cut_at <= 1.0 + 0.3
 
 
+async def requests_seen(relay: SimulatedRelay, count: int, within: float = 5.0) -> None:
+    """Return once the relay has received ``count`` requests (fail after ``within`` s)."""
+    deadline = time.monotonic() + within
+    while len(relay.requests) < count:
+        assert time.monotonic() < deadline, f"{len(relay.requests)} requests, not {count}"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_reload_ends_the_drain_under_way_so_the_next_asks_with_its_batch_size(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
     """Real clock: a drain working off 20 tasks one at a time from a relay that takes 0.3 s
     (it would take 6 s) is reloaded with batches of 10: it takes no more claims, puts back what
     it had queued, and ends once its request under way is answered; the next drain asks in
-    batches of 10."""
-    rig = rig_for(poll={"interval": 1, "max_interval": 1, "batch_size": 1, "concurrency": 1})
+    batches of 10. (Interval 8 s: no renewal of the claims wakes the drain meanwhile.)"""
+    rig = rig_for(poll={"interval": 8, "max_interval": 8, "batch_size": 1, "concurrency": 1})
     rig.poller.clock = SystemClock()
     ids = [f"t{n:02d}" for n in range(20)]
     rig.store.register(Registration("luma", ids), SystemClock().now())
     relay.latency = 0.3
     drain = asyncio.create_task(rig.cycle())
-    await asyncio.sleep(0.45)  # the second request is at the relay
+    await requests_seen(relay, 2)  # the second request is at the relay
     poll = rig.settings.poll.model_copy(update={"batch_size": 10})
     reloaded = rig.settings.model_copy(update={"poll": poll})
     rig.poller.configure(poll, platforms.build(reloaded))
@@ -948,12 +956,53 @@ async def test_a_reload_ends_the_drain_under_way_so_the_next_asks_with_its_batch
     second = await rig.cycle()
 
     assert ended_after < 0.3 + 0.2  # the answer under way, not the 5 s of the rest
-    assert 2 <= before <= 3
+    assert before == 2
     left = 20 - before
     asked = [len((r.json_body or {})["ids"]) for r in relay.requests]
     assert asked == [1] * before + [10, left - 10]
     assert second.claimed == left  # what the first had queued was put back, due
     assert sorted(i for r in relay.requests for i in (r.json_body or {})["ids"]) == ids
+
+
+async def test_a_reload_that_changes_no_poll_setting_leaves_the_drain_alone(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real clock: a reload of other sections (the same [poll]) mid-drain puts nothing back:
+    the drain asks about its 6 tasks one after another, in one drain."""
+    rig = rig_for(poll={"interval": 8, "max_interval": 8, "batch_size": 1, "concurrency": 1})
+    rig.poller.clock = SystemClock()
+    rig.store.register(Registration("luma", [f"t{n}" for n in range(6)]), SystemClock().now())
+    relay.latency = 0.1
+    drain = asyncio.create_task(rig.cycle())
+    await requests_seen(relay, 2)
+    rig.poller.configure(rig.settings.poll, platforms.build(rig.settings))
+    report = await drain
+
+    assert (6, 6) == (report.claimed, len(relay.requests))
+
+
+async def test_a_reload_during_a_pull_in_gets_its_own_pull_in_at_the_next_drain(
+    rig_for: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload to a shorter max_interval while the pull-in of the one before runs: that
+    pull-in used the longer one, so the next drain pulls in again, to the shorter."""
+    rig = rig_for(poll={"interval": 1, "max_interval": 600})
+    pulled: list[float] = []
+    pull_in = rig.store.pull_in
+
+    def pulling(latest: datetime) -> None:
+        pulled.append((latest - rig.clock.now()).total_seconds())
+        if len(pulled) == 1:  # a second reload comes while the first pull-in runs
+            rig.poller.configure(rig.settings.poll.model_copy(update={"max_interval": 60}))
+        pull_in(latest)
+
+    monkeypatch.setattr(rig.store, "pull_in", pulling)
+    rig.poller.configure(rig.settings.poll.model_copy(update={"max_interval": 300}))
+    await rig.cycle()
+    await rig.cycle()
+    await rig.cycle()
+
+    assert [300.0, 60.0] == pulled
 
 
 async def test_a_drain_cut_off_puts_back_the_batches_queued_behind_a_request(

@@ -119,14 +119,18 @@ class Poller:
         # Tasks scheduled under a longer interval are pulled in, so a shorter one applies now;
         # a pull-in still to do stays to do whatever a later reload changes.
         self._pull_in |= settings.max_interval < self.settings.max_interval
+        changed = settings != self.settings
         self.settings = settings
         self.planner.settings = settings
         if targets is not None:
             self.planner.targets = targets
         for name, fresh in (platforms or {}).items():
-            if name in self.platforms:
-                self.platforms[name].batch_size = fresh.batch_size
-        if self._drain is not None:
+            platform = self.platforms.get(name)
+            if platform is not None and platform.batch_size != fresh.batch_size:
+                platform.batch_size = fresh.batch_size
+                changed = True
+        if changed and self._drain is not None:
+            # A reload of other sections (logging, tokens, webhooks) leaves the drain alone.
             drain, pipeline = self._drain
             drain.end_claims()
             pipeline.wake()
@@ -166,9 +170,14 @@ class Poller:
         started = time.monotonic()
         self.planner.drain_started = self.clock.now().timestamp()
         if self._pull_in:
+            # Cleared first: a reload meanwhile sets it again, for its own max_interval.
+            self._pull_in = False
             latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
-            await self.store_worker.call(self.store.pull_in, latest)
-            self._pull_in = False  # only once done: a failed pull-in is tried at the next drain
+            try:
+                await self.store_worker.call(self.store.pull_in, latest)
+            except BaseException:
+                self._pull_in = True  # tried again at the next drain
+                raise
         drain = DrainWork(self, started)
         pipeline = Pipeline(drain, until=until)
         self._drain = (drain, pipeline)
