@@ -184,9 +184,10 @@ async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
         await daemon.parts.poller.run_cycle()
 
     [warning] = [e for e in logs if e["event"] == "poll_lagging"]
-    assert ("warning", 42.0, "poll.batch_size") == (
+    assert ("warning", 42.0, "luma", "poll.batch_size") == (
         warning["log_level"],
         warning["lag_seconds"],
+        warning["platform"],
         warning["setting"],
     )
     assert "tracker_poll_lag_seconds 0.0" in daemon.parts.metrics.render().decode()

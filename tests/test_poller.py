@@ -25,6 +25,7 @@ from tracker.pipeline import Pipeline
 from tracker.platforms.base import UpstreamError
 from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller, rounds
 from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
+from tracker.poller.report import CycleReport
 from tracker.poller.rounds import DrainWork
 from tracker.store import Registration, SqlStore
 from tracker.store.sql import deliveries, polls, tasks
@@ -178,6 +179,24 @@ async def test_final_tasks_are_never_asked_again(rig: Rig, relay: SimulatedRelay
 
     assert [] == relay.requests
     assert "completed" == rig.task("t1").status
+
+
+async def test_a_drains_lag_names_the_platform_of_its_most_overdue_task(rig: Rig) -> None:
+    """Luma's task 5 s overdue, suno's 30 s: the report's lag is suno's, and says so, as does
+    the lag warning; a drain of several lines keeps the platform of its worst one."""
+    now = rig.clock.now()
+    rig.store.register(Registration("luma", ["l1"]), now - timedelta(seconds=5))
+    rig.store.register(Registration("suno", ["s1"]), now - timedelta(seconds=30))
+    with capture_logs() as logs:
+        report = await rig.cycle()
+        PollEngine(rig.poller, rig.clock).check_lag(report)
+
+    assert (30.0, "suno") == (round(report.lag, 1), report.lagging)
+    [warning] = [e for e in logs if e["event"] == "poll_lagging"]
+    assert ("suno", 30.0) == (warning["platform"], warning["lag_seconds"])
+    assert warning["hint"].startswith("polls of suno run 30 s late")
+    parts = [CycleReport(lag=2.0, lagging="luma"), CycleReport(lag=9.0, lagging="suno")]
+    assert (9.0, "suno") == (CycleReport.total(parts).lag, CycleReport.total(parts).lagging)
 
 
 async def test_batches_respect_batch_size_and_concurrency(

@@ -161,8 +161,11 @@ class PollEngine:
             "poll_lagging",
             lag_seconds=round(report.lag, 1),
             interval=settings.interval,
+            # With several relays, one may fall behind alone: whose tasks are most overdue.
+            platform=report.lagging,
             setting=setting,
-            hint=f"polls run {report.lag:.0f} s late; raise {setting} if the relay allows it",
+            hint=f"polls of {report.lagging or 'tasks'} run {report.lag:.0f} s late; "
+            f"raise {setting} if the relay allows it",
         )
 
     def helpful_setting(self, report: CycleReport) -> str:

@@ -21,6 +21,8 @@ class CycleReport:
     lapsed: int = 0
     #: how overdue the most overdue task claimed was, in seconds
     lag: float = 0.0
+    #: that task's platform (None while nothing was claimed late)
+    lagging: str | None = None
     seconds: float = 0.0
     #: seconds requests waited on each platform's rate limit (not logged)
     rate_waits: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -30,7 +32,8 @@ class CycleReport:
         """One report for a whole drain that logged several lines."""
         if len(parts) == 1:
             return parts[0]
-        whole = cls(lag=max(p.lag for p in parts))
+        latest = max(parts, key=lambda p: p.lag)
+        whole = cls(lag=latest.lag, lagging=latest.lagging)
         for name in ("claimed", "requests", "errors", "changed", "events", "given_up", "lapsed"):
             setattr(whole, name, sum(getattr(p, name) for p in parts))
         whole.seconds = sum(p.seconds for p in parts)

@@ -309,7 +309,9 @@ class DrainWork:
         """The claimed tasks as batches per platform, and updates for those not to ask."""
         poller = self._poller
         report = poller.report
-        report.lag = max(report.lag, now.timestamp() - due[0].planned)
+        lag = now.timestamp() - due[0].planned
+        if lag > report.lag:
+            report.lag, report.lagging = lag, due[0].platform
         report.claimed += len(due)
         claim = due[0].claim
         ready: list[_Answered] = []
