@@ -186,11 +186,6 @@ class Pipeline(Generic[U, R]):
                     raise self._error
                 stopping = self._until is not None and self._until.is_set()
                 reclaim_in = None if may_claim else self._reclaim_due()
-                if reclaim_in is not None:
-                    # Units are under way: the work may name an earlier time to claim.
-                    look_in = self._work.claim_in()
-                    if look_in is not None:
-                        reclaim_in = min(reclaim_in, max(look_in, 0.0))
                 may_claim = may_claim or reclaim_in == 0.0
                 claim = self._work.claim_size(self) if may_claim and not stopping else 0
                 if may_claim and not claim and not stopping:
@@ -253,7 +248,10 @@ class Pipeline(Generic[U, R]):
         every = self._work.reclaim_every()
         if every is None or not self._workers:
             return None
-        return max(0.0, self._claimed_at + every - time.monotonic())
+        due = max(0.0, self._claimed_at + every - time.monotonic())
+        # The work may name an earlier time (the poll drain: the end of its claiming).
+        look_in = self._work.claim_in()
+        return due if look_in is None else min(due, max(look_in, 0.0))
 
     def _renew_due(self) -> float | None:
         """0 when the claims held should be renewed now, else seconds until then; None when

@@ -106,9 +106,9 @@ class DrainWork:
         #: waits for the reclaim period
         self._emptied: dict[str, float] = {}
         self._claiming_at = 0.0
-        #: batches taken back unasked when the drain stopped claiming, their tasks to write as
-        #: due (their claims renewed until then)
-        self._put_back_batches: list[_Batch] = []
+        #: tasks taken back unasked (a batch's, with its claim) when the drain stopped claiming,
+        #: to write as due (their claims renewed until then)
+        self._put_back_batches: list[tuple[Sequence[DueTask], Claim]] = []
         self._wound_down = False
         #: when the drain takes no more claims (monotonic)
         timeout = max((p.upstream.timeout for p in poller.platforms.values()), default=0.0)
@@ -184,11 +184,6 @@ class DrainWork:
         reopens_in = self._reopens_in(self._upstreams())
         return max(0.0, until_end if reopens_in is None else min(reopens_in, until_end))
 
-    def _skipped(self) -> list[str]:
-        """The platforms whose tasks a claim now leaves due: their upstream is busy."""
-        platforms = self._poller.platforms
-        return [name for name, p in platforms.items() if self._busy(p.upstream.name)]
-
     def renew_every(self) -> float:
         return self._poller.lease() * RENEW_SHARE
 
@@ -203,28 +198,22 @@ class DrainWork:
 
     def _put_back(self, batch: _Batch) -> None:
         self._unanswered[batch.platform.upstream.name] -= len(batch.tasks)
-        if batch.claim is not None:
-            self._put_back_batches.append(batch)
+        if batch.claim is not None:  # else nothing holds its tasks: they are due
+            self._put_back_batches.append((batch.tasks, batch.claim))
 
     def _put_back_replans(self) -> tuple[int, list[Replan]]:
         """How many batches were put back, and their tasks due again when they were (while
         their claim holds them)."""
         batches = self._put_back_batches
-        replans = [
-            Replan(t.planned, t.pk, b.claim.until)
-            for b in batches
-            if b.claim is not None
-            for t in b.tasks
-        ]
+        replans = [Replan(t.planned, t.pk, claim.until) for tasks, claim in batches for t in tasks]
         return len(batches), replans
 
     def _written_back(self, count: int) -> None:
         """The first ``count`` batches put back were written: their claims need no more
         renewals. Those put back meanwhile, and all of them if the round failed, are still to
         write (at the latest at the pipeline's last round)."""
-        for batch in self._put_back_batches[:count]:
-            if batch.claim is not None:
-                self._release(batch.claim)
+        for _, claim in self._put_back_batches[:count]:
+            self._release(claim)
         del self._put_back_batches[:count]
 
     async def round(
@@ -255,8 +244,11 @@ class DrainWork:
             else:
                 updates += answered.updates
         due_by = now + timedelta(seconds=poller.ahead())
-        skip = self._skipped() if claim else []
-        asked_for = {u for u in self._upstreams() if not self._busy(u)}
+        # A claim leaves out the platforms of a busy upstream; the others it asks for.
+        upstreams = self._upstreams() if claim else set()
+        asked_for = {u for u in upstreams if not self._busy(u)}
+        busy = upstreams - asked_for
+        skip = [name for name, p in poller.platforms.items() if p.upstream.name in busy]
         written, due = await poller.store_worker.call(
             self._store_round,
             updates,

@@ -110,22 +110,21 @@ class Polling(SqlBase):
         that ``skip``s platforms reads the ids first, outside it (see below), and then takes
         those of them still due.
         """
+        pks: list[int] = []
         if skip:
             # Reading past a busy relay's overdue rows (about 0.1 us each, millions perhaps)
             # is done before the write transaction, so that writers (registrations) do not
             # wait for it; the transaction then takes those of the rows found still due.
             with self._read() as conn:
-                found = conn.exec_driver_sql(
-                    _due_sqlite(len(skip), pks=True), (due_by, *skip, limit)
-                )
+                found = conn.exec_driver_sql(_due_ids_sqlite(len(skip)), (due_by, *skip, limit))
                 pks = [r[0] for r in found]
         with self._write() as conn:
             if not skip:
-                rows = conn.exec_driver_sql(_due_sqlite(0), (due_by, limit)).all()
+                rows = conn.exec_driver_sql(_DUE_SQLITE, (due_by, limit)).all()
             else:
                 rows = []
                 for part in chunks(pks, IN_CHUNK - len(skip)):
-                    query = _due_among_sqlite(len(part), len(skip))
+                    query = _still_due_sqlite(len(part), len(skip))
                     rows += conn.exec_driver_sql(query, (due_by, *skip, *part)).all()
                 rows.sort(key=lambda row: (row[_PLANNED], row[0]))
             for chunk in chunks(rows):
@@ -410,22 +409,28 @@ _DUE_SELECT = ", ".join(f"{c.table.name}.{c.name}" for c in _DUE_COLUMNS)
 _PLANNED = [c.name for c in _DUE_COLUMNS].index("next_poll_at")
 
 
+# A claim on SQLite: _DUE_COLUMNS of the due rows in due order, then their lease.
+_DUE_SQLITE = (
+    f"SELECT {_DUE_SELECT} FROM polls JOIN tasks ON tasks.id = polls.task_pk"  # noqa: S608
+    " WHERE polls.next_poll_at <= ? ORDER BY polls.next_poll_at, polls.task_pk LIMIT ?"
+)
+
+
 @functools.cache
-def _due_sqlite(skipped: int, *, pks: bool = False) -> str:
-    """A claim on SQLite: _DUE_COLUMNS (``pks``: only the ids) of the due rows in due order,
-    but those of ``skipped`` platforms: (due by, platform, ..., limit). The lease follows."""
+def _due_ids_sqlite(skipped: int) -> str:
+    """The ids of the due rows in due order, but those of ``skipped`` platforms: (due by,
+    platform, ..., limit); read before a claim's write transaction (_still_due_sqlite)."""
+    skip = ", ".join("?" * skipped)
     # Only placeholders and column names go into the text.
-    skip = f" AND tasks.platform NOT IN ({', '.join('?' * skipped)})" if skipped else ""
     return (
-        f"SELECT {'polls.task_pk' if pks else _DUE_SELECT}"  # noqa: S608
-        " FROM polls JOIN tasks ON tasks.id = polls.task_pk"
-        f" WHERE polls.next_poll_at <= ?{skip}"
+        "SELECT polls.task_pk FROM polls JOIN tasks ON tasks.id = polls.task_pk"  # noqa: S608
+        f" WHERE polls.next_poll_at <= ? AND tasks.platform NOT IN ({skip})"
         " ORDER BY polls.next_poll_at, polls.task_pk LIMIT ?"
     )
 
 
 @functools.cache
-def _due_among_sqlite(count: int, skipped: int) -> str:
+def _still_due_sqlite(count: int, skipped: int) -> str:
     """_DUE_COLUMNS of those of ``count`` ids still due and of none of ``skipped`` platforms
     (an id may have been reused meanwhile): (due by, platform, ..., id, id, ...)."""
     marks, skip = ", ".join("?" * count), ", ".join("?" * skipped)
