@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -233,6 +234,77 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_batches_queued_for_a_slo
     # waited: the tasks put back kept their place, first in due order.
     assert len(asked) >= 120
     assert len(set(asked)) == len(asked)
+
+
+async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is_down(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Suno's relay takes every request and never answers (timeout 4 s). Its first request
+    times out at 4 s, and after a 2 s pause it gets one request at a time (a probe), out from
+    6 s to 10 s, which keeps the drain open. A reload at 7 s ends that drain (as the end of
+    its span would): it calls the probe off, its tasks going back due, and the next drain
+    starts at once, so luma's tasks on the other relay (interval 1 s) are not left unasked
+    for what is left of the probe's 4 s."""
+    luma = [f"f{n}" for n in range(30)]
+    for task_id in luma:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    with SimulatedRelay(step=0.0) as down:
+        down.fail_next("stall", 10**6)
+        running = running_for(
+            upstreams={"other": {"base_url": down.base_url, "api_key": "sk-sim", "timeout": 4}},
+            platforms={"suno": {"upstream": "other"}},
+            poll={"interval": 1, "max_interval": 1},
+        )
+        running.register(*luma)
+        running.store.register(Registration("suno", ["s0", "s1"]), running.clock.now())
+        await asyncio.sleep(7)
+        poll = running.poller.settings
+        running.poller.configure(poll.model_copy(update={"batch_size": poll.batch_size - 1}))
+        await asyncio.sleep(3)
+        await running.close()
+        asked = [r.at for r in down.requests]
+
+    # Suno's relay was asked at 0 s, 6 s, and by the next drain at once (7 s). Waiting out
+    # the probe, the next would go out at 14 s (the probe fails at 10 s; then a 4 s pause).
+    first = asked[0]
+    assert len(asked) == 3
+    assert 5.8 < asked[1] - first < 6.5
+    assert 7.0 < asked[2] - first < 7.5
+    gaps = poll_gaps([r for r in relay.requests if r.at >= first + 5])
+    assert len(gaps) == 30
+    assert max(g for per_task in gaps.values() for g in per_task) <= 1.5
+
+
+async def test_the_tasks_of_a_paused_relay_are_claimed_again_once_its_pause_is_over(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """The relay answers the first request 429 with Retry-After: 1, at interval 20 s (a
+    claim takes tasks up to 1 s early). The two tasks behind it are claimed again once, when
+    the pause is over, and asked then (once before too, if a claim took them before the 429
+    came); not claimed over and over through the pause's last second, each claim a write to
+    find the relay still paused."""
+    relay.fail_next("http_429")
+    running = running_for(poll={"interval": 20, "batch_size": 1, "concurrency": 1})
+    claimed: list[str] = []
+    claim_due = running.store.claim_due
+
+    def counted(*args: Any, **kwargs: Any) -> list[Any]:
+        due = claim_due(*args, **kwargs)
+        claimed.extend(t.task_id for t in due)
+        return due
+
+    running.store.claim_due = counted  # type: ignore[method-assign]
+    running.register("t1", "t2", "t3")
+    await asyncio.sleep(2.5)
+    await running.close()
+
+    sent = sorted(r.at for r in relay.requests)
+    assert len(sent) == 3  # t1 (answered 429), then t2 and t3 after the pause
+    assert sent[1] - sent[0] >= 0.95
+    times = collections.Counter(claimed)
+    assert times["t1"] == 1
+    assert 1 <= times["t2"] <= 2
+    assert 1 <= times["t3"] <= 2
 
 
 async def test_a_backlog_on_one_relay_is_claimed_without_pause_beside_an_idle_one(

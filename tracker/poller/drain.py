@@ -99,8 +99,10 @@ class Poller:
         #: upstream name -> its rounds of requests that got no answer at all, in a row (any
         #: answer ends the row); while it has some, it is asked one request at a time
         self._failures: dict[str, int] = {}
-        #: upstreams whose one request (the probe, after failures) is out
-        self._probing: set[str] = set()
+        #: upstream name -> the task sending its one request (the probe, after failures)
+        self._probing: dict[str, asyncio.Task[Any]] = {}
+        #: the probes' tasks cancelled by call_off_probes, not by a shutdown
+        self._called_off: set[asyncio.Task[Any]] = set()
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -224,15 +226,16 @@ class Poller:
             # Not waited out here: a batch waiting in its lane counts against the claims of
             # every upstream, so one relay's pause would stop the polls of all. Asked again
             # when the pause is over, or (a relay that stopped answering gets one request
-            # at a time) when the one out has had its time; beyond the drain's look-ahead,
-            # or the next claim would take the tasks again at once. A pause the relay asked
-            # for counts as the platform's rate wait; one for a relay that is down does not
-            # (the lag warning would name rate_limit, which cannot help).
+            # at a time) when the one out has had its time: planned that far, and the
+            # look-ahead beyond, as a claim takes tasks that much early (else every drain in
+            # the pause's last moments would claim them again, to find the relay paused). A
+            # pause the relay asked for counts as the platform's rate wait; one for a relay
+            # that is down does not (the lag warning would name rate_limit, which cannot help).
             wait = paused if paused > 0 else upstream.timeout
             if name not in self._failures:
                 self._count_wait(platform, wait)
             now = self.clock.now()
-            return [self.planner.later(t, now, max(wait, self.ahead())) for t in tasks]
+            return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
         limiter = self._limiters.get(platform.name)
         if limiter is not None:
             before = limiter.waited
@@ -249,19 +252,37 @@ class Poller:
         self.metrics.activity.count(Series.POLLS, len(ids))
         asked = self.clock.now()
         probe = name in self._failures  # its last requests got no answer: one at a time
-        if probe:
-            self._probing.add(name)
+        current = asyncio.current_task() if probe else None
+        if current is not None:
+            self._probing[name] = current
         try:
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
             return self._failed(platform, tasks, exc)
+        except asyncio.CancelledError:
+            if current is None or current not in self._called_off:
+                raise
+            self._called_off.discard(current)
+            if current.uncancel():  # cancelled by a shutdown too
+                raise
+            now = self.clock.now()
+            return [self.planner.later(t, now, 0.0) for t in tasks]
         finally:
-            if probe:
-                self._probing.discard(name)
+            if current is not None:
+                self._probing.pop(name, None)
+                self._called_off.discard(current)
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
+
+    def call_off_probes(self) -> None:
+        """Call off the requests out to relays that stopped answering (one each at most, and
+        it may take a whole timeout), so a drain's end need not wait for them: their tasks
+        are due again at once, unasked, and the relay's record of failures stays as it was."""
+        for asking in self._probing.values():
+            self._called_off.add(asking)
+            asking.cancel()
 
     def _failed(
         self, platform: Platform, tasks: Sequence[DueTask], exc: UpstreamError | httpx.HTTPError
