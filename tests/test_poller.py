@@ -396,8 +396,36 @@ async def test_a_relay_that_stopped_answering_is_asked_one_request_at_a_time(
     assert 1 == report.requests
     assert {} == report.rate_waits  # a relay that is down: raising rate_limit cannot help
     relay.clear_requests()
-    await rig.cycle(advance=rig.settings.upstream.timeout)
+    # Planned the probe's timeout on, and the look-ahead beyond: claimed once that has passed.
+    await rig.cycle(advance=rig.settings.upstream.timeout + 0.01)
     assert 7 <= len(relay.requests)
+
+
+async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts_no_failure(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: after a reset (the relay paused 2 s), the next request is a probe, and the
+    relay holds it. Called off 0.3 s in, as a drain's end calls it off, the cycle ends then,
+    not at the 3 s timeout; the task is due when it was (its place in due order kept), and
+    nothing counts against the relay: no error, no longer pause."""
+    rig = rig_for(upstream={"timeout": 3})
+    rig.register("t1")
+    relay.fail_next("reset")
+    await rig.cycle()
+    await asyncio.sleep(RELAY_PAUSE + 0.05)
+    rig.clock.advance(rig.settings.poll.interval)
+    due = next_poll_at(rig, "t1")
+    relay.fail_next("stall")
+    asyncio.get_running_loop().call_later(0.3, rig.poller.call_off_probes)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        report = await rig.cycle()
+
+    assert time.monotonic() - started < 1.0
+    assert 2 == len(relay.requests)
+    assert (1, 0) == (report.requests, report.errors)
+    assert not [e for e in logs if e["event"] == "upstream_error"]
+    assert due == next_poll_at(rig, "t1")
 
 
 async def test_relay_timeout_changes_nothing(

@@ -236,45 +236,62 @@ class Poller:
                 self._count_wait(platform, wait)
             now = self.clock.now()
             return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
-        limiter = self._limiters.get(platform.name)
-        if limiter is not None:
-            before = limiter.waited
-            await limiter.wait()
-            self._count_wait(platform, limiter.waited - before)
-        lease_until = min(t.lease_until or float("inf") for t in tasks)
-        if self.clock.now().timestamp() >= lease_until:
-            # The claim lapsed while the batch waited (a stalled loop): another claim may hold
-            # the tasks now, and they fall due again anyway.
-            self.report.lapsed += len(ids)
-            return []
-        self.report.requests += 1
-        self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
-        self.metrics.activity.count(Series.POLLS, len(ids))
-        asked = self.clock.now()
         probe = name in self._failures  # its last requests got no answer: one at a time
         current = asyncio.current_task() if probe else None
         if current is not None:
+            # Before any wait: batches behind it see it out, and a drain's end can call it off.
             self._probing[name] = current
         try:
+            limiter = self._limiters.get(platform.name)
+            if limiter is not None:
+                before = limiter.waited
+                await limiter.wait()
+                self._count_wait(platform, limiter.waited - before)
+            lease_until = min(t.lease_until or float("inf") for t in tasks)
+            if self.clock.now().timestamp() >= lease_until:
+                # The claim lapsed while the batch waited (a stalled loop): another claim may
+                # hold the tasks now, and they fall due again anyway.
+                self.report.lapsed += len(ids)
+                return []
+            self.report.requests += 1
+            self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
+            self.metrics.activity.count(Series.POLLS, len(ids))
+            asked = self.clock.now()
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
             return self._failed(platform, tasks, exc)
         except asyncio.CancelledError:
-            if current is None or current not in self._called_off:
+            if not self._called_off_alone(current):
                 raise
-            self._called_off.discard(current)
-            if current.uncancel():  # cancelled by a shutdown too
-                raise
+            # Due again at once, in their place in due order.
             now = self.clock.now()
-            return [self.planner.later(t, now, 0.0) for t in tasks]
+            return [
+                self.planner.later(t, now, min(t.planned - now.timestamp(), 0.0)) for t in tasks
+            ]
         finally:
             if current is not None:
-                self._probing.pop(name, None)
-                self._called_off.discard(current)
+                self._probe_over(name, current)
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
+
+    def _called_off_alone(self, current: asyncio.Task[Any] | None) -> bool:
+        """Whether the probe ``current`` was cancelled by `call_off_probes` and nothing else
+        (not by a shutdown too); if so, its cancel is taken back."""
+        if current is None or current not in self._called_off:
+            return False
+        self._called_off.discard(current)
+        return not current.uncancel()
+
+    def _probe_over(self, name: str, current: asyncio.Task[Any]) -> None:
+        if self._probing.get(name) is current:
+            del self._probing[name]
+        if current in self._called_off:
+            # The call-off was lost on its way (taken for a timeout at the same moment): the
+            # task's count of cancels is set right here.
+            self._called_off.discard(current)
+            current.uncancel()
 
     def call_off_probes(self) -> None:
         """Call off the requests out to relays that stopped answering (one each at most, and
