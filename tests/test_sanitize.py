@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -175,7 +176,17 @@ def test_fuzz_loads_either_refuses_or_gives_clean_json(body: bytes) -> None:
             sanitize._loads_carefully(body.decode("utf-8-sig"))
         return
     json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    assert value == sanitize._loads_carefully(body.decode("utf-8-sig"))
+    assert typed(value) == typed(sanitize._loads_carefully(body.decode("utf-8-sig")))
+
+
+def typed(value: object) -> object:
+    """``value`` with the type of every part beside it, and keys in order: 2**64 and
+    float(2**64) are equal in Python, but a decoder giving one for the other is wrong."""
+    if isinstance(value, dict):
+        return ("dict", [(key, typed(item)) for key, item in value.items()])
+    if isinstance(value, list):
+        return ("list", [typed(item) for item in value])
+    return (type(value).__name__, repr(value))
 
 
 def _nested(depth: int, innermost: object) -> object:
@@ -209,6 +220,13 @@ def _nested(depth: int, innermost: object) -> object:
         ),
         json.dumps({"s": "\u00e9" * (sanitize.MAX_TEXT + 1)}, ensure_ascii=False),
         json.dumps({"s": "\u00e9" * sanitize.MAX_TEXT}, ensure_ascii=False),
+        *(
+            json.dumps([n, -n, n + 0.5])
+            for n in (10**17, 10**18 - 1, 10**18, 2**63, 10**19 - 1, 2**64, 10**19, 10**20)
+        ),
+        "[1e308, 1e309, -1e400, 1e-400, -0, -0.0, 0.30000000000000004]",
+        "[0.1234567890123456789, 12345678901234567890e-10]",
+        '{"a": 1, "b": 2, "a": 3}',
     ],
     ids=[
         "40 digits",
@@ -228,6 +246,22 @@ def _nested(depth: int, innermost: object) -> object:
         *(f"a string over the cap after {pad} spaces" for pad in (0, 1, 4094, 4095, 4096, 4097)),
         "multi-byte characters over the cap",
         "multi-byte characters at the cap",
+        *(
+            f"{digits} digits, either sign"
+            for digits in (
+                "18",
+                "18 (largest)",
+                "19",
+                "19 (2**63)",
+                "19 (largest)",
+                "20 (2**64)",
+                "20",
+                "21",
+            )
+        ),
+        "floats at the edges",
+        "long mantissas",
+        "a key twice",
     ],
 )
 def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
@@ -241,8 +275,14 @@ def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
             with pytest.raises(sanitize.BadJSONError, match=re.escape(str(exc))):
                 sanitize.loads(given)
         return
-    assert sanitize.loads(text.encode()) == expected
-    assert sanitize.loads(text) == expected
+    assert typed(sanitize.loads(text.encode())) == typed(expected)
+    assert typed(sanitize.loads(text)) == typed(expected)
+
+
+def test_loads_reads_an_answer_after_a_utf8_bom_as_without_it() -> None:
+    """A relay's answer may start with a UTF-8 byte order mark; it is read past."""
+    body = json.dumps({"data": [{"id": 1, "status": "SUCCESS"}]}).encode()
+    assert typed(sanitize.loads(codecs.BOM_UTF8 + body)) == typed(sanitize.loads(body))
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)

@@ -17,12 +17,15 @@ costs the other items of the answer.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
+
+import orjson
 
 #: characters kept of an upstream status word or progress text (the columns hold 64)
 MAX_WORD: Final = 64
@@ -34,6 +37,9 @@ MAX_TEXT: Final = 8192
 MAX_DEPTH: Final = 64
 #: longest integer kept as a number; longer ones become null (ids are strings, or short)
 MAX_INT_DIGITS: Final = 40
+#: longest run of digits in an answer that orjson parses (one of 19 may be a negative
+#: integer below 64 bits, which it reads as a float); longer ones take the standard decoder
+ORJSON_DIGITS: Final = 18
 #: characters of an answer quoted in an error message or a delivery log, after redaction
 EXCERPT_CHARS: Final = 300
 #: what a secret found in quoted text is replaced with
@@ -135,7 +141,14 @@ def loads(data: bytes | str) -> Any:
     # value, and gives what the careful path would. Anything odd, an error included, takes
     # the careful path, which decides.
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
-    if _plain(text, raw):
+    digits = raw.translate(_DIGITS)
+    if _plain(text, raw, digits):
+        # orjson, three times faster than the json module on a relay's answer, where it reads
+        # what that reads: not past 64-bit integers (it makes them floats), nor after a BOM.
+        # What it refuses (NaN, a float that overflows) goes on to the json module.
+        if b"0" * (ORJSON_DIGITS + 1) not in digits and not raw.startswith(codecs.BOM_UTF8):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                return orjson.loads(raw)
         with contextlib.suppress(ValueError, RecursionError):
             return json.loads(text, parse_float=_parse_float, parse_constant=_no_constant)
     return _loads_carefully(text)
@@ -169,10 +182,11 @@ _DIGITS: Final = bytes(ord("0") if 0x30 <= b <= 0x39 else 0x20 for b in range(25
 _NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{}"')
 
 
-def _plain(text: str, raw: bytes) -> bool:
-    """Whether JSON ``text`` (``raw``, its UTF-8 bytes) surely holds nothing `clean_json`
-    would change and nests at most MAX_DEPTH deep: no NUL or surrogate escape, no string over
-    MAX_TEXT characters, no integer over MAX_INT_DIGITS digits. False when unsure.
+def _plain(text: str, raw: bytes, digits: bytes | None = None) -> bool:
+    """Whether JSON ``text`` (``raw``, its UTF-8 bytes; ``digits``, those translated by
+    _DIGITS) surely holds nothing `clean_json` would change and nests at most MAX_DEPTH deep:
+    no NUL or surrogate escape, no string over MAX_TEXT characters, no integer over
+    MAX_INT_DIGITS digits. False when unsure.
 
     Valid JSON is assumed (the decoder checks that); on any other text the answer is moot.
     """
@@ -186,7 +200,9 @@ def _plain(text: str, raw: bytes) -> bool:
         if raw.find(b'"', start, start + _QUOTE_EVERY) < 0:
             return False
     # Such an integer is a run of more digits than that (digits in strings only count against).
-    if b"0" * (MAX_INT_DIGITS + 1) in raw.translate(_DIGITS):
+    if digits is None:
+        digits = raw.translate(_DIGITS)
+    if b"0" * (MAX_INT_DIGITS + 1) in digits:
         return False
     # Brackets and quotes only; a string without brackets is then a pair of quotes, and a
     # quote left over means some string holds a bracket.
