@@ -156,7 +156,7 @@ async def test_readiness_follows_the_scheduler_and_the_poll_lag_only(
         Registration("luma", ["late-2"]), clock.now() - timedelta(seconds=91)
     )
     reasons = await daemon.parts.readiness.run()
-    assert ["polls are 91 s late (more than [poll].max_lag = 90 s)"] == reasons
+    assert ["polls of luma are 91 s late (more than [poll].max_lag = 90 s)"] == reasons
 
     await daemon.stop()
     assert "shutting down" == await daemon.parts.jobs.check()

@@ -706,6 +706,20 @@ def test_a_lapsed_claims_answer_in_the_same_call_as_the_holders_changes_nothing(
     assert ["msg_new"] == [d.webhook_id for d in store.list_deliveries(task_id="a")[0]]
 
 
+def test_most_overdue_names_the_first_live_task_due_and_its_platform(store: SqlStore) -> None:
+    """most_overdue gives when the soonest live task is due and its platform (the readiness
+    reason names it); None when none is live."""
+    assert store.most_overdue() is None
+    register(store, "a", now=at(5))
+    store.register(Registration("suno", ["b"]), at(2))
+
+    assert (at(2), "suno") == store.most_overdue()
+    due = claim(store, at(10))
+    store.record([TaskUpdate(t, change(t, TaskStatus.COMPLETED)) for t in due], at(10))
+
+    assert store.most_overdue() is None
+
+
 def test_earliest_poll_is_the_first_live_task_due(store: SqlStore) -> None:
     """earliest_poll names the soonest next poll of a live task; None when none is live."""
     assert store.earliest_poll() is None

@@ -97,15 +97,19 @@ class PollLoop:
             # Said at once, not only when polls fall late: a lock or a full disk is the why.
             return f"last poll cycle failed: {_failure_reason(failure)}"
         try:
-            earliest = await asyncio.to_thread(self.store.earliest_poll)
+            overdue = await asyncio.to_thread(self.store.most_overdue)
         except Exception:  # noqa: BLE001 - the database check names the failure
             return None
-        if earliest is None:
+        if overdue is None:
             return None
+        earliest, platform = overdue
         lag = (self.clock.now() - earliest).total_seconds()
         limit = self.live().poll.max_lag
         if lag > limit:
-            return f"polls are {lag:.0f} s late (more than [poll].max_lag = {limit:g} s)"
+            # The platform names the relay to look at, when one falls behind alone.
+            return (
+                f"polls of {platform} are {lag:.0f} s late (more than [poll].max_lag = {limit:g} s)"
+            )
         return None
 
 

@@ -64,6 +64,10 @@ class TaskStore(Protocol):
         """When the earliest live task is due (None when none is live)."""
         ...
 
+    def most_overdue(self) -> tuple[datetime, str] | None:
+        """When the earliest live task is due, and its platform (None when none is live)."""
+        ...
+
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest``."""
         ...

@@ -162,6 +162,20 @@ class Polling(SqlBase):
             value = conn.execute(sa.select(sa.func.min(polls.c.next_poll_at))).scalar()
         return _from_epoch(value)
 
+    def most_overdue(self) -> tuple[datetime, str] | None:
+        """When the earliest live task is due, and its platform (None when none is live)."""
+        query = (
+            sa.select(polls.c.next_poll_at, tasks.c.platform)
+            .select_from(polls.join(tasks, tasks.c.id == polls.c.task_pk))
+            .order_by(polls.c.next_poll_at)
+            .limit(1)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return datetime.fromtimestamp(row[0], UTC), row[1]
+
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
         cutoff = _epoch(latest)
