@@ -225,6 +225,8 @@ def _nested(depth: int, innermost: object) -> object:
             for n in (10**17, 10**18 - 1, 10**18, 2**63, 10**19 - 1, 2**64, 10**19, 10**20)
         ),
         "[1e308, 1e309, -1e400, 1e-400, -0, -0.0, 0.30000000000000004]",
+        "[1e308, 1e-400, 4.9e-324, 2.2250738585072011e-308, 1.7976931348623157e308]",
+        '[-0, {"a": -0}, -0.0, 0, 0.0]',
         "[0.1234567890123456789, 12345678901234567890e-10]",
         '{"a": 1, "b": 2, "a": 3}',
     ],
@@ -260,6 +262,8 @@ def _nested(depth: int, innermost: object) -> object:
             )
         ),
         "floats at the edges",
+        "floats at the edges, none overflowing",
+        "zeros of either sign",
         "long mantissas",
         "a key twice",
     ],
@@ -277,6 +281,30 @@ def test_loads_fast_path_gives_what_the_careful_path_gives(text: str) -> None:
         return
     assert typed(sanitize.loads(text.encode())) == typed(expected)
     assert typed(sanitize.loads(text)) == typed(expected)
+
+
+def test_a_clean_answer_is_parsed_by_orjson_and_an_odd_one_by_the_json_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path the tests above compare with the careful one is orjson's, for answers
+    it reads as the json module does; past 18 digits (or on a build that reads "-0" as a
+    float) the json module reads them."""
+    parsed: list[bytes] = []
+    orjson_loads = sanitize.orjson.loads
+
+    def counted(raw: bytes) -> object:
+        parsed.append(raw)
+        return orjson_loads(raw)
+
+    monkeypatch.setattr(sanitize.orjson, "loads", counted)
+    clean = b'{"data": [{"id": 1, "status": "SUCCESS", "progress": "100%", "n": -0}]}'
+    assert {"data": [{"id": 1, "status": "SUCCESS", "progress": "100%", "n": 0}]} == (
+        sanitize.loads(clean)
+    )
+    taken = [clean] if sanitize._ORJSON_EXACT else []
+    assert taken == parsed
+    assert [10**19, -(10**19)] == sanitize.loads(json.dumps([10**19, -(10**19)]).encode())
+    assert taken == parsed
 
 
 def test_loads_reads_an_answer_after_a_utf8_bom_as_without_it() -> None:

@@ -40,6 +40,9 @@ MAX_INT_DIGITS: Final = 40
 #: longest run of digits in an answer that orjson parses (one of 19 may be a negative
 #: integer below 64 bits, which it reads as a float); longer ones take the standard decoder
 ORJSON_DIGITS: Final = 18
+#: whether this orjson reads "-0" as the json module does (an int): a build without yyjson
+#: reads it as the float -0.0, and is then not used
+_ORJSON_EXACT: Final = type(orjson.loads(b"-0")) is int
 #: characters of an answer quoted in an error message or a delivery log, after redaction
 EXCERPT_CHARS: Final = 300
 #: what a secret found in quoted text is replaced with
@@ -146,7 +149,11 @@ def loads(data: bytes | str) -> Any:
         # orjson, three times faster than the json module on a relay's answer, where it reads
         # what that reads: not past 64-bit integers (it makes them floats), nor after a BOM.
         # What it refuses (NaN, a float that overflows) goes on to the json module.
-        if b"0" * (ORJSON_DIGITS + 1) not in digits and not raw.startswith(codecs.BOM_UTF8):
+        if (
+            _ORJSON_EXACT
+            and b"0" * (ORJSON_DIGITS + 1) not in digits
+            and not raw.startswith(codecs.BOM_UTF8)
+        ):
             with contextlib.suppress(orjson.JSONDecodeError):
                 return orjson.loads(raw)
         with contextlib.suppress(ValueError, RecursionError):

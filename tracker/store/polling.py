@@ -167,14 +167,13 @@ class Polling(SqlBase):
         query = (
             sa.select(polls.c.next_poll_at, tasks.c.platform)
             .select_from(polls.join(tasks, tasks.c.id == polls.c.task_pk))
-            .order_by(polls.c.next_poll_at)
+            .order_by(polls.c.next_poll_at, polls.c.task_pk)
             .limit(1)
         )
         with self._read() as conn:
             row = conn.execute(query).first()
-        if row is None:
-            return None
-        return datetime.fromtimestamp(row[0], UTC), row[1]
+        due = None if row is None else _from_epoch(row[0])
+        return None if row is None or due is None else (due, row[1])
 
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
