@@ -37,8 +37,8 @@ MAX_TEXT: Final = 8192
 MAX_DEPTH: Final = 64
 #: longest integer kept as a number; longer ones become null (ids are strings, or short)
 MAX_INT_DIGITS: Final = 40
-#: longest run of digits in an answer that orjson parses (one of 19 may be a negative
-#: integer below 64 bits, which it reads as a float); longer ones take the standard decoder
+#: longest run of digits in an answer that orjson parses: a negative integer of 19 digits
+#: may lie below the 64-bit range, which orjson reads as a float; the json module reads those
 ORJSON_DIGITS: Final = 18
 #: whether this orjson reads "-0" as the json module does (an int): a build without yyjson
 #: reads it as the float -0.0, and is then not used
@@ -140,9 +140,9 @@ def loads(data: bytes | str) -> Any:
     except UnicodeDecodeError as exc:
         raise BadJSONError(f"not UTF-8 at byte {exc.start}") from None
     # Most answers hold nothing to clean. When the text shows that (a few passes in C over
-    # it), the C decoder parses it alone, with no hook per integer and no walk over every
-    # value, and gives what the careful path would. Anything odd, an error included, takes
-    # the careful path, which decides.
+    # it), a decoder parses it alone, with no hook per integer and no walk over every value,
+    # and gives what the careful path would. Anything odd, an error included, takes the
+    # careful path, which decides.
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     digits = raw.translate(_DIGITS)
     if _plain(text, raw, digits):

@@ -172,8 +172,10 @@ class Polling(SqlBase):
         )
         with self._read() as conn:
             row = conn.execute(query).first()
-        due = None if row is None else _from_epoch(row[0])
-        return None if row is None or due is None else (due, row[1])
+        if row is None:
+            return None
+        due = _from_epoch(row[0])
+        return None if due is None else (due, row[1])
 
     def pull_in(self, latest: datetime) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
