@@ -277,6 +277,28 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is
     assert max(g for per_task in gaps.values() for g in per_task) <= 2.0
 
 
+async def test_a_stop_does_not_wait_for_the_probe_of_a_relay_that_is_down(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """The relay takes every request and never answers (timeout 2 s): its first request
+    times out at 2 s, and after a 2 s pause one request (a probe) goes out at 4 s. A stop at
+    4.5 s calls the probe off: the engine returns at once, not when the probe times out at
+    6 s (a daemon's stop would wait for it), and the task is left due, not counted failed."""
+    relay.fail_next("stall", 10**6)
+    running = running_for(upstream={"timeout": 2}, poll={"interval": 1, "max_interval": 1})
+    running.register("t1")
+    await asyncio.sleep(4.5)
+    assert len(relay.requests) == 2
+    stopping = time.monotonic()
+    with capture_logs() as logs:
+        running.stop.set()
+        await asyncio.wait_for(running.task, 10)
+
+    assert time.monotonic() - stopping < 0.5
+    assert not [e for e in logs if e["event"] == "upstream_error"]
+    assert running.store.most_overdue() is not None
+
+
 async def test_the_tasks_of_a_paused_relay_are_claimed_again_once_its_pause_is_over(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:

@@ -183,10 +183,16 @@ class Poller:
         drain = DrainWork(self, started)
         pipeline = Pipeline(drain, until=until)
         self._drain = (drain, pipeline)
+        # A stop need not wait for a relay that does not answer either (see call_off_probes).
+        stopped = None if until is None else asyncio.ensure_future(until.wait())
+        if stopped is not None:
+            stopped.add_done_callback(self._stopping)
         try:
             await pipeline.run()
         finally:
             self._drain = None
+            if stopped is not None:
+                stopped.cancel()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
         return CycleReport.total([*drain.logged, report])
@@ -292,6 +298,10 @@ class Poller:
             # task's count of cancels is set right here.
             self._called_off.discard(current)
             current.uncancel()
+
+    def _stopping(self, stopped: asyncio.Future[Any]) -> None:
+        if not stopped.cancelled():  # else the drain ended first
+            self.call_off_probes()
 
     def call_off_probes(self) -> None:
         """Call off the requests out to relays that stopped answering (one each at most, and
