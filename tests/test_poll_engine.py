@@ -280,23 +280,34 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is
 async def test_a_stop_does_not_wait_for_the_probe_of_a_relay_that_is_down(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
-    """The relay takes every request and never answers (timeout 2 s): its first request
-    times out at 2 s, and after a 2 s pause one request (a probe) goes out at 4 s. A stop at
-    4.5 s calls the probe off: the engine returns at once, not when the probe times out at
-    6 s (a daemon's stop would wait for it), and the task is left due, not counted failed."""
+    """The relay takes every request and never answers (timeout 3 s); three tasks, asked one
+    at a time. The first request times out at 3 s, and after a 2 s pause one request (a
+    probe) goes out, the other two batches queued behind it. A stop a moment later calls the
+    probe off and sends none of the queued ones as another probe: the engine returns at
+    once, not after a timeout (a daemon's stop would wait for it), no failure is counted,
+    and the tasks are left due."""
     relay.fail_next("stall", 10**6)
-    running = running_for(upstream={"timeout": 2}, poll={"interval": 1, "max_interval": 1})
-    running.register("t1")
-    await asyncio.sleep(4.5)
-    assert len(relay.requests) == 2
+    running = running_for(
+        upstream={"timeout": 3},
+        poll={"interval": 1, "max_interval": 1, "batch_size": 1, "concurrency": 1},
+    )
+    running.register("t1", "t2", "t3")
+    deadline = time.monotonic() + 10
+    while len(relay.requests) < 2:  # the probe, about 5 s in
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
     stopping = time.monotonic()
     with capture_logs() as logs:
         running.stop.set()
         await asyncio.wait_for(running.task, 10)
 
-    assert time.monotonic() - stopping < 0.5
+    assert time.monotonic() - stopping < 1.0
+    assert len(relay.requests) == 2
     assert not [e for e in logs if e["event"] == "upstream_error"]
-    assert running.store.most_overdue() is not None
+    overdue = running.store.most_overdue()
+    assert overdue is not None
+    assert overdue[0] <= running.clock.now()
 
 
 async def test_the_tasks_of_a_paused_relay_are_claimed_again_once_its_pause_is_over(

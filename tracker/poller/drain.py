@@ -103,6 +103,8 @@ class Poller:
         self._probing: dict[str, asyncio.Task[Any]] = {}
         #: the probes' tasks cancelled by call_off_probes, not by a shutdown
         self._called_off: set[asyncio.Task[Any]] = set()
+        #: whether the drain under way has called off its probes: it sends no other
+        self._probes_off = False
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -171,6 +173,7 @@ class Poller:
         self.report = CycleReport()
         started = time.monotonic()
         self.planner.drain_started = self.clock.now().timestamp()
+        self._probes_off = False
         if self._pull_in:
             # Cleared first: a reload meanwhile sets it again, for its own max_interval.
             self._pull_in = False
@@ -243,6 +246,9 @@ class Poller:
             now = self.clock.now()
             return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
         probe = name in self._failures  # its last requests got no answer: one at a time
+        if probe and self._probes_off:
+            # A batch still queued when the drain called off its probes (told to stop).
+            return self._due_again(tasks)
         current = asyncio.current_task() if probe else None
         if current is not None:
             # Before any wait: batches behind it see it out, and a drain's end can call it off.
@@ -269,11 +275,7 @@ class Poller:
         except asyncio.CancelledError:
             if not self._called_off_alone(current):
                 raise
-            # Due again at once, in their place in due order.
-            now = self.clock.now()
-            return [
-                self.planner.later(t, now, min(t.planned - now.timestamp(), 0.0)) for t in tasks
-            ]
+            return self._due_again(tasks)
         finally:
             if current is not None:
                 self._probe_over(name, current)
@@ -281,6 +283,12 @@ class Poller:
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
         return Answer(platform, seen, self.clock.now(), asked)
+
+    def _due_again(self, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
+        """``tasks`` unasked and due again at once, in their place in due order."""
+        now = self.clock.now()
+        epoch = now.timestamp()
+        return [self.planner.later(t, now, min(t.planned - epoch, 0.0)) for t in tasks]
 
     def _called_off_alone(self, current: asyncio.Task[Any] | None) -> bool:
         """Whether the probe ``current`` was cancelled by `call_off_probes` and nothing else
@@ -305,8 +313,10 @@ class Poller:
 
     def call_off_probes(self) -> None:
         """Call off the requests out to relays that stopped answering (one each at most, and
-        it may take a whole timeout), so a drain's end need not wait for them: their tasks
-        are due again at once, unasked, and the relay's record of failures stays as it was."""
+        it may take a whole timeout), and send no other this drain, so its end need not wait
+        for them: their tasks are due again at once, unasked, and the relay's record of
+        failures stays as it was."""
+        self._probes_off = True
         for asking in self._probing.values():
             self._called_off.add(asking)
             asking.cancel()
