@@ -32,8 +32,8 @@ class CycleReport:
         """One report for a whole drain that logged several lines."""
         if len(parts) == 1:
             return parts[0]
-        latest = max(parts, key=lambda p: p.lag)
-        whole = cls(lag=latest.lag, lagging=latest.lagging)
+        worst = max(parts, key=lambda p: p.lag)
+        whole = cls(lag=worst.lag, lagging=worst.lagging)
         for name in ("claimed", "requests", "errors", "changed", "events", "given_up", "lapsed"):
             setattr(whole, name, sum(getattr(p, name) for p in parts))
         whole.seconds = sum(p.seconds for p in parts)

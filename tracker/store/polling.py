@@ -157,13 +157,13 @@ class Polling(SqlBase):
         return moved
 
     def earliest_poll(self) -> datetime | None:
-        """When the earliest live task is due (None when none is live): one index lookup."""
-        with self._read() as conn:
-            value = conn.execute(sa.select(sa.func.min(polls.c.next_poll_at))).scalar()
-        return _from_epoch(value)
+        """When the earliest live task is due (None when none is live)."""
+        overdue = self.most_overdue()
+        return None if overdue is None else overdue[0]
 
     def most_overdue(self) -> tuple[datetime, str] | None:
-        """When the earliest live task is due, and its platform (None when none is live)."""
+        """When the earliest live task is due, and its platform (None when none is live): one
+        index lookup, and the task's row."""
         query = (
             sa.select(polls.c.next_poll_at, tasks.c.platform)
             .select_from(polls.join(tasks, tasks.c.id == polls.c.task_pk))
