@@ -19,6 +19,7 @@ from tracker import config, events, platforms
 from tracker.clock import Clock, SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import PollEngine, Poller, rounds
+from tracker.poller.drain import END_GRACE
 from tracker.poller.plan import next_poll
 from tracker.store import Registration, SqlStore
 from tracker.testing.cadence import poll_gaps, quantile
@@ -275,6 +276,81 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is
     gaps = poll_gaps([r for r in relay.requests if r.at >= first + 5])
     assert len(gaps) == 30
     assert max(g for per_task in gaps.values() for g in per_task) <= 2.0
+
+
+async def test_the_end_of_a_drain_waits_about_a_second_for_a_relay_that_went_silent(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Suno's relay answers at once for 2 s, then takes every request and answers none
+    (timeout 10 s): not yet known to be down, its request out at about 3 s is an ordinary
+    one. A reload at 3.5 s ends that drain: the request gets END_GRACE since it was sent
+    (twice the relay's usual answer time being shorter), is called off then, its tasks due
+    again and no failure counted, and the next drain starts at once, so luma's tasks on the
+    other relay (interval 1 s) are not left unasked for what is left of the 10 s."""
+    luma = [f"f{n}" for n in range(30)]
+    for task_id in luma:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    with SimulatedRelay(step=10**6) as silent:
+        running = running_for(
+            upstreams={"other": {"base_url": silent.base_url, "api_key": "sk-sim", "timeout": 10}},
+            platforms={"suno": {"upstream": "other"}},
+            poll={"interval": 1, "max_interval": 1},
+        )
+        running.register(*luma)
+        running.store.register(Registration("suno", ["s0", "s1"]), running.clock.now())
+        await asyncio.sleep(2)
+        silent.fail_next("stall", 10**6)
+        stalled = len(silent.requests)
+        deadline = time.monotonic() + 2
+        while len(silent.requests) == stalled:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        poll = running.poller.settings
+        with capture_logs() as logs:
+            running.poller.configure(poll.model_copy(update={"batch_size": poll.batch_size - 1}))
+            await asyncio.sleep(1.5)
+        asked = [r.at for r in silent.requests[stalled:]]
+    # Closed once the silent relay is gone, so the close need not wait out its last request.
+    await running.close()
+
+    assert 2 <= stalled <= 4
+    # The stalled request, then the next drain's, END_GRACE after it (not at its timeout).
+    assert len(asked) == 2
+    assert END_GRACE <= asked[1] - asked[0] < END_GRACE + 0.3
+    assert not [e for e in logs if e["event"] == "upstream_error"]
+    gaps = poll_gaps([r for r in relay.requests if r.at >= asked[0] - 1])
+    assert len(gaps) == 30
+    assert max(g for per_task in gaps.values() for g in per_task) <= 2.0
+
+
+async def test_a_stop_sends_no_batch_still_waiting_for_its_rate_limit(
+    running_for: Callable[..., Running], relay: SimulatedRelay
+) -> None:
+    """Three batches of one at a rate limit of one request every 2 s: the first goes out at
+    once, the other two wait their turn. A stop 0.3 s in sends neither: the engine returns
+    at once, not 4 s later, and their tasks are left due."""
+    for task_id in ("t1", "t2", "t3"):
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    running = running_for(
+        poll={"interval": 10, "batch_size": 1, "concurrency": 3},
+        platforms={"luma": {"rate_limit": 0.5}},
+    )
+    running.register("t1", "t2", "t3")
+    deadline = time.monotonic() + 5
+    while not relay.requests:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    stopping = time.monotonic()
+    running.stop.set()
+    await asyncio.wait_for(running.task, 10)
+
+    assert time.monotonic() - stopping < 1.0
+    assert len(relay.requests) == 1
+    overdue = running.store.most_overdue()
+    assert overdue is not None
+    assert overdue[0] <= running.clock.now()
 
 
 async def test_a_stop_does_not_wait_for_the_probe_of_a_relay_that_is_down(

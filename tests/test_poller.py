@@ -416,7 +416,7 @@ async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts
     rig.clock.advance(rig.settings.poll.interval)
     due = next_poll_at(rig, "t1")
     relay.fail_next("stall")
-    asyncio.get_running_loop().call_later(0.3, rig.poller.call_off_probes)
+    asyncio.get_running_loop().call_later(0.3, rig.poller.call_off_requests)
     started = time.monotonic()
     with capture_logs() as logs:
         report = await rig.cycle()
@@ -426,6 +426,62 @@ async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts
     assert (1, 0) == (report.requests, report.errors)
     assert not [e for e in logs if e["event"] == "upstream_error"]
     assert due == next_poll_at(rig, "t1")
+
+
+async def test_requests_waiting_for_their_rate_limit_are_called_off_at_once(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: four batches of one at a rate limit of one request a second. The first
+    goes out; the other three wait their turn in their lanes. Called off 0.2 s after it, as
+    a drain's end calls them off, none of them is sent: the cycle ends then, not 3 s later,
+    and their tasks are due when they were."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 4}, platforms={"luma": {"rate_limit": 1}})
+    for task_id in ("t1", "t2", "t3", "t4"):
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    rig.register("t1", "t2", "t3", "t4")
+    due = {task_id: next_poll_at(rig, task_id) for task_id in ("t1", "t2", "t3", "t4")}
+
+    async def call_off_once_the_first_is_out() -> float:
+        deadline = time.monotonic() + 5
+        while not relay.requests:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        rig.poller.call_off_requests()
+        return time.monotonic()
+
+    calling_off = asyncio.create_task(call_off_once_the_first_is_out())
+    report = await rig.cycle()
+
+    assert time.monotonic() - await calling_off < 0.5
+    assert 1 == len(relay.requests) == report.requests
+    [asked] = relay.requests[0].json_body["ids"]
+    waited = sorted(set(due) - {asked})
+    assert [due[task_id] for task_id in waited] == [next_poll_at(rig, t) for t in waited]
+    assert next_poll_at(rig, asked) > due[asked]
+
+
+async def test_a_stop_after_a_drains_end_lets_the_request_sent_finish(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: the relay holds the one request 1.5 s. The drain's end (0.2 s in) gives it
+    until END_GRACE after it was sent; a stop at 0.4 s takes that grace back, as a stop lets
+    the requests sent finish: the answer comes and is recorded."""
+    rig = rig_for(upstream={"timeout": 5})
+    relay.slow_seconds = 1.5
+    relay.fail_next("slow")
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    rig.register("t1")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, rig.poller.call_off_requests)
+    loop.call_later(0.4, stop.set)
+    started = time.monotonic()
+    report = await rig.poller.run_cycle(until=stop)
+
+    assert time.monotonic() - started >= 1.4
+    assert (1, 0, 1) == (report.requests, report.errors, report.changed)
+    assert "completed" == rig.task("t1").status
 
 
 async def test_relay_timeout_changes_nothing(

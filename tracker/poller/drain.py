@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -53,6 +54,26 @@ RELAY_PAUSE = 2.0
 #: ... and the most its Retry-After or its failures may pause it, rather than stopping on the
 #: relay's word (RelayHealth names on /readyz a relay that answers nothing, or only 429)
 MAX_RELAY_PAUSE = 30.0
+#: once a drain stops claiming, a request out gets at least this long since it was sent
+#: (seconds) before it is called off, its tasks due again: a relay that went silent, or one
+#: holding a request for its whole timeout, does not keep the next drain (every other
+#: relay's polls) waiting ...
+END_GRACE = 1.0
+#: ... nor is a relay that is slow but answering cut short: it gets this many times its usual
+#: answer time
+END_GRACE_ANSWERS = 2.0
+#: weight of the newest answer in an upstream's usual answer time (a moving average)
+ANSWER_TIME_WEIGHT = 0.2
+
+
+@dataclasses.dataclass(eq=False)
+class _Out:
+    """A request under way in ask(): of which upstream, whether it is a probe, and when it
+    was sent (monotonic; None while it waits for its rate limit)."""
+
+    upstream: str
+    probe: bool
+    sent: float | None = None
 
 
 class Poller:
@@ -101,10 +122,16 @@ class Poller:
         self._failures: dict[str, int] = {}
         #: upstream name -> the task sending its one request (the probe, after failures)
         self._probing: dict[str, asyncio.Task[Any]] = {}
-        #: the probes' tasks cancelled by call_off_probes, not by a shutdown
+        #: the task of each request under way (in ask()), for call_off_requests
+        self._out: dict[asyncio.Task[Any], _Out] = {}
+        #: upstream name -> its usual answer time (seconds, a moving average)
+        self._answer_times: dict[str, float] = {}
+        #: the requests' tasks cancelled by call_off_requests, not by a shutdown
         self._called_off: set[asyncio.Task[Any]] = set()
-        #: whether the drain under way has called off its probes: it sends no other
-        self._probes_off = False
+        #: whether the drain under way has called off its requests: it sends no other
+        self._asking_off = False
+        #: the call-offs planned for requests given more time (cancelled when the drain ends)
+        self._call_offs: list[asyncio.TimerHandle] = []
         self.store_worker = StoreWorker("tracker-poll-store")
 
     def configure(
@@ -173,7 +200,7 @@ class Poller:
         self.report = CycleReport()
         started = time.monotonic()
         self.planner.drain_started = self.clock.now().timestamp()
-        self._probes_off = False
+        self._asking_off = False
         if self._pull_in:
             # Cleared first: a reload meanwhile sets it again, for its own max_interval.
             self._pull_in = False
@@ -186,7 +213,7 @@ class Poller:
         drain = DrainWork(self, started)
         pipeline = Pipeline(drain, until=until)
         self._drain = (drain, pipeline)
-        # A stop need not wait for a relay that does not answer either (see call_off_probes).
+        # A stop need not wait for a relay that does not answer either (call_off_requests).
         stopped = None if until is None else asyncio.ensure_future(until.wait())
         if stopped is not None:
             stopped.add_done_callback(self._stopping)
@@ -196,6 +223,9 @@ class Poller:
             self._drain = None
             if stopped is not None:
                 stopped.cancel()
+            for handle in self._call_offs:
+                handle.cancel()
+            self._call_offs.clear()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
         return CycleReport.total([*drain.logged, report])
@@ -245,14 +275,18 @@ class Poller:
                 self._count_wait(platform, wait)
             now = self.clock.now()
             return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
-        probe = name in self._failures  # its last requests got no answer: one at a time
-        if probe and self._probes_off:
-            # A batch still queued when the drain called off its probes (told to stop).
+        if self._asking_off:
+            # A batch a lane took just before the drain called off its requests (told to end).
             return self._due_again(tasks)
-        current = asyncio.current_task() if probe else None
+        probe = name in self._failures  # its last requests got no answer: one at a time
+        current = asyncio.current_task()
+        out = _Out(name, probe)
         if current is not None:
-            # Before any wait: batches behind it see it out, and a drain's end can call it off.
-            self._probing[name] = current
+            # Before any wait, so a drain's end can call it off wherever it waits; a probe's
+            # batches behind it see it out.
+            self._out[current] = out
+            if probe:
+                self._probing[name] = current
         try:
             limiter = self._limiters.get(platform.name)
             if limiter is not None:
@@ -269,6 +303,7 @@ class Poller:
             self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
             self.metrics.activity.count(Series.POLLS, len(ids))
             asked = self.clock.now()
+            sent = out.sent = time.monotonic()
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
             return self._failed(platform, tasks, exc)
@@ -278,7 +313,12 @@ class Poller:
             return self._due_again(tasks)
         finally:
             if current is not None:
-                self._probe_over(name, current)
+                self._request_over(out, current)
+        took = time.monotonic() - sent
+        usual = self._answer_times.get(name)
+        self._answer_times[name] = (
+            took if usual is None else usual + ANSWER_TIME_WEIGHT * (took - usual)
+        )
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
@@ -291,35 +331,67 @@ class Poller:
         return [self.planner.later(t, now, min(t.planned - epoch, 0.0)) for t in tasks]
 
     def _called_off_alone(self, current: asyncio.Task[Any] | None) -> bool:
-        """Whether the probe ``current`` was cancelled by `call_off_probes` and nothing else
-        (not by a shutdown too); if so, its cancel is taken back."""
+        """Whether the request of ``current`` was cancelled by `call_off_requests` and nothing
+        else (not by a shutdown too); if so, its cancel is taken back."""
         if current is None or current not in self._called_off:
             return False
         self._called_off.discard(current)
         return not current.uncancel()
 
-    def _probe_over(self, name: str, current: asyncio.Task[Any]) -> None:
-        if self._probing.get(name) is current:
-            del self._probing[name]
+    def _request_over(self, out: _Out, current: asyncio.Task[Any]) -> None:
+        if self._out.get(current) is out:
+            del self._out[current]
+        if out.probe and self._probing.get(out.upstream) is current:
+            del self._probing[out.upstream]
         if current in self._called_off:
-            # The call-off was lost on its way (taken for a timeout at the same moment): the
-            # task's count of cancels is set right here.
+            # The call-off was lost on its way (taken for a timeout, or an answer, at the same
+            # moment): the task's count of cancels is set right here.
             self._called_off.discard(current)
             current.uncancel()
 
     def _stopping(self, stopped: asyncio.Future[Any]) -> None:
         if not stopped.cancelled():  # else the drain ended first
-            self.call_off_probes()
+            # A stop promises that the poll requests sent finish, their answers recorded,
+            # those given a grace by the drain's end before it too.
+            for handle in self._call_offs:
+                handle.cancel()
+            self._call_offs.clear()
+            self.call_off_requests(sent_too=False)
 
-    def call_off_probes(self) -> None:
-        """Call off the requests out to relays that stopped answering (one each at most, and
-        it may take a whole timeout), and send no other this drain, so its end need not wait
-        for them: their tasks are due again at once, unasked, and the relay's record of
-        failures stays as it was."""
-        self._probes_off = True
-        for asking in self._probing.values():
-            self._called_off.add(asking)
-            asking.cancel()
+    def call_off_requests(self, *, sent_too: bool = True) -> None:
+        """Send no other request this drain, and call off those under way that may keep its
+        end waiting: their tasks are due again at once, unasked, and nothing counts against
+        the relay (no failure, no pause).
+
+        Called off now: a request still waiting for its rate limit, and a relay's probe (the
+        one request out to a relay that stopped answering, which may take a whole timeout).
+        A request sent is given END_GRACE since it was sent, or END_GRACE_ANSWERS times its
+        relay's usual answer time if that is longer, and called off then if still out: a relay
+        gone silent holds the next drain about a second, not its whole timeout, and a slow one
+        that answers is waited for. Without ``sent_too`` (a stop) the requests sent are left
+        to finish.
+        """
+        self._asking_off = True
+        now = time.monotonic()
+        for current, out in list(self._out.items()):
+            if out.probe or out.sent is None:
+                self._call_off(current, out)
+                continue
+            if not sent_too:
+                continue
+            usual = self._answer_times.get(out.upstream, 0.0)
+            due = out.sent + max(END_GRACE, END_GRACE_ANSWERS * usual)
+            if due <= now:
+                self._call_off(current, out)
+            else:
+                loop = asyncio.get_running_loop()
+                self._call_offs.append(loop.call_later(due - now, self._call_off, current, out))
+
+    def _call_off(self, current: asyncio.Task[Any], out: _Out) -> None:
+        if self._out.get(current) is not out or current in self._called_off:
+            return  # answered meanwhile (the lane may be on another request)
+        self._called_off.add(current)
+        current.cancel()
 
     def _failed(
         self, platform: Platform, tasks: Sequence[DueTask], exc: UpstreamError | httpx.HTTPError

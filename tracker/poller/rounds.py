@@ -31,11 +31,11 @@ RENEW_SHARE = 0.25
 #: less than it asked for (each is a write transaction, even when it finds nothing)
 MIN_RECLAIM = 0.2
 #: a drain takes no claim after this many intervals, or this many relay timeouts if longer
-#: (and this many seconds at least): it ends once its requests are answered, and the engine's
-#: chores between two drains (a clock step, a reload's pull-in and new batch size) run before
-#: the next one starts. Meanwhile nothing is claimed, for up to a timeout of a relay that
-#: has just stopped answering (one known not to answer has its probe called off): the longer
-#: the span, the rarer that is.
+#: (and this many seconds at least): it ends once its requests are answered or called off
+#: (Poller.call_off_requests), and the engine's chores between two drains (a clock step, a
+#: reload's pull-in and new batch size) run before the next one starts. Meanwhile nothing is
+#: claimed, for about a second if a relay has just gone silent: the longer the span, the
+#: rarer that is.
 DRAIN_INTERVALS = 10
 MIN_DRAIN_SPAN = 10.0
 
@@ -138,9 +138,9 @@ class DrainWork:
                 self._wound_down = True
                 for batch in pipeline.take_back_queued():
                     self._put_back(batch)
-                # Nor for a relay that stopped answering, whose one request out may take its
-                # whole timeout: called off, its tasks are due again at once.
-                self._poller.call_off_probes()
+                # Nor for a relay that stopped answering, or went silent, whose requests out
+                # may take their whole timeout: called off, their tasks are due again at once.
+                self._poller.call_off_requests()
             return 0
         if not self._open(ignore_emptied=not pipeline.workers):
             return 0
