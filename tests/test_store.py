@@ -462,6 +462,36 @@ def test_a_claim_skipping_platforms_on_sqlite_takes_only_the_rows_still_due_when
     store.close()
 
 
+def test_a_claim_skipping_platforms_on_sqlite_is_not_left_short_by_a_row_gone_meanwhile(
+    sqlite_url: str,
+) -> None:
+    """Such a claim, for two of four due tasks, loses the first one it read to another writer
+    before its write transaction: it still takes two (a short claim would tell the drain
+    that nothing more is due), the next ones in due order."""
+    store = SqlStore.from_url(sqlite_url)
+    store.create_schema()
+    register(store, "a", now=T0)
+    register(store, "b", now=at(1))
+    register(store, "c", now=at(2))
+    register(store, "d", now=at(3))
+    register(store, "s", platform="suno", now=T0)
+    read = store._read
+
+    @contextlib.contextmanager
+    def read_then_one_goes() -> Iterator[sa.Connection]:
+        with read() as conn:
+            yield conn
+        store.remove("luma", "a")
+
+    store._read = read_then_one_goes  # type: ignore[method-assign]
+    taken = store.claim_due(at(5), 2, lease=INTERVAL, skip=["suno"])
+    store._read = read  # type: ignore[method-assign]
+
+    assert ["b", "c"] == [t.task_id for t in taken]
+    assert ["s", "d"] == claim_ids(store, at(5))
+    store.close()
+
+
 def test_claimed_tasks_are_not_claimed_again_before_their_next_poll(store: SqlStore) -> None:
     """A claim schedules the next poll, so the task is not handed out twice in between."""
     register(store, "a", "b")

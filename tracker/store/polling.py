@@ -34,6 +34,9 @@ from tracker.store.rows import _DUE_COLUMNS, _due_tasks
 
 log = structlog.get_logger("tracker.store")
 
+#: due ids a SQLite claim that skips platforms reads beyond its limit (see _claim_sqlite)
+CLAIM_SPARE = 16
+
 
 class Polling(SqlBase):
     """Tasks claimed for polls, the plan of their next polls, and the polls' results."""
@@ -115,8 +118,12 @@ class Polling(SqlBase):
             # Reading past a busy relay's overdue rows (about 0.1 us each, millions perhaps)
             # is done before the write transaction, so that writers (registrations) do not
             # wait for it; the transaction then takes those of the rows found still due.
+            # A few more than the limit: a row another writer re-planned or removed in between
+            # would leave the claim short, and a short claim tells the drain that nothing more
+            # is due (it then waits a while before claiming for those relays again).
+            reading = limit + CLAIM_SPARE
             with self._read() as conn:
-                found = conn.exec_driver_sql(_due_ids_sqlite(len(skip)), (due_by, *skip, limit))
+                found = conn.exec_driver_sql(_due_ids_sqlite(len(skip)), (due_by, *skip, reading))
                 pks = [r[0] for r in found]
         with self._write() as conn:
             if not skip:
@@ -127,6 +134,7 @@ class Polling(SqlBase):
                     query = _still_due_sqlite(len(part), len(skip))
                     rows += conn.exec_driver_sql(query, (due_by, *skip, *part)).all()
                 rows.sort(key=lambda row: (row[_PLANNED], row[0]))
+                del rows[limit:]
             for chunk in chunks(rows):
                 ids = [r[0] for r in chunk]
                 conn.exec_driver_sql(_lease_sqlite(len(ids)), (until, *ids))
