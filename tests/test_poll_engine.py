@@ -237,6 +237,28 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_batches_queued_for_a_slo
     assert len(set(asked)) == len(asked)
 
 
+def luma_beside_suno(
+    running_for: Callable[..., Running],
+    relay: SimulatedRelay,
+    other: SimulatedRelay,
+    *,
+    timeout: float,
+) -> Running:
+    """An engine at interval 1 s with 30 luma tasks in progress on ``relay`` and two suno
+    tasks on ``other`` (its own upstream, with this ``timeout``)."""
+    luma = [f"f{n}" for n in range(30)]
+    for task_id in luma:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    running = running_for(
+        upstreams={"other": {"base_url": other.base_url, "api_key": "sk-sim", "timeout": timeout}},
+        platforms={"suno": {"upstream": "other"}},
+        poll={"interval": 1, "max_interval": 1},
+    )
+    running.register(*luma)
+    running.store.register(Registration("suno", ["s0", "s1"]), running.clock.now())
+    return running
+
+
 async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is_down(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
@@ -246,18 +268,9 @@ async def test_the_end_of_a_drain_does_not_wait_for_the_probe_of_a_relay_that_is
     its span would): it calls the probe off, its tasks going back due, and the next drain
     starts at once, so luma's tasks on the other relay (interval 1 s) are not left unasked
     for what is left of the probe's 4 s."""
-    luma = [f"f{n}" for n in range(30)]
-    for task_id in luma:
-        relay.set("luma", task_id, "IN_PROGRESS", "50%")
     with SimulatedRelay(step=0.0) as down:
         down.fail_next("stall", 10**6)
-        running = running_for(
-            upstreams={"other": {"base_url": down.base_url, "api_key": "sk-sim", "timeout": 4}},
-            platforms={"suno": {"upstream": "other"}},
-            poll={"interval": 1, "max_interval": 1},
-        )
-        running.register(*luma)
-        running.store.register(Registration("suno", ["s0", "s1"]), running.clock.now())
+        running = luma_beside_suno(running_for, relay, down, timeout=4)
         await asyncio.sleep(7)
         poll = running.poller.settings
         reloaded = time.monotonic()  # the relays' clock
@@ -287,17 +300,8 @@ async def test_the_end_of_a_drain_waits_about_a_second_for_a_relay_that_went_sil
     (twice the relay's usual answer time being shorter), is called off then, its tasks due
     again and no failure counted, and the next drain starts at once, so luma's tasks on the
     other relay (interval 1 s) are not left unasked for what is left of the 10 s."""
-    luma = [f"f{n}" for n in range(30)]
-    for task_id in luma:
-        relay.set("luma", task_id, "IN_PROGRESS", "50%")
     with SimulatedRelay(step=10**6) as silent:
-        running = running_for(
-            upstreams={"other": {"base_url": silent.base_url, "api_key": "sk-sim", "timeout": 10}},
-            platforms={"suno": {"upstream": "other"}},
-            poll={"interval": 1, "max_interval": 1},
-        )
-        running.register(*luma)
-        running.store.register(Registration("suno", ["s0", "s1"]), running.clock.now())
+        running = luma_beside_suno(running_for, relay, silent, timeout=10)
         await asyncio.sleep(2)
         silent.fail_next("stall", 10**6)
         stalled = len(silent.requests)

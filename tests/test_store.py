@@ -432,6 +432,26 @@ def test_claim_due_leaves_the_tasks_of_skipped_platforms_due(store: SqlStore) ->
     assert ["l1", "l2", "l3"] == claim_ids(store, at(5))
 
 
+def claim_skipping_suno(
+    store: SqlStore, now: datetime, limit: int, *, meanwhile: Callable[[], None]
+) -> list[DueTask]:
+    """A claim that skips suno, with ``meanwhile`` run as another writer between its read of
+    the due ids and its write transaction (SQLite)."""
+    read = store._read
+
+    @contextlib.contextmanager
+    def read_then_others_write() -> Iterator[sa.Connection]:
+        with read() as conn:
+            yield conn
+        meanwhile()
+
+    store._read = read_then_others_write  # type: ignore[method-assign]
+    try:
+        return store.claim_due(now, limit, lease=INTERVAL, skip=["suno"])
+    finally:
+        store._read = read  # type: ignore[method-assign]
+
+
 def test_a_claim_skipping_platforms_on_sqlite_takes_only_the_rows_still_due_when_it_writes(
     sqlite_url: str,
 ) -> None:
@@ -441,21 +461,15 @@ def test_a_claim_skipping_platforms_on_sqlite_takes_only_the_rows_still_due_when
     store.create_schema()
     register(store, "a", "b", "c", now=T0)
     register(store, "s", platform="suno", now=T0)
-    read = store._read
 
-    @contextlib.contextmanager
-    def read_then_others_write() -> Iterator[sa.Connection]:
-        with read() as conn:
-            yield conn
-        with store.engine.begin() as conn:  # what another writer did meanwhile
+    def others_write() -> None:
+        with store.engine.begin() as conn:
             pk = sa.select(tasks_table.c.id).where(tasks_table.c.task_id == "a").scalar_subquery()
             replan = polls_table.update().where(polls_table.c.task_pk == pk)
             conn.execute(replan.values(next_poll_at=1e12))
         store.remove("luma", "c")
 
-    store._read = read_then_others_write  # type: ignore[method-assign]
-    taken = store.claim_due(at(1), 10, lease=INTERVAL, skip=["suno"])
-    store._read = read  # type: ignore[method-assign]
+    taken = claim_skipping_suno(store, at(1), 10, meanwhile=others_write)
 
     assert ["b"] == [t.task_id for t in taken]
     assert ["s"] == claim_ids(store, at(1))
@@ -475,17 +489,8 @@ def test_a_claim_skipping_platforms_on_sqlite_is_not_left_short_by_a_row_gone_me
     register(store, "c", now=at(2))
     register(store, "d", now=at(3))
     register(store, "s", platform="suno", now=T0)
-    read = store._read
 
-    @contextlib.contextmanager
-    def read_then_one_goes() -> Iterator[sa.Connection]:
-        with read() as conn:
-            yield conn
-        store.remove("luma", "a")
-
-    store._read = read_then_one_goes  # type: ignore[method-assign]
-    taken = store.claim_due(at(5), 2, lease=INTERVAL, skip=["suno"])
-    store._read = read  # type: ignore[method-assign]
+    taken = claim_skipping_suno(store, at(5), 2, meanwhile=lambda: store.remove("luma", "a"))
 
     assert ["b", "c"] == [t.task_id for t in taken]
     assert ["s", "d"] == claim_ids(store, at(5))
