@@ -146,6 +146,8 @@ async def test_registration_is_idempotent(api: Api) -> None:
         ({"ids": ["ok", ""]}, "ids[1]"),
         ({"ids": ["x" * 201]}, "ids[0]"),
         ({"ids": ["tab\there"]}, "ids[0]"),
+        ({"ids": ["ok", ".."]}, "ids[1]: must be"),
+        ({"ids": ["."]}, "not '.' or '..'"),
         ({"ids": ["a"], "platform": "nope"}, "platform:"),
         ({"ids": ["a"], "webhook_url": "ftp://x.example.com/h"}, "webhook_url:"),
         ({"ids": ["a"], "webhook_url": "http://127.0.0.1:99999/h"}, "webhook_url: port 99999"),

@@ -31,7 +31,7 @@ RULES: Mapping[str, str] = {
     "ids": "must be a non-empty array of task ids",
     "ids[]": (
         f"must be a non-empty string of at most {MAX_ID_LENGTH} printable characters "
-        "without surrounding spaces"
+        "without surrounding spaces, and not '.' or '..' (no URL could name it)"
     ),
     "webhook_url": "must be a string",
     "endpoint": "must be a string naming a [webhooks.endpoints] entry",

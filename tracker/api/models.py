@@ -48,7 +48,13 @@ class RegistrationRules:
 
 def is_task_id(value: str) -> bool:
     """Whether ``value`` can be a task id: what a registration accepts, so what is stored."""
-    return 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and value.strip() == value
+    return (
+        0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and value.strip() == value
+        # A URL's path cannot hold these as a segment: GET /v1/tasks/luma/.. is /v1/tasks.
+        and value not in {".", ".."}
+    )
 
 
 def could_be_stored(platforms: Collection[str], platform: str, task_id: str) -> bool:
