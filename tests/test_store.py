@@ -556,9 +556,10 @@ def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(
     store: SqlStore, microseconds: int
 ) -> None:
     """record() writes SQLite's rows straight through the driver: what it stores (time
-    text, JSON text, numbers, NULLs) is, byte for byte, what SQLAlchemy's own UPDATE of the
-    same values stores, so every query comparing or decoding those columns reads them alike
-    (a time on a whole second included)."""
+    text, numbers, NULLs) is, byte for byte, what SQLAlchemy's own UPDATE of the same values
+    stores, so every query comparing or decoding those columns reads them alike (a time on a
+    whole second included). ``result``, which no query reads as text, is written by orjson:
+    the same JSON value, spaced differently."""
     register(store, "moving", "finished", "plain")
     due = {t.task_id: t for t in claim(store, T0)}
     result = {
@@ -576,7 +577,7 @@ def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(
         TaskUpdate(due["finished"], failed),
     ]
     assert 2 == store.record(updates, now)
-    columns = [c for c in tasks_table.c if c.name not in {"id", "task_id"}]
+    columns = [c for c in tasks_table.c if c.name not in {"id", "task_id", "result"}]
 
     def stored(task_id: str) -> tuple[Any, ...]:
         with store.engine.connect() as conn:
@@ -588,11 +589,33 @@ def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(
         with store.engine.begin() as conn:
             row = conn.execute(sa.select(*columns).where(tasks_table.c.task_id == task_id)).one()
             values = dict(zip([c.name for c in columns], row, strict=True))
-            values["result"] = result  # decoded and encoded again, as written
             conn.execute(
                 tasks_table.update().where(tasks_table.c.task_id == "plain").values(**values)
             )
         assert written == stored("plain")
+        written_result = store.get("luma", task_id)
+        assert written_result is not None
+        assert result == written_result.result
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"url": "https://a/caf\u00e9", "n": [1, 2.5, None, True], "nested": {"k": "\u65e5"}},
+        {"id": 2**70, "text": "beyond 64 bits: written by the json module"},
+        {"lone": "\ud800", "text": "a lone surrogate: written by the json module"},
+    ],
+)
+def test_a_recorded_result_reads_back_as_it_was(store: SqlStore, result: dict[str, Any]) -> None:
+    """The upstream item stored with a change reads back equal, whichever encoder wrote it."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    moved = change(task, TaskStatus.IN_PROGRESS, progress=10, result=result)
+
+    assert 1 == store.record([TaskUpdate(task, moved)], at(1))
+    stored = store.get("luma", "a")
+    assert stored is not None
+    assert result == stored.result
 
 
 def test_a_claim_of_thousands_leases_each_task_and_its_answers_plan_each_one(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 import structlog
 
@@ -574,9 +576,25 @@ def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[s
 def _bind_processor(dialect: sa.Dialect, column: str) -> Callable[[Any], Any] | None:
     """What SQLAlchemy does to a value of tasks.``column`` before the driver gets it: the
     dialect's own form of the column's type (a bare DateTime's would hand sqlite3 a datetime,
-    which it stores without microseconds when there are none)."""
+    which it stores without microseconds when there are none); for ``result``, the same JSON
+    written faster."""
     kind = tasks.c[column].type
-    return kind.dialect_impl(dialect).bind_processor(dialect)  # type: ignore[no-any-return]
+    processor: Callable[[Any], Any] | None = kind.dialect_impl(dialect).bind_processor(dialect)
+    if column == "result" and processor is not None:
+        return functools.partial(_result_text, processor)
+    return processor
+
+
+def _result_text(processor: Callable[[Any], Any], value: Any) -> Any:
+    """The JSON text of a task's ``result`` (the upstream item, written at every poll that
+    moves the task's progress) by orjson, five to ten times faster than the json module
+    SQLAlchemy uses; anything orjson cannot write as that would (an integer past 64 bits, a
+    lone surrogate, None as JSON null) goes to SQLAlchemy's ``processor``. Only the spacing
+    differs, and no query reads this column's text."""
+    if isinstance(value, dict):
+        with contextlib.suppress(orjson.JSONEncodeError):
+            return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    return processor(value)
 
 
 @functools.cache
