@@ -7,7 +7,7 @@ import functools
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
@@ -565,7 +565,7 @@ def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[s
     # stored text is SQLAlchemy's). Its per-row parameter handling cost more than the UPDATE
     # itself, and a task whose progress moves is one row per poll.
     for columns, rows in groups.items():
-        processors = [(name, _bind_processor(conn.dialect, name)) for name in columns]
+        processors = [(name, _reusing(_bind_processor(conn.dialect, name))) for name in columns]
         params = [
             (*[row[n] if p is None else p(row[n]) for n, p in processors], row["pk_"])
             for row in rows
@@ -583,6 +583,26 @@ def _bind_processor(dialect: sa.Dialect, column: str) -> Callable[[Any], Any] | 
     if column == "result" and processor is not None:
         return functools.partial(_result_text, processor)
     return processor
+
+
+def _reusing(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """``processor``, giving its last result again for the very same value: every row of
+    one record() call carries the same ``now`` (updated_at, finished_at), whose text is
+    made once, not once a row."""
+    if processor is None:
+        return None
+    last: list[Any] = [_UNSET, None]
+
+    def process(value: Any) -> Any:
+        if value is not last[0]:
+            last[0], last[1] = value, processor(value)
+        return last[1]
+
+    return process
+
+
+#: no value of any column: what _reusing has seen before its first call
+_UNSET: Final = object()
 
 
 def _result_text(processor: Callable[[Any], Any], value: Any) -> Any:
