@@ -513,6 +513,20 @@ async def test_task_id_is_url_quoted_in_the_path(
     assert relay.requests[0].path == "/v1/video/generations/a%2Fb%20c%3Fd"
 
 
+@pytest.mark.parametrize(("task_id", "segment"), [(".", "%2E"), ("..", "%2E%2E")])
+async def test_a_dot_segment_id_asks_about_itself_not_the_parent_path(
+    relay: CannedRelay, client: httpx.AsyncClient, task_id: str, segment: str
+) -> None:
+    """An id of one or two dots (stored before registration refused them) is asked about
+    under its own, encoded name, never as a dot segment that would ask the parent path."""
+    relay.answer(f"/v1/video/generations/{segment}", samples.envelope(samples.video_dto()))
+
+    [observation] = await video(relay).fetch(client, [task_id])
+
+    assert observation.task_id == task_id
+    assert relay.requests[0].path == f"/v1/video/generations/{segment}"
+
+
 @pytest.mark.parametrize(
     ("raw", "progress", "text"),
     [

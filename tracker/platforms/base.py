@@ -204,7 +204,13 @@ class PerIdPlatform(Platform):
 
     def task_url(self, task_id: str) -> str:
         """The URL asking about one task (the id quoted, slashes included)."""
-        return self.upstream.url(self.path.replace(TASK_ID_PLACEHOLDER, quote(task_id, safe="")))
+        segment = quote(task_id, safe="")
+        if segment in {".", ".."}:
+            # Left bare, httpx would read it as a dot segment and ask the parent path
+            # (/v1/video/generations/.. is /v1/video), with the relay key. Registration
+            # refuses such ids now; ones stored before still reach no other path.
+            segment = segment.replace(".", "%2E")
+        return self.upstream.url(self.path.replace(TASK_ID_PLACEHOLDER, segment))
 
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for each id in turn; any unusable answer fails the whole call."""
