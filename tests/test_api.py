@@ -22,6 +22,7 @@ from tracker.api import tasks as task_routes
 from tracker.app import Daemon
 from tracker.dashboard.actions import router as actions
 from tracker.dashboard.pages import router as pages
+from tracker.store import Registration
 from tracker.store.sql import deliveries
 from tracker.testing.simulator import SimulatedRelay
 
@@ -168,6 +169,22 @@ async def test_invalid_registrations_are_refused_whole(
     assert 422 == answer.status_code
     assert any(problem in p for p in answer.json()["problems"]), answer.json()
     assert [] == (await api.get("/v1/tasks")).json()["tasks"]
+
+
+async def test_a_dot_id_stored_before_it_was_refused_can_still_be_read_and_removed(
+    api: Api,
+) -> None:
+    """Registration refuses the ids "." and "..", but a task stored under one earlier is still
+    read and removed by a client that sends it encoded (%2E%2E), as the client module does."""
+    store = api.daemon.parts.store
+    store.register(Registration("luma", [".."]), datetime.now(UTC))
+
+    read = await api.get("/v1/tasks/luma/%2E%2E")
+    removed = await api.client.delete("/v1/tasks/luma/%2E%2E", headers=TOKEN)
+
+    assert (200, "..") == (read.status_code, read.json()["task_id"])
+    assert 204 == removed.status_code
+    assert store.get("luma", "..") is None
 
 
 async def test_every_problem_is_named_at_once(api: Api) -> None:

@@ -47,20 +47,21 @@ class RegistrationRules:
 
 
 def is_task_id(value: str) -> bool:
-    """Whether ``value`` can be a task id: what a registration accepts, so what is stored."""
-    return (
-        0 < len(value) <= MAX_ID_LENGTH
-        and value.isprintable()
-        and value.strip() == value
-        # A URL's path cannot hold these as a segment: GET /v1/tasks/luma/.. is /v1/tasks.
-        and value not in {".", ".."}
-    )
+    """Whether ``value`` can be a task id: what a registration accepts."""
+    # A URL's path cannot hold these as a segment: GET /v1/tasks/luma/.. is /v1/tasks.
+    return _storable_id(value) and value not in {".", ".."}
+
+
+def _storable_id(value: str) -> bool:
+    """Whether a task id can be stored: what registrations ever accepted (the two dot ids
+    too, before they were refused)."""
+    return 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and value.strip() == value
 
 
 def could_be_stored(platforms: Collection[str], platform: str, task_id: str) -> bool:
     """Whether a task could be stored under these names, answered without a query: a NUL in
     a parameter is an error on PostgreSQL, not a miss."""
-    return platform in platforms and is_task_id(task_id)
+    return platform in platforms and _storable_id(task_id)
 
 
 def _printable_id(value: str) -> str:
