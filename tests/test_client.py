@@ -28,6 +28,7 @@ from tracker.client import (
     verify_webhook,
 )
 from tracker.status import EventType, TaskStatus
+from tracker.store import Registration, SqlStore
 from tracker.testing.receiver import WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -56,6 +57,7 @@ class Served:
             env=env,
         )
         self.url = ""
+        self.db_url = f"sqlite:///{workdir / 't.db'}"
         started = threading.Event()
 
         def read() -> None:
@@ -106,6 +108,21 @@ def test_the_sync_client_registers_reads_lists_and_removes(served: Served) -> No
     assert {"c-1", "c/2"} <= {t.task_id for t in listed.tasks}
     assert 404 == gone.value.status_code
     assert any("platform" in p for p in refused.value.problems), refused.value.problems
+
+
+def test_the_client_reaches_a_task_stored_under_a_dot_id(served: Served) -> None:
+    """A task stored under ".." (before registration refused it) is read and removed by the
+    client under its own name, not by a request to the parent path /v1/tasks/luma."""
+    store = SqlStore.from_url(served.db_url)
+    store.register(Registration("luma", [".."]), datetime.now(UTC))
+    store.close()
+    with TrackerClient(served.url, TOKEN) as tracker:
+        task = tracker.get("luma", "..")
+        tracker.remove("luma", "..")
+        with pytest.raises(NotFoundError):
+            tracker.get("luma", "..")
+
+    assert ".." == task.task_id
 
 
 async def test_the_async_client_and_the_webhook_helper(served: Served) -> None:

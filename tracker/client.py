@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
-from urllib.parse import quote
 
 import httpx
 
@@ -40,6 +39,7 @@ from tracker.client_types import (
     WebhookEvent,
     raise_for,
 )
+from tracker.paths import segment
 from tracker.signing import InvalidSignature
 
 # The models and errors live in client_types; apps know them from here.
@@ -68,8 +68,8 @@ M = TypeVar("M", bound=Model)
 
 
 def _task_path(platform: str, task_id: str) -> str:
-    # An id may hold "/" or "?": each is one escaped path segment.
-    return f"/v1/tasks/{quote(platform, safe='')}/{quote(task_id, safe='')}"
+    # An id may hold "/" or "?", or be "..": each is one escaped path segment.
+    return f"/v1/tasks/{segment(platform)}/{segment(task_id)}"
 
 
 def _client_options(base_url: str, token: str, timeout: float) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from tracker.dashboard.sessions import (
     digest,
     tokens_match,
 )
-from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href, segment
+from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href
+from tracker.paths import segment
 
 log = structlog.get_logger("tracker.dashboard")
 

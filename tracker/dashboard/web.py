@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import jinja2
 from fastapi import Depends, FastAPI, Request, Response
@@ -25,6 +24,7 @@ from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
 from tracker.dashboard.sessions import COOKIE, Session, Sessions, SignInThrottle, digest
+from tracker.paths import segment
 from tracker.store import SqlStore
 from tracker.store.dashboard_queries import DashboardQueries
 
@@ -116,13 +116,6 @@ SessionDep = Annotated[Session, Depends(session_of)]
 def href(request: Request, path: str) -> str:
     """An absolute path under the dashboard's mount point."""
     return f"{request.scope.get('root_path', '')}{path}"
-
-
-def segment(value: str) -> str:
-    """``value`` as one path segment: "/", "?", "#" and "%" escaped too, so a link or form for
-    task ``abc?x`` or ``x/../abc`` reaches that task and not ``abc``.
-    """
-    return quote(value, safe="")
 
 
 def _age(moment: datetime | None, now: datetime) -> str:

@@ -10,11 +10,11 @@ import abc
 import dataclasses
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
-from urllib.parse import quote
 
 import httpx
 
 from tracker import config
+from tracker.paths import segment
 from tracker.platforms.answers import UpstreamError, new_api_items, read_bounded, read_json
 from tracker.platforms.observations import settle
 from tracker.status import Observation, TaskStatus
@@ -204,13 +204,7 @@ class PerIdPlatform(Platform):
 
     def task_url(self, task_id: str) -> str:
         """The URL asking about one task (the id quoted, slashes included)."""
-        segment = quote(task_id, safe="")
-        if segment in {".", ".."}:
-            # Left bare, httpx would read it as a dot segment and ask the parent path
-            # (/v1/video/generations/.. is /v1/video), with the relay key. Registration
-            # refuses such ids now; ones stored before still reach no other path.
-            segment = segment.replace(".", "%2E")
-        return self.upstream.url(self.path.replace(TASK_ID_PLACEHOLDER, segment))
+        return self.upstream.url(self.path.replace(TASK_ID_PLACEHOLDER, segment(task_id)))
 
     async def ask(self, client: httpx.AsyncClient, ids: Sequence[str]) -> list[Observation]:
         """Ask for each id in turn; any unusable answer fails the whole call."""
