@@ -120,9 +120,8 @@ class Poller:
         #: upstream name -> its rounds of requests that got no answer at all, in a row (any
         #: answer ends the row); while it has some, it is asked one request at a time
         self._failures: dict[str, int] = {}
-        #: upstream name -> the task sending its one request (the probe, after failures)
-        self._probing: dict[str, asyncio.Task[Any]] = {}
-        #: the task of each request under way (in ask()), for call_off_requests
+        #: the task of each request under way (in ask()): for call_off_requests, and to see
+        #: a relay's probe (its one request, after failures) out
         self._out: dict[asyncio.Task[Any], _Out] = {}
         #: upstream name -> its usual answer time (seconds, a moving average)
         self._answer_times: dict[str, float] = {}
@@ -223,9 +222,7 @@ class Poller:
             self._drain = None
             if stopped is not None:
                 stopped.cancel()
-            for handle in self._call_offs:
-                handle.cancel()
-            self._call_offs.clear()
+            self._cancel_call_offs()
         report, started = self.report, drain.started
         await self.close_line(report, started, log_line=log_empty or report.claimed > 0)
         return CycleReport.total([*drain.logged, report])
@@ -261,7 +258,7 @@ class Poller:
         upstream = platform.upstream
         name = upstream.name
         paused = self._paused.get(name, 0.0) - time.monotonic()
-        if paused > 0 or name in self._probing:
+        if paused > 0 or self._probe_out(name):
             # Not waited out here: a batch waiting in its lane counts against the claims of
             # every upstream, so one relay's pause would stop the polls of all. Asked again
             # when the pause is over, or (a relay that stopped answering gets one request
@@ -285,8 +282,6 @@ class Poller:
             # Before any wait, so a drain's end can call it off wherever it waits; a probe's
             # batches behind it see it out.
             self._out[current] = out
-            if probe:
-                self._probing[name] = current
         try:
             limiter = self._limiters.get(platform.name)
             if limiter is not None:
@@ -338,11 +333,13 @@ class Poller:
         self._called_off.discard(current)
         return not current.uncancel()
 
+    def _probe_out(self, upstream: str) -> bool:
+        """Whether the one request to ``upstream``, a relay that stopped answering, is out."""
+        return any(out.probe and out.upstream == upstream for out in self._out.values())
+
     def _request_over(self, out: _Out, current: asyncio.Task[Any]) -> None:
         if self._out.get(current) is out:
             del self._out[current]
-        if out.probe and self._probing.get(out.upstream) is current:
-            del self._probing[out.upstream]
         if current in self._called_off:
             # The call-off was lost on its way (taken for a timeout, or an answer, at the same
             # moment): the task's count of cancels is set right here.
@@ -353,10 +350,13 @@ class Poller:
         if not stopped.cancelled():  # else the drain ended first
             # A stop promises that the poll requests sent finish, their answers recorded,
             # those given a grace by the drain's end before it too.
-            for handle in self._call_offs:
-                handle.cancel()
-            self._call_offs.clear()
+            self._cancel_call_offs()
             self.call_off_requests(sent_too=False)
+
+    def _cancel_call_offs(self) -> None:
+        for handle in self._call_offs:
+            handle.cancel()
+        self._call_offs.clear()
 
     def call_off_requests(self, *, sent_too: bool = True) -> None:
         """Send no other request this drain, and call off those under way that may keep its

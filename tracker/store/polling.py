@@ -585,6 +585,10 @@ def _bind_processor(dialect: sa.Dialect, column: str) -> Callable[[Any], Any] | 
     return processor
 
 
+#: no value of any column: what _reusing has seen before its first call
+_UNSET: Final = object()
+
+
 def _reusing(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
     """``processor``, giving its last result again for the very same value: every row of
     one record() call carries the same ``now`` (updated_at, finished_at), whose text is
@@ -599,10 +603,6 @@ def _reusing(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | N
         return last[1]
 
     return process
-
-
-#: no value of any column: what _reusing has seen before its first call
-_UNSET: Final = object()
 
 
 def _result_text(processor: Callable[[Any], Any], value: Any) -> Any:
