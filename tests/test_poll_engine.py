@@ -328,6 +328,12 @@ async def test_the_end_of_a_drain_waits_about_a_second_for_a_relay_that_went_sil
     assert max(g for per_task in gaps.values() for g in per_task) <= 2.0
 
 
+def due_now(running: Running) -> bool:
+    """Whether the most overdue live task is due by now (tasks were left due, not put off)."""
+    overdue = running.store.most_overdue()
+    return overdue is not None and overdue[0] <= running.clock.now()
+
+
 async def test_a_stop_sends_no_batch_still_waiting_for_its_rate_limit(
     running_for: Callable[..., Running], relay: SimulatedRelay
 ) -> None:
@@ -352,9 +358,7 @@ async def test_a_stop_sends_no_batch_still_waiting_for_its_rate_limit(
 
     assert time.monotonic() - stopping < 1.0
     assert len(relay.requests) == 1
-    overdue = running.store.most_overdue()
-    assert overdue is not None
-    assert overdue[0] <= running.clock.now()
+    assert due_now(running)
 
 
 async def test_a_stop_does_not_wait_for_the_probe_of_a_relay_that_is_down(
@@ -385,9 +389,7 @@ async def test_a_stop_does_not_wait_for_the_probe_of_a_relay_that_is_down(
     assert time.monotonic() - stopping < 1.0
     assert len(relay.requests) == 2
     assert not [e for e in logs if e["event"] == "upstream_error"]
-    overdue = running.store.most_overdue()
-    assert overdue is not None
-    assert overdue[0] <= running.clock.now()
+    assert due_now(running)
 
 
 async def test_the_tasks_of_a_paused_relay_are_claimed_again_once_its_pause_is_over(
