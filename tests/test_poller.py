@@ -428,6 +428,53 @@ async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts
     assert due == next_poll_at(rig, "t1")
 
 
+class TimeoutOnCancel(httpx.AsyncBaseTransport):
+    """A real transport whose request, cancelled, ends in httpx's read timeout instead: what a
+    call-off meets when it lands in the very step the request's own timeout fires, and the
+    timeout takes the cancel for its own."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await self.inner.handle_async_request(request)
+            await response.aread()
+        except asyncio.CancelledError:
+            raise httpx.ReadTimeout("timed out", request=request) from None
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_request_called_off_as_its_timeout_fires_counts_no_failure(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: the relay holds the request, and the call-off (0.3 s in) ends it as a read
+    timeout. Called off all the same: no error, no pause of the relay, the task due when it
+    was, and the next cycle asks the relay at once."""
+    rig = rig_for(upstream={"timeout": 3})
+    rig.register("t1")
+    due = next_poll_at(rig, "t1")
+    rig.poller.client = httpx.AsyncClient(transport=TimeoutOnCancel())
+    relay.fail_next("stall")
+    asyncio.get_running_loop().call_later(0.3, rig.poller.call_off_requests)
+    try:
+        with capture_logs() as logs:
+            report = await rig.cycle()
+        after = next_poll_at(rig, "t1")
+        relay.set("luma", "t1", "SUCCESS", "100%")
+        again = await rig.cycle()
+    finally:
+        await rig.poller.client.aclose()
+
+    assert (1, 0) == (report.requests, report.errors)
+    assert not [e for e in logs if e["event"] == "upstream_error"]
+    assert due == after
+    assert (1, 1) == (again.requests, again.changed)
+
+
 async def test_requests_waiting_for_their_rate_limit_are_called_off_at_once(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

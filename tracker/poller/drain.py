@@ -255,23 +255,10 @@ class Poller:
         close a line while this waits).
         """
         ids = [t.task_id for t in tasks]
-        upstream = platform.upstream
-        name = upstream.name
-        paused = self._paused.get(name, 0.0) - time.monotonic()
-        if paused > 0 or self._probe_out(name):
-            # Not waited out here: a batch waiting in its lane counts against the claims of
-            # every upstream, so one relay's pause would stop the polls of all. Asked again
-            # when the pause is over, or (a relay that stopped answering gets one request
-            # at a time) when the one out has had its time: planned that far, and the
-            # look-ahead beyond, as a claim takes tasks that much early (else every drain in
-            # the pause's last moments would claim them again, to find the relay paused). A
-            # pause the relay asked for counts as the platform's rate wait; one for a relay
-            # that is down does not (the lag warning would name rate_limit, which cannot help).
-            wait = paused if paused > 0 else upstream.timeout
-            if name not in self._failures:
-                self._count_wait(platform, wait)
-            now = self.clock.now()
-            return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
+        name = platform.upstream.name
+        held_back = self._held_back(platform, tasks)
+        if held_back is not None:
+            return held_back
         if self._asking_off:
             # A batch a lane took just before the drain called off its requests (told to end).
             return self._due_again(tasks)
@@ -301,15 +288,47 @@ class Poller:
             sent = out.sent = time.monotonic()
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
-            return self._failed(platform, tasks, exc)
+            # A request called off in the very step its timeout fired ends in that timeout,
+            # which took the cancel for its own: it is called off all the same, below.
+            if current not in self._called_off:
+                return self._failed(platform, tasks, exc)
         except asyncio.CancelledError:
             if not self._called_off_alone(current):
                 raise
-            return self._due_again(tasks)
+        else:
+            self._answered(platform, time.monotonic() - sent)
+            return Answer(platform, seen, self.clock.now(), asked)
         finally:
             if current is not None:
                 self._request_over(out, current)
-        took = time.monotonic() - sent
+        return self._due_again(tasks)
+
+    def _held_back(self, platform: Platform, tasks: Sequence[DueTask]) -> list[TaskUpdate] | None:
+        """The batch's tasks planned for later, if its relay is paused or its probe is out
+        (None: ask it now).
+
+        Not waited out in the lane: a batch waiting there counts against the claims of every
+        upstream, so one relay's pause would stop the polls of all. Asked again when the pause
+        is over, or (a relay that stopped answering gets one request at a time) when the one
+        out has had its time: planned that far, and the look-ahead beyond, as a claim takes
+        tasks that much early (else every drain in the pause's last moments would claim them
+        again, to find the relay paused). A pause the relay asked for counts as the
+        platform's rate wait; one for a relay that is down does not (the lag warning would
+        name rate_limit, which cannot help).
+        """
+        upstream = platform.upstream
+        paused = self._paused.get(upstream.name, 0.0) - time.monotonic()
+        if paused <= 0 and not self._probe_out(upstream.name):
+            return None
+        wait = paused if paused > 0 else upstream.timeout
+        if upstream.name not in self._failures:
+            self._count_wait(platform, wait)
+        now = self.clock.now()
+        return [self.planner.later(t, now, wait + self.ahead()) for t in tasks]
+
+    def _answered(self, platform: Platform, took: float) -> None:
+        """Note an answer that took ``took`` seconds: the relay answers (again)."""
+        name = platform.upstream.name
         usual = self._answer_times.get(name)
         self._answer_times[name] = (
             took if usual is None else usual + ANSWER_TIME_WEIGHT * (took - usual)
@@ -317,7 +336,6 @@ class Poller:
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
-        return Answer(platform, seen, self.clock.now(), asked)
 
     def _due_again(self, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
         """``tasks`` unasked and due again at once, in their place in due order."""
