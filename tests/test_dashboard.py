@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pydantic
@@ -24,13 +25,10 @@ TOKEN = "test-token"
 DASHBOARD_TOKEN = "dash-only-token"
 
 
-@pytest.fixture(name="daemon")
-async def _daemon(
-    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
-) -> AsyncIterator[Daemon]:
-    """A started daemon with the dashboard on, polling the simulated relay fast."""
+def _settings(relay: SimulatedRelay, receiver: WebhookReceiver, db_url: str) -> config.Settings:
+    """The dashboard on, the simulated relay polled fast."""
     document = merge(
-        base_config(relay.base_url, receiver.url, sqlite_url),
+        base_config(relay.base_url, receiver.url, db_url),
         {
             "poll": {"interval": 0.2, "max_interval": 1},
             # A refused webhook dies within a fraction of a second.
@@ -38,12 +36,26 @@ async def _daemon(
             "dashboard": {"token": DASHBOARD_TOKEN, "session_lifetime": 600},
         },
     )
-    daemon = Daemon(
-        config.parse(document, environ={}), notifier=sdnotify.Notifier("/nonexistent/notify")
-    )
+    return config.parse(document, environ={})
+
+
+@contextlib.asynccontextmanager
+async def _running(settings: config.Settings) -> AsyncIterator[Daemon]:
+    daemon = Daemon(settings, notifier=sdnotify.Notifier("/nonexistent/notify"))
     await daemon.start()
-    yield daemon
-    await daemon.stop()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+@pytest.fixture(name="daemon")
+async def _daemon(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
+) -> AsyncIterator[Daemon]:
+    """A started daemon with the dashboard on, polling the simulated relay fast."""
+    async with _running(_settings(relay, receiver, sqlite_url)) as daemon:
+        yield daemon
 
 
 @pytest.fixture(name="browser")
@@ -306,6 +318,50 @@ async def test_sign_out_ends_the_session(browser: httpx.AsyncClient) -> None:
     assert (303, "/ui/login") == (answer.status_code, answer.headers["location"])
     browser.cookies.set(COOKIE, cookie)
     assert 303 == (await browser.get("/ui/")).status_code
+
+
+async def _carried_over(cookie: str, csrf: str, there: httpx.AsyncClient) -> None:
+    """The session of ``cookie`` opens the pages ``there``, whose forms carry ``csrf``; it is
+    signed out there."""
+    there.cookies.set(COOKIE, cookie)
+    page = await there.get("/ui/tasks")
+    assert 200 == page.status_code
+    assert csrf == hidden_fields(page.text)["csrf"]
+    answer = await there.post("/ui/logout", data={"csrf": csrf})
+    assert (303, "/ui/login") == (answer.status_code, answer.headers["location"])
+
+
+async def test_a_session_outlives_a_restart_of_the_daemon(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
+) -> None:
+    """Signed in before a restart, the browser is still signed in after it (same CSRF
+    token); signed out after it, the old cookie opens nothing."""
+    settings = _settings(relay, receiver, sqlite_url)
+    async with _running(settings) as before, httpx.AsyncClient(base_url=before.api_url) as here:
+        csrf = await sign_in(here, TOKEN)
+        cookie = here.cookies[COOKIE]
+    async with _running(settings) as after, httpx.AsyncClient(base_url=after.api_url) as there:
+        await _carried_over(cookie, csrf, there)
+        there.cookies.set(COOKIE, cookie)
+        assert 303 == (await there.get("/ui/")).status_code
+
+
+@pytest.mark.postgres
+async def test_a_session_opened_on_one_daemon_works_on_another_on_the_database(
+    relay: SimulatedRelay, receiver: WebhookReceiver, make_pg_url: Callable[[], str]
+) -> None:
+    """Two daemons on one PostgreSQL database, as behind a load balancer: the cookie one gave
+    opens the other's pages; signing out on the other ends the session on the first too."""
+    settings = _settings(relay, receiver, make_pg_url())
+    async with (
+        _running(settings) as first,
+        _running(settings) as second,
+        httpx.AsyncClient(base_url=first.api_url, timeout=5) as here,
+        httpx.AsyncClient(base_url=second.api_url, timeout=5) as there,
+    ):
+        csrf = await sign_in(here, TOKEN)
+        await _carried_over(here.cookies[COOKIE], csrf, there)
+        assert 303 == (await here.get("/ui/")).status_code
 
 
 async def test_the_overview_shows_counts_outbox_activity_and_the_poll_lag(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from conftest import base_config, merge
 from fastapi import FastAPI
 from test_store import claim_jobs, outcome, queue_events
@@ -15,7 +17,6 @@ from tracker.activity import ERRORS_KEPT, WINDOW_MINUTES, Activity, Series
 from tracker.clock import FakeClock
 from tracker.dashboard import Dashboard, chart, mount
 from tracker.dashboard.sessions import (
-    MAX_SESSIONS,
     MAX_SIGN_IN_FAILURES,
     MAX_TRACKED_CLIENTS,
     SIGN_IN_WINDOW,
@@ -26,6 +27,7 @@ from tracker.dashboard.sessions import (
 )
 from tracker.retry import DeliveryState
 from tracker.store import Registration, SqlStore, dashboard_queries
+from tracker.store.base import dashboard_sessions
 from tracker.store.dashboard_queries import DashboardQueries
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -88,36 +90,79 @@ def test_mount_serves_ui_only_when_enabled() -> None:
 # -- sessions --------------------------------------------------------------------------------
 
 
-def test_sessions_expire_after_their_lifetime_and_end_on_sign_out() -> None:
+def test_sessions_expire_after_their_lifetime_and_end_on_sign_out(store: SqlStore) -> None:
     """A session is live until its lifetime passes, or until it is ended."""
     now = Ticker()
-    sessions = Sessions(60, now)
-    first, second = sessions.start("d"), sessions.start("d")
+    sessions = Sessions(store, 60, now)
+    first, second = sessions.start("t"), sessions.start("t")
 
     now.at += 59
     assert first == sessions.get(first.id)
+    assert 2 == len(sessions)
     sessions.end(second.id)
     assert sessions.get(second.id) is None
     now.at += 1
     assert sessions.get(first.id) is None
+    assert 0 == len(sessions)
     assert sessions.get("") is None
     assert sessions.get(None) is None
 
 
-def test_sessions_are_bounded_dropping_the_oldest() -> None:
-    """A flood of sign-ins keeps at most MAX_SESSIONS, the newest."""
-    sessions = Sessions(60, Ticker())
-    first = sessions.start("d")
-    for _ in range(MAX_SESSIONS):
-        sessions.start("d")
+def test_a_session_started_by_one_daemon_is_known_to_every_other_on_the_database(
+    store: SqlStore, db_url: str
+) -> None:
+    """Two stores on one database, as two daemons have: a session one starts, the other
+    finds, with the same CSRF token; one's sign-out ends it for both."""
+    other = SqlStore.from_url(db_url)
+    try:
+        here, there = Sessions(store, 60, Ticker()), Sessions(other, 60, Ticker())
+        session = here.start("t")
+        found = there.get(session.id)
 
-    assert MAX_SESSIONS == len(sessions)
-    assert sessions.get(first.id) is None
+        assert found == session
+        assert found is not None
+        assert session.csrf == found.csrf
+        there.end(session.id)
+        assert here.get(session.id) is None
+    finally:
+        other.close()
 
 
-def test_csrf_and_token_checks_accept_only_exact_values() -> None:
+def test_the_database_holds_nothing_that_opens_a_session_or_names_its_token(
+    store: SqlStore,
+) -> None:
+    """The stored row is keyed by a digest of the cookie's value, and the token is a MAC keyed
+    by that value: neither the cookie, nor the token, nor the token's plain digest is stored;
+    the session still knows which token it signed in with."""
+    token = "operator-token-1"
+    session = Sessions(store, 60, Ticker()).start(token)
+    with store.engine.connect() as conn:
+        [row] = conn.execute(sa.select(dashboard_sessions)).all()
+    stored = " ".join(str(value) for value in row)
+
+    for secret in (session.id, token, hashlib.sha256(token.encode()).hexdigest(), session.csrf):
+        assert secret not in stored
+    assert session.signed_in_with(["other", token])
+    assert not session.signed_in_with(["other", ""])
+
+
+def test_sessions_are_bounded_dropping_the_oldest(store: SqlStore) -> None:
+    """A flood of sign-ins keeps at most as many sessions as the bound, the newest."""
+    now = Ticker()
+    sessions = Sessions(store, 60, now, keep=5)
+    started = []
+    for _ in range(8):
+        started.append(sessions.start("t"))
+        now.at += 1
+
+    assert 5 == len(sessions)
+    assert [None] * 3 == [sessions.get(s.id) for s in started[:3]]
+    assert started[3:] == [sessions.get(s.id) for s in started[3:]]
+
+
+def test_csrf_and_token_checks_accept_only_exact_values(store: SqlStore) -> None:
     """The CSRF field must be the session's own token; a sign-in token must be listed."""
-    session = Sessions(60, Ticker()).start("d")
+    session = Sessions(store, 60, Ticker()).start("t")
 
     assert csrf_ok(session, session.csrf)
     assert not csrf_ok(session, session.csrf[:-1])

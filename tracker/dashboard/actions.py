@@ -26,7 +26,6 @@ from tracker.dashboard.sessions import (
     SIGN_IN_WINDOW,
     Session,
     csrf_ok,
-    digest,
     tokens_match,
 )
 from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href
@@ -115,8 +114,8 @@ async def sign_in(request: Request) -> Response:
                 failures=MAX_SIGN_IN_FAILURES,
             )  # fmt: skip
         return _sign_in_page(request, problem="that token is not accepted", status_code=401)
-    session = dash.sessions.start(digest(token) if accepted else "")
-    log.info("dashboard_signed_in", sessions=len(dash.sessions))
+    session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
+    log.info("dashboard_signed_in", sessions=await run_in_threadpool(len, dash.sessions))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))
     response.delete_cookie(LOGIN_COOKIE, path=href(request, "/") or "/")
@@ -128,7 +127,7 @@ async def sign_out(request: Request, session: SessionDep) -> Response:
     """End the session."""
     if await _checked_form(request, session) is None:
         return _refused(request, session)
-    dashboard_of(request).sessions.end(session.id)
+    await run_in_threadpool(dashboard_of(request).sessions.end, session.id)
     response = RedirectResponse(href(request, "/login"), status_code=303)
     response.delete_cookie(COOKIE, path=href(request, "/") or "/")
     return response

@@ -1,7 +1,12 @@
-"""Dashboard sign-in: tokens exchanged for server-side sessions, each with its own CSRF token.
+"""Dashboard sign-in: tokens exchanged for sessions stored in the database, each with its own
+CSRF token.
 
-Sessions live in memory: a restart signs everyone out, which a single daemon can afford, and
-sign-out takes effect at once (a signed, stateless cookie could not be revoked).
+Stored, not kept in one daemon's memory: every daemon on the database knows every session
+(behind a load balancer any host serves any page), a restart signs nobody out, and a sign-out
+ends the session everywhere at once (a signed, stateless cookie could not be revoked). The
+database holds nothing that opens a session or helps guess a token: a session's row is keyed
+by a digest of the cookie's value, and keeps the token it signed in with as a MAC keyed by
+that value. The sign-in throttle is the one part each daemon keeps for itself.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 
+from tracker.store.sessions import SessionRow, SessionRows
+
 #: the cookie that carries the session id
 COOKIE = "tracker_session"
 #: the cookie that carries the sign-in form's CSRF token, before any session exists
 LOGIN_COOKIE = "tracker_login"
-#: sessions kept at most; the oldest go first (a flood of sign-ins cannot fill memory)
+#: sessions kept at most; the oldest go first (a flood of sign-ins cannot fill the table)
 MAX_SESSIONS = 10_000
 #: refused sign-ins one client may make within SIGN_IN_WINDOW before it must wait
 MAX_SIGN_IN_FAILURES = 10
@@ -32,16 +39,31 @@ MAX_TRACKED_CLIENTS = 10_000
 class Session:
     """One signed-in browser."""
 
+    #: the cookie's value
     id: str
-    csrf: str
     expires_at: float  #: epoch seconds
-    #: digest of the token it signed in with: the session lasts only while that token does
-    token_digest: str
+    #: the token it signed in with, as a MAC keyed by ``id``: the session lasts only while
+    #: that token does
+    token_mac: str
+
+    @property
+    def csrf(self) -> str:
+        """The token its forms carry: made from its id, so every daemon knows it."""
+        return _mac(self.id, "csrf")
+
+    def signed_in_with(self, tokens: Sequence[str]) -> bool:
+        """Whether the token it signed in with is one of ``tokens``."""
+        macs = [hmac.compare_digest(_mac(self.id, token), self.token_mac) for token in tokens]
+        return any(macs)
 
 
-def digest(token: str) -> str:
-    """What a session remembers of its token (never the token itself)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+def _mac(session_id: str, message: str) -> str:
+    return hmac.new(session_id.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def _key(session_id: str) -> str:
+    """A session's key in the database: what a reader of it cannot turn into a cookie."""
+    return hashlib.sha256(session_id.encode()).hexdigest()
 
 
 def tokens_match(presented: str, accepted: Sequence[str]) -> bool:
@@ -52,53 +74,44 @@ def tokens_match(presented: str, accepted: Sequence[str]) -> bool:
 
 
 class Sessions:
-    """The live sessions, by id."""
+    """The live sessions, in the database (each call a transaction: run it off the loop)."""
 
-    def __init__(self, lifetime: float, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        rows: SessionRows,
+        lifetime: float,
+        now: Callable[[], float],
+        *,
+        keep: int = MAX_SESSIONS,
+    ) -> None:
         self.lifetime = lifetime
+        self._rows = rows
         self._now = now
-        self._lock = threading.Lock()
-        self._sessions: dict[str, Session] = {}
+        self._keep = keep
 
-    def start(self, token_digest: str) -> Session:
-        """A new session, valid for ``lifetime`` seconds while its token stays accepted."""
-        session = Session(
-            id=secrets.token_urlsafe(32),
-            csrf=secrets.token_urlsafe(32),
-            expires_at=self._now() + self.lifetime,
-            token_digest=token_digest,
-        )
-        with self._lock:
-            self._prune()
-            while len(self._sessions) >= MAX_SESSIONS:
-                del self._sessions[next(iter(self._sessions))]
-            self._sessions[session.id] = session
+    def start(self, token: str) -> Session:
+        """A new session for a browser that signed in with ``token`` ("" when none is needed),
+        valid for ``lifetime`` seconds while that token stays accepted."""
+        now = self._now()
+        session_id = secrets.token_urlsafe(32)
+        session = Session(session_id, now + self.lifetime, _mac(session_id, token))
+        row = SessionRow(_key(session_id), session.token_mac, session.expires_at)
+        self._rows.add_session(row, now=now, keep=self._keep)
         return session
 
     def get(self, session_id: str | None) -> Session | None:
         """The live session with this id, None when unknown or expired."""
         if not session_id:
             return None
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and session.expires_at <= self._now():
-                del self._sessions[session_id]
-                return None
-        return session
+        row = self._rows.find_session(_key(session_id), self._now())
+        return None if row is None else Session(session_id, row.expires_at, row.token_mac)
 
     def end(self, session_id: str) -> None:
-        """Sign out: forget the session."""
-        with self._lock:
-            self._sessions.pop(session_id, None)
+        """Sign out: end the session on every daemon."""
+        self._rows.remove_session(_key(session_id))
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
-    def _prune(self) -> None:
-        now = self._now()
-        for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-            del self._sessions[key]
+        return self._rows.count_sessions(self._now())
 
 
 class SignInThrottle:

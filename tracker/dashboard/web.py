@@ -14,6 +14,7 @@ import jinja2
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tracker import clock as clock_module
@@ -23,7 +24,7 @@ from tracker.api.models import could_be_stored
 from tracker.clock import Clock
 from tracker.config import Settings
 from tracker.dashboard.figures import CountsCache
-from tracker.dashboard.sessions import COOKIE, Session, Sessions, SignInThrottle, digest
+from tracker.dashboard.sessions import COOKIE, Session, Sessions, SignInThrottle
 from tracker.paths import segment
 from tracker.store import SqlStore
 from tracker.store.dashboard_queries import DashboardQueries
@@ -64,15 +65,15 @@ class Dashboard:
 
     def __post_init__(self) -> None:
         lifetime = self.settings().dashboard.session_lifetime
-        self.sessions = Sessions(lifetime, time.time)
+        self.sessions = Sessions(self.store, lifetime, time.time)
         self.sign_ins = SignInThrottle(time.monotonic)
         self.queries = DashboardQueries(self.store)
         self.counts = CountsCache(self.store.stats, self.clock)
 
-    def live_digests(self) -> set[str]:
-        """Digests of the tokens that sign in now; the empty string when none is needed."""
-        tokens = self.accepted_tokens()
-        return {digest(t) for t in tokens} if tokens else {""}
+    def still_accepted(self, session: Session) -> bool:
+        """Whether the token ``session`` signed in with still signs in (a token taken out of
+        the config ends the sessions it opened); with none configured, no token is needed."""
+        return session.signed_in_with(self.accepted_tokens() or [""])
 
     def accepted_tokens(self) -> list[str]:
         """Tokens that sign in: every API token and the dashboard's own."""
@@ -98,14 +99,10 @@ def dashboard_of(request: Request) -> Dashboard:
 
 
 async def session_of(request: Request) -> Session:
-    """The request's live session; redirects to the sign-in page without one (a dependency).
-
-    A coroutine, though it awaits nothing: FastAPI would run a plain def on a worker thread.
-    """
+    """The request's live session; redirects to the sign-in page without one (a dependency)."""
     dash = dashboard_of(request)
-    session = dash.sessions.get(request.cookies.get(COOKIE))
-    # A token taken out of the config (and reloaded) ends the sessions it opened.
-    if session is None or session.token_digest not in dash.live_digests():
+    session = await run_in_threadpool(dash.sessions.get, request.cookies.get(COOKIE))
+    if session is None or not dash.still_accepted(session):
         raise SignInRequired
     return session
 

@@ -14,6 +14,7 @@ from tracker import sanitize
 from tracker.status import FINAL
 from tracker.store.models import (
     AttemptRow,
+    DashboardSessionRow,
     DeliveryRow,
     MetaRow,
     PollRow,
@@ -27,6 +28,7 @@ transitions = TransitionRow.__table__  # type: ignore[attr-defined]
 deliveries = DeliveryRow.__table__  # type: ignore[attr-defined]
 attempts = AttemptRow.__table__  # type: ignore[attr-defined]
 meta = MetaRow.__table__  # type: ignore[attr-defined]
+dashboard_sessions = DashboardSessionRow.__table__  # type: ignore[attr-defined]
 
 #: the stored status values of final tasks
 FINAL_VALUES = sorted(status.value for status in FINAL)

@@ -1,4 +1,5 @@
-"""SQLModel tables: tasks, their transition history, the webhook outbox and its attempt log."""
+"""SQLModel tables: tasks, their transition history, the webhook outbox and its attempt log,
+and the dashboard's sign-in sessions."""
 
 from __future__ import annotations
 
@@ -170,6 +171,22 @@ class MetaRow(SQLModel, table=True):
 
     key: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=255)
+
+
+class DashboardSessionRow(SQLModel, table=True):
+    """One signed-in dashboard browser, shared by every daemon on the database.
+
+    Nothing here opens a session or helps guess a token: the key is a digest of the cookie's
+    value, and the token is kept as a MAC keyed by that value (see tracker/dashboard/sessions.py).
+    """
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (sa.Index("ix_dashboard_sessions_expires_at", "expires_at"),)
+
+    key: str = Field(primary_key=True, max_length=64)
+    token_mac: str = Field(max_length=64)
+    #: epoch seconds
+    expires_at: float = Field(sa_type=sa.Float(precision=53))
 
 
 class CountRow(SQLModel, table=True):

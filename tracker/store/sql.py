@@ -1,10 +1,10 @@
 """The store on SQLAlchemy: one implementation, with the SQLite/PostgreSQL differences inside.
 
 ``SqlStore`` is composed of its parts, one module per concern: registry.py (registration and
-task reads), polling.py (claims and a poll's writes), outbox.py (deliveries), refusals.py
-(rows the database refuses), rows.py (row mappers), base.py (tables and transactions) and
-engine.py (the engine); this module keeps the schema, the daemon's meta facts and the
-figures.
+task reads), polling.py (claims and a poll's writes), outbox.py (deliveries), sessions.py (the
+dashboard's sign-in sessions), refusals.py (rows the database refuses), rows.py (row mappers),
+base.py (tables and transactions) and engine.py (the engine); this module keeps the schema, the
+daemon's meta facts and the figures.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tracker.store.engine import (
 from tracker.store.outbox import Outbox
 from tracker.store.polling import Polling
 from tracker.store.registry import Registry
+from tracker.store.sessions import SessionRows
 
 # Where these lived before the split; the CLI, the tests and the benchmarks import them here.
 __all__ = [
@@ -51,8 +52,8 @@ __all__ = [
 ]
 
 
-class SqlStore(Registry, Polling, Outbox):
-    """Tasks, history and the webhook outbox in one SQL database."""
+class SqlStore(Registry, Polling, Outbox, SessionRows):
+    """Tasks, history, the webhook outbox and the dashboard's sessions in one SQL database."""
 
     @classmethod
     def from_url(
