@@ -17,6 +17,7 @@ from tracker.activity import ERRORS_KEPT, WINDOW_MINUTES, Activity, Series
 from tracker.clock import FakeClock
 from tracker.dashboard import Dashboard, chart, mount
 from tracker.dashboard.sessions import (
+    MAX_SESSIONS,
     MAX_SIGN_IN_FAILURES,
     MAX_TRACKED_CLIENTS,
     SIGN_IN_WINDOW,
@@ -73,7 +74,8 @@ def test_dashboard_config_errors_name_the_key_and_the_token_is_a_secret() -> Non
 
 
 def test_mount_serves_ui_only_when_enabled() -> None:
-    """A disabled dashboard adds no route at all."""
+    """A disabled dashboard adds no route at all; sessions are bounded by MAX_SESSIONS and
+    live for [dashboard].session_lifetime (43,200 s by default)."""
     store = SqlStore.from_url("sqlite://")
     for enabled, expected in ((True, ["/ui"]), (False, [])):
         settings = _settings(dashboard={"enabled": enabled})
@@ -84,6 +86,8 @@ def test_mount_serves_ui_only_when_enabled() -> None:
         )
         paths = [getattr(route, "path", "") for route in app.routes]
         assert expected == [p for p in paths if p == "/ui"]
+    dashboard = Dashboard(store=store, clock=FakeClock(), settings=_settings, platforms=[])
+    assert (MAX_SESSIONS, 43200) == (dashboard.sessions.keep, dashboard.sessions.lifetime)
     store.close()
 
 
@@ -119,8 +123,8 @@ def test_a_session_started_by_one_daemon_is_known_to_every_other_on_the_database
         session = here.start("t")
         found = there.get(session.id)
 
-        assert found == session
         assert found is not None
+        assert found == session
         assert session.csrf == found.csrf
         there.end(session.id)
         assert here.get(session.id) is None
@@ -144,6 +148,21 @@ def test_the_database_holds_nothing_that_opens_a_session_or_names_its_token(
         assert secret not in stored
     assert session.signed_in_with(["other", token])
     assert not session.signed_in_with(["other", ""])
+    # A token that is the CSRF token's own message still gives a MAC unlike the CSRF token.
+    odd = Sessions(store, 60, Ticker()).start("csrf")
+    assert odd.token_mac != odd.csrf
+
+
+def test_a_shorter_lifetime_shortens_the_sessions_already_given_out(store: SqlStore) -> None:
+    """A session lives for the lifetime of the daemon reading it: one started for 600 s is
+    over after 61 s for a daemon restarted with session_lifetime = 60."""
+    now = Ticker()
+    session = Sessions(store, 600, now).start("t")
+    now.at += 61
+
+    assert Sessions(store, 600, now).get(session.id) is not None
+    assert Sessions(store, 60, now).get(session.id) is None
+    assert 0 == len(Sessions(store, 60, now))
 
 
 def test_sessions_are_bounded_dropping_the_oldest(store: SqlStore) -> None:

@@ -451,9 +451,10 @@ class TimeoutOnCancel(httpx.AsyncBaseTransport):
 async def test_a_request_called_off_as_its_timeout_fires_counts_no_failure(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
-    """Real time: the relay holds the request, and the call-off (0.3 s in) ends it as a read
-    timeout. Called off all the same: no error, no pause of the relay, the task due when it
-    was, and the next cycle asks the relay at once."""
+    """Real time: the relay holds the request; the drain's end (0.3 s in) gives it END_GRACE
+    from when it was sent, then calls it off, and the transport ends it as a read timeout.
+    Called off all the same: no error, no pause of the relay, the task due when it was, and
+    the next cycle asks the relay at once."""
     rig = rig_for(upstream={"timeout": 3})
     rig.register("t1")
     due = next_poll_at(rig, "t1")

@@ -19,7 +19,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 
-from tracker.store.sessions import SessionRow, SessionRows
+from tracker.store.sessions import SessionRows, StoredSession
 
 #: the cookie that carries the session id
 COOKIE = "tracker_session"
@@ -33,6 +33,10 @@ MAX_SIGN_IN_FAILURES = 10
 SIGN_IN_WINDOW = 60.0
 #: clients whose refused sign-ins are remembered; the least recent are forgotten first
 MAX_TRACKED_CLIENTS = 10_000
+#: what a session's CSRF token is the MAC of; a token's MAC is of SIGN_IN_PREFIX and the
+#: token, so neither can be the other
+CSRF_MESSAGE = "csrf"
+SIGN_IN_PREFIX = "token:"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,16 +53,20 @@ class Session:
     @property
     def csrf(self) -> str:
         """The token its forms carry: made from its id, so every daemon knows it."""
-        return _mac(self.id, "csrf")
+        return _mac(self.id, CSRF_MESSAGE)
 
     def signed_in_with(self, tokens: Sequence[str]) -> bool:
         """Whether the token it signed in with is one of ``tokens``."""
-        macs = [hmac.compare_digest(_mac(self.id, token), self.token_mac) for token in tokens]
-        return any(macs)
+        matches = [hmac.compare_digest(_token_mac(self.id, t), self.token_mac) for t in tokens]
+        return any(matches)
 
 
 def _mac(session_id: str, message: str) -> str:
     return hmac.new(session_id.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def _token_mac(session_id: str, token: str) -> str:
+    return _mac(session_id, SIGN_IN_PREFIX + token)
 
 
 def _key(session_id: str) -> str:
@@ -74,7 +82,11 @@ def tokens_match(presented: str, accepted: Sequence[str]) -> bool:
 
 
 class Sessions:
-    """The live sessions, in the database (each call a transaction: run it off the loop)."""
+    """The live sessions, in the database (each call a transaction: run it off the loop).
+
+    A session lives for ``lifetime`` seconds from its sign-in, as this daemon is configured:
+    a shorter ``session_lifetime`` shortens the sessions already given out too.
+    """
 
     def __init__(
         self,
@@ -85,33 +97,36 @@ class Sessions:
         keep: int = MAX_SESSIONS,
     ) -> None:
         self.lifetime = lifetime
+        #: sessions kept at most; the oldest go first
+        self.keep = keep
         self._rows = rows
         self._now = now
-        self._keep = keep
 
     def start(self, token: str) -> Session:
         """A new session for a browser that signed in with ``token`` ("" when none is needed),
         valid for ``lifetime`` seconds while that token stays accepted."""
         now = self._now()
         session_id = secrets.token_urlsafe(32)
-        session = Session(session_id, now + self.lifetime, _mac(session_id, token))
-        row = SessionRow(_key(session_id), session.token_mac, session.expires_at)
-        self._rows.add_session(row, now=now, keep=self._keep)
+        session = Session(session_id, now + self.lifetime, _token_mac(session_id, token))
+        stored = StoredSession(_key(session_id), session.token_mac, now)
+        self._rows.add_session(stored, born_after=now - self.lifetime, keep=self.keep)
         return session
 
     def get(self, session_id: str | None) -> Session | None:
         """The live session with this id, None when unknown or expired."""
         if not session_id:
             return None
-        row = self._rows.find_session(_key(session_id), self._now())
-        return None if row is None else Session(session_id, row.expires_at, row.token_mac)
+        stored = self._rows.find_session(_key(session_id), self._now() - self.lifetime)
+        if stored is None:
+            return None
+        return Session(session_id, stored.issued_at + self.lifetime, stored.token_mac)
 
     def end(self, session_id: str) -> None:
         """Sign out: end the session on every daemon."""
         self._rows.remove_session(_key(session_id))
 
     def __len__(self) -> int:
-        return self._rows.count_sessions(self._now())
+        return self._rows.count_sessions(self._now() - self.lifetime)
 
 
 class SignInThrottle:

@@ -359,8 +359,8 @@ class Poller:
         if self._out.get(current) is out:
             del self._out[current]
         if current in self._called_off:
-            # The call-off was lost on its way (taken for a timeout, or an answer, at the same
-            # moment): the task's count of cancels is set right here.
+            # Called off, and ended otherwise (a timeout that took the cancel for its own, an
+            # answer in the same step): the task's count of cancels is set right here.
             self._called_off.discard(current)
             current.uncancel()
 

@@ -181,12 +181,12 @@ class DashboardSessionRow(SQLModel, table=True):
     """
 
     __tablename__ = "dashboard_sessions"
-    __table_args__ = (sa.Index("ix_dashboard_sessions_expires_at", "expires_at"),)
+    __table_args__ = (sa.Index("ix_dashboard_sessions_issued_at", "issued_at"),)
 
     key: str = Field(primary_key=True, max_length=64)
     token_mac: str = Field(max_length=64)
-    #: epoch seconds
-    expires_at: float = Field(sa_type=sa.Float(precision=53))
+    #: epoch seconds; it expires by the session_lifetime of the daemon that reads it
+    issued_at: float = Field(sa_type=sa.Float(precision=53))
 
 
 class CountRow(SQLModel, table=True):

@@ -25,10 +25,10 @@ def upgrade() -> None:
         "dashboard_sessions",
         sa.Column("key", sa.String(length=64), nullable=False),
         sa.Column("token_mac", sa.String(length=64), nullable=False),
-        sa.Column("expires_at", sa.Float(precision=53), nullable=False),
+        sa.Column("issued_at", sa.Float(precision=53), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
-    op.create_index("ix_dashboard_sessions_expires_at", "dashboard_sessions", ["expires_at"])
+    op.create_index("ix_dashboard_sessions_issued_at", "dashboard_sessions", ["issued_at"])
 
 
 def downgrade() -> None:
