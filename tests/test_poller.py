@@ -476,6 +476,52 @@ async def test_a_request_called_off_as_its_timeout_fires_counts_no_failure(
     assert (1, 1) == (again.requests, again.changed)
 
 
+class SettingOnAnswer(httpx.AsyncBaseTransport):
+    """A real transport that sets ``event`` once the first answer is read: in the very step
+    the lane goes on to its next batch, before anything else on the loop runs."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.event = event
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        self.event.set()
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_stop_set_as_an_answer_comes_sends_no_other_batch(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """One lane, batches of one, the relay answering after 0.2 s: the stop is set as the
+    first answer is read, and the lane, going on at once, sends none of the batches queued
+    behind it; their tasks are due when they were, the answer is recorded."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1})
+    for task_id in ("t1", "t2", "t3"):
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    rig.register("t1", "t2", "t3")
+    due = {task_id: next_poll_at(rig, task_id) for task_id in ("t1", "t2", "t3")}
+    relay.slow_seconds = 0.2
+    relay.fail_next("slow")
+    stop = asyncio.Event()
+    rig.poller.client = httpx.AsyncClient(transport=SettingOnAnswer(stop))
+    try:
+        report = await rig.poller.run_cycle(until=stop)
+    finally:
+        await rig.poller.client.aclose()
+
+    assert 1 == len(relay.requests) == report.requests
+    [asked] = relay.requests[0].json_body["ids"]
+    waited = sorted(set(due) - {asked})
+    assert [due[task_id] for task_id in waited] == [next_poll_at(rig, t) for t in waited]
+    assert "in_progress" == rig.task(asked).status
+    assert next_poll_at(rig, asked) > due[asked]
+
+
 async def test_requests_waiting_for_their_rate_limit_are_called_off_at_once(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

@@ -129,6 +129,9 @@ class Poller:
         self._called_off: set[asyncio.Task[Any]] = set()
         #: whether the drain under way has called off its requests: it sends no other
         self._asking_off = False
+        #: the drain's stop, if it has one: set, it sends no other request either (its
+        #: call-off, _stopping, runs a loop turn or two later)
+        self._until: asyncio.Event | None = None
         #: the call-offs planned for requests given more time (cancelled when the drain ends)
         self._call_offs: list[asyncio.TimerHandle] = []
         self.store_worker = StoreWorker("tracker-poll-store")
@@ -211,7 +214,7 @@ class Poller:
                 raise
         drain = DrainWork(self, started)
         pipeline = Pipeline(drain, until=until)
-        self._drain = (drain, pipeline)
+        self._drain, self._until = (drain, pipeline), until
         # A stop need not wait for a relay that does not answer either (call_off_requests).
         stopped = None if until is None else asyncio.ensure_future(until.wait())
         if stopped is not None:
@@ -219,7 +222,7 @@ class Poller:
         try:
             await pipeline.run()
         finally:
-            self._drain = None
+            self._drain = self._until = None
             if stopped is not None:
                 stopped.cancel()
             self._cancel_call_offs()
@@ -259,8 +262,9 @@ class Poller:
         held_back = self._held_back(platform, tasks)
         if held_back is not None:
             return held_back
-        if self._asking_off:
-            # A batch a lane took just before the drain called off its requests (told to end).
+        if self._asking_off or (self._until is not None and self._until.is_set()):
+            # A batch a lane took just before the drain called off its requests (told to end),
+            # or as a stop was set.
             return self._due_again(tasks)
         probe = name in self._failures  # its last requests got no answer: one at a time
         current = asyncio.current_task()
