@@ -6,6 +6,8 @@ import codecs
 import json
 import math
 import re
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -103,6 +105,22 @@ def test_dumps_never_raises_and_gives_strict_utf8_json() -> None:
     text.encode("utf-8")
 
 
+def test_dumps_writes_plain_values_by_orjson_and_the_rest_after_cleaning() -> None:
+    """Plain decoded JSON is written by orjson (its exponent: 1e-7); a NUL, a container below
+    MAX_DEPTH, a datetime or a non-string key is written as clean_json makes it."""
+    assert '{"f":1e-7,"s":"ü","l":[1,null,true]}' == sanitize.dumps(
+        {"f": 1e-7, "s": "ü", "l": [1, None, True]}
+    )
+    assert '{"s":"ab","f":1e-07}' == sanitize.dumps({"s": "a\x00b", "f": 1e-7})
+    deep: Any = "x"
+    for _ in range(sanitize.MAX_DEPTH + 1):
+        deep = [deep]
+    assert "[" * sanitize.MAX_DEPTH + "null" + "]" * sanitize.MAX_DEPTH == sanitize.dumps(deep)
+    moment = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    assert '["2026-11-30 12:00:00+00:00"]' == sanitize.dumps([moment])
+    assert '{"1":2}' == sanitize.dumps({1: 2})
+
+
 def test_redact_replaces_secrets_and_their_cut_off_starts() -> None:
     """A whole secret, and a start of one longer than 8 characters, are both redacted."""
     secret = "sk-live-0123456789abcdef"
@@ -156,12 +174,14 @@ def test_fuzz_clean_json_always_gives_strict_utf8_json(value: object) -> None:
     text = json.dumps(sanitize.clean_json(value), allow_nan=False, ensure_ascii=False)
     text.encode("utf-8")
     assert "\x00" not in text
-    assert sanitize.dumps(value) == json.dumps(
+    careful = json.dumps(
         sanitize.clean_json(value, limit=None),
         allow_nan=False,
         ensure_ascii=False,
         separators=(",", ":"),
     )
+    # The same JSON: only a float's exponent may be written differently (1e-7, 1e-07).
+    assert json.loads(sanitize.dumps(value)) == json.loads(careful)
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)

@@ -265,10 +265,27 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def dumps(value: Any) -> str:
-    """Compact strict JSON of ``value`` after `clean_json` (never raises for odd values)."""
+    """Compact strict JSON of ``value`` (decoded JSON: dicts, lists, strings, numbers, None,
+    string enums) after `clean_json` (never raises for odd values).
+
+    Written by orjson when its text holds nothing `clean_json` would change (`_plain`), five
+    to ten times faster than the walk and the json module: a webhook body carries the whole
+    upstream item. The text then differs only where JSON lets it (a float's exponent: 1e-7,
+    not 1e-07); NaN and the infinities are null either way. Anything else takes the walk.
+    """
+    with contextlib.suppress(orjson.JSONEncodeError):
+        # Datetimes and dataclasses are refused rather than written orjson's way.
+        raw = orjson.dumps(value, option=_ORJSON_TYPES_ONLY)
+        text = raw.decode()
+        if _plain(text, raw):
+            return text
     return json.dumps(
         clean_json(value, limit=None), separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+
+
+#: orjson writes only what the json module writes (the rest raises, and takes the walk)
+_ORJSON_TYPES_ONLY: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
