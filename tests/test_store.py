@@ -33,6 +33,7 @@ from tracker.store.base import one_of
 from tracker.store.sql import deliveries as deliveries_table
 from tracker.store.sql import polls as polls_table
 from tracker.store.sql import tasks as tasks_table
+from tracker.store.sql import transitions as transitions_table
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 INTERVAL = 10.0
@@ -596,6 +597,39 @@ def test_a_recorded_change_is_stored_as_sqlalchemys_own_update_stores_it(
         written_result = store.get("luma", task_id)
         assert written_result is not None
         assert result == written_result.result
+
+
+@pytest.mark.parametrize("microseconds", [0, 123456])
+def test_a_changes_history_and_outbox_rows_are_stored_as_sqlalchemys_own_insert_stores_them(
+    store: SqlStore, microseconds: int
+) -> None:
+    """record() inserts SQLite's history and outbox rows straight through the driver: every
+    column (time text, booleans, enums, numbers, NULLs) is stored byte for byte as
+    SQLAlchemy's own INSERT of the same values stores it (a time on a whole second included)."""
+    register(store, "a")
+    (task,) = claim(store, T0)
+    now = T0 + timedelta(seconds=5, microseconds=microseconds)
+    guarded = dataclasses.replace(entry(event_type="task.failed"), guarded=True, endpoint="main")
+    failed = change(task, TaskStatus.FAILED, fail_reason="quota \u00e9")
+    assert 1 == store.record([TaskUpdate(task, failed, (entry(), guarded))], now)
+
+    for table in (transitions_table, deliveries_table):
+        columns = [c for c in table.c if c.name not in {"id", "webhook_id"}]
+        text = [sa.cast(c, sa.Text) for c in columns]
+        with store.engine.begin() as conn:
+            written = conn.execute(sa.select(*text).order_by(table.c.id)).all()
+            rows = conn.execute(sa.select(table).order_by(table.c.id)).mappings().all()
+            again = [
+                {**row, "id": row["id"] + 1000}
+                | ({"webhook_id": f"again_{row['id']}"} if "webhook_id" in row else {})
+                for row in rows
+            ]
+            conn.execute(table.insert(), again)
+            inserted = conn.execute(
+                sa.select(*text).where(table.c.id > 1000).order_by(table.c.id)
+            ).all()
+        assert len(written) == len(rows) > 0
+        assert written == inserted, table.name
 
 
 @pytest.mark.parametrize(

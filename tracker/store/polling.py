@@ -301,10 +301,8 @@ class Polling(SqlBase):
                 outbox.extend(_outbox_rows(update, now, epoch))
             _update_tasks(conn, pending)
             self._move_polls(conn, moves)
-            if history:
-                conn.execute(transitions.insert(), history)
-            if outbox:
-                conn.execute(deliveries.insert(), outbox)
+            _insert_rows(conn, transitions, history)
+            _insert_rows(conn, deliveries, outbox)
         return written
 
     def _move_polls(self, conn: sa.Connection, moves: dict[int, float | None]) -> None:
@@ -565,22 +563,49 @@ def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[s
     # stored text is SQLAlchemy's). Its per-row parameter handling cost more than the UPDATE
     # itself, and a task whose progress moves is one row per poll.
     for columns, rows in groups.items():
-        processors = [(name, _reusing(_bind_processor(conn.dialect, name))) for name in columns]
-        params = [
-            (*[row[n] if p is None else p(row[n]) for n, p in processors], row["pk_"])
-            for row in rows
-        ]
+        params = _driver_rows(conn.dialect, tasks, columns, rows, extra="pk_")
         conn.exec_driver_sql(_update_sqlite(columns), params)
 
 
-def _bind_processor(dialect: sa.Dialect, column: str) -> Callable[[Any], Any] | None:
-    """What SQLAlchemy does to a value of tasks.``column`` before the driver gets it: the
-    dialect's own form of the column's type (a bare DateTime's would hand sqlite3 a datetime,
-    which it stores without microseconds when there are none); for ``result``, the same JSON
+def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (each with the same keys) into ``table``; on SQLite straight to the
+    driver, as _update_tasks writes (a change's history row and its outbox rows)."""
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(table.insert(), rows)
+        return
+    columns = tuple(rows[0])
+    names = tuple(table.c[key].name for key in columns)
+    conn.exec_driver_sql(
+        _insert_sqlite(table.name, names), _driver_rows(conn.dialect, table, columns, rows)
+    )
+
+
+def _driver_rows(
+    dialect: sa.Dialect,
+    table: sa.Table,
+    columns: tuple[str, ...],
+    rows: list[dict[str, Any]],
+    extra: str | None = None,
+) -> list[tuple[Any, ...]]:
+    """``rows`` as the driver's parameters: ``columns`` in order, each value as SQLAlchemy
+    hands it to the driver (then ``extra``'s value as it is)."""
+    processors = [(name, _reusing(_bind_processor(dialect, table.c[name]))) for name in columns]
+    values = [tuple(row[n] if p is None else p(row[n]) for n, p in processors) for row in rows]
+    if extra is not None:
+        values = [(*value, row[extra]) for value, row in zip(values, rows, strict=True)]
+    return values
+
+
+def _bind_processor(dialect: sa.Dialect, column: sa.Column[Any]) -> Callable[[Any], Any] | None:
+    """What SQLAlchemy does to a value of ``column`` before the driver gets it: the dialect's
+    own form of the column's type (a bare DateTime's would hand sqlite3 a datetime, which it
+    stores without microseconds when there are none); for tasks.result, the same JSON
     written faster."""
-    kind = tasks.c[column].type
+    kind = column.type
     processor: Callable[[Any], Any] | None = kind.dialect_impl(dialect).bind_processor(dialect)
-    if column == "result" and processor is not None:
+    if column is tasks.c.result and processor is not None:
         return functools.partial(_result_text, processor)
     return processor
 
@@ -615,6 +640,13 @@ def _result_text(processor: Callable[[Any], Any], value: Any) -> Any:
         with contextlib.suppress(orjson.JSONEncodeError):
             return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
     return processor(value)
+
+
+@functools.cache
+def _insert_sqlite(table: str, columns: tuple[str, ...]) -> str:
+    """An INSERT of ``columns`` (names, in that order) into ``table``: for _insert_rows."""
+    marks = ", ".join("?" * len(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608 - names
 
 
 @functools.cache
