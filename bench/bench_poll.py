@@ -40,7 +40,7 @@ from tracker import config, events, logs, platforms, runtime
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import Poller
-from tracker.store import SqlStore
+from tracker.store import Registration, SqlStore
 from tracker.store.sql import polls
 from tracker.testing.cadence import poll_gaps, quantile
 
@@ -54,7 +54,7 @@ SHORT_P99 = 3.0  # seconds, p99 poll gap at 1,000 tasks and interval 2 s
 MAX_EXTRA_MB = 30.0
 MAX_GET_P99 = 0.010
 #: the cases a full run measures (``--only`` picks some)
-CASES = ("ratio", "moving", "big", "short", "memory")
+CASES = ("ratio", "moving", "finishing", "big", "short", "memory")
 
 
 # -- drains against a bare loop ----------------------------------------------------------------
@@ -181,6 +181,61 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
     }
 
 
+async def finishing_case(
+    outside: Outside, work: Path, live: int, batch: int, rounds: int
+) -> dict[str, Any]:
+    """Drains in which every task finishes at the relay (a relay back after an outage, say):
+    each writes every task's row, its history row and its webhook's outbox row, the webhook
+    body carrying the upstream item. Fresh tasks each round; bare sweeps over the same ids
+    (answered SUCCESS alike) around each drain."""
+    url = f"sqlite:///{work / f'finishing-{live}-{batch}.db'}"
+    populate(url, 0)
+    store = SqlStore.from_url(url)
+    statements = [0]
+
+    def count(_conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            statements[0] += 1
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    client = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        timeout=30,
+    )
+    poller = make_poller(outside, store, batch, client)
+    real: list[float] = []
+    real_cpu: list[float] = []
+    ratios: list[float] = []
+    writes: list[int] = []
+    for round_ in range(rounds):
+        ids = [f"f{live}-{batch}-{round_}-{i:07d}" for i in range(live)]
+        store.register(Registration("luma", ids), datetime.now(UTC))
+        await poller.run_cycle()  # untimed: every task moves from pending to queued once
+        with store.engine.begin() as conn:
+            conn.execute(polls.update().values(next_poll_at=0.0))
+        outside.call("flip", ids)
+        batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
+        before = await bare_sweep(outside.relay_url, batches)
+        cpu = time.process_time()
+        seconds, written = await real_drain(poller, statements)
+        real_cpu.append(time.process_time() - cpu)
+        real.append(seconds)
+        writes.append(written)
+        after = await bare_sweep(outside.relay_url, batches)
+        ratios.append(seconds / ((before + after) / 2))
+    outside.results()  # forget this case's requests
+    await client.aclose()
+    store.close()
+    return {
+        "live": live,
+        "batch": batch,
+        "real_s": round(statistics.median(real), 3),
+        "real_cpu_us": round(statistics.median(real_cpu) / live * 1e6, 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "writes_per_cycle": round(statistics.median(writes)),
+    }
+
+
 # -- the cadence of a real daemon --------------------------------------------------------------
 
 
@@ -262,6 +317,7 @@ def plan(quick: bool) -> dict[str, Any]:
         return {
             "ratio": [(10_000, 100), (10_000, 1000)],
             "moving": [(10_000, 1000)],
+            "finishing": [(5_000, 1000)],
             "rounds": 2,
             "big": (10_000, 10.0, 1000, 4.0),
             "short": (1_000, 2.0, 100, 8),
@@ -270,6 +326,7 @@ def plan(quick: bool) -> dict[str, Any]:
     return {
         "ratio": [(10_000, 100), (10_000, 1000), (100_000, 100), (100_000, 1000)],
         "moving": [(10_000, 1000)],
+        "finishing": [(5_000, 1000)],
         "rounds": 3,
         "big": (100_000, 30.0, 1000, 5.5),
         "short": (1_000, 2.0, 100, 15),
@@ -307,6 +364,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["moving"] = [
                 await ratio_case(outside, work, live, batch, cases["rounds"], moving=True)
                 for live, batch in cases["moving"]
+            ]
+        if "finishing" in wanted:
+            results["finishing"] = [
+                await finishing_case(outside, work, live, batch, cases["rounds"])
+                for live, batch in cases["finishing"]
             ]
         for name, warm in (("big", 2.5), ("short", 1.5)):
             if name in wanted:
@@ -381,6 +443,19 @@ def table(results: dict[str, Any]) -> str:
             f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
             f"| {r['bare_cpu_us']} | {r['real_cpu_us']} | {r['writes_per_cycle']} |"
             for r in results["moving"]
+        ]
+    if results.get("finishing"):
+        lines += [
+            "",
+            "every task finishes at the relay before the drain (no target):",
+            "",
+            "| live | batch | real s | ratio | CPU us/task real | writes/cycle |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['live']:,} | {r['batch']} | {r['real_s']} | {r['ratio']} "
+            f"| {r['real_cpu_us']} | {r['writes_per_cycle']} |"
+            for r in results["finishing"]
         ]
     lines += [
         "",
