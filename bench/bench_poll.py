@@ -40,6 +40,7 @@ from tracker import config, events, logs, platforms, runtime
 from tracker.clock import SystemClock
 from tracker.metrics import Metrics
 from tracker.poller import Poller
+from tracker.retry import DeliveryState
 from tracker.store import Registration, SqlStore
 from tracker.store.sql import polls
 from tracker.testing.cadence import poll_gaps, quantile
@@ -216,9 +217,13 @@ async def finishing_case(
         outside.call("flip", ids)
         batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
         before = await bare_sweep(outside.relay_url, batches)
+        events = store.stats().deliveries.get(DeliveryState.PENDING, 0)
         cpu = time.process_time()
         seconds, written = await real_drain(poller, statements)
         real_cpu.append(time.process_time() - cpu)
+        # The drain timed must be the one described: every task finished, each with its event.
+        if store.stats().deliveries.get(DeliveryState.PENDING, 0) - events != live:
+            raise RuntimeError(f"a finishing drain of {live} tasks wrote another count of events")
         real.append(seconds)
         writes.append(written)
         after = await bare_sweep(outside.relay_url, batches)

@@ -274,7 +274,6 @@ def dumps(value: Any) -> str:
     not 1e-07); NaN and the infinities are null either way. Anything else takes the walk.
     """
     with contextlib.suppress(orjson.JSONEncodeError):
-        # Datetimes and dataclasses are refused rather than written orjson's way.
         raw = orjson.dumps(value, option=_ORJSON_TYPES_ONLY)
         text = raw.decode()
         if _plain(text, raw):
@@ -284,8 +283,14 @@ def dumps(value: Any) -> str:
     )
 
 
-#: orjson writes only what the json module writes (the rest raises, and takes the walk)
-_ORJSON_TYPES_ONLY: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+#: orjson writes only what the json module writes (the rest raises, and takes the walk): no
+#: datetimes or dataclasses its own way, no subclasses of dict, list, str or int (a dict
+#: subclass may give other items than its storage holds)
+_ORJSON_TYPES_ONLY: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

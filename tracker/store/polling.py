@@ -572,10 +572,12 @@ def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]
     driver, as _update_tasks writes (a change's history row and its outbox rows)."""
     if not rows:
         return
-    if conn.dialect.name != "sqlite":
+    columns = tuple(rows[0])
+    # SQLAlchemy fills in a column's default where a row leaves it out; the driver would not.
+    defaulted = any(c.default is not None and c.key not in rows[0] for c in table.c)
+    if conn.dialect.name != "sqlite" or defaulted:
         conn.execute(table.insert(), rows)
         return
-    columns = tuple(rows[0])
     names = tuple(table.c[key].name for key in columns)
     conn.exec_driver_sql(
         _insert_sqlite(table.name, names), _driver_rows(conn.dialect, table, columns, rows)
