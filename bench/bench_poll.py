@@ -65,8 +65,7 @@ async def bare_sweep(relay_url: str, batches: Sequence[list[str]]) -> float:
     """Seconds a plain httpx loop takes to POST and decode every batch, CONCURRENCY at a time."""
     queue = list(reversed(batches))
     headers = {"Authorization": "Bearer sk-sim"}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with relay_client() as client:
 
         async def worker() -> None:
             while queue:
@@ -110,6 +109,28 @@ def make_poller(outside: Outside, store: SqlStore, batch: int, client: httpx.Asy
     )
 
 
+def counted_store(url: str) -> tuple[SqlStore, list[int]]:
+    """A store on ``url``, and a one-item list counting the INSERT, UPDATE and DELETE
+    statements sent through it (an executemany counts once)."""
+    store = SqlStore.from_url(url)
+    statements = [0]
+
+    def count(_conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            statements[0] += 1
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    return store, statements
+
+
+def relay_client() -> httpx.AsyncClient:
+    """The HTTP client of the bare loop and of the drains: no cap on connections, keep-alive
+    for 256 (more than CONCURRENCY ever opens)."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=30
+    )
+
+
 async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
     outside: Outside, work: Path, live: int, batch: int, rounds: int, moving: bool = False
 ) -> dict[str, Any]:
@@ -119,19 +140,9 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
     kind = "moving" if moving else "ratio"
     url = f"sqlite:///{work / f'{kind}-{live}-{batch}.db'}"
     ids = populate(url, live, prefix=f"{kind[0]}{live}-{batch}-")
-    store = SqlStore.from_url(url)
-    statements = [0]
-
-    def count(_conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
-        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
-            statements[0] += 1
-
-    sa.event.listen(store.engine, "before_cursor_execute", count)
+    store, statements = counted_store(url)
     batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
-    client = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        timeout=30,
-    )
+    client = relay_client()
     poller = make_poller(outside, store, batch, client)
     await poller.run_cycle()  # untimed: every task moves from pending to queued once
     if moving:  # untimed too: every task moves to in_progress; from then on progress alone moves
@@ -191,18 +202,8 @@ async def finishing_case(
     (answered SUCCESS alike) around each drain."""
     url = f"sqlite:///{work / f'finishing-{live}-{batch}.db'}"
     populate(url, 0)
-    store = SqlStore.from_url(url)
-    statements = [0]
-
-    def count(_conn: Any, _cursor: Any, sql: str, *_rest: Any) -> None:
-        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
-            statements[0] += 1
-
-    sa.event.listen(store.engine, "before_cursor_execute", count)
-    client = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        timeout=30,
-    )
+    store, statements = counted_store(url)
+    client = relay_client()
     poller = make_poller(outside, store, batch, client)
     real: list[float] = []
     real_cpu: list[float] = []
