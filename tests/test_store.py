@@ -176,14 +176,20 @@ def in_threads(count: int, work: Callable[[int], list[int]]) -> list[list[int]]:
 def wait_for_lock_waiters(conn: sa.Connection, count: int = 1) -> None:
     """Return once ``count`` sessions of this PostgreSQL database wait for a lock (within 5 s).
 
-    ``conn`` may be in a transaction of its own: pg_stat_activity is read anew each time.
+    ``conn`` may be in a transaction of its own (holding locks the others wait for): within
+    one, PostgreSQL shows pg_stat_activity as it was at the first look, so each look first
+    discards that snapshot. Without that, a look taken before the others began to wait would
+    be the only one: the test failed whenever they were slow to start.
     """
     deadline = time.monotonic() + 5
     query = (
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
-    while conn.exec_driver_sql(query).scalar_one() < count:
+    while True:
+        conn.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+        if conn.exec_driver_sql(query).scalar_one() >= count:
+            return
         if time.monotonic() > deadline:
             pytest.fail(f"fewer than {count} sessions started waiting for a lock")
         time.sleep(0.01)
