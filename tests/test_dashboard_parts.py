@@ -102,12 +102,12 @@ def test_sessions_expire_after_their_lifetime_and_end_on_sign_out(store: SqlStor
 
     now.at += 59
     assert first == sessions.get(first.id)
-    assert 2 == len(sessions)
+    assert 2 == sessions.count()
     sessions.end(second.id)
     assert sessions.get(second.id) is None
     now.at += 1
     assert sessions.get(first.id) is None
-    assert 0 == len(sessions)
+    assert 0 == sessions.count()
     assert sessions.get("") is None
     assert sessions.get(None) is None
 
@@ -162,7 +162,7 @@ def test_a_shorter_lifetime_shortens_the_sessions_already_given_out(store: SqlSt
 
     assert Sessions(store, 600, now).get(session.id) is not None
     assert Sessions(store, 60, now).get(session.id) is None
-    assert 0 == len(Sessions(store, 60, now))
+    assert 0 == Sessions(store, 60, now).count()
 
 
 def test_sessions_are_bounded_dropping_the_oldest(store: SqlStore) -> None:
@@ -174,7 +174,7 @@ def test_sessions_are_bounded_dropping_the_oldest(store: SqlStore) -> None:
         started.append(sessions.start("t"))
         now.at += 1
 
-    assert 5 == len(sessions)
+    assert 5 == sessions.count()
     assert [None] * 3 == [sessions.get(s.id) for s in started[:3]]
     assert started[3:] == [sessions.get(s.id) for s in started[3:]]
 

@@ -115,7 +115,7 @@ async def sign_in(request: Request) -> Response:
             )  # fmt: skip
         return _sign_in_page(request, problem="that token is not accepted", status_code=401)
     session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
-    log.info("dashboard_signed_in", sessions=await run_in_threadpool(len, dash.sessions))
+    log.info("dashboard_signed_in", sessions=await run_in_threadpool(dash.sessions.count))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))
     response.delete_cookie(LOGIN_COOKIE, path=href(request, "/") or "/")

@@ -125,7 +125,8 @@ class Sessions:
         """Sign out: end the session on every daemon."""
         self._rows.remove_session(_key(session_id))
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """Sessions live now (a query: not a ``len()``, which reads as free)."""
         return self._rows.count_sessions(self._now() - self.lifetime)
 
 
