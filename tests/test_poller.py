@@ -32,11 +32,26 @@ from tracker.store.sql import deliveries, polls, tasks
 from tracker.testing.simulator import SimulatedRelay
 
 
-class CountingTransport(httpx.AsyncBaseTransport):
-    """A real HTTP transport that also counts requests in flight."""
+class RealTransport(httpx.AsyncBaseTransport):
+    """httpx's own transport, each answer read whole; the tests' transports add to it."""
 
     def __init__(self) -> None:
         self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class CountingTransport(RealTransport):
+    """A real HTTP transport that also counts requests in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.in_flight = 0
         self.peak = 0
 
@@ -44,14 +59,9 @@ class CountingTransport(httpx.AsyncBaseTransport):
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
-            response = await self.inner.handle_async_request(request)
-            await response.aread()
-            return response
+            return await super().handle_async_request(request)
         finally:
             self.in_flight -= 1
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class Rig:
@@ -428,24 +438,16 @@ async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts
     assert due == next_poll_at(rig, "t1")
 
 
-class TimeoutOnCancel(httpx.AsyncBaseTransport):
+class TimeoutOnCancel(RealTransport):
     """A real transport whose request, cancelled, ends in httpx's read timeout instead: what a
     call-off meets when it lands in the very step the request's own timeout fires, and the
     timeout takes the cancel for its own."""
 
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            response = await self.inner.handle_async_request(request)
-            await response.aread()
+            return await super().handle_async_request(request)
         except asyncio.CancelledError:
             raise httpx.ReadTimeout("timed out", request=request) from None
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_request_called_off_as_its_timeout_fires_counts_no_failure(
@@ -476,22 +478,18 @@ async def test_a_request_called_off_as_its_timeout_fires_counts_no_failure(
     assert (1, 1) == (again.requests, again.changed)
 
 
-class SettingOnAnswer(httpx.AsyncBaseTransport):
+class SettingOnAnswer(RealTransport):
     """A real transport that sets ``event`` once the first answer is read: in the very step
     the lane goes on to its next batch, before anything else on the loop runs."""
 
     def __init__(self, event: asyncio.Event) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.event = event
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        await response.aread()
+        response = await super().handle_async_request(request)
         self.event.set()
         return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_stop_set_as_an_answer_comes_sends_no_other_batch(
