@@ -264,6 +264,16 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
+#: orjson writes only what the json module writes (the rest raises, and takes the walk): no
+#: datetimes or dataclasses its own way, no subclasses of dict, list, str or int (a dict
+#: subclass may give other items than its storage holds)
+_ORJSON_TYPES_ONLY: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
 def dumps(value: Any) -> str:
     """Compact strict JSON of ``value`` (decoded JSON: dicts, lists, strings, numbers, None,
     string enums) after `clean_json` (never raises for odd values).
@@ -281,16 +291,6 @@ def dumps(value: Any) -> str:
     return json.dumps(
         clean_json(value, limit=None), separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
-
-
-#: orjson writes only what the json module writes (the rest raises, and takes the walk): no
-#: datetimes or dataclasses its own way, no subclasses of dict, list, str or int (a dict
-#: subclass may give other items than its storage holds)
-_ORJSON_TYPES_ONLY: Final = (
-    orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
