@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from tracker.store import (
     TaskUpdate,
     polling,
 )
+from tracker.store.base import attempts as attempts_table
 from tracker.store.base import one_of
 from tracker.store.sql import deliveries as deliveries_table
 from tracker.store.sql import polls as polls_table
@@ -1865,3 +1867,132 @@ def test_one_tasks_deliveries_are_read_through_the_task_index(sqlite_url: str) -
     store.close()
     details = " ".join(str(row[-1]) for row in plan)
     assert "ix_deliveries_task" in details, details
+
+
+# -- lock order with pruning, and acknowledged writes -----------------------------------------
+
+
+def finished(store: SqlStore, task_id: str) -> int:
+    """Register ``task_id`` and record its move to completed, with one event; its id."""
+    register(store, task_id)
+    task = claim_one(store, task_id, T0)
+    store.record([TaskUpdate(task, change(task, TaskStatus.COMPLETED), (entry(),))], T0)
+    return task.pk
+
+
+@pytest.mark.postgres
+def test_removing_a_task_a_prune_holds_waits_for_it_instead_of_deadlocking(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """A prune locks a final task's row, then its deliveries, then deletes them all. A removal
+    of that task meanwhile waits for the task's row before it touches anything, and finds the
+    task gone once the prune commits. (It deleted the deliveries first, so each of the two
+    waited for the other: PostgreSQL aborted the removal, and the API answered 500.)"""
+    first, second = pg_stores
+    pk = finished(first, "a")
+    with second.engine.connect() as other, ThreadPoolExecutor(1) as pool:
+        with other.begin():
+            other.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+            # The prune's steps (tracker/store/prune.py), the removal started after the first.
+            task = sa.select(tasks_table.c.id).where(tasks_table.c.id == pk)
+            other.execute(task.with_for_update()).all()
+            removing = pool.submit(first.remove, "luma", "a")
+            wait_for_lock_waiters(other, 1)
+            owned = sa.select(deliveries_table.c.id).where(deliveries_table.c.task_pk == pk)
+            other.execute(owned.with_for_update()).all()
+            for table, column in (
+                (attempts_table, attempts_table.c.delivery_pk.in_(owned)),
+                (deliveries_table, deliveries_table.c.task_pk == pk),
+                (transitions_table, transitions_table.c.task_pk == pk),
+                (tasks_table, tasks_table.c.id == pk),
+            ):
+                other.execute(table.delete().where(column))
+        removed = removing.result(timeout=10)
+
+    assert removed is False
+    assert first.get("luma", "a") is None
+    assert ([], None) == first.list_deliveries()
+
+
+@pytest.mark.postgres
+def test_requeue_leaves_out_a_dead_delivery_pruned_while_it_waited(
+    pg_stores: tuple[SqlStore, SqlStore],
+) -> None:
+    """A prune deleting a dead delivery holds its row until it commits. A recovery of the dead
+    deliveries meanwhile waits for it, then returns only the ids it re-queued: not the pruned
+    one, which it reported re-queued although nothing would ever send it."""
+    first, second = pg_stores
+    queue_events(first, "pruned", "kept")
+    jobs = {j.task_id: j for j in claim_jobs(first, T0)}
+    first.finish_attempts([outcome(job, "dead", at(1), status_code=410) for job in jobs.values()])
+    gone = jobs["pruned"].pk
+    with second.engine.connect() as other, ThreadPoolExecutor(1) as pool:
+        with other.begin():
+            other.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+            other.execute(attempts_table.delete().where(attempts_table.c.delivery_pk == gone))
+            other.execute(deliveries_table.delete().where(deliveries_table.c.id == gone))
+            requeuing = pool.submit(first.requeue, at(2))
+            wait_for_lock_waiters(other, 1)
+        requeued = requeuing.result(timeout=10)
+
+    assert [jobs["kept"].pk] == requeued
+    assert {"kept": "pending"} == {d.task_id: d.state for d in first.list_deliveries()[0]}
+
+
+def test_acknowledged_writes_are_synced_to_disk_on_sqlite_and_poll_writes_are_not(
+    tmp_path: Path,
+) -> None:
+    """SQLite in WAL mode at synchronous NORMAL survives a crash of the process, not a power
+    loss: the last commits before one may roll back. What tracker acknowledges (a registration
+    answered 201, a removal, a re-queue) commits at FULL, which syncs it and every commit
+    before it; the polls' and deliveries' own writes stay at NORMAL (the next poll finds a
+    rolled-back status again, and a webhook is sent at least once)."""
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'tracker.db'}")
+    traced: list[tuple[int, str]] = []
+
+    def trace(dbapi: Any, _record: Any) -> None:
+        dbapi.set_trace_callback(lambda sql: traced.append((id(dbapi), sql)))
+
+    sa.event.listen(store.engine, "connect", trace)
+    store.create_schema()
+    calls: dict[str, tuple[int, int]] = {}
+
+    def call(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = len(traced)
+        result = function(*args, **kwargs)
+        calls[name] = (start, len(traced))
+        return result
+
+    try:
+        call("register", register, store, "a", "b")
+        (task, _) = call("claim_due", claim, store, T0)
+        done = change(task, TaskStatus.IN_PROGRESS)
+        call("record", store.record, [TaskUpdate(task, done, (entry(),))], T0)
+        (job,) = call("claim_deliveries", claim_jobs, store, T0)
+        dead = outcome(job, "dead", at(1), status_code=410)
+        call("finish_attempts", store.finish_attempts, [dead])
+        call("requeue", store.requeue, at(2))
+        call("remove", store.remove, "luma", "b")
+    finally:
+        store.close()
+
+    levels: dict[int, str] = {}  # each connection's level: NORMAL as it connects
+    committed_at: dict[int, str] = {}  # position in the trace -> the level of that COMMIT
+    for position, (connection, sql) in enumerate(traced):
+        if sql.startswith("PRAGMA synchronous = "):
+            levels[connection] = sql.removeprefix("PRAGMA synchronous = ")
+        elif sql == "COMMIT":
+            committed_at[position] = levels.get(connection, "NORMAL")
+    seen = {
+        name: sorted({level for at, level in committed_at.items() if start <= at < end})
+        for name, (start, end) in calls.items()
+    }
+    assert {
+        "register": ["FULL"],
+        "claim_due": ["NORMAL"],
+        "record": ["NORMAL"],
+        "claim_deliveries": ["NORMAL"],
+        "finish_attempts": ["NORMAL"],
+        "requeue": ["FULL"],
+        "remove": ["FULL"],
+    } == seen

@@ -93,9 +93,11 @@ class SqlBase:
         self.dialect = engine.dialect.name
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sa.Connection]:
+    def _write(self, *, durable: bool = False) -> Iterator[sa.Connection]:
+        """A write transaction; ``durable``: one whose commit the daemon acknowledges to
+        someone (a registration answered 201), synced to disk on SQLite too (see engine.py)."""
         with self.engine.connect() as conn:
-            conn.execution_options(tracker_write=True)
+            conn.execution_options(tracker_write=True, tracker_durable=durable)
             with conn.begin():
                 yield conn
 
@@ -103,6 +105,28 @@ class SqlBase:
     def _read(self) -> Iterator[sa.Connection]:
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
+        """Status and next poll (the claim's token; None for a final task) of these tasks,
+        locked in id order: their polls rows, then their tasks rows. record() and removal lock
+        in this order, so two writers of the same tasks wait for each other, not deadlock."""
+        found: dict[int, tuple[str, float | None]] = {}
+        ordered = sorted(pks)
+        for chunk in chunks(ordered):
+            query = (
+                sa.select(tasks.c.id, tasks.c.status, polls.c.next_poll_at)
+                .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
+                .where(one_of(conn, tasks.c.id, chunk))
+                .order_by(tasks.c.id)
+            )
+            if self.dialect == "postgresql":
+                # FOR UPDATE cannot reach the nullable side of an outer join: the polls rows
+                # are locked first, by a query of their own.
+                query = query.with_for_update(of=tasks)
+                lock = sa.select(polls.c.task_pk).where(one_of(conn, polls.c.task_pk, chunk))
+                conn.execute(lock.order_by(polls.c.task_pk).with_for_update()).all()
+            found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
+        return found
 
     def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
         # Several daemons on one PostgreSQL database each claim different rows.

@@ -10,6 +10,14 @@ from sqlalchemy import event
 # SQLite's default is to fail at once on a locked database; wait instead.
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
+#: how SQLite syncs a commit to disk. In WAL mode NORMAL is safe from a crash of the process,
+#: not from one of the machine (a power loss): the last commits before it may roll back. A
+#: poll's record may (the next poll finds the same status again), a delivery's outcome may
+#: (the webhook is sent again, at least once as promised); what the daemon has acknowledged
+#: to someone (a registration answered 201, a removal, a re-queue) is committed FULL, which
+#: syncs the log, and every commit before it, to disk.
+_USUAL_SYNC = "NORMAL"
+
 #: connections an engine's pool keeps (and may open beyond) unless its user says otherwise
 DEFAULT_POOL_SIZE = 8
 
@@ -51,15 +59,28 @@ def make_engine(
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA synchronous = {_USUAL_SYNC}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        # A write transaction that starts deferred and upgrades later can fail with
-        # "database is locked" without waiting; BEGIN IMMEDIATE waits for the lock instead.
-        immediate = connection.get_execution_options().get("tracker_write", False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = connection.get_execution_options()
+        if options.get("tracker_write", False):
+            _set_synchronous(connection, "FULL" if options.get("tracker_durable") else "NORMAL")
+            # A write transaction that starts deferred and upgrades later can fail with
+            # "database is locked" without waiting; BEGIN IMMEDIATE waits for the lock instead.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _set_synchronous(connection: sa.Connection, level: str) -> None:
+    """Sync the transaction about to begin on ``connection`` at ``level`` (only the pragma's
+    changes are sent: the connection remembers the level it was left at)."""
+    record = connection.connection
+    if record.info.get("synchronous", _USUAL_SYNC) != level:
+        connection.exec_driver_sql(f"PRAGMA synchronous = {level}")
+        record.info["synchronous"] = level

@@ -268,7 +268,13 @@ class Outbox(SqlBase):
                 query = query.where(deliveries.c.created_at >= since)
             if until is not None:
                 query = query.where(deliveries.c.created_at < until)
-        with self._write() as conn:
+        if self.dialect == "postgresql":
+            # Locked as read, in id order, so the ids returned are the rows updated: a row
+            # pruned (or re-queued, when only dead ones are asked for) meanwhile is waited for,
+            # then left out, not reported as re-queued. SQLite's writers take turns anyway.
+            query = query.order_by(deliveries.c.id).with_for_update()
+        # Acknowledged (202, or the CLI's word) once committed: synced to disk even on SQLite.
+        with self._write(durable=True) as conn:
             pks = list(conn.execute(query).scalars())
             for chunk in chunks(pks):
                 conn.execute(

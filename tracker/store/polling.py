@@ -45,28 +45,6 @@ class Polling(SqlBase):
 
     # -- the poll cycle ---------------------------------------------------------------------
 
-    def _claims(self, conn: sa.Connection, pks: set[int]) -> dict[int, tuple[str, float | None]]:
-        """Status and next poll (the claim's token; None for a final task) of these tasks,
-        locked as _current locks, in id order: their polls rows, then the tasks rows (the
-        order removal and pruning delete them in)."""
-        found: dict[int, tuple[str, float | None]] = {}
-        ordered = sorted(pks)
-        for chunk in chunks(ordered):
-            query = (
-                sa.select(tasks.c.id, tasks.c.status, polls.c.next_poll_at)
-                .select_from(tasks.outerjoin(polls, polls.c.task_pk == tasks.c.id))
-                .where(one_of(conn, tasks.c.id, chunk))
-                .order_by(tasks.c.id)
-            )
-            if self.dialect == "postgresql":
-                # FOR UPDATE cannot reach the nullable side of an outer join: the polls rows
-                # are locked first, by a query of their own.
-                query = query.with_for_update(of=tasks)
-                lock = sa.select(polls.c.task_pk).where(one_of(conn, polls.c.task_pk, chunk))
-                conn.execute(lock.order_by(polls.c.task_pk).with_for_update()).all()
-            found.update((row[0], (row[1], row[2])) for row in conn.execute(query))
-        return found
-
     def claim_due(
         self,
         now: datetime,

@@ -65,7 +65,8 @@ class Registry(SqlBase):
         metadata = dict(registration.metadata) if registration.metadata is not None else None
         events = list(registration.events) if registration.events is not None else None
         existing: set[str] = set()
-        with self._write() as conn:
+        # Acknowledged (201) once committed: synced to disk even on SQLite.
+        with self._write(durable=True) as conn:
             for chunk in chunks(ids):
                 existing.update(
                     conn.execute(
@@ -134,14 +135,17 @@ class Registry(SqlBase):
 
     def remove(self, platform: str, task_id: str) -> bool:
         """Stop tracking a task; its history and undelivered events go with it."""
-        with self._write() as conn:
+        with self._write(durable=True) as conn:
             pk = conn.execute(
                 sa.select(tasks.c.id).where(
                     tasks.c.platform == platform, tasks.c.task_id == task_id
                 )
             ).scalar()
-            if pk is None:
-                return False
+            # The task's own rows first (its polls row, then its tasks row, as record() and
+            # pruning lock them), then what hangs off it: deleting its deliveries first
+            # deadlocked with a prune that had locked the task and was locking them.
+            if pk is None or pk not in self._claims(conn, {pk}):
+                return False  # unknown, or removed or pruned while this waited for it
             # Explicit deletes: SQLite enforces ON DELETE CASCADE only with the pragma on, and
             # a database opened by another tool may not have it.
             delivery_pks = sa.select(deliveries.c.id).where(deliveries.c.task_pk == pk)
