@@ -11,6 +11,7 @@ import httpx
 from tracker.clock import Clock
 from tracker.platforms import DEFAULT_UPSTREAM
 from tracker.platforms.base import Upstream, UpstreamError
+from tracker.sanitize import without_userinfo
 
 #: a relay that gave no answer for this many poll intervals makes the daemon not ready
 UNREACHABLE_INTERVALS = 3
@@ -61,11 +62,12 @@ class RelayHealth:
             relay.limited_since = self.clock.now()
 
     def problems(self) -> list[str]:
-        """What needs a human, one line per relay; never the key itself."""
+        """What needs a human, one line per relay; never the key, nor a password in the URL."""
         window = UNREACHABLE_INTERVALS * self.interval
         now = self.clock.now()
         found = []
-        for url, relay in sorted(self._relays.items()):
+        for base_url, relay in sorted(self._relays.items()):
+            url = without_userinfo(base_url)  # /readyz needs no token: no user or password
             if relay.refused is not None:
                 found.append(
                     f"relay {url} refused the API key (HTTP {relay.refused}): "

@@ -319,6 +319,22 @@ def _redact_prefixes(text: str, secret: str) -> str:
     return text
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` as it may be shown (a message, a log line, /readyz): without the user and
+    password written before its host (``http://user:pass@relay`` -> ``http://relay``).
+
+    Never raises, and hides them in any text, a URL no parser accepts included: everything
+    between the scheme's "://" and the last "@" goes (a password may hold "/", "?" or "#"
+    unescaped, so the authority's own end cannot be trusted; an "@" in a path or query costs
+    only what precedes it on display).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" in scheme:  # no scheme at all, or "user:pass@" written before it
+        scheme, sep, rest = "", "", url
+    _userinfo, at, host = rest.rpartition("@")
+    return scheme + sep + host if at else url
+
+
 def excerpt(body: bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_CHARS) -> str:
     """The start of an answer as clean text for a log line: redacted first, then cut."""
     # Redaction runs on more than is kept, so a secret straddling the cut is still caught.

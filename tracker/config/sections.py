@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, StrictInt, StrictStr
 
-from tracker import signing, status
+from tracker import sanitize, signing, status
 
 DEFAULT_RETRY_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 DEFAULT_EVENTS = (status.EventType.COMPLETED.value, status.EventType.FAILED.value)
@@ -85,14 +85,16 @@ InFlight = Annotated[StrictInt, Field(ge=1, le=1024)]
 
 
 def _http_url(value: str) -> str:
+    # Quoted without a user and password written in it: the message reaches stderr and logs.
+    shown = sanitize.without_userinfo(value)[:60]
     if not re.match(r"^https?://[^\s/?#]+", value):
-        raise ValueError(f"must be an http:// or https:// URL, not {value[:60]!r}")
+        raise ValueError(f"must be an http:// or https:// URL, not {shown!r}")
     try:
         port = urlsplit(value).port
     except ValueError:  # not a number, or past 65535
         port = -1
     if port is not None and not 1 <= port <= MAX_PORT:
-        raise ValueError(f"must have a TCP port from 1 to {MAX_PORT} if any, not {value[:60]!r}")
+        raise ValueError(f"must have a TCP port from 1 to {MAX_PORT} if any, not {shown!r}")
     return value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pydantic
 from pydantic import Field, StrictStr
@@ -90,7 +91,8 @@ class Settings(Section):
         return is_loopback(self.server.host)
 
     def secrets(self) -> list[str]:
-        """Every secret value in the settings, for the log redactor."""
+        """Every secret value in the settings, for the log redactor: the passwords written in
+        its URLs too (a relay or receiver behind basic auth, the database's)."""
         found = [self.upstream.api_key, self.webhooks.secret]
         found += [u.api_key for u in self.upstreams.values()]
         found += list(self.server.api_tokens)
@@ -99,7 +101,47 @@ class Settings(Section):
         found += [p.secret for p in self.webhooks.previous_secrets]
         for endpoint in self.webhooks.endpoints.values():
             found += [endpoint.secret, *(p.secret for p in endpoint.previous_secrets)]
-        return [s.get_secret_value() for s in found if s.get_secret_value()]
+        values = [s.get_secret_value() for s in found]
+        urls = [self.upstream.base_url, *(u.base_url for u in self.upstreams.values())]
+        urls += [self.webhooks.url or "", *(e.url for e in self.webhooks.endpoints.values())]
+        values += [p for url in [*urls, self.database.url] for p in url_passwords(url)]
+        values += _database_passwords(self.database.url)
+        return [v for v in values if v]
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password written in ``url`` (``scheme://user:password@host``) as written and
+    %-decoded, as a log line may show either; none when it has none or cannot be read.
+
+    Usernames are left out: often a plain word ("admin", "tracker") the redactor would then
+    cut out of every line.
+    """
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return []
+    return [] if not password else sorted({password, unquote(password)})
+
+
+#: query parameters of a database URL that carry a password (libpq takes one there too)
+_PASSWORD_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
+def _database_passwords(url: str) -> list[str]:
+    """The passwords of a database URL as SQLAlchemy reads it: it takes "/", "?" or "#" in a
+    password unescaped, which `url_passwords` would miss, and reads them from the query too."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - cold path
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return []
+    found = [] if "@" in (parsed.host or "") else [parsed.password]
+    for key, value in parsed.query.items():
+        if key.lower() in _PASSWORD_QUERY_KEYS:
+            found += [value] if isinstance(value, str) else list(value)
+    return [str(p) for p in found if p]
 
 
 def placeholder_problems(settings: Settings) -> list[str]:
