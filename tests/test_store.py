@@ -996,6 +996,47 @@ def test_record_leaves_out_a_task_whose_write_fails_and_writes_the_others(
     )
 
 
+def test_record_keeps_two_moves_of_one_task_together_when_another_row_is_refused(
+    store: SqlStore,
+) -> None:
+    """Two moves of one task in one call (queued, then in progress with its event) are written
+    together when another task's row is refused. Halving the call apart put them in two
+    writes: the second found the task's next poll moved by the first, as if its claim were
+    lost, and was dropped unlogged (the task stayed queued, its task.started never sent)."""
+    queue_events(store, "first")
+    (existing,) = store.list_deliveries()[0]
+    register(store, "a", "b", now=at(1))
+    due = {t.task_id: t for t in claim(store, at(1))}
+    queued = change(due["a"], TaskStatus.QUEUED)
+    started = change(moved_on(due["a"], queued), TaskStatus.IN_PROGRESS)
+
+    with capture_logs() as logs:
+        written = store.record(
+            [
+                TaskUpdate(due["a"], queued, next_poll_at=at(40).timestamp()),
+                TaskUpdate(
+                    due["b"], change(due["b"], TaskStatus.FAILED), (entry(existing.webhook_id),)
+                ),
+                TaskUpdate(
+                    moved_on(due["a"], queued),
+                    started,
+                    (entry("started"),),
+                    next_poll_at=at(50).timestamp(),
+                ),
+            ],
+            at(2),
+        )
+
+    assert 2 == written
+    assert ["b"] == [e["task_id"] for e in logs if e["event"] == "task_write_refused"]
+    task = store.get("luma", "a")
+    assert task is not None
+    assert ["queued", "in_progress"] == [t.to_status for t in task.transitions]
+    assert "in_progress" == task.status
+    assert at(50).timestamp() == task_row(store, "a").next_poll_at
+    assert ["started"] == [d.webhook_id for d in store.list_deliveries(task_id="a")[0]]
+
+
 def test_a_final_change_finishes_the_task(store: SqlStore) -> None:
     """A final status sets finished_at and clears next_poll_at and missing_since."""
     register(store, "a")

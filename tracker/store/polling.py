@@ -222,10 +222,11 @@ class Polling(SqlBase):
             if self._task_refusals:
                 self._accepted_replans(replans)
         return written + _isolated(
-            updates,
+            _by_task(updates),
             lambda part: self._record_once(part, now),
             self._refused_update,
             self._accepted_updates,
+            unit=_task_pk,
         )
 
     def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
@@ -460,6 +461,22 @@ def _replan_sqlite(count: int) -> str:
         f" FROM (VALUES {rows}) AS r"
         " WHERE polls.task_pk = r.column2 AND polls.next_poll_at = r.column3"
     )
+
+
+def _task_pk(update: records.TaskUpdate) -> int:
+    return update.task.pk
+
+
+def _by_task(updates: Sequence[records.TaskUpdate]) -> Sequence[records.TaskUpdate]:
+    """``updates`` with those of one task next to each other, in their order (the first
+    one's place): a refused row elsewhere must not split them into two writes, as the first
+    write moves the task's next poll and the claim the second holds would seem lost."""
+    if len({u.task.pk for u in updates}) == len(updates):
+        return updates  # a drain's call names each task once
+    first: dict[int, int] = {}
+    for position, update in enumerate(updates):
+        first.setdefault(update.task.pk, position)
+    return sorted(updates, key=lambda u: first[u.task.pk])
 
 
 def _history_rows(update: records.TaskUpdate, now: datetime) -> list[dict[str, Any]]:

@@ -61,25 +61,39 @@ def _isolated(
     write: Callable[[Sequence[_T]], int],
     refused: Callable[[_T, Exception], int],
     accepted: Callable[[Sequence[_T]], None] | None = None,
+    unit: Callable[[_T], Hashable] | None = None,
 ) -> int:
     """``write(items)``; when the database refuses some row's values, the halves apart.
 
     Halving until the refused rows stand alone costs about 2 log2(n) extra transactions per
     bad row, and only when there is one; each lone refused row goes to ``refused``, and
-    every part written whole to ``accepted``.
+    every part written whole to ``accepted``. Items of one ``unit`` (lying next to each other)
+    are never split apart: written, or refused (the first of them named), together.
     """
     try:
         written = write(items)
     except Exception as exc:
         if not _is_row_error(exc):
             raise
-        if len(items) == 1:
+        middle = _middle(items, unit)
+        if middle is None:
             return refused(items[0], exc)
     else:
         if accepted is not None:
             accepted(items)
         return written
-    middle = len(items) // 2
-    return _isolated(items[:middle], write, refused, accepted) + _isolated(
-        items[middle:], write, refused, accepted
+    return _isolated(items[:middle], write, refused, accepted, unit) + _isolated(
+        items[middle:], write, refused, accepted, unit
     )
+
+
+def _middle(items: Sequence[_T], unit: Callable[[_T], Hashable] | None) -> int | None:
+    """Where to halve ``items``: nearest the middle, between two units (None: one unit)."""
+    if len(items) < 2:
+        return None
+    half = len(items) // 2
+    if unit is None:
+        return half
+    keys = [unit(item) for item in items]
+    bounds = [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+    return min(bounds, key=lambda i: abs(i - half)) if bounds else None
