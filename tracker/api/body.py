@@ -34,14 +34,29 @@ async def read_json(request: Request, title: str) -> Any:
         raise ApiError(
             415, f"content type {content_type[:80]!r} is not JSON; send application/json"
         )
-    cap = services(request).state.settings.server.max_body_bytes
-    too_big = ApiError(413, f"request body larger than {cap} bytes ([server].max_body_bytes)")
+    settings = services(request).state.settings.server
+    received = await read_capped(
+        request, settings.max_body_bytes, settings.header_timeout, "[server].max_body_bytes"
+    )
+    try:
+        return strict_json.parse(received)
+    except strict_json.BodyError as exc:
+        raise ApiError(422, title, problems=[f"body: {exc}"]) from None
+
+
+async def read_capped(request: Request, cap: int, deadline: float, limit: str) -> bytes:
+    """The request's whole body, or an ApiError: 413 (naming ``limit``) past ``cap`` bytes,
+    declared or received, and 408 when it takes longer than ``deadline`` seconds.
+
+    A declared Content-Length over the cap is refused before a byte is read; a chunked body,
+    which declares none, is cut off as soon as it passes the cap.
+    """
+    too_big = ApiError(413, f"request body larger than {cap} bytes ({limit})")
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > cap:
         raise too_big
     received = bytearray()
     # A body trickled or stalled holds a connection and a task; it gets as long as a head.
-    deadline = services(request).state.settings.server.header_timeout
     try:
         async with asyncio.timeout(deadline):
             async for chunk in request.stream():
@@ -50,10 +65,7 @@ async def read_json(request: Request, title: str) -> Any:
                     raise too_big
     except TimeoutError:
         raise ApiError(408, f"request body not received within {deadline:g} s") from None
-    try:
-        return strict_json.parse(bytes(received))
-    except strict_json.BodyError as exc:
-        raise ApiError(422, title, problems=[f"body: {exc}"]) from None
+    return bytes(received)
 
 
 def json_body(title: str) -> Callable[[Request], Awaitable[Any]]:

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from tracker.api.errors import problems as api_problems
 from tracker.api.limits import no_delivery, row_id
 from tracker.api.models import RecoverIn
+from tracker.dashboard.forms import FormError, read_form
 from tracker.dashboard.sessions import (
     COOKIE,
     LOGIN_COOKIE,
@@ -56,11 +57,22 @@ def _refused(request: Request, session: Session | None) -> HTMLResponse:
     )  # fmt: skip
 
 
-async def _checked_form(request: Request, session: Session) -> dict[str, str] | None:
-    """The posted form's fields, or None when its CSRF token is not this session's."""
-    form = await request.form()
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    return fields if csrf_ok(session, fields.get("csrf")) else None
+def _form_refused(request: Request, session: Session | None, exc: FormError) -> HTMLResponse:
+    log.warning("dashboard_form_refused", path=request.url.path, status=exc.status_code)
+    return RENDER.page(
+        request, "error.html", session=session, status_code=exc.status_code,
+        title="Form refused", problems=[exc.message],
+    )  # fmt: skip
+
+
+async def _checked_form(request: Request, session: Session) -> dict[str, str] | Response:
+    """The posted form's fields, or the page refusing it: a form too large or malformed
+    (`forms.read_form`), or one whose CSRF token is not this session's."""
+    try:
+        fields = await read_form(request)
+    except FormError as exc:
+        return _form_refused(request, session, exc)
+    return fields if csrf_ok(session, fields.get("csrf")) else _refused(request, session)
 
 
 # -- sign-in ---------------------------------------------------------------------------------
@@ -88,33 +100,42 @@ async def sign_in(request: Request) -> Response:
     """Exchange a token for a session cookie."""
     dash = dashboard_of(request)
     client = request.client.host if request.client else "unknown"
-    wait = math.ceil(dash.sign_ins.wait(client))
+    # Reserved before anything is awaited: sign-ins sent at once are counted as they come.
+    wait = math.ceil(dash.sign_ins.reserve(client))
     if wait:
         problem = f"too many refused sign-ins from this address; try again in {wait} s"
         held_back = _sign_in_page(request, problem=problem, status_code=429)
         held_back.headers["Retry-After"] = str(wait)
         return held_back
-    form = await request.form()
-    presented, login_csrf = form.get("token"), form.get("login_csrf")
-    expected = request.cookies.get(LOGIN_COOKIE)
-    if (
-        not isinstance(login_csrf, str)
-        or expected is None
-        or not tokens_match(login_csrf, [expected])
-    ):
-        return _sign_in_page(request, problem="the form expired; try again", status_code=403)
-    accepted = dash.accepted_tokens()
-    # With no token configured the API itself is open (loopback only), so is the dashboard.
-    token = presented if isinstance(presented, str) else ""
-    if accepted and not tokens_match(token, accepted):
-        log.warning("dashboard_sign_in_refused", client=client)
-        if dash.sign_ins.refused(client):
-            log.warning(
-                "dashboard_sign_ins_held_back", client=client, seconds=SIGN_IN_WINDOW,
-                failures=MAX_SIGN_IN_FAILURES,
-            )  # fmt: skip
-        return _sign_in_page(request, problem="that token is not accepted", status_code=401)
-    session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
+    counted = False
+    try:
+        try:
+            form = await read_form(request)
+        except FormError as exc:
+            log.warning("dashboard_form_refused", path=request.url.path, status=exc.status_code)
+            return _sign_in_page(request, problem=exc.message, status_code=exc.status_code)
+        presented, login_csrf = form.get("token"), form.get("login_csrf")
+        expected = request.cookies.get(LOGIN_COOKIE)
+        if login_csrf is None or expected is None or not tokens_match(login_csrf, [expected]):
+            return _sign_in_page(request, problem="the form expired; try again", status_code=403)
+        accepted = dash.accepted_tokens()
+        # With no token configured the API itself is open (loopback only), so is the dashboard.
+        token = presented if presented is not None else ""
+        if accepted and not tokens_match(token, accepted):
+            held_back_now = dash.sign_ins.refused(client)
+            counted = True
+            log.warning("dashboard_sign_in_refused", client=client)
+            if held_back_now:
+                log.warning(
+                    "dashboard_sign_ins_held_back", client=client, seconds=SIGN_IN_WINDOW,
+                    failures=MAX_SIGN_IN_FAILURES,
+                )  # fmt: skip
+            return _sign_in_page(request, problem="that token is not accepted", status_code=401)
+        session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
+    finally:
+        if not counted:
+            # Signed in, or never reached the token check (bad form, disconnect, cancel).
+            dash.sign_ins.release(client)
     log.info("dashboard_signed_in", sessions=await run_in_threadpool(dash.sessions.count))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))
@@ -125,8 +146,9 @@ async def sign_in(request: Request) -> Response:
 @router.post("/logout")
 async def sign_out(request: Request, session: SessionDep) -> Response:
     """End the session."""
-    if await _checked_form(request, session) is None:
-        return _refused(request, session)
+    checked = await _checked_form(request, session)
+    if isinstance(checked, Response):
+        return checked
     await run_in_threadpool(dashboard_of(request).sessions.end, session.id)
     response = RedirectResponse(href(request, "/login"), status_code=303)
     response.delete_cookie(COOKIE, path=href(request, "/") or "/")
@@ -161,8 +183,9 @@ async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: 
 @router.post("/deliveries/{delivery_id}/redeliver")
 async def redeliver(request: Request, session: SessionDep, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
-    if await _checked_form(request, session) is None:
-        return _refused(request, session)
+    checked = await _checked_form(request, session)
+    if isinstance(checked, Response):
+        return checked
     pk = row_id(delivery_id)
     if pk is None:
         return _missing(request, session, no_delivery(delivery_id))
@@ -250,8 +273,8 @@ async def recover_confirm(request: Request, session: SessionDep) -> Response:
 async def recover(request: Request, session: SessionDep) -> Response:
     """Queue again every dead delivery created in the window."""
     fields = await _checked_form(request, session)
-    if fields is None:
-        return _refused(request, session)
+    if isinstance(fields, Response):
+        return fields
     since, until, problems = _window(fields)
     if problems:
         return RENDER.page(
@@ -296,8 +319,9 @@ async def remove_confirm(
 @router.post("/remove/{platform}/{task_id:path}")
 async def remove(request: Request, session: SessionDep, platform: str, task_id: str) -> Response:
     """Stop tracking a task."""
-    if await _checked_form(request, session) is None:
-        return _refused(request, session)
+    checked = await _checked_form(request, session)
+    if isinstance(checked, Response):
+        return checked
     dash = dashboard_of(request)
     removed = dash.could_hold(platform, task_id) and await run_in_threadpool(
         dash.store.remove, platform, task_id

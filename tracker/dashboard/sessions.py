@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -130,10 +131,30 @@ class Sessions:
         return self._rows.count_sessions(self._now() - self.lifetime)
 
 
+def client_key(host: str) -> str:
+    """What the throttle counts a client by: its address, or for IPv6 its /64, which one
+    client owns whole (an IPv4 address written as IPv6 counts as that IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return host
+
+
 class SignInThrottle:
     """Refused sign-ins per client address: past MAX_SIGN_IN_FAILURES within SIGN_IN_WINDOW
     seconds, the client is turned away without its token being looked at until the oldest of
     them leaves the window, so a token cannot be guessed at the speed of the network.
+
+    A sign-in reserves its attempt (``reserve``) before anything is awaited, and counts as
+    pending until it is either refused (``refused``: a counted failure) or released
+    (``release``: it signed in, or never reached the token check). Pending attempts count
+    against the limit too, so requests sent all at once check no more tokens than requests
+    sent one after another. IPv6 clients are counted by their /64 (``client_key``).
     """
 
     def __init__(self, now: Callable[[], float]) -> None:
@@ -141,33 +162,67 @@ class SignInThrottle:
         self._lock = threading.Lock()
         #: client -> times of its refused sign-ins within the window, oldest first
         self._failures: dict[str, collections.deque[float]] = {}
+        #: client -> its sign-ins reserved and not yet refused or released (none: absent)
+        self._pending: dict[str, int] = {}
 
     def wait(self, client: str) -> float:
         """Seconds ``client`` must wait before its next sign-in is looked at (0: none)."""
         with self._lock:
-            failures = self._recent(client)
-            if failures is None or len(failures) < MAX_SIGN_IN_FAILURES:
-                return 0.0
-            return max(failures[0] + SIGN_IN_WINDOW - self._now(), 0.0)
+            return self._wait(client_key(client))
+
+    def reserve(self, client: str) -> float:
+        """Reserve one sign-in attempt of ``client`` and return 0, or return the seconds it
+        must wait and reserve nothing. A reservation must end in ``refused`` or ``release``.
+        """
+        key = client_key(client)
+        with self._lock:
+            wait = self._wait(key)
+            if not wait:
+                self._pending[key] = self._pending.get(key, 0) + 1
+            return wait
+
+    def release(self, client: str) -> None:
+        """End a reservation of ``client`` without counting a failure."""
+        with self._lock:
+            self._unpend(client_key(client))
 
     def refused(self, client: str) -> bool:
-        """Count one refused sign-in of ``client``; True when it makes the client wait."""
+        """Count one refused sign-in of ``client`` (ending its reservation, if it made one);
+        True when it makes the client wait."""
+        key = client_key(client)
         with self._lock:
-            failures = self._recent(client)
+            self._unpend(key)
+            failures = self._recent(key)
             if failures is None:
                 while len(self._failures) >= MAX_TRACKED_CLIENTS:
                     del self._failures[next(iter(self._failures))]
-                failures = self._failures[client] = collections.deque()
+                failures = self._failures[key] = collections.deque()
             else:
                 # Most recently refused last, so the least recent are forgotten first.
-                self._failures[client] = self._failures.pop(client)
+                self._failures[key] = self._failures.pop(key)
             failures.append(self._now())
             while len(failures) > MAX_SIGN_IN_FAILURES:
                 failures.popleft()
             return len(failures) == MAX_SIGN_IN_FAILURES
 
-    def _recent(self, client: str) -> collections.deque[float] | None:
-        failures = self._failures.get(client)
+    def _wait(self, key: str) -> float:
+        failures = self._recent(key) or collections.deque()
+        if len(failures) >= MAX_SIGN_IN_FAILURES:
+            return max(failures[0] + SIGN_IN_WINDOW - self._now(), 0.0)
+        if len(failures) + self._pending.get(key, 0) >= MAX_SIGN_IN_FAILURES:
+            # Held back by attempts still being checked: they end within a request's time.
+            return 1.0
+        return 0.0
+
+    def _unpend(self, key: str) -> None:
+        pending = self._pending.get(key, 0)
+        if pending > 1:
+            self._pending[key] = pending - 1
+        else:
+            self._pending.pop(key, None)
+
+    def _recent(self, key: str) -> collections.deque[float] | None:
+        failures = self._failures.get(key)
         if failures is None:
             return None
         horizon = self._now() - SIGN_IN_WINDOW
