@@ -987,6 +987,30 @@ async def test_each_delivery_logs_one_info_line(
     assert receiver.received[0].headers["webhook-id"] == line["webhook_id"]
 
 
+async def test_a_password_in_a_tasks_webhook_url_stays_out_of_the_delivery_log_lines(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """A task's webhook_url may carry a receiver's user and password (basic auth, given at
+    registration, so the log redactor does not know it): the retry and delivered lines name
+    the URL without them. The webhook still goes to that URL, user and password included."""
+    settings = hook_settings(receiver.url)
+    with_password = receiver.url.replace("://", "://hook:S3cretPw-4d2a@", 1)
+    complete(store, clock, settings, webhook_url=with_password)
+    receiver.reply(Reply(status=500), Reply(status=204))
+    async with deliverer_for(store, clock, settings) as deliverer:
+        with structlog.testing.capture_logs() as logged:
+            await deliverer.run_once()
+            clock.advance(retry_in(only(store), clock))
+            await deliverer.run_once()
+
+    lines = [e for e in logged if e["event"] in {"webhook_retry", "webhook_delivered"}]
+    assert ["webhook_retry", "webhook_delivered"] == [e["event"] for e in lines]
+    assert [receiver.url, receiver.url] == [e["url"] for e in lines]
+    assert not [e for e in logged if "S3cretPw-4d2a" in repr(e)]
+    assert 2 == len(receiver.received)
+    assert receiver.received[-1].headers["authorization"].startswith("Basic ")
+
+
 async def test_a_recovered_dead_delivery_gets_the_whole_retry_schedule_again(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
 ) -> None:

@@ -9,6 +9,7 @@ import structlog
 from tracker.activity import Series
 from tracker.metrics import Metrics
 from tracker.retry import DeliveryState
+from tracker.sanitize import without_userinfo
 from tracker.store.records import AttemptResult
 
 log = structlog.get_logger("tracker.delivery")
@@ -44,7 +45,8 @@ class Journal:
             "event_type": job.event_type,
             "platform": job.platform,
             "task_id": job.task_id,
-            "url": job.url,
+            # A task's own URL may carry a receiver's password, which no redactor knows.
+            "url": without_userinfo(job.url),
             "attempt": job.attempts + 1,
             "status_code": result.status_code,
             "latency_ms": result.latency_ms,

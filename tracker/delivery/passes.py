@@ -15,6 +15,7 @@ from tracker.delivery.outbox import Outbox, Round
 from tracker.delivery.sending import Sender
 from tracker.limits import Admission, Load, Ticket, give_back
 from tracker.pipeline import Claimed, Pace, Pipeline
+from tracker.sanitize import without_userinfo
 from tracker.store.records import AttemptResult, DeliveryJob
 
 log = structlog.get_logger("tracker.delivery")
@@ -256,7 +257,9 @@ class DeliveryPass:
             # makes this attempt the first of the schedule started again.
             result = await self._sender.send(job, decide_as=lambda: ticket.job)
         except Exception as exc:
-            log.exception("webhook_attempt_crashed", webhook_id=job.webhook_id, url=job.url)
+            log.exception(
+                "webhook_attempt_crashed", webhook_id=job.webhook_id, url=without_userinfo(job.url)
+            )
             result = self._sender.crashed(ticket.job, exc)
         else:
             ticket.host_load.observe(result.latency_ms / 1000)
