@@ -85,7 +85,11 @@ async def test_readyz_and_not_ready_log_show_a_refusing_relay_without_its_passwo
     needed) and the not_ready log line name it by its URL without them, as before otherwise."""
     document = merge(
         base_config(with_userinfo(relay.base_url), receiver.url, sqlite_url),
-        {"upstream": {"api_key": KEY}, "poll": {"interval": 0.2, "max_interval": 1}},
+        # mj-api-secret: with auth = "bearer" such a base_url is refused (the test below).
+        {
+            "upstream": {"api_key": KEY, "auth": "mj-api-secret"},
+            "poll": {"interval": 0.2, "max_interval": 1},
+        },
     )
     daemon: Daemon = await start(config.parse(document, environ={}))
 
@@ -115,7 +119,7 @@ async def test_readyz_shows_an_unreachable_relay_without_its_password(
     clock = FakeClock()
     document = merge(
         base_config(with_userinfo(url), receiver.url, sqlite_url),
-        {"poll": {"interval": 0.2, "max_interval": 1}},
+        {"upstream": {"auth": "mj-api-secret"}, "poll": {"interval": 0.2, "max_interval": 1}},
     )
     daemon: Daemon = await start(config.parse(document, environ={}), clock=clock)
     await eventually(
@@ -236,9 +240,17 @@ def test_secrets_hold_every_url_password_so_the_log_redacts_it(restore_logging: 
     settings = config.parse(
         {
             "database": {"url": "postgresql+psycopg://db:db-pass-1234@db.example/t"},
-            "upstream": {"base_url": with_userinfo("http://relay.example"), "api_key": "sk-k"},
+            "upstream": {
+                "base_url": with_userinfo("http://relay.example"),
+                "api_key": "sk-k",
+                "auth": "mj-api-secret",
+            },
             "upstreams": {
-                "b": {"base_url": "https://u:b-relay%40pass@b.example", "api_key": "sk-b"}
+                "b": {
+                    "base_url": "https://u:b-relay%40pass@b.example",
+                    "api_key": "sk-b",
+                    "auth": "mj-api-secret",
+                }
             },
             "webhooks": {
                 "url": "https://hook:hook-pass-5678@app.example/hooks",
@@ -281,3 +293,29 @@ def test_a_database_password_sqlalchemy_reads_is_a_secret_too() -> None:
     )
 
     assert {"pa/ss-1234", "key-pw"} <= set(settings.secrets())
+
+
+# -- a user and password beside a Bearer key ------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["upstream", "upstreams.b"])
+def test_a_bearer_relay_url_with_a_user_and_password_is_refused_naming_neither(
+    where: str,
+) -> None:
+    """httpx sends a user and password written in the URL as Authorization: Basic, in place
+    of the relay key's Bearer header, so every request would be refused: such a config is
+    refused at once, saying why, without quoting the URL. With auth = "mj-api-secret" the
+    key has a header of its own and the URL is accepted."""
+
+    def document(auth: str) -> dict[str, Any]:
+        relay = {"base_url": with_userinfo("https://relay.example"), "api_key": "k", "auth": auth}
+        placed = {"upstream": relay} if where == "upstream" else {"upstreams": {"b": relay}}
+        base = base_config("https://relay.example", "https://app.example/h", "sqlite:///t.db")
+        return merge(base, placed)
+
+    with pytest.raises(config.ConfigError) as refused:
+        config.parse(document("bearer"), environ={})
+
+    assert f"{where}: base_url must not carry a user or password" in str(refused.value)
+    assert_hidden(str(refused.value))
+    assert PASSWORD in config.parse(document("mj-api-secret"), environ={}).secrets()

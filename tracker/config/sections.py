@@ -169,6 +169,18 @@ class UpstreamSettings(Section):
     #: bytes of one answer read at most; a longer answer is a relay error, never read whole
     max_response_bytes: Annotated[StrictInt, Field(ge=1024)] = DEFAULT_MAX_RESPONSE_BYTES
 
+    @pydantic.model_validator(mode="after")
+    def _key_not_replaced(self) -> UpstreamSettings:
+        # httpx sends a user and password written in the URL as "Authorization: Basic",
+        # which would replace the relay key's Bearer header on every request: the relay
+        # would refuse each one. (With mj-api-secret the key has a header of its own.)
+        if self.auth == "bearer" and "@" in urlsplit(self.base_url).netloc:
+            raise ValueError(
+                'base_url must not carry a user or password with auth = "bearer": they'
+                " would be sent as Authorization: Basic in place of the relay key"
+            )
+        return self
+
 
 class PollSettings(Section):
     """[poll]: how often and how hard the upstream is asked."""
