@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from conftest import merge
 from structlog.testing import capture_logs
 
@@ -21,7 +22,7 @@ from tracker.metrics import Metrics
 from tracker.poller import PollEngine, Poller, rounds
 from tracker.poller.drain import END_GRACE
 from tracker.poller.plan import next_poll
-from tracker.store import Registration, SqlStore
+from tracker.store import Registration, Replan, SqlStore
 from tracker.testing.cadence import poll_gaps, quantile
 from tracker.testing.simulator import SimulatedRelay
 
@@ -565,6 +566,58 @@ async def test_a_step_back_of_the_wall_clock_does_not_pause_the_polls(
     (step,) = [e for e in logs if e["event"] == "clock_stepped_back"]
     assert 3599 <= step["seconds"] <= 3601
     assert 50 == step["polls_moved"]
+
+
+@pytest.mark.postgres
+async def test_a_step_back_leaves_another_daemons_claims_alone_on_a_shared_database(
+    settings_for: Callable[..., config.Settings], make_pg_url: Callable[[], str]
+) -> None:
+    """Two daemons on one PostgreSQL database, this one's wall clock an hour ahead until it is
+    set right. Its own plan moves back by the step, but the poll the other daemon has claimed
+    (its lease ends within MAX_LEASE of the true now) stays, so that daemon's answer is still
+    recorded. (Moved, its claim was gone: the answer written nowhere, the task due at once.)"""
+    url = make_pg_url()
+    ours, theirs = SqlStore.from_url(url), SqlStore.from_url(url)
+    ours.create_schema()
+    clock = SteppedClock()
+    clock.offset = 3600
+    settings = settings_for(db_url=url, poll={"interval": 10, "max_interval": 60})
+    async with httpx.AsyncClient() as client:
+        poller = Poller(
+            store=ours,
+            platforms=platforms.build(settings),
+            client=client,
+            clock=clock,
+            settings=settings.poll,
+            targets=events.Targets(settings.webhooks),
+            metrics=Metrics(),
+        )
+        engine = PollEngine(poller, clock)
+        now = datetime.now(UTC)
+        ours.register(Registration("luma", ["ours"]), clock.now())  # planned an hour ahead
+        theirs.register(Registration("luma", ["theirs"]), now)
+        (held,) = theirs.claim_due(now, 10, lease=20)
+        clock.offset = 0
+        with capture_logs() as logs:
+            await engine.follow_clock()
+        answered = Replan(now.timestamp() + 10, held.pk, held.lease_until or 0.0)
+        written = theirs.record([], now, [answered])
+    try:
+        with ours.engine.connect() as conn:
+            planned = dict(conn.execute(sa.text(PLANS)).all())
+    finally:
+        ours.close()
+        theirs.close()
+
+    assert 1 == written
+    assert answered.next_poll_at == planned["theirs"]
+    assert abs(planned["ours"] - now.timestamp()) < 5  # moved back an hour
+    (step,) = [e for e in logs if e["event"] == "clock_stepped_back"]
+    assert 1 == step["polls_moved"]
+
+
+#: each task's next poll, by task id
+PLANS = "SELECT tasks.task_id, polls.next_poll_at FROM polls JOIN tasks ON tasks.id = polls.task_pk"
 
 
 async def test_a_jump_forward_of_the_wall_clock_is_logged_and_what_fell_due_is_polled(

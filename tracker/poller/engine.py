@@ -15,7 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from tracker.clock import Clock, StepWatch
-from tracker.poller.drain import Poller
+from tracker.poller.drain import MAX_LEASE, Poller
 from tracker.poller.report import CycleReport
 
 log = structlog.get_logger("tracker.poller")
@@ -122,8 +122,9 @@ class PollEngine:
         if not back:
             return
         poller = self.poller
+        # Another daemon's claim ends at most MAX_LEASE on: left alone (see shift_plans).
         polls, deliveries = await poller.store_worker.call(
-            poller.store.shift_plans, back, self.clock.now()
+            poller.store.shift_plans, back, self.clock.now(), claims_within=MAX_LEASE
         )
         self._steps.followed(back)
         self.on_step(back)

@@ -72,9 +72,12 @@ class TaskStore(Protocol):
         """Move every poll planned after ``latest`` to ``latest``."""
         ...
 
-    def shift_plans(self, seconds: float, after: datetime) -> tuple[int, int]:
+    def shift_plans(
+        self, seconds: float, after: datetime, *, claims_within: float = 0.0
+    ) -> tuple[int, int]:
         """Move the polls and pending deliveries planned after ``after`` earlier by
-        ``seconds`` (the wall clock stepped back); how many of each moved."""
+        ``seconds`` (the wall clock stepped back); how many of each moved. On a database
+        other daemons may share, polls within ``claims_within`` seconds of ``after`` stay."""
         ...
 
     def record(

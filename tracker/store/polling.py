@@ -172,19 +172,29 @@ class Polling(SqlBase):
             later = in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > cutoff)
             conn.execute(polls.update().where(later).values(next_poll_at=cutoff))
 
-    def shift_plans(self, seconds: float, after: datetime) -> tuple[int, int]:
+    def shift_plans(
+        self, seconds: float, after: datetime, *, claims_within: float = 0.0
+    ) -> tuple[int, int]:
         """Move every poll, and every pending delivery's next attempt, planned after ``after``
         earlier by ``seconds``: the wall clock stepped back that far, and they were planned
         by the clock before the step. Returns how many polls and deliveries moved.
+
+        On PostgreSQL, which other daemons may share, the polls planned within
+        ``claims_within`` seconds of ``after`` stay: a next poll that near may be the end of
+        another daemon's lease, the token its claim is recorded by, and moved, that daemon's
+        answer would find its claim gone (and the task due again at once). A plan of this
+        daemon's that near is then polled that much late, once. (A delivery's claim is a
+        column of its own: pending deliveries all move.)
         """
         cutoff = _epoch(after)
         pending = sa.and_(
             deliveries.c.state == DeliveryState.PENDING, deliveries.c.next_attempt_at > cutoff
         )
+        spared = cutoff + claims_within if self.dialect == "postgresql" else cutoff
         with self._write() as conn:
             moved = conn.execute(
                 polls.update()
-                .where(in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > cutoff))
+                .where(in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > spared))
                 .values(next_poll_at=polls.c.next_poll_at - seconds)
             ).rowcount
             retried = conn.execute(
