@@ -27,6 +27,21 @@ from tracker.testing.cadence import poll_gaps, quantile
 from tracker.testing.simulator import SimulatedRelay
 
 
+def poller_for(
+    settings: config.Settings, store: SqlStore, client: httpx.AsyncClient, clock: Clock
+) -> Poller:
+    """A Poller as the daemon builds one from ``settings``, on ``store`` and ``clock``."""
+    return Poller(
+        store=store,
+        platforms=platforms.build(settings),
+        client=client,
+        clock=clock,
+        settings=settings.poll,
+        targets=events.Targets(settings.webhooks),
+        metrics=Metrics(),
+    )
+
+
 class Running:
     """A PollEngine on the system clock (or ``clock``), running as a task until stopped."""
 
@@ -36,15 +51,7 @@ class Running:
         self.store = store
         self.clock = clock or SystemClock()
         self.client = httpx.AsyncClient()
-        self.poller = Poller(
-            store=store,
-            platforms=platforms.build(settings),
-            client=self.client,
-            clock=self.clock,
-            settings=settings.poll,
-            targets=events.Targets(settings.webhooks),
-            metrics=Metrics(),
-        )
+        self.poller = poller_for(settings, store, self.client, self.clock)
         self.engine = PollEngine(self.poller, self.clock)
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.engine.run(self.stop))
@@ -445,15 +452,7 @@ async def test_a_backlog_on_one_relay_is_claimed_without_pause_beside_an_idle_on
         store.register(Registration("suno", ["s0"]), clock.now())
         luma = [f"l{n}" for n in range(400)]
         async with httpx.AsyncClient() as client:
-            poller = Poller(
-                store=store,
-                platforms=platforms.build(settings),
-                client=client,
-                clock=clock,
-                settings=settings.poll,
-                targets=events.Targets(settings.webhooks),
-                metrics=Metrics(),
-            )
+            poller = poller_for(settings, store, client, clock)
             await poller.run_cycle()  # suno's task: asked, then not due for 30 s
             store.register(Registration("luma", luma), clock.now())
             found: list[int] = []
@@ -583,15 +582,7 @@ async def test_a_step_back_leaves_another_daemons_claims_alone_on_a_shared_datab
     clock.offset = 3600
     settings = settings_for(db_url=url, poll={"interval": 10, "max_interval": 60})
     async with httpx.AsyncClient() as client:
-        poller = Poller(
-            store=ours,
-            platforms=platforms.build(settings),
-            client=client,
-            clock=clock,
-            settings=settings.poll,
-            targets=events.Targets(settings.webhooks),
-            metrics=Metrics(),
-        )
+        poller = poller_for(settings, ours, client, clock)
         engine = PollEngine(poller, clock)
         now = datetime.now(UTC)
         ours.register(Registration("luma", ["ours"]), clock.now())  # planned an hour ahead
