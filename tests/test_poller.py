@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -643,6 +644,71 @@ async def test_ids_missing_upstream_fail_only_after_not_found_after(
 
     assert ("failed", NOT_FOUND_REASON) == (rig.task("ghost").status, rig.task("ghost").fail_reason)
     assert "queued" == rig.task("back").status
+
+
+async def test_a_relay_that_cuts_its_answer_at_100_ids_gets_the_others_asked_again(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """one-hub answers at most 100 ids per batch query, leaving the others out as if unknown.
+    Asked 150, the relay answers 100: the 50 it left out are due again at once (asked by the
+    engine's next drain), none is counted as missing (not_found_after would fail them all a
+    minute on), the platform asks 100 at a time from then on, and the log names the setting
+    to change."""
+    relay.answer_cap = 100
+    ids = [f"c{n:03}" for n in range(150)]
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    rig = rig_for(poll={"batch_size": 150, "concurrency": 1, "not_found_after": 60})
+    rig.register(*ids)
+    with capture_logs() as logs:
+        await rig.cycle()
+        await rig.cycle()  # the engine's next drain, at once: the 50 are due
+        asked = [len(r.json_body["ids"]) for r in relay.requests]
+        await rig.cycle(advance=61)
+
+    assert [150, 50] == asked
+    assert {"in_progress"} == {rig.task(task_id).status for task_id in ids}
+    [capped] = [e for e in logs if e["event"] == "relay_answer_capped"]
+    assert ("luma", 150, 100) == (capped["platform"], capped["asked"], capped["answered"])
+    assert "batch_size to 100" in capped["hint"]
+    assert 100 == rig.poller.platforms["luma"].batch_size
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "setting"), [(50, "poll.batch_size"), (100, "poll.concurrency")]
+)
+def test_the_lag_hint_names_batch_size_only_below_what_every_relay_answers(
+    rig_for: Callable[..., Rig], batch_size: int, setting: str
+) -> None:
+    """Lagging without rate waits, the hint names poll.batch_size while a batch platform asks
+    fewer than 100 ids a request, and poll.concurrency from there on: a larger batch would be
+    cut by a relay that answers at most 100 ids (one-hub)."""
+    rig = rig_for(poll={"batch_size": batch_size})
+
+    assert setting == PollEngine(rig.poller, rig.clock).helpful_setting(CycleReport(lag=60))
+
+
+async def test_ids_unknown_beside_exactly_100_known_are_asked_once_more_then_missing(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """150 asked, the relay knows 100 of them: an answer of exactly 100 looks cut, so the 50
+    others are due again at once, and asked in a request of their own. That answer leaves them out
+    too, under no cap: they are missing, and fail after not_found_after as any unknown id."""
+    relay.auto_create = False
+    ids = [f"c{n:03}" for n in range(150)]
+    for task_id in ids[:100]:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    rig = rig_for(poll={"batch_size": 150, "concurrency": 1, "not_found_after": 60})
+    rig.register(*ids)
+    await rig.cycle()
+    await rig.cycle()
+    asked = [len(r.json_body["ids"]) for r in relay.requests]
+    await rig.cycle(advance=61)
+
+    assert [150, 50] == asked
+    statuses = collections.Counter(rig.task(task_id).status for task_id in ids)
+    assert {"in_progress": 100, "failed": 50} == statuses
+    assert {NOT_FOUND_REASON} == {rig.task(task_id).fail_reason for task_id in ids[100:]}
 
 
 async def test_due_order_not_id_order(rig_for: Callable[..., Rig], relay: SimulatedRelay) -> None:

@@ -64,6 +64,10 @@ END_GRACE = 1.0
 END_GRACE_ANSWERS = 2.0
 #: weight of the newest answer in an upstream's usual answer time (a moving average)
 ANSWER_TIME_WEIGHT = 0.2
+#: the most ids relays are known to answer in one batch query (one-hub: 100; some
+#: midjourney-proxy resellers: 500): an answer of exactly that many, to a request for more,
+#: was cut there, not an answer that the other ids are unknown
+ANSWER_CAPS = frozenset({100, 500})
 
 
 @dataclasses.dataclass(eq=False)
@@ -301,7 +305,8 @@ class Poller:
                 raise
         else:
             self._answered(platform, time.monotonic() - sent)
-            return Answer(platform, seen, self.clock.now(), asked)
+            capped = self._capped(platform, len(ids), len(seen))
+            return Answer(platform, seen, self.clock.now(), asked, capped)
         finally:
             if current is not None:
                 self._request_over(out, current)
@@ -340,6 +345,26 @@ class Poller:
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
+
+    def _capped(self, platform: Platform, asked: int, answered: int) -> bool:
+        """Whether the relay cut its answer at a cap (ANSWER_CAPS); if so, ``platform`` asks
+        no more ids than that from now on (until a reload sets its batch size again), and
+        the log says which setting to change."""
+        if platform.per_id or answered >= asked or answered not in ANSWER_CAPS:
+            return False
+        if platform.batch_size > answered:
+            platform.batch_size = answered
+            log.warning(
+                "relay_answer_capped",
+                platform=platform.name,
+                asked=asked,
+                answered=answered,
+                batch_size=answered,
+                hint=f"the relay answers at most {answered} ids per request: asking that many"
+                f" at a time from now on; set [platforms.{platform.name}].batch_size or"
+                f" [poll].batch_size to {answered}",
+            )
+        return True
 
     def _due_again(self, tasks: Sequence[DueTask]) -> list[TaskUpdate]:
         """``tasks`` unasked and due again at once, in their place in due order."""
@@ -461,8 +486,13 @@ class Poller:
         waits[platform.name] = waits.get(platform.name, 0.0) + seconds
 
     async def decide(self, tasks: Sequence[DueTask], answer: Answer) -> Decided:
-        """Each task's decision from the relay's ``answer``, as of when it came."""
+        """Each task's decision from the relay's ``answer``, as of when it came (a task a
+        capped answer left out is due again, not missing)."""
         decided = Decided()
+        if answer.capped:
+            left_out = [t for t in tasks if t.task_id not in answer.seen]
+            decided.updates += self._due_again(left_out)
+            tasks = [t for t in tasks if t.task_id in answer.seen]
         for start in range(0, len(tasks), DECIDE_CHUNK):
             if start:
                 await asyncio.sleep(0)

@@ -29,8 +29,10 @@ FAILURE_PAUSE = 1.0
 BLOCKED_PAUSE = 0.1
 #: a lag warning is logged at most this often (seconds)
 LAG_WARNING_EVERY = 60.0
-#: a batch style asking fewer ids per request than this is told to ask more when lagging
-SUGGESTED_BATCH = 1000
+#: a batch style asking fewer ids per request than this is told to ask more when lagging;
+#: not past it, as relays cap an answer there (one-hub answers at most 100 ids, and the ids
+#: it leaves out would look unknown: see Poller.ask)
+SUGGESTED_BATCH = 100
 
 
 class PollEngine:

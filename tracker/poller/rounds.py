@@ -49,6 +49,9 @@ class Answer:
     seen: Mapping[str, Observation | Glance]
     at: datetime
     asked: datetime
+    #: the relay answered only as many ids as it answers at most (ANSWER_CAPS): the ids it
+    #: left out are not known to be unknown, and are asked again
+    capped: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -148,6 +148,8 @@ class SimulatedRelay(LoopbackServer):
         self.luma_int_times = False
         #: what Luma items say in data.estimate_wait_seconds while not finished
         self.luma_estimate_wait: float | None = None
+        #: ids a batch query answers at most, the others left out (one-hub: 100); None: all
+        self.answer_cap: int | None = None
         self.slow_seconds = 2.0
         #: seconds every answer waits before it goes out (a real relay's database query)
         self.latency = 0.0
@@ -353,6 +355,8 @@ class SimulatedRelay(LoopbackServer):
         with self._lock:
             snaps = [s for i in dict.fromkeys(ids) if (s := self._lookup(family, i, now))]
             self._rng.shuffle(snaps)
+            if self.answer_cap is not None:  # a LIMIT on the relay's query: any that many
+                del snaps[self.answer_cap :]
             bare_luma, int_times = self.luma_bare_array, self.luma_int_times
             wait = self.luma_estimate_wait
             poisons = dict(self._poisons)
