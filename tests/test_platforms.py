@@ -563,15 +563,15 @@ async def test_video_progress_rule(
     [
         (400, samples.TASK_NOT_EXIST),
         (404, samples.TASK_NOT_EXIST),
-        (404, {"error": {"message": "Invalid URL", "type": "invalid_request_error"}}),
-        (404, b"404 page not found"),
+        (404, {"error": {"message": "Video 'gone' not found", "type": "invalid_request_error"}}),
         (200, samples.TASK_NOT_EXIST),
     ],
 )
 async def test_task_not_exist_means_not_found(
     relay: CannedRelay, client: httpx.AsyncClient, status: int, body: Any
 ) -> None:
-    """new-api's 400 task_not_exist, and any 404, leave the id out (not found, not failed)."""
+    """new-api's 400 task_not_exist, and a 404 about the id, leave the id out (not found, not
+    failed)."""
     relay.answer("/v1/video/generations/gone", body, status)
     relay.answer("/v1/video/generations/here", samples.envelope(samples.video_dto("SUCCESS")))
 
@@ -593,6 +593,9 @@ async def test_task_not_exist_means_not_found(
         (200, [samples.video_dto()], "not an object"),
         (200, b"not json", "not JSON"),
         (200, {"code": 1001, "message": "kling says no", "data": None}, "kling says no"),
+        # the relay's router: no such path (a mistyped path must not fail every task)
+        (404, {"error": {"message": "Invalid URL (GET /v1/x)"}}, "no such route on the relay"),
+        (404, b"404 page not found", "check [platforms.video].path"),
     ],
 )
 async def test_unusable_single_answers_raise_upstream_error(

@@ -218,7 +218,7 @@ def test_kling_rejects_unknown_action(relay: SimulatedRelay) -> None:
         response = client.get("/kling/v1/videos/lipsync/k1")
 
     assert response.status_code == 404
-    assert response.json()["code"] == "not_found"
+    assert response.json()["error"]["message"].startswith("Invalid URL (GET /kling/")
 
 
 def test_replicate_prediction_shape(done_relay: SimulatedRelay) -> None:
@@ -269,13 +269,16 @@ def test_replicate_status_mapping(relay: SimulatedRelay, status: str, expected: 
     assert ("boom" if status == "FAILURE" else None) == prediction["error"]
 
 
-def test_unknown_route_is_a_json_404(relay: SimulatedRelay) -> None:
-    """Any path the relay does not serve answers 404 with a JSON body."""
+def test_unknown_route_is_new_apis_invalid_url_404(relay: SimulatedRelay) -> None:
+    """Any path the relay does not serve answers 404 with new-api's own error body."""
     with client_for(relay) as client:
         responses = [client.get("/v1/chat/completions"), client.put("/luma/tasks", json={})]
 
     assert [r.status_code for r in responses] == [404, 404]
-    assert [r.json()["code"] for r in responses] == ["not_found", "not_found"]
+    assert [r.json()["error"]["message"] for r in responses] == [
+        "Invalid URL (GET /v1/chat/completions)",
+        "Invalid URL (PUT /luma/tasks)",
+    ]
 
 
 def test_ids_must_be_a_list(relay: SimulatedRelay) -> None:

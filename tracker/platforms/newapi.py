@@ -8,7 +8,13 @@ from typing import Any, ClassVar
 
 import httpx
 
-from tracker.platforms.answers import UpstreamError, read_json, relay_message, try_json
+from tracker.platforms.answers import (
+    UpstreamError,
+    excerpt,
+    read_json,
+    relay_message,
+    try_json,
+)
 from tracker.platforms.base import CANCELED_WORDS, Glance, PerIdPlatform, Platform
 from tracker.platforms.observations import (
     READ_CHUNK,
@@ -174,6 +180,18 @@ class NewApiBatch(Platform):
         return observations
 
 
+def _no_such_route(response: httpx.Response) -> bool:
+    """Whether a 404 comes from the relay's router, not from its task lookup: a body that is
+    not JSON (a proxy's or a web server's page), or the "Invalid URL (GET /path)" error that
+    new-api, one-api and OpenAI answer for a path they do not serve."""
+    body = try_json(response)
+    if not isinstance(body, dict):
+        return True
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return isinstance(message, str) and message.startswith("Invalid URL")
+
+
 def _says_not_exist(body: object) -> bool:
     return isinstance(body, dict) and TASK_NOT_EXIST in (body.get("code"), body.get("message"))
 
@@ -183,7 +201,9 @@ class NewApiSingle(PerIdPlatform):
 
     Also read: one-hub's raw Kling answer (`{code: 0, data: {task_status, ...}}`) and the
     OpenAI video object (`{object: "video", status, progress, error}`) of `/v1/videos/{id}`.
-    HTTP 404, or a `task_not_exist` code (new-api sends it with HTTP 400), means "no such id".
+    HTTP 404, or a `task_not_exist` code (new-api sends it with HTTP 400), means "no such id";
+    but not a 404 from the relay's router (a path it does not serve): that is a relay error,
+    or a mistyped `path` would fail every task of the platform as not found.
     """
 
     style: ClassVar[str] = "newapi-single"
@@ -191,6 +211,12 @@ class NewApiSingle(PerIdPlatform):
     def read_one(self, task_id: str, response: httpx.Response) -> Observation | None:
         """Read one answer; None when the relay does not know ``task_id``."""
         if response.status_code == 404:
+            if _no_such_route(response):
+                raise UpstreamError(
+                    f"HTTP 404, no such route on the relay (check [platforms.{self.name}].path):"
+                    f" {excerpt(response)}",
+                    status_code=404,
+                )
             return None
         if response.status_code == 400 and _says_not_exist(try_json(response)):
             return None

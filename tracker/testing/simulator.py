@@ -346,8 +346,14 @@ class SimulatedRelay(LoopbackServer):
                 return self._single("kling", parts[4], parts[3])
             if len(parts) == 3 and parts[:2] == ["v1", "predictions"]:
                 return self._single("replicate", parts[2], "")
-        error = {"code": "not_found", "message": f"no route for {method} {route}", "data": None}
-        return json_answer(404, error)
+        # new-api's (and one-api's) own answer for a path it does not serve
+        error = {
+            "message": f"Invalid URL ({method} {route})",
+            "type": "invalid_request_error",
+            "param": "",
+            "code": "",
+        }
+        return json_answer(404, {"error": error})
 
     def _batch(self, route: str, ids: list[str]) -> Answer:
         family = {"/luma/tasks": "luma", "/suno/fetch": "suno"}.get(route, "midjourney")
