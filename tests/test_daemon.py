@@ -21,7 +21,9 @@ from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
 from tracker.reload import plan_reload
+from tracker.status import TaskStatus
 from tracker.store import Registration, SqlStore
+from tracker.store.records import Stats
 from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
@@ -309,7 +311,32 @@ async def test_metrics_and_readyz_require_the_token_when_configured(
         scrape = await holder.get("/metrics")
         assert 200 == scrape.status_code
         assert "tracker_outbox_depth" in scrape.text
+        # No task at all yet: every configured platform's statuses read 0, not "no data".
+        assert 'tracker_tasks{platform="luma",status="queued"} 0.0' in scrape.text
         assert 200 == (await holder.get("/readyz")).status_code
+
+
+def test_task_counts_read_zero_for_every_status_rather_than_going_missing() -> None:
+    """tracker_tasks has a series for every status of every configured platform, and of any
+    other platform with tasks: a count that drops to 0 reads 0. (Its series went missing, so a
+    sum over queued tasks, or an alert on them, read "no data".)"""
+    metrics = Metrics()
+    stats = Stats(tasks={("kling", "completed"): 1}, deliveries={}, oldest_pending_delivery=None)
+    metrics.watch_store(lambda: stats, time.time, platforms=["luma"])
+    text = metrics.render().decode()
+
+    series = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tracker_tasks{")
+    }
+    assert {
+        f'tracker_tasks{{platform="{platform}",status="{status.value}"}}': (
+            1.0 if (platform, status) == ("kling", TaskStatus.COMPLETED) else 0.0
+        )
+        for platform in ("kling", "luma")
+        for status in TaskStatus
+    } == series
 
 
 def test_a_scrape_survives_an_unreachable_database() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from tracker.activity import Activity
 from tracker.retry import DeliveryState
+from tracker.status import TaskStatus
 from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.metrics")
@@ -19,9 +20,12 @@ log = structlog.get_logger("tracker.metrics")
 class _StoreCollector(Collector):
     """Figures read from the database at scrape time, so they are right after a restart."""
 
-    def __init__(self, stats: Callable[[], Stats], now: Callable[[], float]) -> None:
+    def __init__(
+        self, stats: Callable[[], Stats], now: Callable[[], float], platforms: Iterable[str]
+    ) -> None:
         self._stats = stats
         self._now = now
+        self._platforms = frozenset(platforms)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Tasks by platform and status, outbox depth, oldest pending delivery age, poll lag."""
@@ -40,8 +44,13 @@ class _StoreCollector(Collector):
         tasks = GaugeMetricFamily(
             "tracker_tasks", "Tracked tasks by platform and status", labels=["platform", "status"]
         )
-        for (platform, task_status), count in sorted(stats.tasks.items()):
-            tasks.add_metric([platform, task_status], count)
+        # Every status of every platform, 0 included: a count that drops to 0 reads 0, not
+        # "no data" (a sum over statuses, an alert on queued tasks, would go blank).
+        platforms = self._platforms | {platform for platform, _ in stats.tasks}
+        for platform in sorted(platforms):
+            for task_status in TaskStatus:
+                count = stats.tasks.get((platform, task_status.value), 0)
+                tasks.add_metric([platform, task_status.value], count)
         yield tasks
         depth = GaugeMetricFamily(
             "tracker_outbox_depth", "Webhook deliveries by state", labels=["state"]
@@ -118,9 +127,12 @@ class Metrics:
             registry=r,
         )
 
-    def watch_store(self, stats: Callable[[], Stats], now: Callable[[], float]) -> None:
-        """Export the database-backed gauges."""
-        self.registry.register(_StoreCollector(stats, now))
+    def watch_store(
+        self, stats: Callable[[], Stats], now: Callable[[], float], platforms: Iterable[str] = ()
+    ) -> None:
+        """Export the database-backed gauges; tracker_tasks shows every status of
+        ``platforms`` (the configured ones) and of any other platform with tasks."""
+        self.registry.register(_StoreCollector(stats, now, platforms))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
