@@ -11,8 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy import exc as sa_exc
+
 from tracker import config
-from tracker.cli import output
+from tracker.cli import common, output
 from tracker.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from tracker.cli.parsing import CommandLineError, asks_json, parser
 from tracker.startup import ExitCode, StartupError
@@ -32,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except config.ConfigError as exc:
         return output.fail(args, ExitCode.USAGE, exc.problems)
-    except StartupError as exc:
-        return output.fail(args, exc.code, [str(exc)])
+    except (StartupError, sa_exc.DBAPIError) as exc:
+        # A DBAPIError: the store opened, then a statement failed (a locked SQLite file, a
+        # server gone), said as a database that would not open is, never as a traceback.
+        failed = exc if isinstance(exc, StartupError) else common.failure(args, exc)
+        return output.fail(args, failed.code, [str(failed)])
     except SchemaMismatchError as exc:
         return output.fail(args, ExitCode.SCHEMA, [f"database: {exc}"])
     except KeyboardInterrupt:

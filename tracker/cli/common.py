@@ -10,6 +10,9 @@ from tracker import config, startup
 from tracker.startup import ExitCode
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.exc import DBAPIError
+
     from tracker.store import SqlStore
     from tracker.store.abc import Store
 
@@ -42,27 +45,70 @@ def known_platform(args: argparse.Namespace, name: str | None) -> None:
 
 
 def database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
-    """The SQL store itself, for the ``db`` commands that work on its engine."""
+    """The SQL store itself, for the ``db`` commands that work on its engine.
+
+    With ``create`` an empty database gets the schema, as at the daemon's start, and an older
+    one is refused (SchemaOutdatedError, exit 5) naming `tracker db upgrade`, whatever
+    ``[database].auto_migrate`` says: only that command and the daemon's start upgrade, never
+    a command run beside an older daemon still serving the database. Without it the database
+    is only opened, whatever its schema (for the ``db`` commands that report or upgrade it).
+    """
     from sqlalchemy import exc as sa_exc  # noqa: PLC0415
 
-    from tracker.store import SqlStore, migrate  # noqa: PLC0415
+    from tracker.store import SchemaMismatchError, SqlStore  # noqa: PLC0415
 
-    settings = load(args)
-    url = settings.database.url
+    url = load(args).database.url
     startup.check_database(url)
+    # Where a database error met later is said to come from (see `failure`).
+    args.database_url = url
     store = SqlStore.from_url(url)
     try:
         if create:
-            # The same rule as the daemon's start: an empty database gets the schema, an older
-            # one is upgraded only when auto_migrate allows it.
-            migrate.ensure(store.engine, auto_migrate=settings.database.auto_migrate)
+            _schema_current(store.engine)
         else:
             store.engine.connect().close()
     except sa_exc.SQLAlchemyError as exc:
+        store.close()
         raise startup.unreachable(url, exc) from None
+    except SchemaMismatchError:
+        store.close()
+        raise
     return store
+
+
+def _schema_current(engine: sa.Engine) -> None:
+    """Give an empty database the schema; refuse any other that is not this release's."""
+    from tracker.store import migrate  # noqa: PLC0415
+
+    state = migrate.current(engine)
+    if state.shape is migrate.Shape.EMPTY:
+        # Nothing can be using an empty database. auto_migrate=False: were an older schema
+        # written meanwhile, it is refused, not upgraded.
+        migrate.ensure(engine, auto_migrate=False)
+    elif not state.up_to_date:
+        raise migrate.SchemaOutdatedError(
+            f"database schema is at revision {state.describe()}, this tracker needs "
+            f"{state.head}: run `{migrate.UPGRADE_COMMAND}` (no other command upgrades it)"
+        )
 
 
 def store(args: argparse.Namespace) -> Store:
     """The store as the task and delivery commands use it."""
     return database(args)
+
+
+def failure(args: argparse.Namespace, exc: DBAPIError) -> startup.StartupError:
+    """A database error met once the store is open (a locked SQLite file, a server gone) as
+    one line (exit code DATABASE): the database, never its password, and the driver's cause.
+    """
+    url: str | None = getattr(args, "database_url", None)
+    if url is None:  # not opened by `database` (`tracker run`): the config names it
+        try:
+            url = load(args).database.url
+        except config.ConfigError:
+            url = None
+    where = (startup.shown_url(url) if url else None) or "(an unreadable URL)"
+    cause = str(exc.orig or exc).strip().splitlines()
+    return startup.StartupError(
+        f"database {where} failed: {cause[0] if cause else type(exc).__name__}", ExitCode.DATABASE
+    )
