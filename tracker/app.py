@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio.to_thread
@@ -29,8 +30,9 @@ log = structlog.get_logger("tracker.app")
 class Daemon:
     """API, poll loop and delivery over one store, with SIGTERM/SIGINT/SIGHUP handled.
 
-    The parts are ``compose.build``'s (``self.parts``), given every argument but ``config_path``
-    and ``overrides``.
+    The parts are ``compose.build``'s (``self.parts``), given every argument but
+    ``config_path``, ``overrides`` and ``environ`` (the environment ``settings`` were read
+    with, the process's by default: a reload applies the same overrides from it).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Daemon:
         notifier: sdnotify.Notifier | None = None,
         config_path: str | os.PathLike[str] | None = None,
         overrides: reloading.Overrides | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.parts = compose.build(
             settings, clock=clock, transports=transports, store=store, notifier=notifier
@@ -52,9 +55,13 @@ class Daemon:
         #: what `tracker run` changed in the file's settings (--simulate); each reload too
         self._overrides = overrides
         self._log_secrets = reloading.LogSecrets(settings)
+        #: the keys the environment overrides, and the file's values for them as last read
+        self._env = reloading.EnvOverrides(self.config_path, environ)
         self._stack = contextlib.AsyncExitStack()
         self._started = False
         self._stopped = False
+        #: a reload asked for while starting, applied once started
+        self._reload_held = False
 
     @property
     def settings(self) -> config.Settings:
@@ -103,6 +110,9 @@ class Daemon:
             platforms=sorted(parts.platforms),
             pid=os.getpid(),
         )
+        if self._reload_held:  # asked for while starting: now there is something to reload
+            self._reload_held = False
+            self.reload()
 
     def _watch(self, stack: contextlib.AsyncExitStack) -> None:
         # WATCHDOG=1 from the event loop: a wedged loop stops the pings and systemd restarts us.
@@ -134,8 +144,21 @@ class Daemon:
             log.info("stopped")
 
     def reload(self) -> None:
-        """Re-read the config file and apply what can change live (SIGHUP)."""
-        reloading.reload_file(self.parts, self._log_secrets, self.config_path, self._overrides)
+        """Re-read the config file and apply what can change live (SIGHUP).
+
+        One asked for while the daemon is starting is held and applied once it has started,
+        after its READY=1: until then there is nothing running to apply it to, and the reload's
+        READY=1 would tell systemd the daemon is ready before it is. One asked for while it
+        stops is ignored (``reload_file``), with neither RELOADING=1 nor READY=1.
+        """
+        if not self._started and not self.parts.stop.is_set():
+            if not self._reload_held:
+                log.info("reload_held", reason="starting", hint="applied once started")
+            self._reload_held = True
+            return
+        reloading.reload_file(
+            self.parts, self._log_secrets, self.config_path, self._overrides, self._env
+        )
 
     def apply(self, new: config.Settings) -> reloading.ReloadPlan:
         """Put the live parts of ``new`` in force; returns what was applied and what was not."""

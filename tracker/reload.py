@@ -3,12 +3,18 @@
 
 A reload refuses whatever `tracker run` refuses at start (`startup.start_problems`), so a config
 the daemon could not start with is never half put in force by SIGHUP.
+
+The environment is read at start only (systemd reads `EnvironmentFile=` then too): a key an
+environment variable overrides keeps the variable's value over any edit to the file, and a
+reload that meets such an edit says so (``EnvOverrides``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +22,7 @@ import pydantic
 import structlog
 
 from tracker import config, events, logs, platforms, startup
+from tracker.config import loading
 
 if TYPE_CHECKING:
     from tracker.compose import Parts
@@ -149,10 +156,56 @@ def apply(parts: Parts, secrets: LogSecrets, new: config.Settings) -> ReloadPlan
     return plan
 
 
-def read(path: Path, overrides: Overrides | None = None) -> config.Settings:
-    """The config file at ``path`` as `tracker run` would start with it: ``overrides``
-    applied, and refused (ConfigError) for anything `run` refuses."""
-    new = config.load(path)
+class EnvOverrides:
+    """The keys the environment overrides (``config.ENV_OVERRIDES``), and the file's own value
+    of each as last read (at start, then by each reload applied), to tell which of them an
+    operator has since edited in the file.
+
+    A running process never reads its environment again, so such an edit changes nothing: the
+    variable's value stays in force until a restart (with the variable changed or removed).
+    The values may be secrets: they are compared here, never logged.
+    """
+
+    def __init__(self, path: Path | None, environ: Mapping[str, str] | None = None) -> None:
+        #: the environment the daemon started with (its settings' overrides)
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self._file: dict[str, tuple[str, object]] = {}
+        if path is not None:
+            # Unreadable now: the first reload has nothing to compare with, and says nothing.
+            with contextlib.suppress(config.ConfigError):
+                self._file = loading.overridden(loading.read(path), self.environ)
+
+    def warn_edited(self, raw: Mapping[str, Any]) -> list[str]:
+        """Log ``env_override_kept`` for each overridden key the file ``raw`` (as read now)
+        sets otherwise than when last read; returns those keys, and remembers ``raw``'s."""
+        now = loading.overridden(raw, self.environ)
+        edited: list[str] = []
+        for variable, (key, value) in now.items():
+            before = self._file.get(variable)
+            if before is None or before[1] == value:
+                continue
+            edited.append(key)
+            log.warning(
+                "env_override_kept",
+                key=key,
+                variable=variable,
+                hint=f"{variable} is set in the environment and overrides {key}, so the "
+                "value edited in the config file does not apply; the environment's value "
+                "stays in force. The environment (systemd's EnvironmentFile=, e.g. "
+                "/etc/tracker/tracker.env) is read at start only: change or remove the "
+                "variable there and restart the daemon (a reload does not apply it)",
+            )
+        self._file = now
+        return edited
+
+
+def _validated(
+    raw: Mapping[str, Any],
+    path: Path,
+    overrides: Overrides | None,
+    environ: Mapping[str, str] | None,
+) -> config.Settings:
+    new = loading.from_document(raw, path, environ)
     if overrides is not None:
         new = overrides(new)
     problems = startup.start_problems(new)
@@ -161,14 +214,30 @@ def read(path: Path, overrides: Overrides | None = None) -> config.Settings:
     return new
 
 
+def read(
+    path: Path, overrides: Overrides | None = None, environ: Mapping[str, str] | None = None
+) -> config.Settings:
+    """The config file at ``path`` as `tracker run` would start with it: the environment's
+    overrides (``environ``, by default the process's) and ``overrides`` applied, and refused
+    (ConfigError) for anything `run` refuses."""
+    return _validated(loading.read(path), path, overrides, environ)
+
+
 def reload_file(
-    parts: Parts, secrets: LogSecrets, path: Path | None, overrides: Overrides | None = None
+    parts: Parts,
+    secrets: LogSecrets,
+    path: Path | None,
+    overrides: Overrides | None = None,
+    env: EnvOverrides | None = None,
 ) -> None:
     """Re-read the config file at ``path`` and apply what can change live (SIGHUP).
 
     ``overrides`` are the changes `tracker run` made to the file's settings at start (see
-    ``read``). Brackets the work with RELOADING=1 and READY=1; a file `tracker run` would
-    refuse changes nothing.
+    ``read``). ``env`` holds the environment the daemon started with and the file's values
+    it overrides as last read: a key the file now sets otherwise is logged as kept at the
+    environment's value (without it, the process's environment and no such warning).
+    Brackets the work with RELOADING=1 and READY=1; a file `tracker run` would refuse changes
+    nothing.
     """
     if parts.stop.is_set():
         log.info("reload_ignored", reason="shutting down")
@@ -178,7 +247,8 @@ def reload_file(
         return
     parts.notifier.reloading()
     try:
-        new = read(path, overrides)
+        raw = loading.read(path)
+        new = _validated(raw, path, overrides, env.environ if env is not None else None)
     except config.ConfigError as exc:
         log.error(  # noqa: TRY400 - the problems say it all; a traceback would not
             "reload_failed", problems=exc.problems, config=str(path)
@@ -188,5 +258,8 @@ def reload_file(
             apply(parts, secrets, new)
         except Exception:
             log.exception("reload_failed", config=str(path))
+        else:
+            if env is not None:
+                env.warn_edited(raw)
     finally:
         parts.notifier.ready()

@@ -20,7 +20,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 }
 
 
-__all__ = ["ENV_OVERRIDES", "ConfigError", "load", "parse"]
+__all__ = ["ENV_OVERRIDES", "ConfigError", "from_document", "load", "overridden", "parse", "read"]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -61,6 +61,22 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> S
         raise ConfigError(problems) from None
 
 
+def overridden(
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, object]]:
+    """The environment overrides in force over the decoded document ``raw``: for each variable
+    set (as ``parse`` reads it), its dotted key and the file's own value there (None when the
+    file has none). The values may be secrets: compare them, never log them."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, tuple[str, object]] = {}
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(variable):
+            table = raw.get(section)
+            value = table.get(key) if isinstance(table, dict) else None
+            found[variable] = (f"{section}.{key}", value)
+    return found
+
+
 def _in_memory_problems(raw: Mapping[str, Any]) -> list[str]:
     # Checked for a file the daemon or a command would open, not in `parse`, which also
     # validates documents built in code (tests use sqlite:// for settings never opened).
@@ -69,17 +85,32 @@ def _in_memory_problems(raw: Mapping[str, Any]) -> list[str]:
     return [f"database.url: {IN_MEMORY}"] if isinstance(url, str) and in_memory(url) else []
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the TOML file at ``path``."""
+def read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TOML file at ``path`` decoded, not validated (ConfigError if it cannot be)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read the config file ({exc.strerror})"]) from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML ({exc})"]) from None
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the TOML file at ``path``."""
+    return from_document(read(path), path, environ)
+
+
+def from_document(
+    raw: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate ``raw``, the document ``read`` decoded from the file at ``path``, as ``load``
+    does (relative SQLite paths resolve against the file's directory)."""
+    file = Path(path)
     memory = _in_memory_problems(raw)
     try:
         settings = parse(raw, environ)
