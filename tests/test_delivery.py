@@ -249,6 +249,25 @@ async def test_a_500_is_retried_after_the_delay_with_the_same_id(
     assert all(a.url == receiver.url and a.latency_ms > 0 for a in delivery.log)
 
 
+async def test_the_wait_before_a_retry_runs_from_the_answer_not_from_the_post(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """A receiver that answers 500 four seconds (of the fake clock) after the POST: the retry
+    waits the whole first delay, 10 s, from the answer. (It was counted from the POST: 6 s
+    after the answer; a timeout as long as the 60 s floor was retried at once.)"""
+    settings = hook_settings(receiver.url)
+    complete(store, clock, settings)
+    receiver.default = Reply(status=500)
+    receiver.on_receive = lambda _request: clock.advance(4)
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        await deliverer.run_once()
+
+    failed = only(store)
+    assert 10 == retry_in(failed, clock)
+    assert 4 == (clock.now() - failed.log[0].at).total_seconds()  # the attempt: when it began
+
+
 @pytest.mark.parametrize(("rand", "delay"), [(0.0, 8.0), (0.5, 10.0), (0.75, 11.0)])
 async def test_retry_delays_are_jittered_by_twenty_percent(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver, rand: float, delay: float
@@ -987,6 +1006,23 @@ async def test_each_delivery_logs_one_info_line(
     assert receiver.received[0].headers["webhook-id"] == line["webhook_id"]
 
 
+async def test_answers_are_asked_for_uncompressed_so_the_attempt_log_reads_as_text(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """httpx offers gzip by default, and a receiver behind a compressing proxy would take it:
+    the attempt log, which keeps the answer's first bytes as they came, would hold gzip. Each
+    attempt asks for the answer as it is (accept-encoding: identity)."""
+    settings = hook_settings(receiver.url)
+    complete(store, clock, settings)
+    receiver.default = Reply(status=500, body=b'{"error": "database is down"}')
+
+    async with deliverer_for(store, clock, settings) as deliverer:
+        await deliverer.run_once()
+
+    assert "identity" == receiver.received[0].headers["accept-encoding"]
+    assert '{"error": "database is down"}' == only(store).log[0].response_excerpt
+
+
 async def test_a_password_in_a_tasks_webhook_url_stays_out_of_the_delivery_log_lines(
     store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
 ) -> None:
@@ -1116,6 +1152,27 @@ async def test_events_for_the_default_url_follow_it_when_a_reload_moves_it(
 
     assert ["task.completed"] == [verify(r, SECRET)["type"] for r in other.received]
     assert ("delivered", other.url) == (only(store).state, only(store).url)
+
+
+async def test_an_event_decided_while_webhooks_url_is_unset_is_kept_until_it_is_back(
+    store: SqlStore, clock: FakeClock, receiver: WebhookReceiver
+) -> None:
+    """A task registered for the default target completes while [webhooks].url is unset (a
+    reload took it out): its event is written all the same, held (not sent) and retried, and
+    delivered once the URL is back. (It was not written at all: lost, nothing to recover.)"""
+    task = register(store, clock)
+    observe(store, clock, hook_settings(None), task, TaskStatus.COMPLETED)
+    async with deliverer_for(store, clock, hook_settings(None)) as deliverer:
+        await deliverer.run_once()
+        held = only(store)
+        assert ("pending", 0) == (held.state, receiver.count)
+        assert "no [webhooks].url in the config: not sent" == held.last_error
+        deliverer.configure(hook_settings(receiver.url))
+        clock.advance(100)
+        await deliverer.run_once()
+
+    assert ["task.completed"] == [verify(r)["type"] for r in receiver.received]
+    assert ("delivered", receiver.url) == (only(store).state, only(store).url)
 
 
 # -- a re-queue while the pass holds the delivery ----------------------------------------------

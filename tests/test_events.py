@@ -152,9 +152,14 @@ def test_an_endpoint_without_events_takes_the_global_list() -> None:
     assert frozenset({"task.completed", "task.progress"}) == target.events
 
 
-def test_no_target_when_no_url_exists() -> None:
-    """No webhook_url, no endpoint and no [webhooks].url: nothing to deliver."""
-    assert events.Targets(hooks(url=None)).resolve(None, None, None) is None
+def test_without_any_url_the_default_targets_events_are_addressed_to_be_held() -> None:
+    """No webhook_url, no endpoint and no [webhooks].url (a reload took it out after the task
+    was registered): the events are still written, with no URL, for the deliverer to hold
+    until the config has one, as a gone endpoint's are."""
+    target = events.Targets(hooks(url=None)).resolve(None, None, None)
+
+    assert target is not None
+    assert ("", None, False) == (target.url, target.endpoint, target.guarded)
 
 
 def test_an_endpoint_gone_from_the_config_still_gets_its_events_addressed_to_its_name() -> None:

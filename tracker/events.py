@@ -38,7 +38,7 @@ class Targets:
     def resolve(
         self, webhook_url: str | None, endpoint: str | None, events: Sequence[str] | None
     ) -> Target | None:
-        """The target for a registration; None when there is none (nothing to deliver)."""
+        """The target for a registration (an empty ``url``: held until the config has one)."""
         key = (webhook_url, endpoint, None if events is None else tuple(events))
         if key in self._resolved:
             return self._resolved[key]
@@ -66,7 +66,10 @@ class Targets:
         elif settings.url is not None:
             url, guarded, wanted = settings.url, False, set(settings.events)
         else:
-            return None
+            # [webhooks].url left the config after the task was registered (a registration
+            # names a target while there is none): its events are written all the same, and
+            # held by the deliverer, as a gone endpoint's are, until the URL is back.
+            url, guarded, wanted = "", False, set(settings.events)
         if events is not None:
             wanted &= set(events)
         return Target(

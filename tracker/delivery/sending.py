@@ -164,6 +164,9 @@ class Sender:
             headers = signing.webhook_headers(
                 keys, job.webhook_id, int(now.timestamp()), job.payload
             )
+            # The answer's first bytes are kept for the attempt log: asked for uncompressed
+            # (httpx offers gzip), they read as text there, and the cap counts what is kept.
+            headers["accept-encoding"] = "identity"
         except ValueError as exc:
             # A secret that is not whsec_<base64>: retried, so fixing the config saves it.
             return retry.Outcome(error=f"cannot sign: {exc}"), b"", False
@@ -208,11 +211,14 @@ class Sender:
         """
         state, error, next_attempt_at = DeliveryState.DEAD, outcome.error, None
         if not fatal:
-            decision = self._policy.decide(outcome, job.attempts + 1, now=now, rand=self._rand())
+            # The wait runs from the answer (or the timeout), not from the POST: a receiver
+            # that took 15 s to time out still gets the whole 60 s floor after it.
+            ended = self._clock.now()
+            decision = self._policy.decide(outcome, job.attempts + 1, now=ended, rand=self._rand())
             state = decision.state
             error = None if state == DeliveryState.DELIVERED else decision.reason
             if state == DeliveryState.PENDING:
-                next_attempt_at = (now + timedelta(seconds=decision.delay or 0.0)).timestamp()
+                next_attempt_at = (ended + timedelta(seconds=decision.delay or 0.0)).timestamp()
         return AttemptResult(
             job=job,
             at=now,
