@@ -23,7 +23,7 @@ from tracker.app import Daemon
 from tracker.dashboard.actions import router as actions
 from tracker.dashboard.pages import router as pages
 from tracker.store import Registration
-from tracker.store.sql import deliveries
+from tracker.store.sql import deliveries, tasks
 from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = {"Authorization": "Bearer test-token"}
@@ -147,6 +147,8 @@ async def test_registration_is_idempotent(api: Api) -> None:
         ({"ids": ["ok", ""]}, "ids[1]"),
         ({"ids": ["x" * 201]}, "ids[0]"),
         ({"ids": ["tab\there"]}, "ids[0]"),
+        ({"ids": ["ok", "trailing "]}, "ids[1]"),
+        ({"ids": [" leading"]}, "ids[0]"),
         ({"ids": ["ok", ".."]}, "ids[1]: must be"),
         ({"ids": ["."]}, "not '.' or '..'"),
         ({"ids": ["a"], "platform": "nope"}, "platform:"),
@@ -280,6 +282,42 @@ async def test_registrations_get_503_while_stopping(api: Api) -> None:
 
     assert 503 == answer.status_code
     assert 404 == (await api.get("/v1/tasks/luma/late")).status_code
+
+
+async def test_a_tasks_deliveries_are_listed_whole_past_a_thousand(api: Api) -> None:
+    """A task that sent many progress events: its deliveries route lists every one, oldest
+    first, as the README says. (It stopped at the newest 1000, without a cursor or a sign.)"""
+    store = api.daemon.parts.store
+    store.register(Registration("luma", ["many"]), datetime.now(UTC))
+    # A write transaction from the start (BEGIN IMMEDIATE on SQLite): it waits for the poll
+    # engine's writes (the registration woke it) instead of failing on the lock.
+    with store.engine.connect() as conn, conn.execution_options(tracker_write=True).begin():
+        pk = conn.execute(sa.select(tasks.c.id).where(tasks.c.task_id == "many")).scalar_one()
+        now = datetime.now(UTC)
+        conn.execute(
+            deliveries.insert(),
+            [
+                {
+                    "webhook_id": f"msg_many{n:05}",
+                    "task_pk": pk,
+                    "platform": "luma",
+                    "task_id": "many",
+                    "event_type": "task.progress",
+                    "payload": "{}",
+                    "url": "http://127.0.0.1:9/hook",
+                    "guarded": False,
+                    "state": "delivered",
+                    "attempts": 1,
+                    "next_attempt_at": 0.0,
+                    "created_at": now,
+                }
+                for n in range(1005)
+            ],
+        )
+
+    listed = (await api.get("/v1/tasks/luma/many/deliveries")).json()["deliveries"]
+
+    assert [f"msg_many{n:05}" for n in range(1005)] == [d["webhook_id"] for d in listed]
 
 
 async def test_deliveries_can_be_listed_redelivered_and_recovered(

@@ -87,6 +87,10 @@ async def post(api: Api, path: str, body: bytes, **headers: str) -> httpx.Respon
         (REGISTRATION % b"Infinity", "body: Infinity is not a JSON number"),
         (REGISTRATION % b"-Infinity", "body: -Infinity is not a JSON number"),
         (REGISTRATION % b"1e400", "body: holds a number out of the range of a 64-bit float"),
+        # an integer literal past a float's range (a JSON reader in another language would
+        # take it for infinity, or refuse the webhook body carrying it)
+        (REGISTRATION % (b"1" + b"0" * 400), "body: holds a number out of the range of a 64"),
+        (REGISTRATION % (b"-1" + b"0" * 400), "body: holds a number out of the range of a 64"),
         (REGISTRATION % (b"9" * 5000), "body: holds a number too long to read"),
         (REGISTRATION % b'"\\ud800"', "body: holds a lone UTF-16 surrogate"),
         (REGISTRATION % b'{"\\udfff": 1}', "body: holds a lone UTF-16 surrogate"),

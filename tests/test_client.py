@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 import standardwebhooks
 from conftest import WEBHOOK_SECRET, base_config, toml_text
 
-from tracker import signing
+from tracker import client, signing
 from tracker.client import (
     AsyncTrackerClient,
     InvalidRequestError,
@@ -199,3 +200,13 @@ def test_verify_webhook_agrees_with_the_standardwebhooks_library() -> None:
     signed = signing.webhook_headers([WEBHOOK_SECRET], "msg_2", timestamp, not_an_event)
     with pytest.raises(InvalidSignature, match="not a tracker event"):
         verify_webhook(WEBHOOK_SECRET, not_an_event, signed)
+
+
+def test_the_readme_names_the_error_classes_the_client_exports() -> None:
+    """The README's Python client section names each error class tracker.client exports, by
+    the names an app imports (it named Unauthorized, NotFound, ..., which do not exist)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Python client", 1)[1].split("\n#", 1)[0]
+
+    named = set(re.findall(r"`(\w+Error)`", section))
+    assert {name for name in client.__all__ if name.endswith("Error")} == named

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -43,6 +44,10 @@ def parse(raw: bytes) -> Any:
     return value
 
 
+#: the largest finite 64-bit float, as an exact integer
+_FLOAT_MAX = int(sys.float_info.max)
+
+
 def _check(value: Any) -> None:
     """Walk the parsed value iteratively (it may be deep) and refuse what JSON does not allow."""
     stack: list[tuple[Any, int]] = [(value, 0)]
@@ -58,8 +63,11 @@ def _check(value: Any) -> None:
         elif isinstance(item, str):
             if _SURROGATE.search(item):
                 raise BodyError("holds a lone UTF-16 surrogate (\\ud800-\\udfff), not text")
-        elif isinstance(item, float) and not math.isfinite(item):
-            # json.loads reads 1e400 as inf; it has no JSON spelling on the way out.
+        elif (isinstance(item, float) and not math.isfinite(item)) or (
+            type(item) is int and abs(item) > _FLOAT_MAX
+        ):
+            # json.loads reads 1e400 as inf, which has no JSON spelling on the way out; an
+            # integer literal as large stays exact here, and is infinity to most other readers.
             raise BodyError("holds a number out of the range of a 64-bit float")
 
 

@@ -28,6 +28,7 @@ from tracker.api.state import Deps
 from tracker.api.strict_json import StrictJSONResponse
 from tracker.config import Settings
 from tracker.store import Registration
+from tracker.store.records import DeliveryRecord
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": models.ErrorOut, "description": "no such task"},
@@ -162,10 +163,22 @@ async def task_deliveries(request: Request, deps: Deps, platform: str, task_id: 
     task = await run_in_threadpool(deps.store.get, platform, task_id)
     if task is None:
         raise _no_task(platform, task_id)
-    rows, _ = await run_in_threadpool(
-        lambda: deps.store.list_deliveries(platform=platform, task_id=task_id, limit=MAX_PAGE)
-    )
+    rows = await run_in_threadpool(_every_delivery, deps, platform, task_id)
     return StrictJSONResponse({"deliveries": [views.delivery_json(d) for d in reversed(rows)]})
+
+
+def _every_delivery(deps: Deps, platform: str, task_id: str) -> list[DeliveryRecord]:
+    """Every delivery of the task, newest first: the route promises them all, a task that
+    sent many progress events included, so it reads page after page."""
+    rows: list[DeliveryRecord] = []
+    cursor: int | None = None
+    while True:
+        page, cursor = deps.store.list_deliveries(
+            platform=platform, task_id=task_id, limit=MAX_PAGE, before=cursor
+        )
+        rows += page
+        if cursor is None:
+            return rows
 
 
 @router.get("/{platform}/{task_id:path}", response_model=models.TaskOut, responses=NOT_FOUND)
