@@ -283,6 +283,19 @@ async def test_every_error_has_the_api_shape(api: Api) -> None:
     assert 401 == anonymous_v1.status_code
 
 
+async def test_a_slash_too_many_or_too_few_is_an_error_not_a_redirect(api: Api) -> None:
+    """A path that differs from a route by a trailing slash gets the API's errors: a 404, and
+    under /v1/ a 401 without the token. (It was a bare 307 to the other spelling, answered
+    before the token was looked at: a caller without one learnt which routes exist.)"""
+    anonymous = [await api.client.get(p) for p in ("/v1/tasks/", "/v1/deliveries/")]
+    with_token = await api.get("/v1/deliveries/")
+    health = await api.client.get("/healthz/")
+
+    assert [401, 401] == [a.status_code for a in anonymous]
+    assert (404, ["error"]) == (with_token.status_code, list(with_token.json()))
+    assert (404, ["error"]) == (health.status_code, list(health.json()))
+
+
 async def test_a_405_names_every_method_the_path_takes(api: Api) -> None:
     """A wrong method's Allow header lists every method the path takes, though each is a route
     of its own (RFC 9110), and a caller without the token still learns nothing under /v1/."""

@@ -12,6 +12,7 @@ import pydantic
 import pytest
 import structlog
 from conftest import base_config, eventually, merge
+from starlette.routing import Mount
 
 from tracker import config, sdnotify
 from tracker.app import Daemon
@@ -78,6 +79,15 @@ async def _dead_delivery(daemon: Daemon, receiver: WebhookReceiver, task_id: str
 
     found: int = await eventually(dead, 15, "the delivery to die")
     return found
+
+
+async def test_the_address_without_its_slash_leads_to_the_dashboard(
+    browser: httpx.AsyncClient,
+) -> None:
+    """/ui, as people type it, is sent on to /ui/ (the app redirects no other slash)."""
+    answer = await browser.get("/ui", follow_redirects=False)
+
+    assert (307, "/ui/") == (answer.status_code, answer.headers["location"])
 
 
 async def test_every_page_and_action_redirects_to_sign_in_without_a_session(
@@ -458,7 +468,7 @@ async def test_the_overview_says_n_a_when_the_poller_reports_no_lag(
     daemon: Daemon, browser: httpx.AsyncClient
 ) -> None:
     """A poll-lag source that knows nothing yet shows as n/a, not as zero."""
-    (ui,) = [r for r in daemon.parts.app.routes if getattr(r, "path", "") == "/ui"]
+    (ui,) = [r for r in daemon.parts.app.routes if isinstance(r, Mount) and r.path == "/ui"]
     ui.app.state.dashboard.poll_lag = lambda: None
     await sign_in(browser, TOKEN)
 

@@ -77,7 +77,8 @@ def test_mount_serves_ui_only_when_enabled() -> None:
     """A disabled dashboard adds no route at all; sessions are bounded by MAX_SESSIONS and
     live for [dashboard].session_lifetime (43,200 s by default)."""
     store = SqlStore.from_url("sqlite://")
-    for enabled, expected in ((True, ["/ui"]), (False, [])):
+    # Enabled: the dashboard, and the redirect from /ui to it.
+    for enabled, expected in ((True, ["/ui", "/ui"]), (False, [])):
         settings = _settings(dashboard={"enabled": enabled})
         app = FastAPI()
         mount(

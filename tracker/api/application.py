@@ -78,6 +78,9 @@ def build(*, store: Store, platforms: Sequence[str], state: ApiState, clock: Clo
         redoc_url=None,
         openapi_url=None,  # served by ops.openapi, behind the token when metrics are
         default_response_class=StrictJSONResponse,
+        # A path with a slash too many (or too few) is a 404 in the error shape, behind the
+        # token under /v1, not a bare 307 telling a caller without one which routes exist.
+        redirect_slashes=False,
     )
     app.state.services = Services(store=store, platforms=list(platforms), state=state, clock=clock)
     app.add_exception_handler(ApiError, _api_error)

@@ -242,3 +242,10 @@ def mount(app: FastAPI, dashboard: Dashboard) -> None:
     """Serve the dashboard under PREFIX of ``app`` when the settings enable it."""
     if dashboard.settings().dashboard_enabled():
         app.mount(PREFIX, build(dashboard))
+
+        # The app redirects no slashes (tracker/api/application.py): the address people type
+        # is sent to the dashboard's own.
+        async def to_dashboard(request: Request) -> RedirectResponse:
+            return RedirectResponse(f"{request.scope.get('root_path', '')}{PREFIX}/", 307)
+
+        app.add_api_route(PREFIX, to_dashboard, include_in_schema=False, methods=["GET"])
