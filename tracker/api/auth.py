@@ -44,8 +44,16 @@ async def require_token(
         raise unauthorized()
 
 
-async def require_token_for_ops(request: Request, deps: Deps) -> None:
-    """/metrics, /readyz and the API description need the token when metrics_require_auth."""
+async def require_token_for_ops(
+    request: Request,
+    deps: Deps,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """/metrics, /readyz and the API description need the token when metrics_require_auth.
+
+    It declares the scheme as ``require_token`` does; FastAPI then lists it as required, and
+    ``ops.openapi`` says what the setting in force makes of it.
+    """
     if deps.state.settings.server.metrics_require_auth and not authorized(request):
         raise unauthorized()
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import pydantic
 from fastapi import Query
 from fastapi.responses import Response
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 from tracker.api import models
 from tracker.api.limits import DEFAULT_PAGE, MAX_PAGE, MAX_ROW_ID
@@ -25,10 +25,14 @@ def _blank_is_default(value: Any) -> Any:
 
 # Query first: pydantic turns its bounds into minimum/maximum in the OpenAPI document only then.
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE), BeforeValidator(_blank_is_default)]
+#: a page cursor as next_cursor spells it (decimal digits, no leading zero), or blank for none;
+#: the bounds are checked as an int, the document says string so a client passes one through
+CURSOR_PATTERN = rf"^([1-9][0-9]{{0,{len(str(MAX_ROW_ID)) - 1}}})?$"
 Cursor = Annotated[
     int | None,
-    Query(ge=1, le=MAX_ROW_ID, description="next_cursor of the page before"),
+    Query(ge=1, le=MAX_ROW_ID, description=f"next_cursor of the page before (1 to {MAX_ROW_ID})"),
     BeforeValidator(blank_is_none),
+    WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN}),
 ]
 
 

@@ -180,7 +180,12 @@ class RecoverIn(BaseModel):
 
 # -- answers ---------------------------------------------------------------------------------
 
-Timestamp = Annotated[datetime, PlainSerializer(clock.isoformat, return_type=str)]
+#: answered as RFC 3339 text in UTC with a Z, which the document calls a date-time
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(clock.isoformat, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 
 
 class _Out(BaseModel):

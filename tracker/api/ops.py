@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from tracker.api import models
@@ -72,13 +74,26 @@ async def openapi(request: Request, deps: Deps) -> Response:
     register["application/json"]["schema"]["properties"]["platform"]["enum"] = sorted(
         deps.platforms
     )
-    if not deps.state.settings.server.api_tokens:
+    server = deps.state.settings.server
+    if not server.api_tokens:
         # An API without tokens (loopback only) asks for none; say so rather than mislead.
         for path in document["paths"].values():
             for operation in path.values():
                 operation.pop("security", None)
         document.get("components", {}).pop("securitySchemes", None)
+    elif not server.metrics_require_auth:
+        # FastAPI lists the token on these whatever the setting; it is asked for only when on.
+        for path, method in _behind_the_setting():
+            document["paths"][path][method].pop("security", None)
     return StrictJSONResponse(document)
+
+
+def _behind_the_setting() -> Iterator[tuple[str, str]]:
+    """The documented operations (path, method) of ``protected``."""
+    for route in protected.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema:
+            for method in route.methods or ():
+                yield route.path, method.lower()
 
 
 @protected.get("/docs", include_in_schema=False)
