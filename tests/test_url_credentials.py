@@ -65,14 +65,18 @@ def _restore_logging() -> Iterator[None]:
         ("admin:S3cretPassw0rd-7f3a@relay.example", "relay.example"),
         ("admin:S3cretPassw0rd-7f3a@https://relay.example", "https://relay.example"),
         ("", ""),
+        # an "@" past a sound authority is the path's or the query's: the host stays
+        ("https://hooks.example.com/cb?notify=ops@corp.example", None),
+        ("https://app.example/u/me@x.io/hook", None),
+        ("https://hook:pw-4d2a@app.example/u/me@x.io", "https://app.example/u/me@x.io"),
     ],
 )
 def test_a_url_is_shown_without_its_user_and_password_even_when_unparsable(
-    url: str, shown: str
+    url: str, shown: str | None
 ) -> None:
-    """Everything between "://" and the last "@" goes, whether or not the URL parses; a URL
-    without userinfo is shown as it is."""
-    assert shown == sanitize.without_userinfo(url)
+    """The user and password go, whether or not the URL parses; a URL without them (an "@"
+    in its path or query included) is shown as it is (``shown`` None)."""
+    assert (url if shown is None else shown) == sanitize.without_userinfo(url)
 
 
 # -- /readyz and its log line ---------------------------------------------------------------
@@ -287,12 +291,34 @@ def test_a_database_password_sqlalchemy_reads_is_a_secret_too() -> None:
     settings = config.parse(
         merge(
             MINIMAL,
-            {"database": {"url": "postgresql://db:pa/ss-1234@db.example/t?sslpassword=key-pw"}},
+            {
+                "database": {
+                    "url": "postgresql://db:pa/ss-1234@db.example/t?sslpassword=key-pw-5e21"
+                }
+            },
         ),
         environ={},
     )
 
-    assert {"pa/ss-1234", "key-pw"} <= set(settings.secrets())
+    assert {"pa/ss-1234", "key-pw-5e21"} <= set(settings.secrets())
+
+
+def test_a_short_url_password_is_no_secret_of_the_redactor(restore_logging: None) -> None:
+    """A password shorter than MIN_SECRET_PREFIX ("postgres") is not handed to the log
+    redactor, which would cut it out of every word that holds it ("postgresql", a path, a
+    pid); the URLs themselves are never shown with their passwords."""
+    settings = config.parse(
+        merge(MINIMAL, {"database": {"url": "postgresql://postgres:postgres@db.example/t"}}),
+        environ={},
+    )
+    secrets = settings.secrets()
+    buf = io.StringIO()
+    logs.configure(fmt="json", stream=buf, environ={}, secrets=secrets)
+    structlog.get_logger().info("started", database="postgresql", config="/etc/postgres.toml")
+
+    assert "postgres" not in secrets
+    assert '"database": "postgresql"' in buf.getvalue()
+    assert "/etc/postgres.toml" in buf.getvalue()
 
 
 # -- a user and password beside a Bearer key ------------------------------------------------------

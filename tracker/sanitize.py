@@ -49,6 +49,8 @@ EXCERPT_CHARS: Final = 300
 REDACTED: Final = "[redacted]"
 #: a secret's leading characters that count as the secret when found cut off in quoted text
 MIN_SECRET_PREFIX: Final = 9
+#: query parameters of a database URL that carry a secret (libpq takes a password there too)
+SECRET_QUERY_KEYS: Final = frozenset({"password", "sslpassword"})
 
 _REPLACEMENT: Final = "\ufffd"
 
@@ -323,16 +325,28 @@ def without_userinfo(url: str) -> str:
     """``url`` as it may be shown (a message, a log line, /readyz): without the user and
     password written before its host (``http://user:pass@relay`` -> ``http://relay``).
 
-    Never raises, and hides them in any text, a URL no parser accepts included: everything
-    between the scheme's "://" and the last "@" goes (a password may hold "/", "?" or "#"
-    unescaped, so the authority's own end cannot be trusted; an "@" in a path or query costs
-    only what precedes it on display).
+    Never raises, and hides them in any text, a URL no parser accepts included. The userinfo
+    is what precedes the last "@" of the authority (up to the first "/", "?" or "#"); an "@"
+    past a sound authority lies in the path or query, and the URL is shown whole. Past one no
+    parser reads (a password holding an unescaped "/", "?" or "#"), everything up to the last
+    "@" goes.
     """
     scheme, sep, rest = url.partition("://")
     if not sep or "@" in scheme:  # no scheme at all, or "user:pass@" written before it
         scheme, sep, rest = "", "", url
-    _userinfo, at, host = rest.rpartition("@")
-    return scheme + sep + host if at else url
+    if "@" not in rest:
+        return url
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    authority = rest[: min(ends, default=len(rest))]
+    if "@" in authority:
+        return scheme + sep + rest[authority.rindex("@") + 1 :]
+    if _SOUND_AUTHORITY.fullmatch(authority):
+        return url
+    return scheme + sep + rest.rpartition("@")[2]
+
+
+#: a host (a name, IPv4, or [IPv6]) and an optional port: an authority a parser reads
+_SOUND_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{0,5})?")
 
 
 def excerpt(body: bytes, secrets: Iterable[str] = (), limit: int = EXCERPT_CHARS) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import exc as sa_exc
 
-from tracker import config
+from tracker import config, sanitize
 
 
 class ExitCode(enum.IntEnum):
@@ -92,10 +92,6 @@ def check_database(url: str) -> None:
         raise StartupError(problem, ExitCode.DATABASE)
 
 
-#: query parameters of a database URL that carry a secret (libpq takes a password there too)
-_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
-
-
 def shown_url(url: str) -> str | None:
     """``url`` as it may be shown (in a line, a log, check-config), its password as ***; None
     when SQLAlchemy cannot read it.
@@ -108,16 +104,19 @@ def shown_url(url: str) -> str | None:
         return None
     if "@" in (parsed.host or ""):
         return None  # a password with a bare "@": part of it would show as the host
-    hidden = {k: "***" for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS}
+    hidden = {k: "***" for k in parsed.query if k.lower() in sanitize.SECRET_QUERY_KEYS}
     return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
 
 
-def unreachable(url: str, exc: sa_exc.SQLAlchemyError) -> StartupError:
-    """The one-line error for a database that refused to open, naming where (no password)."""
-    where = shown_url(url) or "(an unreadable URL)"
+def unreachable(
+    url: str | None, exc: sa_exc.SQLAlchemyError, what: str = "unreachable"
+) -> StartupError:
+    """The one-line error for a database that refused to open (or, ``what`` "failed", one
+    whose statement failed once open), naming where (no password) and the driver's cause."""
+    where = (shown_url(url) if url else None) or "(an unreadable URL)"
     cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return StartupError(
-        f"database {where} unreachable: {cause[0] if cause else type(exc).__name__}",
+        f"database {where} {what}: {cause[0] if cause else type(exc).__name__}",
         ExitCode.DATABASE,
     )
 

@@ -88,7 +88,8 @@ def _schema_current(engine: sa.Engine) -> None:
     elif not state.up_to_date:
         raise migrate.SchemaOutdatedError(
             f"database schema is at revision {state.describe()}, this tracker needs "
-            f"{state.head}: run `{migrate.UPGRADE_COMMAND}` (no other command upgrades it)"
+            f"{state.head}: run `{migrate.UPGRADE_COMMAND}` (no other command upgrades it;"
+            " the daemon's start does when [database].auto_migrate is on)"
         )
 
 
@@ -107,8 +108,4 @@ def failure(args: argparse.Namespace, exc: DBAPIError) -> startup.StartupError:
             url = load(args).database.url
         except config.ConfigError:
             url = None
-    where = (startup.shown_url(url) if url else None) or "(an unreadable URL)"
-    cause = str(exc.orig or exc).strip().splitlines()
-    return startup.StartupError(
-        f"database {where} failed: {cause[0] if cause else type(exc).__name__}", ExitCode.DATABASE
-    )
+    return startup.unreachable(url, exc, "failed")

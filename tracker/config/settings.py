@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 import pydantic
 from pydantic import Field, StrictStr
 
+from tracker import sanitize
 from tracker.config.sections import (
     DashboardSettings,
     DatabaseSettings,
@@ -92,7 +93,8 @@ class Settings(Section):
 
     def secrets(self) -> list[str]:
         """Every secret value in the settings, for the log redactor: the passwords written in
-        its URLs too (a relay or receiver behind basic auth, the database's)."""
+        its URLs too (a relay or receiver behind basic auth, the database's), those of at
+        least MIN_SECRET_PREFIX characters."""
         found = [self.upstream.api_key, self.webhooks.secret]
         found += [u.api_key for u in self.upstreams.values()]
         found += list(self.server.api_tokens)
@@ -104,8 +106,11 @@ class Settings(Section):
         values = [s.get_secret_value() for s in found]
         urls = [self.upstream.base_url, *(u.base_url for u in self.upstreams.values())]
         urls += [self.webhooks.url or "", *(e.url for e in self.webhooks.endpoints.values())]
-        values += [p for url in [*urls, self.database.url] for p in url_passwords(url)]
-        values += _database_passwords(self.database.url)
+        passwords = [p for url in [*urls, self.database.url] for p in url_passwords(url)]
+        passwords += _database_passwords(self.database.url)
+        # A short one ("postgres", "1") would be cut out of every word and number that holds
+        # it; the URLs themselves are never shown with their passwords (without_userinfo).
+        values += [p for p in passwords if len(p) >= sanitize.MIN_SECRET_PREFIX]
         return [v for v in values if v]
 
 
@@ -123,10 +128,6 @@ def url_passwords(url: str) -> list[str]:
     return [] if not password else sorted({password, unquote(password)})
 
 
-#: query parameters of a database URL that carry a password (libpq takes one there too)
-_PASSWORD_QUERY_KEYS = frozenset({"password", "sslpassword"})
-
-
 def _database_passwords(url: str) -> list[str]:
     """The passwords of a database URL as SQLAlchemy reads it: it takes "/", "?" or "#" in a
     password unescaped, which `url_passwords` would miss, and reads them from the query too."""
@@ -139,7 +140,7 @@ def _database_passwords(url: str) -> list[str]:
         return []
     found = [] if "@" in (parsed.host or "") else [parsed.password]
     for key, value in parsed.query.items():
-        if key.lower() in _PASSWORD_QUERY_KEYS:
+        if key.lower() in sanitize.SECRET_QUERY_KEYS:
             found += [value] if isinstance(value, str) else list(value)
     return [str(p) for p in found if p]
 

@@ -57,8 +57,12 @@ def _refused(request: Request, session: Session | None) -> HTMLResponse:
     )  # fmt: skip
 
 
-def _form_refused(request: Request, session: Session | None, exc: FormError) -> HTMLResponse:
+def _note_form_refused(request: Request, exc: FormError) -> None:
     log.warning("dashboard_form_refused", path=request.url.path, status=exc.status_code)
+
+
+def _form_refused(request: Request, session: Session | None, exc: FormError) -> HTMLResponse:
+    _note_form_refused(request, exc)
     return RENDER.page(
         request, "error.html", session=session, status_code=exc.status_code,
         title="Form refused", problems=[exc.message],
@@ -100,42 +104,35 @@ async def sign_in(request: Request) -> Response:
     """Exchange a token for a session cookie."""
     dash = dashboard_of(request)
     client = request.client.host if request.client else "unknown"
-    # Reserved before anything is awaited: sign-ins sent at once are counted as they come.
-    wait = math.ceil(dash.sign_ins.reserve(client))
+    try:
+        form = await read_form(request)  # bounded: [server].header_timeout, MAX_FORM_BYTES
+    except FormError as exc:
+        _note_form_refused(request, exc)
+        return _sign_in_page(request, problem=exc.message, status_code=exc.status_code)
+    # Nothing is awaited from here to the count of a refusal: sign-ins sent at once pass this
+    # one after another, so they check no more tokens than sign-ins sent one by one.
+    wait = math.ceil(dash.sign_ins.wait(client))
     if wait:
         problem = f"too many refused sign-ins from this address; try again in {wait} s"
         held_back = _sign_in_page(request, problem=problem, status_code=429)
         held_back.headers["Retry-After"] = str(wait)
         return held_back
-    counted = False
-    try:
-        try:
-            form = await read_form(request)
-        except FormError as exc:
-            log.warning("dashboard_form_refused", path=request.url.path, status=exc.status_code)
-            return _sign_in_page(request, problem=exc.message, status_code=exc.status_code)
-        presented, login_csrf = form.get("token"), form.get("login_csrf")
-        expected = request.cookies.get(LOGIN_COOKIE)
-        if login_csrf is None or expected is None or not tokens_match(login_csrf, [expected]):
-            return _sign_in_page(request, problem="the form expired; try again", status_code=403)
-        accepted = dash.accepted_tokens()
-        # With no token configured the API itself is open (loopback only), so is the dashboard.
-        token = presented if presented is not None else ""
-        if accepted and not tokens_match(token, accepted):
-            held_back_now = dash.sign_ins.refused(client)
-            counted = True
-            log.warning("dashboard_sign_in_refused", client=client)
-            if held_back_now:
-                log.warning(
-                    "dashboard_sign_ins_held_back", client=client, seconds=SIGN_IN_WINDOW,
-                    failures=MAX_SIGN_IN_FAILURES,
-                )  # fmt: skip
-            return _sign_in_page(request, problem="that token is not accepted", status_code=401)
-        session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
-    finally:
-        if not counted:
-            # Signed in, or never reached the token check (bad form, disconnect, cancel).
-            dash.sign_ins.release(client)
+    presented, login_csrf = form.get("token"), form.get("login_csrf")
+    expected = request.cookies.get(LOGIN_COOKIE)
+    if login_csrf is None or expected is None or not tokens_match(login_csrf, [expected]):
+        return _sign_in_page(request, problem="the form expired; try again", status_code=403)
+    accepted = dash.accepted_tokens()
+    # With no token configured the API itself is open (loopback only), so is the dashboard.
+    token = presented if presented is not None else ""
+    if accepted and not tokens_match(token, accepted):
+        log.warning("dashboard_sign_in_refused", client=client)
+        if dash.sign_ins.refused(client):
+            log.warning(
+                "dashboard_sign_ins_held_back", client=client, seconds=SIGN_IN_WINDOW,
+                failures=MAX_SIGN_IN_FAILURES,
+            )  # fmt: skip
+        return _sign_in_page(request, problem="that token is not accepted", status_code=401)
+    session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
     log.info("dashboard_signed_in", sessions=await run_in_threadpool(dash.sessions.count))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))

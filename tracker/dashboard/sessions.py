@@ -150,11 +150,9 @@ class SignInThrottle:
     seconds, the client is turned away without its token being looked at until the oldest of
     them leaves the window, so a token cannot be guessed at the speed of the network.
 
-    A sign-in reserves its attempt (``reserve``) before anything is awaited, and counts as
-    pending until it is either refused (``refused``: a counted failure) or released
-    (``release``: it signed in, or never reached the token check). Pending attempts count
-    against the limit too, so requests sent all at once check no more tokens than requests
-    sent one after another. IPv6 clients are counted by their /64 (``client_key``).
+    The sign-in asks ``wait`` and counts a refusal with nothing awaited in between, so
+    sign-ins sent at once check no more tokens than sign-ins sent one after another. IPv6
+    clients are counted by their /64 (``client_key``).
     """
 
     def __init__(self, now: Callable[[], float]) -> None:
@@ -162,36 +160,16 @@ class SignInThrottle:
         self._lock = threading.Lock()
         #: client -> times of its refused sign-ins within the window, oldest first
         self._failures: dict[str, collections.deque[float]] = {}
-        #: client -> its sign-ins reserved and not yet refused or released (none: absent)
-        self._pending: dict[str, int] = {}
 
     def wait(self, client: str) -> float:
         """Seconds ``client`` must wait before its next sign-in is looked at (0: none)."""
         with self._lock:
             return self._wait(client_key(client))
 
-    def reserve(self, client: str) -> float:
-        """Reserve one sign-in attempt of ``client`` and return 0, or return the seconds it
-        must wait and reserve nothing. A reservation must end in ``refused`` or ``release``.
-        """
-        key = client_key(client)
-        with self._lock:
-            wait = self._wait(key)
-            if not wait:
-                self._pending[key] = self._pending.get(key, 0) + 1
-            return wait
-
-    def release(self, client: str) -> None:
-        """End a reservation of ``client`` without counting a failure."""
-        with self._lock:
-            self._unpend(client_key(client))
-
     def refused(self, client: str) -> bool:
-        """Count one refused sign-in of ``client`` (ending its reservation, if it made one);
-        True when it makes the client wait."""
+        """Count one refused sign-in of ``client``; True when it makes the client wait."""
         key = client_key(client)
         with self._lock:
-            self._unpend(key)
             failures = self._recent(key)
             if failures is None:
                 while len(self._failures) >= MAX_TRACKED_CLIENTS:
@@ -206,20 +184,10 @@ class SignInThrottle:
             return len(failures) == MAX_SIGN_IN_FAILURES
 
     def _wait(self, key: str) -> float:
-        failures = self._recent(key) or collections.deque()
-        if len(failures) >= MAX_SIGN_IN_FAILURES:
-            return max(failures[0] + SIGN_IN_WINDOW - self._now(), 0.0)
-        if len(failures) + self._pending.get(key, 0) >= MAX_SIGN_IN_FAILURES:
-            # Held back by attempts still being checked: they end within a request's time.
-            return 1.0
-        return 0.0
-
-    def _unpend(self, key: str) -> None:
-        pending = self._pending.get(key, 0)
-        if pending > 1:
-            self._pending[key] = pending - 1
-        else:
-            self._pending.pop(key, None)
+        failures = self._recent(key)
+        if failures is None or len(failures) < MAX_SIGN_IN_FAILURES:
+            return 0.0
+        return max(failures[0] + SIGN_IN_WINDOW - self._now(), 0.0)
 
     def _recent(self, key: str) -> collections.deque[float] | None:
         failures = self._failures.get(key)

@@ -30,8 +30,8 @@ BLOCKED_PAUSE = 0.1
 #: a lag warning is logged at most this often (seconds)
 LAG_WARNING_EVERY = 60.0
 #: a batch style asking fewer ids per request than this is told to ask more when lagging;
-#: not past it, as relays cap an answer there (one-hub answers at most 100 ids, and the ids
-#: it leaves out would look unknown: see Poller.ask)
+#: not past it, as relays cap an answer there (one-hub answers at most 100 ids; Poller.ask
+#: then asks fewer at a time, but a hint should not lead there)
 SUGGESTED_BATCH = 100
 
 
