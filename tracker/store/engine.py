@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import sqlalchemy as sa
@@ -9,6 +10,23 @@ from sqlalchemy import event
 
 # SQLite's default is to fail at once on a locked database; wait instead.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: PostgreSQL waits as long for a lock (a row, a table, an advisory lock), then fails the
+#: statement ("lock not available"): a held lock fails the cycle, as on SQLite, instead of
+#: freezing it. Waits meant to be long (the migration's lock) lift it for their transaction.
+#: No statement_timeout: long migrations and prunes are legitimate.
+PG_LOCK_TIMEOUT_MS = SQLITE_BUSY_TIMEOUT_MS
+#: libpq connection parameters: a server that does not answer fails the connect after 10 s;
+#: a network that silently stops forwarding fails the query within about 25 s (keepalive
+#: probes after 10 s idle, 3 of them 5 s apart; unacknowledged data given up after 25 s), so
+#: the thread a stop waits for ends below the unit's TimeoutStopSec=30
+PG_CONNECT_PARAMS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,
+}
 
 #: how SQLite syncs a commit to disk. In WAL mode NORMAL is safe from a crash of the process,
 #: not from one of the machine (a power loss): the last commits before it may roll back. A
@@ -46,7 +64,8 @@ def make_engine(
     url = normalise_url(url)
     pool = {"pool_size": pool_size, "max_overflow": max_overflow}
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True, **pool)
+        connect_args = pg_connect_args(url) if url.startswith("postgresql") else {}
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     database = sa.engine.make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         pool = {}  # SQLAlchemy's own pool for an in-memory database: one shared connection
@@ -75,6 +94,25 @@ def make_engine(
             connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def pg_connect_args(url: str) -> dict[str, Any]:
+    """The libpq parameters tracker adds to a PostgreSQL URL: PG_CONNECT_PARAMS and the lock
+    timeout (as ``-c lock_timeout=...`` in ``options``). What the URL (or, where libpq reads
+    one, its environment variable) sets already is kept: these are defaults, not overrides.
+    """
+    query = sa.engine.make_url(url).query
+    added: dict[str, Any] = {
+        name: value
+        for name, value in PG_CONNECT_PARAMS.items()
+        if name not in query
+        and not (name == "connect_timeout" and "PGCONNECT_TIMEOUT" in os.environ)
+    }
+    given = query.get("options", os.environ.get("PGOPTIONS", ""))
+    options = " ".join(given) if isinstance(given, tuple) else given
+    if "lock_timeout" not in options:
+        added["options"] = f"{options} -c lock_timeout={PG_LOCK_TIMEOUT_MS}".strip()
+    return added
 
 
 def _set_synchronous(connection: sa.Connection, level: str) -> None:

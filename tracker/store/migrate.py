@@ -130,6 +130,10 @@ def upgrade(engine: sa.Engine) -> tuple[SchemaState, SchemaState]:
         conn.execution_options(tracker_write=True)
         with conn.begin():
             if conn.dialect.name == "postgresql":
+                # Wait as long as it takes, for this transaction only: for the lock while
+                # another instance upgrades, and for the tables a migration alters while
+                # queries of running instances use them (no PG_LOCK_TIMEOUT_MS here).
+                conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
             before = _state(conn)
             if not before.up_to_date:
