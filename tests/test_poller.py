@@ -984,11 +984,11 @@ async def test_a_pull_in_the_database_refused_is_done_at_the_next_cycle(
     real = rig.poller.store.pull_in
     calls: list[datetime] = []
 
-    def down_once(latest: datetime) -> None:
+    def down_once(latest: datetime, **options: Any) -> None:
         calls.append(latest)
         if len(calls) == 1:
             raise sa.exc.OperationalError("UPDATE polls", {}, Exception("database is locked"))
-        real(latest)
+        real(latest, **options)
 
     monkeypatch.setattr(rig.poller.store, "pull_in", down_once)
     with pytest.raises(sa.exc.OperationalError):
@@ -1252,11 +1252,11 @@ async def test_a_reload_during_a_pull_in_gets_its_own_pull_in_at_the_next_drain(
     pulled: list[float] = []
     pull_in = rig.store.pull_in
 
-    def pulling(latest: datetime) -> None:
+    def pulling(latest: datetime, **options: Any) -> None:
         pulled.append((latest - rig.clock.now()).total_seconds())
         if len(pulled) == 1:  # a second reload comes while the first pull-in runs
             rig.poller.configure(rig.settings.poll.model_copy(update={"max_interval": 60}))
-        pull_in(latest)
+        pull_in(latest, **options)
 
     monkeypatch.setattr(rig.store, "pull_in", pulling)
     rig.poller.configure(rig.settings.poll.model_copy(update={"max_interval": 300}))

@@ -210,9 +210,13 @@ class Poller:
         if self._pull_in:
             # Cleared first: a reload meanwhile sets it again, for its own max_interval.
             self._pull_in = False
-            latest = self.clock.now() + timedelta(seconds=self.settings.max_interval)
+            now = self.clock.now()
+            latest = now + timedelta(seconds=self.settings.max_interval)
             try:
-                await self.store_worker.call(self.store.pull_in, latest)
+                # Another daemon's claim ends at most MAX_LEASE on: left alone (see pull_in).
+                await self.store_worker.call(
+                    self.store.pull_in, latest, claims_within=MAX_LEASE, now=now
+                )
             except BaseException:
                 self._pull_in = True  # tried again at the next drain
                 raise

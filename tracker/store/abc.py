@@ -68,16 +68,20 @@ class TaskStore(Protocol):
         """When the earliest live task is due, and its platform (None when none is live)."""
         ...
 
-    def pull_in(self, latest: datetime) -> None:
-        """Move every poll planned after ``latest`` to ``latest``."""
+    def pull_in(
+        self, latest: datetime, *, claims_within: float = 0.0, now: datetime | None = None
+    ) -> None:
+        """Move every poll planned after ``latest`` to ``latest``. On a database other
+        daemons may share, polls within ``claims_within`` seconds of ``now`` stay."""
         ...
 
     def shift_plans(
         self, seconds: float, after: datetime, *, claims_within: float = 0.0
     ) -> tuple[int, int]:
         """Move the polls and pending deliveries planned after ``after`` earlier by
-        ``seconds`` (the wall clock stepped back); how many of each moved. On a database
-        other daemons may share, polls within ``claims_within`` seconds of ``after`` stay."""
+        ``seconds`` (the wall clock stepped back), and the claims holding deliveries back
+        for later; how many polls and deliveries moved. On a database other daemons may
+        share, polls within ``claims_within`` seconds of ``after`` stay."""
         ...
 
     def record(

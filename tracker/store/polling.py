@@ -38,6 +38,11 @@ log = structlog.get_logger("tracker.store")
 
 #: due ids a SQLite claim that skips platforms reads beyond its limit (see _claim_sqlite)
 CLAIM_SPARE = 16
+#: seconds beyond which a pending delivery's claim is a hold, not a lease: a lease ends at
+#: most tracker.delivery.outbox.LEASE (6 s) on, a delivery left for later is held back for
+#: more than its HOLD_MARGIN (30 s). shift_plans moves holds back with the clock, and leaves
+#: the leases (another daemon's token, by a clock that may not have stepped) alone.
+HELD_BEYOND = 30.0
 
 
 class Polling(SqlBase):
@@ -165,12 +170,24 @@ class Polling(SqlBase):
         due = _from_epoch(row[0])
         return None if due is None else (due, row[1])
 
-    def pull_in(self, latest: datetime) -> None:
-        """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval)."""
+    def pull_in(
+        self, latest: datetime, *, claims_within: float = 0.0, now: datetime | None = None
+    ) -> None:
+        """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval).
+
+        On PostgreSQL, which other daemons may share, the polls planned within
+        ``claims_within`` seconds of ``now`` (default: the wall clock) stay, as in
+        shift_plans: such a next poll may be the end of another daemon's lease, the token its
+        claim is recorded by, and moved, that daemon's answer would find its claim gone.
+        """
         cutoff = _epoch(latest)
+        later = polls.c.next_poll_at > cutoff
+        if self.dialect == "postgresql" and claims_within > 0:
+            leases_end = _epoch(now or datetime.now(UTC)) + claims_within
+            later = sa.and_(later, polls.c.next_poll_at > leases_end)
         with self._write() as conn:
-            later = in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > cutoff)
-            conn.execute(polls.update().where(later).values(next_poll_at=cutoff))
+            moving = in_id_order(conn, polls.c.task_pk, later)
+            conn.execute(polls.update().where(moving).values(next_poll_at=cutoff))
 
     def shift_plans(
         self, seconds: float, after: datetime, *, claims_within: float = 0.0
@@ -183,13 +200,16 @@ class Polling(SqlBase):
         ``claims_within`` seconds of ``after`` stay: a next poll that near may be the end of
         another daemon's lease, the token its claim is recorded by, and moved, that daemon's
         answer would find its claim gone (and the task due again at once). A plan of this
-        daemon's that near is then polled that much late, once. (A delivery's claim is a
-        column of its own: pending deliveries all move.)
+        daemon's that near is then polled that much late, once.
+
+        A delivery's claim is a column of its own: pending deliveries' next attempts all
+        move, and so does a claim that ends more than HELD_BEYOND seconds after ``after``,
+        which is no live lease but a delivery left for later (held back), on either database.
         """
         cutoff = _epoch(after)
-        pending = sa.and_(
-            deliveries.c.state == DeliveryState.PENDING, deliveries.c.next_attempt_at > cutoff
-        )
+        pending = deliveries.c.state == DeliveryState.PENDING
+        retry = deliveries.c.next_attempt_at > cutoff
+        held = deliveries.c.claimed_until > cutoff + HELD_BEYOND
         spared = cutoff + claims_within if self.dialect == "postgresql" else cutoff
         with self._write() as conn:
             moved = conn.execute(
@@ -197,10 +217,20 @@ class Polling(SqlBase):
                 .where(in_id_order(conn, polls.c.task_pk, polls.c.next_poll_at > spared))
                 .values(next_poll_at=polls.c.next_poll_at - seconds)
             ).rowcount
+            # One UPDATE, so its rows are locked once, in id order.
             retried = conn.execute(
                 deliveries.update()
-                .where(in_id_order(conn, deliveries.c.id, pending))
-                .values(next_attempt_at=deliveries.c.next_attempt_at - seconds)
+                .where(in_id_order(conn, deliveries.c.id, sa.and_(pending, sa.or_(retry, held))))
+                .values(
+                    next_attempt_at=sa.case(
+                        (retry, deliveries.c.next_attempt_at - seconds),
+                        else_=deliveries.c.next_attempt_at,
+                    ),
+                    claimed_until=sa.case(
+                        (held, deliveries.c.claimed_until - seconds),
+                        else_=deliveries.c.claimed_until,
+                    ),
+                )
             ).rowcount
         return int(moved), int(retried)
 

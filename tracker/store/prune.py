@@ -175,7 +175,13 @@ def _tasks_still_due(conn: sa.Connection, pks: list[int], cutoffs: Cutoffs) -> l
     """
     if not pks or conn.dialect.name != "postgresql":
         return pks
-    locked = sa.select(deliveries.c.id).where(one_of(conn, deliveries.c.task_pk, pks))
+    # In id order, as requeue, finish_attempts, extend_claims and shift_plans lock them: in
+    # scan order this deadlocked with them.
+    locked = (
+        sa.select(deliveries.c.id)
+        .where(one_of(conn, deliveries.c.task_pk, pks))
+        .order_by(deliveries.c.id)
+    )
     conn.execute(locked.with_for_update()).all()
     recheck = sa.select(tasks.c.id).where(one_of(conn, tasks.c.id, pks), _task_due(cutoffs))
     return sorted(conn.execute(recheck).scalars())

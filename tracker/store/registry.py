@@ -146,6 +146,12 @@ class Registry(SqlBase):
             # deadlocked with a prune that had locked the task and was locking them.
             if pk is None or pk not in self._claims(conn, {pk}):
                 return False  # unknown, or removed or pruned while this waited for it
+            if self.dialect == "postgresql":
+                # Its deliveries next, in id order, before their attempts: a prune locks
+                # deliveries, then deletes their attempts. Deleting the attempts first, this
+                # then waited for a delivery a prune held while that prune waited for them.
+                owned = sa.select(deliveries.c.id).where(deliveries.c.task_pk == pk)
+                conn.execute(owned.order_by(deliveries.c.id).with_for_update()).all()
             # Explicit deletes: SQLite enforces ON DELETE CASCADE only with the pragma on, and
             # a database opened by another tool may not have it.
             delivery_pks = sa.select(deliveries.c.id).where(deliveries.c.task_pk == pk)
