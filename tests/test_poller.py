@@ -711,6 +711,28 @@ async def test_ids_unknown_beside_exactly_100_known_are_asked_once_more_then_mis
     assert {NOT_FOUND_REASON} == {rig.task(task_id).fail_reason for task_id in ids[100:]}
 
 
+async def test_a_task_another_claim_took_is_not_asked_after_a_renewal(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """A drain stalled past its lease; another daemon claimed its task; then the drain renewed
+    its claim. The renewal moves nothing for that task, and the batch still holding it is not
+    sent, as the README promises of a batch whose claim lapsed. (The renewal moved the claim's
+    end all the same, so the lapse check passed and the task was polled twice.)"""
+    rig = rig_for()
+    rig.register("t1")
+    (mine,) = rig.store.claim_due(rig.clock.now(), 10, lease=5)
+    rig.clock.advance(6)
+    (theirs,) = rig.store.claim_due(rig.clock.now(), 10, lease=20)  # another daemon's
+    assert mine.claim is not None
+    assert 0 == rig.store.renew_claim(mine.claim, rig.clock.now().timestamp() + 5)
+
+    answer = await rig.poller.ask(rig.poller.platforms["luma"], [mine])
+
+    assert ([], []) == (answer, relay.requests)
+    assert 1 == rig.poller.report.lapsed
+    assert theirs.lease_until == next_poll_at(rig, "t1")
+
+
 async def test_due_order_not_id_order(rig_for: Callable[..., Rig], relay: SimulatedRelay) -> None:
     """Tasks are asked about in due-time order, whatever order they were registered in."""
     rig = rig_for(poll={"batch_size": 1, "concurrency": 1})

@@ -780,6 +780,30 @@ def test_a_lapsed_claim_is_not_renewed_over_a_newer_claim(store: SqlStore) -> No
     assert 0 == store.record([TaskUpdate(slow, change(slow, TaskStatus.QUEUED))], at(11))
 
 
+def test_a_renewal_names_the_tasks_another_claim_took(store: SqlStore) -> None:
+    """A lapsed claim renewed: its tasks still held move on, and those another claim took
+    meanwhile are named in the claim's ``lost`` (the poller then asks nothing about them)."""
+    register(store, "kept", now=T0)
+    register(store, "taken", now=at(1))
+    slow = claim(store, at(1))
+    assert ["kept", "taken"] == [t.task_id for t in slow]
+    held = slow[0].claim
+    assert held is not None
+    # Only "taken" is claimed again once the slow claim lapsed; "kept" is left to it.
+    with store.engine.begin() as conn:
+        kept = polls_table.c.task_pk == slow[0].pk
+        conn.execute(polls_table.update().where(kept).values(next_poll_at=held.until + 999))
+    (fresh,) = claim(store, at(INTERVAL + 2))
+    with store.engine.begin() as conn:
+        conn.execute(polls_table.update().where(kept).values(next_poll_at=held.until))
+
+    assert 1 == store.renew_claim(held, at(INTERVAL + 30).timestamp())
+
+    assert "taken" == fresh.task_id
+    assert {fresh.pk} == held.lost
+    assert held.until == task_row(store, "kept").next_poll_at
+
+
 def test_claim_due_takes_tasks_due_by_a_later_time_when_asked(store: SqlStore) -> None:
     """due_by lets a claim take tasks falling due a moment later into the same batch."""
     register(store, "now", now=T0)

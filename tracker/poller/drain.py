@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -265,7 +266,6 @@ class Poller:
         claim). Counts go to the report of the log line open when they happen (a round may
         close a line while this waits).
         """
-        ids = [t.task_id for t in tasks]
         name = platform.upstream.name
         held_back = self._held_back(platform, tasks)
         if held_back is not None:
@@ -287,11 +287,8 @@ class Poller:
                 before = limiter.waited
                 await limiter.wait()
                 self._count_wait(platform, limiter.waited - before)
-            lease_until = min(t.lease_until or float("inf") for t in tasks)
-            if self.clock.now().timestamp() >= lease_until:
-                # The claim lapsed while the batch waited (a stalled loop): another claim may
-                # hold the tasks now, and they fall due again anyway.
-                self.report.lapsed += len(ids)
+            ids = self._still_held(tasks)
+            if not ids:
                 return []
             self.report.requests += 1
             self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
@@ -315,6 +312,21 @@ class Poller:
             if current is not None:
                 self._request_over(out, current)
         return self._due_again(tasks)
+
+    def _still_held(self, tasks: Sequence[DueTask]) -> list[str]:
+        """The ids of ``tasks`` their claim still holds, to ask about; the others count as
+        lapsed (another claim may hold them now, and they fall due again anyway)."""
+        if self.clock.now().timestamp() >= min(t.lease_until or math.inf for t in tasks):
+            # The claim lapsed while the batch waited (a stalled loop).
+            held: Sequence[DueTask] = ()
+        else:
+            # A batch is one claim's. One that lapsed and was renewed since lost the tasks
+            # another claim took meanwhile (renew_claim says which).
+            claim = tasks[0].claim
+            lost = claim.lost if claim is not None else ()
+            held = [t for t in tasks if t.pk not in lost] if lost else tasks
+        self.report.lapsed += len(tasks) - len(held)
+        return [t.task_id for t in held]
 
     def _held_back(self, platform: Platform, tasks: Sequence[DueTask]) -> list[TaskUpdate] | None:
         """The batch's tasks planned for later, if its relay is paused or its probe is out

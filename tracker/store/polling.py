@@ -129,25 +129,33 @@ class Polling(SqlBase):
         """Extend ``claim`` to ``until`` (epoch seconds) for its tasks not recorded since.
 
         Only rows whose next poll is still the claim's token move, so a task already recorded,
-        or taken by another claim after this one lapsed, is left alone. Returns how many moved.
+        or taken by another claim after this one lapsed, is left alone; the tasks left alone
+        join ``claim.lost`` (the poller asks nothing about them). Returns how many moved.
         """
-        moved = 0
+        kept: list[int] = []
         # In id order, the order _claims, removal and pruning lock rows in (a claim lists its
         # tasks in due order): two daemons on the same rows then wait instead of deadlocking.
         pks = sorted(claim.pks)
         with self._write() as conn:
             for chunk in chunks(pks):
-                done = conn.execute(
-                    polls.update()
+                held = (
+                    sa.select(polls.c.task_pk)
                     .where(
                         one_of(conn, polls.c.task_pk, chunk),
                         polls.c.next_poll_at == claim.until,
                     )
-                    .values(next_poll_at=until)
+                    .order_by(polls.c.task_pk)
                 )
-                moved += int(done.rowcount)
+                if self.dialect == "postgresql":
+                    held = held.with_for_update()
+                still = list(conn.execute(held).scalars())
+                if still:
+                    renewed = polls.update().where(one_of(conn, polls.c.task_pk, still))
+                    conn.execute(renewed.values(next_poll_at=until))
+                kept += still
+        claim.lost.update(set(pks).difference(kept))
         claim.until = until
-        return moved
+        return len(kept)
 
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live)."""

@@ -44,6 +44,8 @@ class Claim:
 
     until: float
     pks: tuple[int, ...]
+    #: its tasks a renewal found taken by another claim (this one had lapsed): not to be asked
+    lost: set[int] = dataclasses.field(default_factory=set)
 
 
 class DueTask(NamedTuple):
