@@ -10,7 +10,6 @@ from tracker import config, startup
 from tracker.startup import ExitCode
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
     from sqlalchemy.exc import DBAPIError
 
     from tracker.store import SqlStore
@@ -20,6 +19,10 @@ if TYPE_CHECKING:
 EXIT_OK = ExitCode.OK
 EXIT_FAILURE = ExitCode.FAILURE
 EXIT_USAGE = ExitCode.USAGE
+#: why a command refuses an older schema, after the command that upgrades it
+ONLY_UPGRADES = (
+    "no other command upgrades it; the daemon's start does when [database].auto_migrate is on"
+)
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -55,7 +58,7 @@ def database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
     """
     from sqlalchemy import exc as sa_exc  # noqa: PLC0415
 
-    from tracker.store import SchemaMismatchError, SqlStore  # noqa: PLC0415
+    from tracker.store import SchemaMismatchError, SqlStore, migrate  # noqa: PLC0415
 
     url = load(args).database.url
     startup.check_database(url)
@@ -64,7 +67,8 @@ def database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
     store = SqlStore.from_url(url)
     try:
         if create:
-            _schema_current(store.engine)
+            # Never upgraded here: a command may run beside an older daemon still serving it.
+            migrate.ensure(store.engine, auto_migrate=False, hint=ONLY_UPGRADES)
         else:
             store.engine.connect().close()
     except sa_exc.SQLAlchemyError as exc:
@@ -74,23 +78,6 @@ def database(args: argparse.Namespace, *, create: bool = True) -> SqlStore:
         store.close()
         raise
     return store
-
-
-def _schema_current(engine: sa.Engine) -> None:
-    """Give an empty database the schema; refuse any other that is not this release's."""
-    from tracker.store import migrate  # noqa: PLC0415
-
-    state = migrate.current(engine)
-    if state.shape is migrate.Shape.EMPTY:
-        # Nothing can be using an empty database. auto_migrate=False: were an older schema
-        # written meanwhile, it is refused, not upgraded.
-        migrate.ensure(engine, auto_migrate=False)
-    elif not state.up_to_date:
-        raise migrate.SchemaOutdatedError(
-            f"database schema is at revision {state.describe()}, this tracker needs "
-            f"{state.head}: run `{migrate.UPGRADE_COMMAND}` (no other command upgrades it;"
-            " the daemon's start does when [database].auto_migrate is on)"
-        )
 
 
 def store(args: argparse.Namespace) -> Store:

@@ -145,12 +145,17 @@ def upgrade(engine: sa.Engine) -> tuple[SchemaState, SchemaState]:
     return before, after
 
 
-def ensure(engine: sa.Engine, *, auto_migrate: bool) -> SchemaState:
+def ensure(
+    engine: sa.Engine,
+    *,
+    auto_migrate: bool,
+    hint: str = "or set [database].auto_migrate = true",
+) -> SchemaState:
     """Make sure the schema is current before the daemon uses it.
 
     An empty database always gets the schema (no instance can be using an older one). An
     older schema is upgraded when ``auto_migrate`` is on and refused otherwise, naming the
-    command that upgrades it.
+    command that upgrades it (and ``hint``, after it in brackets).
     """
     state = current(engine)
     if state.up_to_date:
@@ -158,7 +163,7 @@ def ensure(engine: sa.Engine, *, auto_migrate: bool) -> SchemaState:
     if state.shape is not Shape.EMPTY and not auto_migrate:
         raise SchemaOutdatedError(
             f"database schema is at revision {state.describe()}, this tracker needs "
-            f"{state.head}: run `{UPGRADE_COMMAND}` (or set [database].auto_migrate = true)"
+            f"{state.head}: run `{UPGRADE_COMMAND}` ({hint})"
         )
     _, after = upgrade(engine)
     return after
