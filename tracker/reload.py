@@ -214,15 +214,6 @@ def _validated(
     return new
 
 
-def read(
-    path: Path, overrides: Overrides | None = None, environ: Mapping[str, str] | None = None
-) -> config.Settings:
-    """The config file at ``path`` as `tracker run` would start with it: the environment's
-    overrides (``environ``, by default the process's) and ``overrides`` applied, and refused
-    (ConfigError) for anything `run` refuses."""
-    return _validated(loading.read(path), path, overrides, environ)
-
-
 def reload_file(
     parts: Parts,
     secrets: LogSecrets,
@@ -232,12 +223,12 @@ def reload_file(
 ) -> None:
     """Re-read the config file at ``path`` and apply what can change live (SIGHUP).
 
-    ``overrides`` are the changes `tracker run` made to the file's settings at start (see
-    ``read``). ``env`` holds the environment the daemon started with and the file's values
-    it overrides as last read: a key the file now sets otherwise is logged as kept at the
-    environment's value (without it, the process's environment and no such warning).
-    Brackets the work with RELOADING=1 and READY=1; a file `tracker run` would refuse changes
-    nothing.
+    ``overrides`` are the changes `tracker run` made to the file's settings at start; the
+    file is refused (ConfigError) for anything `run` refuses. ``env`` holds the environment
+    the daemon started with and the file's values it overrides as last read: a key the file
+    now sets otherwise is logged as kept at the environment's value (without it, the
+    process's environment and no such warning). Brackets the work with RELOADING=1 and
+    READY=1; a file `tracker run` would refuse changes nothing.
     """
     if parts.stop.is_set():
         log.info("reload_ignored", reason="shutting down")
