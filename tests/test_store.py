@@ -1801,7 +1801,7 @@ def test_pull_in_moves_later_polls_to_the_given_time(store: SqlStore) -> None:
     register(store, "a")
     register(store, "b", now=at(-100))
     claim(store, T0)  # both now due after their back-off
-    store.pull_in(at(1))
+    store.pull_in(at(1), now=T0)
 
     assert [] == claim_ids(store, at(0.5))
     assert ["a", "b"] == sorted(claim_ids(store, at(1)))
@@ -1809,7 +1809,12 @@ def test_pull_in_moves_later_polls_to_the_given_time(store: SqlStore) -> None:
 
 MOVES_OF_EVERY_PLAN: dict[str, tuple[Callable[[SqlStore], object], list[float]]] = {
     # how the plans of rows a and b (next polls 900 and 500) move, and where they end
-    "pull_in": (lambda store: store.pull_in(datetime.fromtimestamp(100, UTC)), [100.0, 100.0]),
+    "pull_in": (
+        lambda store: store.pull_in(
+            datetime.fromtimestamp(100, UTC), now=datetime.fromtimestamp(0, UTC)
+        ),
+        [100.0, 100.0],
+    ),
     "shift_plans": (
         lambda store: store.shift_plans(50, datetime.fromtimestamp(0, UTC)),
         [450.0, 850.0],

@@ -68,9 +68,7 @@ class TaskStore(Protocol):
         """When the earliest live task is due, and its platform (None when none is live)."""
         ...
 
-    def pull_in(
-        self, latest: datetime, *, claims_within: float = 0.0, now: datetime | None = None
-    ) -> None:
+    def pull_in(self, latest: datetime, *, now: datetime, claims_within: float = 0.0) -> None:
         """Move every poll planned after ``latest`` to ``latest``. On a database other
         daemons may share, polls within ``claims_within`` seconds of ``now`` stay."""
         ...

@@ -132,30 +132,29 @@ class Polling(SqlBase):
         or taken by another claim after this one lapsed, is left alone; the tasks left alone
         join ``claim.lost`` (the poller asks nothing about them). Returns how many moved.
         """
-        kept: list[int] = []
+        moved = 0
+        lost: list[int] = []
         # In id order, the order _claims, removal and pruning lock rows in (a claim lists its
         # tasks in due order): two daemons on the same rows then wait instead of deadlocking.
         pks = sorted(claim.pks)
         with self._write() as conn:
             for chunk in chunks(pks):
-                held = (
-                    sa.select(polls.c.task_pk)
-                    .where(
-                        one_of(conn, polls.c.task_pk, chunk),
-                        polls.c.next_poll_at == claim.until,
-                    )
-                    .order_by(polls.c.task_pk)
+                mine = sa.and_(
+                    one_of(conn, polls.c.task_pk, chunk), polls.c.next_poll_at == claim.until
                 )
-                if self.dialect == "postgresql":
-                    held = held.with_for_update()
-                still = list(conn.execute(held).scalars())
-                if still:
-                    renewed = polls.update().where(one_of(conn, polls.c.task_pk, still))
-                    conn.execute(renewed.values(next_poll_at=until))
-                kept += still
-        claim.lost.update(set(pks).difference(kept))
+                done = conn.execute(polls.update().where(mine).values(next_poll_at=until))
+                moved += int(done.rowcount)
+                if done.rowcount < len(chunk):
+                    # Some were recorded since, or taken by another claim after this one
+                    # lapsed: not this claim's to ask about (rare; read only then).
+                    renewed = sa.select(polls.c.task_pk).where(
+                        one_of(conn, polls.c.task_pk, chunk), polls.c.next_poll_at == until
+                    )
+                    kept = set(conn.execute(renewed).scalars())
+                    lost += [pk for pk in chunk if pk not in kept]
+        claim.lost.update(lost)
         claim.until = until
-        return len(kept)
+        return moved
 
     def earliest_poll(self) -> datetime | None:
         """When the earliest live task is due (None when none is live)."""
@@ -178,20 +177,18 @@ class Polling(SqlBase):
         due = _from_epoch(row[0])
         return None if due is None else (due, row[1])
 
-    def pull_in(
-        self, latest: datetime, *, claims_within: float = 0.0, now: datetime | None = None
-    ) -> None:
+    def pull_in(self, latest: datetime, *, now: datetime, claims_within: float = 0.0) -> None:
         """Move every poll planned after ``latest`` to ``latest`` (after a shorter interval).
 
         On PostgreSQL, which other daemons may share, the polls planned within
-        ``claims_within`` seconds of ``now`` (default: the wall clock) stay, as in
+        ``claims_within`` seconds of ``now`` stay, as in
         shift_plans: such a next poll may be the end of another daemon's lease, the token its
         claim is recorded by, and moved, that daemon's answer would find its claim gone.
         """
         cutoff = _epoch(latest)
         later = polls.c.next_poll_at > cutoff
         if self.dialect == "postgresql" and claims_within > 0:
-            leases_end = _epoch(now or datetime.now(UTC)) + claims_within
+            leases_end = _epoch(now) + claims_within
             later = sa.and_(later, polls.c.next_poll_at > leases_end)
         with self._write() as conn:
             moving = in_id_order(conn, polls.c.task_pk, later)
