@@ -86,7 +86,7 @@ def make_engine(
     def _on_begin(connection: sa.Connection) -> None:
         options = connection.get_execution_options()
         if options.get("tracker_write", False):
-            _set_synchronous(connection, "FULL" if options.get("tracker_durable") else "NORMAL")
+            _set_synchronous(connection, "FULL" if options.get("tracker_durable") else _USUAL_SYNC)
             # A write transaction that starts deferred and upgrades later can fail with
             # "database is locked" without waiting; BEGIN IMMEDIATE waits for the lock instead.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
