@@ -1422,3 +1422,33 @@ def test_while_every_relay_is_busy_a_drain_is_woken_when_its_claims_end(rig: Rig
 
     assert work.claim_size(Pipeline(work)) == 0
     assert 4.5 < (work.claim_in() or 0.0) <= 5.0
+
+
+async def test_a_change_the_store_turns_away_is_not_counted_as_recorded(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """A task removed while its request is out: the relay's SUCCESS for it is not written
+    (compare-and-set), and so neither counted in tracker_transitions, the drain's changed
+    and events, nor announced to the deliverer; the other task's change counts once."""
+    rig.register("gone", "kept")
+    relay.set("luma", "gone", "SUCCESS", "100%")
+    relay.set("luma", "kept", "SUCCESS", "100%")
+    told: list[None] = []
+    rig.poller.on_events = lambda: told.append(None)
+    inner = rig.transport.handle_async_request
+
+    async def removing(request: httpx.Request) -> httpx.Response:
+        assert rig.store.remove("luma", "gone")
+        return await inner(request)
+
+    rig.transport.handle_async_request = removing  # type: ignore[method-assign]
+    report = await rig.cycle()
+
+    assert rig.store.get("luma", "gone") is None
+    assert "completed" == rig.task("kept").status
+    assert (1, 1) == (report.changed, report.events)
+    assert ["task.completed"] == [e.event_type for e in rig.outbox()]
+    registry = rig.poller.metrics.registry
+    labels = {"platform": "luma", "to": "completed"}
+    assert 1 == registry.get_sample_value("tracker_transitions_total", labels)
+    assert [None] == told

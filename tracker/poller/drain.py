@@ -518,11 +518,12 @@ class Poller:
             decided.replans += part.replans
         return decided
 
-    def count_recorded(self, updates: Sequence[TaskUpdate], written: int) -> None:
-        """Count what the recorded ``updates`` moved; tell the deliverer of new events."""
+    def count_recorded(self, landed: Sequence[TaskUpdate]) -> None:
+        """Count what the ``landed`` updates (changes committed) moved; tell the deliverer
+        of new events."""
         report = self.report
         fired = 0
-        for update in updates:
+        for update in landed:
             change = update.change
             if change is None:
                 continue
@@ -533,7 +534,7 @@ class Poller:
                     update.task.platform, change.after.status.value
                 ).inc()
         report.events += fired
-        if written and fired:
+        if fired:
             self.on_events()
 
 

@@ -256,7 +256,7 @@ class DrainWork:
         asked_for = {u for u in upstreams if not self._busy(u)}
         busy = upstreams - asked_for
         skip = [name for name, p in poller.platforms.items() if p.upstream.name in busy]
-        written, due = await poller.store_worker.call(
+        landed, due = await poller.store_worker.call(
             self._store_round,
             updates,
             replans,
@@ -270,8 +270,8 @@ class DrainWork:
         self._written_back(put_back)
         if claim and len(due) < claim:
             self._emptied.update(dict.fromkeys(asked_for, self._claiming_at))
-        if updates:
-            poller.count_recorded(updates, written)
+        if landed:
+            poller.count_recorded(landed)
         claimed: Claimed[_Batch, _Answered] = self._split(due, now) if due else Claimed()
         if skip and not claimed.more:
             # The busy upstreams' tasks are still due: claim_size says when there is room.
@@ -296,13 +296,18 @@ class DrainWork:
         lease: float,
         due_by: datetime,
         skip: list[str],
-    ) -> tuple[int, list[DueTask]]:
+    ) -> tuple[list[TaskUpdate], list[DueTask]]:
+        """The round's writes and claim; the updates with a change that landed (the
+        compare-and-set turns away those of a task that moved or went meanwhile), and the
+        tasks claimed."""
         store = self._poller.store
-        written = store.record(updates, now, replans) if updates or replans else 0
+        landed: list[TaskUpdate] = []
+        if updates or replans:
+            store.record(updates, now, replans, landed=landed)
         for held in renewing:
             store.renew_claim(held, now.timestamp() + lease)
         due = store.claim_due(now, claim, lease=lease, due_by=due_by, skip=skip) if claim else []
-        return written, due
+        return landed, due
 
     def _split(self, due: list[DueTask], now: datetime) -> Claimed[_Batch, _Answered]:
         """The claimed tasks as batches per platform, and updates for those not to ask."""

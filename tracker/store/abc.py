@@ -87,9 +87,12 @@ class TaskStore(Protocol):
         updates: Sequence[records.TaskUpdate],
         now: datetime,
         replans: Sequence[records.Replan] = (),
+        *,
+        landed: list[records.TaskUpdate] | None = None,
     ) -> int:
         """Write a poll's decisions (task, history and outbox rows) in one transaction, and
-        the next polls of ``replans`` (answers that moved nothing)."""
+        the next polls of ``replans`` (answers that moved nothing); how many tasks were
+        written. ``landed`` gets the updates with a status change that were committed."""
         ...
 
     def set_meta(self, key: str, value: str) -> None:

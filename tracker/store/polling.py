@@ -244,6 +244,8 @@ class Polling(SqlBase):
         updates: Sequence[records.TaskUpdate],
         now: datetime,
         replans: Sequence[records.Replan] = (),
+        *,
+        landed: list[records.TaskUpdate] | None = None,
     ) -> int:
         """Write a poll's decisions in one transaction: task rows, history rows, outbox rows.
 
@@ -255,7 +257,9 @@ class Polling(SqlBase):
         a full disk, a lost connection) rolls the whole call back. ``replans`` (most answers:
         nothing moved), and the updates that only move a claimed task's next poll, write only
         that next poll, while their claim holds the task, in a transaction of their own: no
-        value of theirs can be refused. Returns how many tasks were written.
+        value of theirs can be refused. Returns how many tasks were written; ``landed``, if
+        given, gets each update with a status change that was committed (one the
+        compare-and-set or the database turned away is not).
         """
         replanned, updates = _split_replanned(updates)
         if replanned:
@@ -268,13 +272,18 @@ class Polling(SqlBase):
                 self._accepted_replans(replans)
         return written + _isolated(
             _by_task(updates),
-            lambda part: self._record_once(part, now),
+            lambda part: self._record_once(part, now, landed),
             self._refused_update,
             self._accepted_updates,
             unit=_task_pk,
         )
 
-    def _record_once(self, updates: Sequence[records.TaskUpdate], now: datetime) -> int:
+    def _record_once(
+        self,
+        updates: Sequence[records.TaskUpdate],
+        now: datetime,
+        landed: list[records.TaskUpdate] | None = None,
+    ) -> int:
         epoch = _epoch(now)
         planned = [
             (u, columns, next_poll)
@@ -291,6 +300,8 @@ class Polling(SqlBase):
         in_pending: set[int] = set()
         #: each written task's next poll (None: final, no more polls)
         moves: dict[int, float | None] = {}
+        #: the updates with a change written here: landed only once the transaction commits
+        changed: list[records.TaskUpdate] = []
         written = 0
         with self._write() as conn:
             # The compare-and-set: statuses and claims read under lock, then checked here.
@@ -321,12 +332,16 @@ class Polling(SqlBase):
                     in_pending.add(task.pk)
                     current[task.pk] = (columns.get("status", found[0]), found[1])
                 written += 1
+                if update.change is not None:
+                    changed.append(update)
                 history.extend(_history_rows(update, now))
                 outbox.extend(_outbox_rows(update, now, epoch))
             _update_tasks(conn, pending)
             self._move_polls(conn, moves)
             _insert_rows(conn, transitions, history)
             _insert_rows(conn, deliveries, outbox)
+        if landed is not None:
+            landed += changed
         return written
 
     def _move_polls(self, conn: sa.Connection, moves: dict[int, float | None]) -> None:
