@@ -169,15 +169,37 @@ def test_verify_enforces_the_timestamp_tolerance(now: float, message: str | None
 
 
 def test_verify_reports_missing_and_malformed_headers() -> None:
-    """Missing headers and a non-integer timestamp name the failing check."""
+    """Missing headers and a timestamp that is no number name the failing check."""
     secret = new_secret()
     headers = _headers(secret, 1000)
     for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
         partial = {k: v for k, v in headers.items() if k != name}
         with pytest.raises(InvalidSignature, match=f"missing {name}"):
             verify(secret, BODY, partial, now=1000)
-    with pytest.raises(InvalidSignature, match="not an integer"):
-        verify(secret, BODY, {**headers, "webhook-timestamp": "soon"}, now=1000)
+    for bad in ("soon", " ", "nan", "inf", "1e400"):
+        with pytest.raises(InvalidSignature, match="not a number of seconds"):
+            verify(secret, BODY, {**headers, "webhook-timestamp": bad}, now=1000)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["{t}", "0{t}", "{t}.0", "{t}.75", " {t} ", "{t}e0", "{t}.5x", "0x{t}", "{t}-", "-{t}"],
+)
+def test_verify_reads_the_timestamp_header_as_the_library_does(written: str) -> None:
+    """Whatever way a sender writes the timestamp (zero-padded, with a fraction, padded with
+    spaces), verify() accepts the request exactly when standardwebhooks' Webhook.verify does,
+    and a signature over the whole seconds is what both check."""
+    secret = new_secret()
+    now = int(time.time())
+    headers = _headers(secret, now)
+    headers["webhook-timestamp"] = written.format(t=now)
+    try:
+        Webhook(secret).verify(BODY, headers)
+    except WebhookVerificationError:
+        with pytest.raises(InvalidSignature):
+            verify(secret, BODY, headers, now=time.time())
+    else:
+        verify(secret, BODY, headers, now=time.time())
 
 
 def test_verify_skips_malformed_and_foreign_tokens() -> None:

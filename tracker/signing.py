@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import secrets as csprng  # the signing helpers take a `secrets` parameter
 from collections.abc import Mapping, Sequence
 
@@ -107,17 +108,21 @@ def verify(
         if not lowered.get(name):
             raise InvalidSignature(f"missing {name} header")
     msg_id = lowered["webhook-id"]
-    raw_timestamp = lowered["webhook-timestamp"].strip()
+    # Read as the standardwebhooks library reads it, so that what it accepts is accepted
+    # here: any number of seconds, signed as the whole seconds it falls in ("01796080895"
+    # and "1796080895.0" sign as "1796080895").
     try:
-        timestamp = int(raw_timestamp)
+        seconds = float(lowered["webhook-timestamp"])
     except ValueError:
-        raise InvalidSignature("webhook-timestamp is not an integer") from None
-    if timestamp < now - tolerance:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise InvalidSignature("webhook-timestamp is not a number of seconds")
+    if seconds < now - tolerance:
         raise InvalidSignature("webhook-timestamp is too old")
-    if timestamp > now + tolerance:
+    if seconds > now + tolerance:
         raise InvalidSignature("webhook-timestamp is too far in the future")
 
-    content = _signed_content(msg_id, raw_timestamp, body)
+    content = _signed_content(msg_id, str(math.floor(seconds)), body)
     expected = hmac.new(_key(secret), content, hashlib.sha256).digest()
     for token in lowered["webhook-signature"].split():
         version, comma, encoded = token.partition(",")
