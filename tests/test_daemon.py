@@ -405,6 +405,47 @@ async def test_reload_applies_live_settings_to_the_running_parts(
         assert 401 == (await stale.get("/v1/tasks")).status_code
 
 
+async def test_reload_applies_retention_logging_and_metrics_auth_as_the_readme_says(
+    tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """The README's list of what a reload applies, beyond [poll], [webhooks] and the tokens:
+    [retention] (the pruning job's pace too), [logging] (format as well as level) and
+    [server].metrics_require_auth, which puts /metrics behind the token at once."""
+    path = tmp_path / "tracker.toml"
+    path.write_text(toml_text(document))
+    daemon = make_daemon(config.load(path, environ={}), config_path=path)
+    await daemon.start()
+    async with client_for(daemon, token=None) as anonymous:
+        assert 200 == (await anonymous.get("/metrics")).status_code
+    path.write_text(
+        toml_text(
+            merge(
+                document,
+                {
+                    "retention": {"dead_days": 7, "interval": 600},
+                    "logging": {"format": "json"},
+                    "server": {"metrics_require_auth": True},
+                },
+            )
+        )
+    )
+
+    daemon.reload()
+
+    live = daemon.parts.state.settings
+    assert (7.0, 600.0, "json") == (
+        live.retention.dead_days,
+        live.retention.interval,
+        live.logging.format,
+    )
+    job = daemon.parts.jobs.scheduler.get_job("retention")
+    assert job is not None
+    assert 600 == job.trigger.interval.total_seconds()
+    async with client_for(daemon, token=None) as anonymous, client_for(daemon) as holder:
+        assert 401 == (await anonymous.get("/metrics")).status_code
+        assert 200 == (await holder.get("/metrics")).status_code
+
+
 async def test_a_broken_config_on_reload_keeps_the_old_settings(
     tmp_path: Path, document: dict[str, Any], make_daemon: Callable[..., Daemon]
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -672,3 +673,32 @@ def test_the_relays_own_time_to_answer_is_not_waiting_in_the_drain() -> None:
         following = next_poll(planned, planned + 3.0, 30.0, started=planned, asked=planned)
         assert planned + 30.0 == following
         planned = following
+
+
+async def test_a_failed_drain_is_tried_again_a_second_later_not_an_interval_later(
+    running_for: Callable[..., Running],
+) -> None:
+    """At interval 10 s, with the database failing every drain (its polls table gone), the
+    engine tries again every FAILURE_PAUSE (1 s) on the real clock, each failure logged and
+    kept for /readyz: an outage of the database costs a second of polling once it is over,
+    not an interval."""
+    running = running_for(poll={"interval": 10})
+    with running.store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE polls"))
+    tried: list[float] = []
+    run_cycle = running.poller.run_cycle
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        tried.append(time.monotonic())
+        return await run_cycle(*args, **kwargs)
+
+    running.poller.run_cycle = timed  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await asyncio.sleep(2.5)
+    failed = running.engine.last_error
+
+    assert 3 == len(tried)
+    assert all(0.9 <= b - a <= 1.4 for a, b in itertools.pairwise(tried))
+    assert 3 == sum(e["event"] == "poll_cycle_failed" for e in logs)
+    assert failed is not None
+    assert "polls" in str(failed)

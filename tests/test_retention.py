@@ -70,6 +70,11 @@ def aged(store: SqlStore) -> None:
     finish(store, "done-recent", finished=80, delivery="delivered", delivered=80)
     failed = TaskStatus.FAILED
     finish(store, "failed-old", finished=5, delivery="delivered", delivered=5, status=failed)
+    canceled = TaskStatus.CANCELED
+    finish(store, "canceled-old", finished=5, delivery="delivered", delivered=5, status=canceled)
+    finish(
+        store, "canceled-recent", finished=80, delivery="delivered", delivered=80, status=canceled
+    )
     register(store, "active-old", now=day(0))
 
 
@@ -98,25 +103,32 @@ def orphans(store: SqlStore) -> int:
 
 
 def test_defaults_prune_what_is_past_its_keep_time_and_nothing_else(store: SqlStore) -> None:
-    """Delivered after 30 days, dead after 90, final tasks after 90 once their deliveries go
-    too; pending deliveries, younger rows and active tasks stay. The dry run counts exactly
-    what the run then deletes, and the counts follow.
+    """Delivered after 30 days, dead after 90, final tasks (completed, failed, canceled) after
+    90 once their deliveries go too; pending deliveries, younger rows and active tasks stay.
+    The dry run counts exactly what the run then deletes, and the counts follow.
     """
     aged(store)
 
     expected = retention.preview(store.engine, DEFAULTS, NOW)
     pruned = retention.run(store.engine, DEFAULTS, NOW)
 
-    assert Pruned(deliveries=4, attempts=4, tasks=3, transitions=3) == pruned == expected
+    assert Pruned(deliveries=5, attempts=5, tasks=4, transitions=4) == pruned == expected
     kept_tasks = [
         "active-old",
+        "canceled-recent",
         "dead-recent",
         "done-mid",
         "done-old-died-recently",
         "done-old-pending",
         "done-recent",
     ]
-    kept_deliveries = ["dead-recent", "done-old-died-recently", "done-old-pending", "done-recent"]
+    kept_deliveries = [
+        "canceled-recent",
+        "dead-recent",
+        "done-old-died-recently",
+        "done-old-pending",
+        "done-recent",
+    ]
     assert (kept_tasks, kept_deliveries) == remaining(store)
     assert 0 == orphans(store)
     assert counted_the_slow_way(store) == figures(store)
