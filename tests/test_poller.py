@@ -7,6 +7,7 @@ import collections
 import contextlib
 import random
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from tracker.metrics import Metrics
 from tracker.pipeline import Pipeline
 from tracker.platforms.base import UpstreamError
 from tracker.poller import NOT_FOUND_REASON, PollEngine, Poller, rounds
+from tracker.poller import engine as engine_module
 from tracker.poller.drain import MAX_RELAY_PAUSE, RELAY_PAUSE, relay_pause
 from tracker.poller.report import CycleReport
 from tracker.poller.rounds import DrainWork
@@ -208,6 +210,32 @@ async def test_a_drains_lag_names_the_platform_of_its_most_overdue_task(rig: Rig
     assert warning["hint"].startswith("polls of suno run 30 s late")
     parts = [CycleReport(lag=2.0, lagging="luma"), CycleReport(lag=9.0, lagging="suno")]
     assert (9.0, "suno") == (CycleReport.total(parts).lag, CycleReport.total(parts).lagging)
+
+
+def test_the_lag_warning_is_logged_at_most_once_a_minute(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog that lasts: poll_lagging once, then not again until a minute has passed on
+    the monotonic clock, however many drains report the lag meanwhile; a lag within the
+    interval is no warning at all."""
+    monotonic = [1000.0]
+    monkeypatch.setattr(
+        engine_module, "time", types.SimpleNamespace(monotonic=lambda: monotonic[0])
+    )
+    engine = PollEngine(rig.poller, rig.clock)
+    late = CycleReport(lag=120.0, lagging="luma")
+    warned: list[float] = []
+    with capture_logs() as logs:
+        for at in (1000.0, 1001.0, 1059.9, 1060.0, 1100.0, 1120.5):
+            monotonic[0] = at
+            before = len(logs)
+            engine.check_lag(late)
+            engine.check_lag(CycleReport(lag=rig.poller.settings.interval, lagging="luma"))
+            if len(logs) > before:
+                warned.append(at)
+
+    assert [1000.0, 1060.0, 1120.5] == warned
+    assert all(e["event"] == "poll_lagging" for e in logs)
 
 
 async def test_batches_respect_batch_size_and_concurrency(
