@@ -6,6 +6,7 @@ bad value is a 4xx page saying what is wrong, never a 500 and never a half-done 
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -57,11 +58,13 @@ async def _browser(daemon: Daemon) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def _register(browser: httpx.AsyncClient, *ids: str) -> None:
+async def _register(
+    browser: httpx.AsyncClient, *ids: str, metadata: dict[str, str] | None = None
+) -> None:
     """Register ``ids`` on luma through the API, which decides what a task id may be."""
     answer = await browser.post(
         "/v1/tasks",
-        json={"platform": "luma", "ids": list(ids)},
+        json={"platform": "luma", "ids": list(ids), "metadata": metadata},
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
     assert 201 == answer.status_code, answer.text
@@ -150,6 +153,50 @@ async def test_every_link_to_a_task_opens_that_task_whatever_url_syntax_its_id_h
         done = await browser.post(_form_action(confirm.text), data=hidden_fields(confirm.text))
         back = _link(done.text, f"Back to task {task_id}")
         assert _shows_task(await browser.get(back), task_id), task_id
+
+
+def _metadata_shown(page: str) -> list[str]:
+    """The text of each task list row's metadata excerpt, or of a task page's metadata."""
+    found = re.findall(r'<td class="excerpt">(.*?)</td>', page.partition('id="task-list"')[2], re.S)
+    found += re.findall(r"<dt>metadata</dt><dd><pre>(.*?)</pre>", page, re.S)
+    return [html.unescape(text) for text in found]
+
+
+async def test_the_task_list_shows_metadata_as_its_task_page_does_readable_and_escaped(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """Non-ASCII text reads as itself, not as \\u escapes, and HTML in an id or metadata is
+    shown as text: the list's excerpt is the task page's metadata, cut to 80 characters.
+    """
+    metadata = {"jp": "日本語", "note": '<b>bold</b> & "quoted"', "x": "<script>alert(1)</script>"}
+    await _register(browser, "<script>alert(1)</script>", metadata=metadata)
+    await sign_in(browser, TOKEN)
+
+    listing = (await browser.get("/ui/tasks")).text
+    task_page = (await browser.get(_link(listing, "<script>alert(1)</script>"))).text
+
+    [excerpt] = _metadata_shown(listing)
+    [whole] = _metadata_shown(task_page)
+    assert "<script>" not in listing
+    assert "<script>" not in task_page
+    assert "\\u" not in excerpt
+    assert '"jp": "日本語"' in excerpt
+    assert whole.startswith(excerpt.removesuffix("..."))
+    assert metadata == json.loads(whole)
+
+
+async def test_a_search_finds_metadata_text_as_typed(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """Non-ASCII text and quotes in metadata are found as typed in the Tasks page's search."""
+    await _register(browser, "jp", metadata={"jp": "日本語", "note": '<b>bold</b> & "quoted"'})
+    await _register(browser, "uni", metadata={"name": "Ünïcødé 日本"})
+    await sign_in(browser, TOKEN)
+
+    for text, expected in {"日本語": ["jp"], "Ünïcødé": ["uni"], '"quoted"': ["jp"]}.items():
+        page = await browser.get("/ui/tasks", params={"q": text})
+        shown = re.findall(r'<a href="[^"]*">([^<]*)</a></td>', page.text)
+        assert expected == shown, text
 
 
 async def test_bad_input_in_a_page_address_is_a_4xx_page_naming_it(

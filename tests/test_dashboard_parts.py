@@ -257,6 +257,42 @@ def test_task_search_matches_id_or_metadata_any_case_with_wildcards_as_text(
     assert [("suno", "s-1")] == [(t.platform, t.task_id) for t in exact]
 
 
+def test_task_search_finds_metadata_text_as_typed_though_stored_json_escapes_it(
+    store: SqlStore,
+) -> None:
+    """Metadata is stored as json.dumps writes it (\\uXXXX, \\"), yet a search for non-ASCII
+    text, quotes or a backslash finds it as typed; ASCII case never matters, and non-ASCII
+    case does not on PostgreSQL (SQLite's LIKE folds ASCII only).
+    """
+    store.register(
+        Registration(
+            "luma",
+            ["jp"],
+            metadata={"jp": "日本語", "note": '<b>bold</b> & "quoted"', "path": "C:\\temp"},
+        ),
+        NOW,
+    )
+    store.register(Registration("luma", ["uni"], metadata={"name": "Ünïcødé 日本"}), NOW)
+    store.register(Registration("luma", ["ascii"], metadata={"name": "plain u00e9"}), NOW)
+    queries = DashboardQueries(store)
+
+    def ids(text: str) -> list[str]:
+        return [t.task_id for t in queries.tasks_page(text=text).tasks]
+
+    assert ["jp"] == ids("日本語")
+    assert ["uni", "jp"] == ids("日本")
+    assert ["uni"] == ids("Ünïcødé")
+    assert ["uni"] == ids("é")  # not "plain u00e9": the escape's backslash is part of it
+    assert ["jp"] == ids('"QUOTED"')
+    assert ["jp"] == ids("<b>bold</b> & ")
+    assert ["jp"] == ids("c:\\TEMP")
+    assert ["jp"] == ids('"jp"')  # a key, as the JSON text holds it
+    assert [] == ids("naïve")
+    folded = ["uni"] if store.dialect == "postgresql" else []
+    assert folded == ids("üNÏCØDÉ")
+    assert folded == ids("ÜNÏCØDÉ 日本")
+
+
 def test_task_pages_go_older_and_a_search_reads_a_bounded_share_per_page(
     store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ fast with millions of tasks stored.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -120,7 +121,7 @@ class DashboardQueries:
             top = int(conn.execute(sa.select(sa.func.max(tasks.c.id))).scalar() or 0) + 1
         matches = sa.or_(
             self._contains(tasks.c.task_id, text),
-            self._contains(sa.cast(tasks.c.metadata, sa.Text), text),
+            self._in_metadata(sa.cast(tasks.c.metadata, sa.Text), text),
         )
         found: list[Any] = []
         floor = top
@@ -141,6 +142,28 @@ class DashboardQueries:
         if self.store.dialect == "postgresql":
             return column.icontains(text, autoescape=True)
         return column.contains(text, autoescape=True)
+
+    def _in_metadata(self, stored: Any, text: str) -> Any:
+        """Whether the metadata's stored JSON text holds ``text`` as the user typed it.
+
+        sa.JSON stores what json.dumps writes: a value's non-ASCII characters as \\uXXXX,
+        its quotes and backslashes escaped. So the text is matched both as typed (a key, or
+        JSON syntax) and in that escaped form (a value holding "日本語" or a quote); the stored
+        text stays as it is, and the query reads each row once as before.
+
+        What "any case" covers. ASCII letters: everywhere, on both databases. Non-ASCII
+        letters: on PostgreSQL only. In metadata a regular expression offers each such
+        character of the text in its lower and upper case, as itself or escaped, whatever the
+        database's locale; in ids ILIKE folds them as the database's LC_CTYPE does (C.UTF-8
+        or a language's locale do, plain "C" does not). SQLite's LIKE folds ASCII only, and so
+        does its lower() without ICU: there "É" finds neither an id nor a value holding "é".
+        """
+        escaped = _json_escaped(text)
+        if self.store.dialect == "postgresql" and any(_cased(c) for c in text):
+            return stored.regexp_match(_any_case_pattern(text), flags="i")
+        if escaped == text:
+            return self._contains(stored, text)
+        return sa.or_(self._contains(stored, text), self._contains(stored, escaped))
 
     def task_deliveries(self, platform: str, task_id: str) -> list[records.DeliveryRecord]:
         """Every delivery of one task with every attempt, oldest first (by the task's index)."""
@@ -208,3 +231,35 @@ class DashboardQueries:
             query = query.where(deliveries.c.created_at < until)
         with self.engine.connect() as conn, conn.begin():
             return int(conn.execute(query).scalar() or 0)
+
+
+def _json_escaped(text: str) -> str:
+    """``text`` as json.dumps writes it in a JSON string (what sa.JSON stores), unquoted."""
+    return json.dumps(text)[1:-1]
+
+
+def _cased(char: str) -> bool:
+    """Whether ``char`` is a non-ASCII letter with another case."""
+    return not char.isascii() and char.lower() != char.upper()
+
+
+def _any_case_pattern(text: str) -> str:
+    """A PostgreSQL regular expression (for ~*) matching ``text`` in JSON text, whatever the
+    case of its non-ASCII letters, each as itself or escaped as json.dumps writes it.
+    """
+    parts = []
+    for char in text:
+        forms = {char}
+        if _cased(char):
+            forms |= {char.lower(), char.upper()}
+        spelled = sorted(
+            {_regex_literal(f) for f in forms} | {_regex_literal(_json_escaped(f)) for f in forms}
+        )
+        parts.append(spelled[0] if len(spelled) == 1 else "(?:" + "|".join(spelled) + ")")
+    return "".join(parts)
+
+
+def _regex_literal(text: str) -> str:
+    # In PostgreSQL's regular expressions a backslash before an ASCII letter or digit is an
+    # escape of its own (\u00e9 is "é"): only other ASCII characters take one.
+    return "".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in text)
