@@ -212,3 +212,62 @@ def test_settings_are_frozen() -> None:
 def test_is_loopback(host: str, loopback: bool) -> None:
     """Only loopback names and addresses count as loopback."""
     assert loopback == config.is_loopback(host)
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_value() -> None:
+    """A problem with a value an environment variable set names that variable, so it is not
+    looked for in the file; the value is never shown."""
+    found = problems(MINIMAL, TRACKER_WEBHOOKS_SECRET="notawhsec")
+
+    assert [
+        "webhooks.secret (from TRACKER_WEBHOOKS_SECRET): must be a Standard Webhooks secret: "
+        "whsec_ followed by base64"
+    ] == found
+    assert [] == [p for p in problems({**MINIMAL, "webhooks": {}}) if "(from" in p]
+
+
+@pytest.mark.parametrize("value", ["...", "…", " ", "\t", "sk-…", "sk-..."])
+def test_blank_and_ellipsis_credentials_are_placeholders(value: str) -> None:
+    """The README's `...`, an ellipsis or a blank value is refused as a placeholder for the
+    API tokens, the relay keys and the dashboard token, each named by its key."""
+    document = {
+        **MINIMAL,
+        "server": {"api_tokens": ["a-real-token", value]},
+        "upstream": {**MINIMAL["upstream"], "api_key": value},
+        "upstreams": {"reseller": {"base_url": "https://r.example.com", "api_key": value}},
+        "dashboard": {"token": value},
+    }
+
+    found = config.placeholder_problems(parse(document))
+
+    assert [
+        "server.api_tokens",
+        "upstream.api_key",
+        "upstreams.reseller.api_key",
+        "dashboard.token",
+    ] == [p.split(":")[0] for p in found]
+
+
+@pytest.mark.parametrize("value", ["sk-live-1...", "a.b", "tok…en", ""])
+def test_credentials_that_only_hold_dots_are_not_placeholders(value: str) -> None:
+    """A key with anything beyond dots, ellipses and blanks is taken as a credential (an empty
+    relay key too: a relay may need none)."""
+    document = {**MINIMAL, "upstream": {**MINIMAL["upstream"], "api_key": value}}
+
+    assert [] == config.placeholder_problems(parse(document))
+
+
+def test_only_the_upstream_placeholder_hint_names_its_environment_variable() -> None:
+    """TRACKER_UPSTREAM_API_KEY overrides only [upstream]: a named upstream's placeholder hint
+    says to put the key in the file, naming no variable."""
+    document = {
+        **MINIMAL,
+        "upstream": {**MINIMAL["upstream"], "api_key": "sk-..."},
+        "upstreams": {"reseller": {"base_url": "https://r.example.com", "api_key": "sk-..."}},
+    }
+
+    upstream, reseller = config.placeholder_problems(parse(document))
+
+    assert "here or in TRACKER_UPSTREAM_API_KEY" in upstream
+    assert reseller.startswith("upstreams.reseller.api_key: the example's placeholder;")
+    assert "TRACKER_" not in reseller

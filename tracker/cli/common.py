@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+import shlex
+from typing import TYPE_CHECKING, Any
 
 from tracker import config, startup
 from tracker.startup import ExitCode
@@ -27,15 +28,40 @@ ONLY_UPGRADES = (
 
 def config_path(args: argparse.Namespace) -> str:
     """The config file named by --config, else by TRACKER_CONFIG."""
-    path = args.config or os.environ.get("TRACKER_CONFIG")
-    if not path:
-        raise config.ConfigError(["no config file: pass --config PATH or set TRACKER_CONFIG"])
-    return str(path)
+    path = named_config(args)
+    if path is None:
+        raise config.ConfigError(
+            ["no config file: pass --config PATH or set TRACKER_CONFIG; `tracker init` writes one"]
+        )
+    return path
+
+
+def named_config(args: argparse.Namespace) -> str | None:
+    """The config file named by --config, else by TRACKER_CONFIG; None when neither is set."""
+    path = getattr(args, "config", None) or os.environ.get("TRACKER_CONFIG")
+    return str(path) if path else None
+
+
+def read(path: str) -> dict[str, Any]:
+    """The config file at ``path`` decoded, not validated; when there is no such file, the
+    error says that `tracker init` writes one there."""
+    try:
+        return config.read(path)
+    except config.ConfigError as exc:
+        if os.path.lexists(path):
+            raise
+        hint = f"; `tracker init --config {shlex.quote(path)}` writes one"
+        raise config.ConfigError([exc.problems[0] + hint, *exc.problems[1:]]) from None
+
+
+def load_file(path: str) -> config.Settings:
+    """The settings of the config file at ``path`` (see ``read``)."""
+    return config.from_document(read(path), path)
 
 
 def load(args: argparse.Namespace) -> config.Settings:
     """The settings of the config file the command names."""
-    return config.load(config_path(args))
+    return load_file(config_path(args))
 
 
 def known_platform(args: argparse.Namespace, name: str | None) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from tracker import config, logs, runtime, startup
 from tracker.api import limits
-from tracker.cli import output
+from tracker.cli import common, output
 from tracker.cli.common import EXIT_OK, config_path
 
 if TYPE_CHECKING:
@@ -21,8 +21,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from tracker.app import Daemon  # noqa: PLC0415 - keeps `tracker --help` fast
 
+    # Said before the config is read: a flag that would do nothing is the first thing to fix.
+    if args.receiver and not args.simulate:
+        raise config.ConfigError(["--receiver goes with --simulate"])
+    if args.step is not None and not args.simulate:
+        raise config.ConfigError(["--step goes with --simulate"])
     path = config_path(args)
-    settings = config.load(path)
+    settings = common.load_file(path)
     with contextlib.ExitStack() as stack:
         overrides = None
         if args.simulate:
@@ -33,9 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 simulate.simulated(settings, receiver=args.receiver, step=step)
             )
             settings = overrides(settings)
-        elif args.receiver:
-            raise config.ConfigError(["--receiver goes with --simulate"])
-        problems = config.placeholder_problems(settings)
+        problems = config.from_environment(config.placeholder_problems(settings))
         if problems:
             raise config.ConfigError(problems)
         startup.check_database(settings.database.url)
@@ -50,8 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and say so."""
     path = config_path(args)
-    settings = config.load(path)
-    problems = startup.start_problems(settings)
+    settings = _checked(path)
+    problems = config.from_environment(startup.start_problems(settings))
     if problems:
         raise config.ConfigError(problems)
     from tracker import platforms  # noqa: PLC0415
@@ -67,11 +70,48 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checked(path: str) -> config.Settings:
+    """The settings of the config file at ``path``, for check-config: when its keys do not
+    validate, the error lists the placeholder credentials among its values too (judged on the
+    values alone, as the start checks judge them); the database and platform checks need the
+    whole file valid."""
+    raw = common.read(path)
+    try:
+        return config.from_document(raw, path)
+    except config.ConfigError as exc:
+        named = exc.problems
+        document = config.with_overrides(raw)
+        found = config.from_environment(config.document_placeholder_problems(document))
+        # A key whose value is already refused (a secret that is not one) is named once.
+        found = [p for p in found if not any(_same_key(p, n) for n in named)]
+        raise config.ConfigError([*named, *found]) from None
+
+
+def _same_key(problem: str, other: str) -> bool:
+    """Whether ``other`` is about the key ``problem`` names, or a part of it."""
+    key = problem.split(":", 1)[0].split(" (from ", 1)[0]
+    return other.startswith(key) and other[len(key) : len(key) + 1] in (":", ".", " ")
+
+
+def _init_path(args: argparse.Namespace) -> str:
+    """Where `tracker init` writes: its PATH, else --config, else TRACKER_CONFIG, else
+    ./tracker.toml (so the next command, naming the file the same way, reads it)."""
+    from tracker import init_config  # noqa: PLC0415
+
+    if args.path is not None:
+        if args.config is not None and args.config != args.path:
+            raise config.ConfigError(
+                [f"init: PATH {args.path!r} and --config {args.config!r} name two files; give one"]
+            )
+        return str(args.path)
+    return common.named_config(args) or init_config.DEFAULT_PATH
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Write a fresh config with a new API token and webhook secret (mode 0600)."""
     from tracker import init_config  # noqa: PLC0415
 
-    path = Path(args.path)
+    path = Path(_init_path(args))
     try:
         token = init_config.write(path)
     except init_config.InitError as exc:
@@ -109,7 +149,12 @@ def register(commands: Commands) -> None:
     )
     commands.command("check-config", cmd_check_config)
     init = commands.command("init", cmd_init)
-    init.add_argument("path", nargs="?", default="tracker.toml", help="default: ./tracker.toml")
+    init.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="default: --config, else $TRACKER_CONFIG, else ./tracker.toml",
+    )
     demo = commands.command("demo", cmd_demo)
     demo.add_argument(
         "--tasks",

@@ -7,7 +7,15 @@ importable from `tracker.config` as before.
 
 from __future__ import annotations
 
-from tracker.config.loading import ENV_OVERRIDES, load, parse
+from tracker.config.loading import (
+    ENV_OVERRIDES,
+    from_document,
+    from_environment,
+    load,
+    parse,
+    read,
+    with_overrides,
+)
 from tracker.config.sections import (
     DEFAULT_EVENTS,
     DEFAULT_MAX_INTERVAL,
@@ -49,7 +57,9 @@ from tracker.config.settings import (
     PLACEHOLDER_TOKENS,
     ConfigError,
     Settings,
+    document_placeholder_problems,
     in_memory,
+    is_placeholder,
     placeholder_problems,
     resolve_database,
     sqlite_path,
@@ -94,11 +104,17 @@ __all__ = [
     "UpstreamSettings",
     "WebhookSettings",
     "check_events",
+    "document_placeholder_problems",
+    "from_document",
+    "from_environment",
     "in_memory",
     "is_loopback",
+    "is_placeholder",
     "load",
     "parse",
     "placeholder_problems",
+    "read",
     "resolve_database",
     "sqlite_path",
+    "with_overrides",
 ]

@@ -20,7 +20,17 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
 }
 
 
-__all__ = ["ENV_OVERRIDES", "ConfigError", "from_document", "load", "overridden", "parse", "read"]
+__all__ = [
+    "ENV_OVERRIDES",
+    "ConfigError",
+    "from_document",
+    "from_environment",
+    "load",
+    "overridden",
+    "parse",
+    "read",
+    "with_overrides",
+]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -38,8 +48,11 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
-def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a decoded TOML document, applying the environment overrides first."""
+def with_overrides(
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The decoded document ``raw`` with the environment overrides set in it, as ``parse``
+    validates it."""
     environ = os.environ if environ is None else environ
     document: dict[str, Any] = dict(raw)
     for variable, (section, key) in ENV_OVERRIDES.items():
@@ -47,6 +60,30 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> S
         if value:
             table = document.get(section)
             document[section] = {**(table if isinstance(table, dict) else {}), key: value}
+    return document
+
+
+def from_environment(problems: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """``problems`` with each one about a key an environment variable set (``ENV_OVERRIDES``)
+    naming that variable: ``webhooks.secret (from TRACKER_WEBHOOKS_SECRET): ...``, so it is not
+    looked for in the file. The value itself is never added."""
+    environ = os.environ if environ is None else environ
+    named = list(problems)
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        dotted = f"{section}.{key}"
+        if environ.get(variable):
+            named = [
+                f"{dotted} (from {variable}){p.removeprefix(dotted)}"
+                if p.startswith(f"{dotted}:")
+                else p
+                for p in named
+            ]
+    return named
+
+
+def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a decoded TOML document, applying the environment overrides first."""
+    document = with_overrides(raw, environ)
     try:
         return Settings.model_validate(document)
     except pydantic.ValidationError as exc:
@@ -58,7 +95,7 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> S
                 problems += cause.problems
             else:
                 problems.append(f"{_location(error['loc'])}: {_describe(error)}")
-        raise ConfigError(problems) from None
+        raise ConfigError(from_environment(problems, environ)) from None
 
 
 def overridden(

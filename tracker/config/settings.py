@@ -5,11 +5,13 @@ against the config's directory."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pydantic
-from pydantic import Field, StrictStr
+from pydantic import Field, SecretStr, StrictStr
 
 from tracker import sanitize
 from tracker.config.sections import (
@@ -145,33 +147,80 @@ def _database_passwords(url: str) -> list[str]:
     return [str(p) for p in found if p]
 
 
+def is_placeholder(value: str, known: frozenset[str]) -> bool:
+    """Whether ``value`` is a placeholder, not a credential: one of ``known``, or blank or
+    an ellipsis (``...``, ``…``, ``sk-...``) as the README's examples write one. An empty
+    value is not judged here (the keys that cannot be empty refuse it themselves)."""
+    return value in known or (value != "" and _ELLIPSIS.fullmatch(value) is not None)
+
+
+#: whitespace, dots and ellipses only, after an optional "sk-"
+_ELLIPSIS = re.compile(r"\s*(sk-)?[\s.\u2026]*")
+#: how to make a dashboard token, there being no example one to keep
+_DASHBOARD_HINT = (
+    "set a random one (python -c 'import secrets; print(secrets.token_urlsafe(24))') "
+    "or remove the key to sign in with an API token"
+)
+
+
 def placeholder_problems(settings: Settings) -> list[str]:
     """The example config's placeholder credentials still in ``settings``, one line each."""
+    return document_placeholder_problems(settings.model_dump())
+
+
+def document_placeholder_problems(document: Mapping[str, Any]) -> list[str]:
+    """The placeholder credentials among the values of ``document``, one line each: the
+    settings dumped (``placeholder_problems``), or a decoded TOML document, the whole of
+    which may not validate (a value of another type than the key takes is left to the
+    error that names it)."""
     problems = []
-    if any(t.get_secret_value() in PLACEHOLDER_TOKENS for t in settings.server.api_tokens):
+    server = _table(document.get("server"))
+    tokens = server.get("api_tokens")
+    if isinstance(tokens, list | tuple) and any(
+        is_placeholder(t, PLACEHOLDER_TOKENS) for t in map(_text, tokens) if t is not None
+    ):
         problems.append(f"server.api_tokens: the example's placeholder token; {MAKE_REAL_ONES}")
-    upstreams = {"upstream": settings.upstream} | {
-        f"upstreams.{name}": u for name, u in settings.upstreams.items()
+    upstreams = {"upstream": _table(document.get("upstream"))} | {
+        f"upstreams.{name}": _table(u) for name, u in _table(document.get("upstreams")).items()
     }
     for where, upstream in upstreams.items():
-        if upstream.api_key.get_secret_value() in PLACEHOLDER_KEYS:
+        key = _text(upstream.get("api_key"))
+        if key is not None and is_placeholder(key, PLACEHOLDER_KEYS):
+            # Only [upstream]'s key has an environment variable (ENV_OVERRIDES).
+            elsewhere = " or in TRACKER_UPSTREAM_API_KEY" if where == "upstream" else ""
             problems.append(
-                f"{where}.api_key: the example's placeholder; put your relay key here or in "
-                "TRACKER_UPSTREAM_API_KEY (`tracker run --simulate` needs none)"
+                f"{where}.api_key: the example's placeholder; put your relay key here"
+                f"{elsewhere} (`tracker run --simulate` needs none)"
             )
-    hooks = settings.webhooks
-    secrets = {"webhooks.secret": hooks.secret} | {
-        f"webhooks.previous_secrets.{i}": p.secret for i, p in enumerate(hooks.previous_secrets)
-    }
-    for name, endpoint in hooks.endpoints.items():
-        secrets[f"webhooks.endpoints.{name}.secret"] = endpoint.secret
+    hooks = _table(document.get("webhooks"))
+    secrets = {"webhooks.secret": hooks.get("secret")}
+    previous = hooks.get("previous_secrets")
+    for i, old in enumerate(previous if isinstance(previous, list | tuple) else ()):
+        secrets[f"webhooks.previous_secrets.{i}"] = _table(old).get("secret")
+    for name, endpoint in _table(hooks.get("endpoints")).items():
+        secrets[f"webhooks.endpoints.{name}.secret"] = _table(endpoint).get("secret")
     for where, secret in secrets.items():
-        if secret.get_secret_value() in PLACEHOLDER_SECRETS:
+        if _text(secret) in PLACEHOLDER_SECRETS:
             problems.append(
                 f"{where}: the example's published secret; {MAKE_REAL_ONES} (or run "
                 "python -c 'from tracker import signing; print(signing.new_secret())')"
             )
+    token = _text(_table(document.get("dashboard")).get("token"))
+    if token is not None and is_placeholder(token, PLACEHOLDER_TOKENS):
+        problems.append(f"dashboard.token: the example's placeholder token; {_DASHBOARD_HINT}")
     return problems
+
+
+def _table(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: object) -> str | None:
+    """The string a credential key holds, as written or as its SecretStr; None for another
+    type."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value if isinstance(value, str) else None
 
 
 _SQLITE_URL = re.compile(r"^sqlite(\+\w+)?:///(?P<path>[^?]*)")
