@@ -77,6 +77,29 @@ def test_environment_overrides_the_secrets() -> None:
     assert "whsec_ZW52" == settings.webhooks.secret.get_secret_value()
 
 
+def test_the_api_and_dashboard_tokens_may_come_from_the_environment() -> None:
+    """TRACKER_SERVER_API_TOKENS (separated by whitespace) replaces the file's api_tokens and
+    TRACKER_DASHBOARD_TOKEN its dashboard token, so a world-readable config.toml need hold
+    neither; a blank variable (systemd's `KEY=`) leaves the file's value alone, and a token
+    from there is among the secrets the logs redact."""
+    document = {**MINIMAL, "server": {"api_tokens": ["from-file-token"]}}
+    settings = parse(
+        document,
+        TRACKER_SERVER_API_TOKENS=" first-token-from-env\tsecond-token-from-env \n",
+        TRACKER_DASHBOARD_TOKEN="dashboard-token-from-env",
+    )
+    kept = parse(document, TRACKER_SERVER_API_TOKENS="  ", TRACKER_DASHBOARD_TOKEN="")
+
+    assert ["first-token-from-env", "second-token-from-env"] == [
+        t.get_secret_value() for t in settings.server.api_tokens
+    ]
+    assert settings.dashboard.token is not None
+    assert "dashboard-token-from-env" == settings.dashboard.token.get_secret_value()
+    assert {"first-token-from-env", "dashboard-token-from-env"} <= set(settings.secrets())
+    assert ["from-file-token"] == [t.get_secret_value() for t in kept.server.api_tokens]
+    assert kept.dashboard.token is None
+
+
 def test_secrets_may_come_only_from_the_environment() -> None:
     """A file without api_key and secret is fine when the environment supplies them."""
     document = {"upstream": {"base_url": "https://r.example.com"}, "webhooks": {}}

@@ -17,7 +17,11 @@ from tracker.config.settings import IN_MEMORY, ConfigError, Settings, in_memory,
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "TRACKER_UPSTREAM_API_KEY": ("upstream", "api_key"),
     "TRACKER_WEBHOOKS_SECRET": ("webhooks", "secret"),
+    "TRACKER_SERVER_API_TOKENS": ("server", "api_tokens"),
+    "TRACKER_DASHBOARD_TOKEN": ("dashboard", "token"),
 }
+#: the overridden keys that hold a list: the variable's value is split at whitespace
+_LIST_KEYS = frozenset({("server", "api_tokens")})
 
 
 __all__ = [
@@ -57,9 +61,10 @@ def with_overrides(
     document: dict[str, Any] = dict(raw)
     for variable, (section, key) in ENV_OVERRIDES.items():
         value = environ.get(variable)
-        if value:
+        if value and value.strip():
             table = document.get(section)
-            document[section] = {**(table if isinstance(table, dict) else {}), key: value}
+            setting = value.split() if (section, key) in _LIST_KEYS else value
+            document[section] = {**(table if isinstance(table, dict) else {}), key: setting}
     return document
 
 
@@ -71,10 +76,11 @@ def from_environment(problems: list[str], environ: Mapping[str, str] | None = No
     named = list(problems)
     for variable, (section, key) in ENV_OVERRIDES.items():
         dotted = f"{section}.{key}"
-        if environ.get(variable):
+        if (environ.get(variable) or "").strip():
+            # A list's items are named by their index: server.api_tokens.0: ...
             named = [
                 f"{dotted} (from {variable}){p.removeprefix(dotted)}"
-                if p.startswith(f"{dotted}:")
+                if p.startswith((f"{dotted}:", f"{dotted}."))
                 else p
                 for p in named
             ]
@@ -107,7 +113,7 @@ def overridden(
     environ = os.environ if environ is None else environ
     found: dict[str, tuple[str, object]] = {}
     for variable, (section, key) in ENV_OVERRIDES.items():
-        if environ.get(variable):
+        if (environ.get(variable) or "").strip():
             table = raw.get(section)
             value = table.get(key) if isinstance(table, dict) else None
             found[variable] = (f"{section}.{key}", value)
