@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -11,12 +13,13 @@ import httpx
 import pydantic
 import pytest
 import structlog
-from conftest import base_config, eventually, merge
+from conftest import WEBHOOK_SECRET, base_config, eventually, merge
 from starlette.routing import Mount
 
 from tracker import config, sdnotify
 from tracker.app import Daemon
-from tracker.dashboard.sessions import COOKIE, MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW
+from tracker.dashboard.sessions import COOKIE, LOGIN_COOKIE, MAX_SIGN_IN_FAILURES, SIGN_IN_WINDOW
+from tracker.dashboard.web import Dashboard
 from tracker.store import Registration
 from tracker.testing.dashboard import hidden_fields, sign_in
 from tracker.testing.receiver import Reply, WebhookReceiver
@@ -79,6 +82,22 @@ async def _dead_delivery(daemon: Daemon, receiver: WebhookReceiver, task_id: str
 
     found: int = await eventually(dead, 15, "the delivery to die")
     return found
+
+
+async def _sign_in_again(browser: httpx.AsyncClient, token: str) -> str:
+    """Sign in once more from the sign-in form ``browser`` loaded before (a second tab's), while
+    still signed in; returns the new session's CSRF token."""
+    answer = await browser.post(
+        "/ui/login", data={"token": token, "login_csrf": browser.cookies[LOGIN_COOKIE]}
+    )
+    assert 303 == answer.status_code
+    return hidden_fields((await browser.get("/ui/")).text)["csrf"]
+
+
+async def _followed(browser: httpx.AsyncClient, answer: httpx.Response) -> httpx.Response:
+    """The page a button's POST answered 303 to (its result page)."""
+    assert 303 == answer.status_code, answer.text
+    return await browser.get(answer.headers["location"])
 
 
 async def test_the_address_without_its_slash_leads_to_the_dashboard(
@@ -172,7 +191,7 @@ async def test_a_forged_csrf_token_is_refused_and_changes_nothing(
     """Redeliver, recover and remove with a wrong or another session's CSRF token: 403."""
     delivery = await _dead_delivery(daemon, receiver, "forged-1")
     other_csrf = await sign_in(browser, TOKEN)
-    await sign_in(browser, TOKEN)  # a new session: the first one's token is not this one's
+    await _sign_in_again(browser, TOKEN)  # a new session: the first one's token is not this one's
     posts = {
         f"/ui/deliveries/{delivery}/redeliver": {},
         "/ui/recover": {"since": "2000-01-01T00:00:00Z"},
@@ -183,7 +202,7 @@ async def test_a_forged_csrf_token_is_refused_and_changes_nothing(
             data = fields if forged is None else {**fields, "csrf": forged}
             answer = await browser.post(path, data=data)
             assert 403 == answer.status_code, (path, forged)
-            assert "forged or out of date" in answer.text
+            assert "Reload the page and try again" in answer.text
 
     assert "dead" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
     assert daemon.parts.store.get("luma", "forged-1") is not None
@@ -200,8 +219,11 @@ async def test_redeliver_asks_first_then_queues_the_delivery_and_the_receiver_ge
     confirm = await browser.get(f"/ui/deliveries/{delivery}/redeliver")
     assert "Redeliver this webhook?" in confirm.text
     assert "dead" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
-    done = await browser.post(
-        f"/ui/deliveries/{delivery}/redeliver", data=hidden_fields(confirm.text)
+    done = await _followed(
+        browser,
+        await browser.post(
+            f"/ui/deliveries/{delivery}/redeliver", data=hidden_fields(confirm.text)
+        ),
     )
 
     assert 200 == done.status_code
@@ -235,7 +257,9 @@ async def test_recover_counts_the_dead_of_the_window_then_requeues_them(
     assert "0 dead deliveries were created" in empty.text
     confirm = await browser.get("/ui/recover", params={"since": "2000-01-01T00:00"})
     assert "1 dead deliveries were created" in confirm.text
-    done = await browser.post("/ui/recover", data=hidden_fields(confirm.text))
+    done = await _followed(
+        browser, await browser.post("/ui/recover", data=hidden_fields(confirm.text))
+    )
 
     assert "1 dead deliveries are queued again" in done.text
     assert daemon.parts.store.get_delivery(delivery).state in {"pending", "delivered"}  # type: ignore[union-attr]
@@ -267,7 +291,10 @@ async def test_stop_tracking_asks_first_then_removes_the_task(
     confirm = await browser.get("/ui/remove/luma/remove%2Fme%201")
     assert 'action="/ui/remove/luma/remove%2Fme%201"' in confirm.text
     assert daemon.parts.store.get("luma", "remove/me 1") is not None
-    done = await browser.post("/ui/remove/luma/remove%2Fme%201", data=hidden_fields(confirm.text))
+    done = await _followed(
+        browser,
+        await browser.post("/ui/remove/luma/remove%2Fme%201", data=hidden_fields(confirm.text)),
+    )
 
     assert "is no longer tracked" in done.text
     assert daemon.parts.store.get("luma", "remove/me 1") is None
@@ -504,3 +531,286 @@ async def test_too_many_refused_sign_ins_hold_the_client_back_even_with_the_righ
     assert 1 == sum(e["event"] == "dashboard_sign_ins_held_back" for e in logged)
     assert TOKEN not in repr(logged)
     assert "guess-3" not in repr(logged)
+
+
+# -- result pages: POST, then redirect, then GET ------------------------------------------------
+
+
+async def test_reloading_the_redeliver_result_page_does_not_send_the_webhook_again(
+    daemon: Daemon, browser: httpx.AsyncClient, receiver: WebhookReceiver
+) -> None:
+    """The redeliver POST answers 303 to a result page; loading that page again (a reload)
+    shows the same result and queues nothing: the receiver gets the webhook once."""
+    delivery = await _dead_delivery(daemon, receiver, "reload-redeliver-1")
+    await sign_in(browser, TOKEN)
+    before = receiver.count
+    confirm = await browser.get(f"/ui/deliveries/{delivery}/redeliver")
+
+    answer = await browser.post(
+        f"/ui/deliveries/{delivery}/redeliver", data=hidden_fields(confirm.text)
+    )
+    assert 303 == answer.status_code
+    result = answer.headers["location"]
+    assert result.startswith("/ui/done?")
+    first = await browser.get(result)
+    await asyncio.to_thread(receiver.wait_for, before + 1, 10)
+    await eventually(
+        lambda: daemon.parts.store.get_delivery(delivery).state == "delivered",  # type: ignore[union-attr]
+        10,
+        "the redelivery",
+    )
+    again = await browser.get(result)
+    await asyncio.sleep(0.5)  # a delivery pass or two: a re-queued delivery would be sent
+
+    for page in (first, again):
+        assert 200 == page.status_code
+        assert f"Delivery {delivery} is queued again" in page.text
+        assert "it does not do it again" in page.text
+        assert 'href="/ui/tasks/luma/reload-redeliver-1"' in page.text
+    assert before + 1 == receiver.count
+    assert "delivered" == daemon.parts.store.get_delivery(delivery).state  # type: ignore[union-attr]
+
+
+async def test_reloading_the_recover_and_remove_result_pages_does_nothing_again(
+    daemon: Daemon, browser: httpx.AsyncClient, receiver: WebhookReceiver
+) -> None:
+    """Recover and stop tracking answer 303 to their result pages: loaded again, the recover
+    page does not take a delivery that died since, the remove page does not remove a task
+    registered again since."""
+    recovered_id = await _dead_delivery(daemon, receiver, "reload-recover-1")
+    await sign_in(browser, TOKEN)
+    confirm = await browser.get("/ui/recover", params={"since": "2000-01-01T00:00"})
+    recovered = await browser.post("/ui/recover", data=hidden_fields(confirm.text))
+    assert 303 == recovered.status_code
+    assert (
+        "1 dead deliveries are queued again"
+        in (await browser.get(recovered.headers["location"])).text
+    )
+    await eventually(
+        lambda: daemon.parts.store.get_delivery(recovered_id).state == "delivered",  # type: ignore[union-attr]
+        10,
+        "the recovered delivery",
+    )  # before the receiver's refusals are queued for the next one
+    died_since = await _dead_delivery(daemon, receiver, "reload-recover-2")
+    confirm = await browser.get("/ui/remove/luma/reload-recover-1")
+    removed = await browser.post(
+        "/ui/remove/luma/reload-recover-1", data=hidden_fields(confirm.text)
+    )
+    assert 303 == removed.status_code
+    await asyncio.to_thread(
+        daemon.parts.store.register,
+        Registration("luma", ["reload-recover-1"]),
+        daemon.parts.clock.now(),
+    )
+
+    recover_again = await browser.get(recovered.headers["location"])
+    remove_again = await browser.get(removed.headers["location"])
+
+    assert "1 dead deliveries are queued again" in recover_again.text
+    assert "Task reload-recover-1 on luma is no longer tracked" in remove_again.text
+    assert "dead" == daemon.parts.store.get_delivery(died_since).state  # type: ignore[union-attr]
+    assert daemon.parts.store.get("luma", "reload-recover-1") is not None
+
+
+async def test_a_made_up_or_another_session_s_result_page_shows_no_result(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """A result page's URL is signed for the session it was given to: changed by hand, or
+    opened by another session, it says 404 and shows no result."""
+    await sign_in(browser, TOKEN)
+    confirm = await browser.get("/ui/recover", params={"since": "2000-01-01T00:00"})
+    result = (await browser.post("/ui/recover", data=hidden_fields(confirm.text))).headers[
+        "location"
+    ]
+    query = dict(httpx.URL(result).params)
+    outcome = json.loads(base64.urlsafe_b64decode(query["outcome"] + "=" * 4))
+    assert ["0 dead deliveries are queued again."] == outcome["lines"]
+    outcome["lines"] = ["99 dead deliveries are queued again."]
+    text = json.dumps(outcome, separators=(",", ":")).encode()
+    made_up = {**query, "outcome": base64.urlsafe_b64encode(text).decode().rstrip("=")}
+
+    forged = await browser.get("/ui/done", params=made_up)
+    unsigned = await browser.get("/ui/done", params={"outcome": query["outcome"]})
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as other:
+        await sign_in(other, TOKEN)
+        elsewhere = await other.get(result)
+
+    for page in (forged, unsigned, elsewhere):
+        assert 404 == page.status_code
+        assert "was not given to this session" in page.text
+        assert "queued again" not in page.text
+
+
+# -- where a redelivery goes ---------------------------------------------------------------------
+
+
+async def test_the_redeliver_confirmation_names_the_url_the_webhook_goes_to_now(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str
+) -> None:
+    """A named endpoint's delivery goes to the endpoint's URL as configured now, a default
+    one to [webhooks].url as now, a registration's own webhook_url as stored; a delivery
+    whose endpoint left the config is said not to be sent."""
+    document = merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {
+            "dashboard": {"session_lifetime": 600},
+            "webhooks": {
+                "endpoints": {"app": {"url": f"{receiver.url}/app", "secret": WEBHOOK_SECRET}}
+            },
+        },
+    )
+    async with (
+        _running(config.parse(document, environ={})) as daemon,
+        httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as browser,
+    ):
+        store, now = daemon.parts.store, daemon.parts.clock.now()
+        for registration in (
+            Registration("luma", ["to-app"], endpoint="app"),
+            Registration("luma", ["to-default"]),
+            Registration("luma", ["to-own"], webhook_url=f"{receiver.url}/own"),
+        ):
+            await asyncio.to_thread(store.register, registration, now)
+
+        def ids() -> dict[str, int] | None:
+            rows, _ = store.list_deliveries(platform="luma", limit=10)
+            found = {row.task_id: row.id for row in rows}
+            return found if len(found) == 3 else None
+
+        delivery = await eventually(ids, 15, "the three deliveries")
+        moved = merge(
+            document,
+            {
+                "webhooks": {
+                    "url": "http://127.0.0.1:9/moved-default",
+                    "endpoints": {
+                        "app": {"url": "http://127.0.0.1:9/moved-app", "secret": WEBHOOK_SECRET}
+                    },
+                }
+            },
+        )
+        daemon.apply(config.parse(moved, environ={}))
+        await sign_in(browser, TOKEN)
+
+        async def confirmation(task_id: str) -> str:
+            page = await browser.get(f"/ui/deliveries/{delivery[task_id]}/redeliver")
+            assert 200 == page.status_code
+            return page.text
+
+        assert "sent to http://127.0.0.1:9/moved-app." in await confirmation("to-app")
+        assert "sent to http://127.0.0.1:9/moved-default." in await confirmation("to-default")
+        assert f"sent to {receiver.url}/own." in await confirmation("to-own")
+
+        gone = merge(document, {})
+        gone["webhooks"]["endpoints"] = {}
+        daemon.apply(config.parse(gone, environ={}))
+        to_app = await confirmation("to-app")
+        assert "sent to" not in to_app
+        assert "it is not sent: endpoint &#39;app&#39; is no longer in" in to_app
+
+
+# -- sign-in in several tabs ---------------------------------------------------------------------
+
+
+async def test_two_sign_in_forms_open_at_once_both_sign_in(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """Two tabs load the sign-in form, one after the other: the first loaded signs in, and so
+    does the second afterwards (not a 403 "form expired"); a made-up form token still fails."""
+    first = hidden_fields((await browser.get("/ui/login")).text)["login_csrf"]
+    second = hidden_fields((await browser.get("/ui/login")).text)["login_csrf"]
+
+    forged = await browser.post("/ui/login", data={"token": TOKEN, "login_csrf": "x" * 43})
+    by_first = await browser.post("/ui/login", data={"token": TOKEN, "login_csrf": first})
+    by_second = await browser.post("/ui/login", data={"token": TOKEN, "login_csrf": second})
+
+    assert 403 == forged.status_code
+    assert (303, "/ui/") == (by_first.status_code, by_first.headers.get("location"))
+    assert (303, "/ui/") == (by_second.status_code, by_second.headers.get("location"))
+    assert 200 == (await browser.get("/ui/")).status_code
+    assert 1 == await asyncio.to_thread(_dashboard(daemon).sessions.count)
+
+
+def _dashboard(daemon: Daemon) -> Dashboard:
+    (ui,) = [r for r in daemon.parts.app.routes if isinstance(r, Mount) and r.path == "/ui"]
+    found: Dashboard = ui.app.state.dashboard
+    return found
+
+
+async def test_the_sign_in_page_sends_a_signed_in_browser_to_the_overview(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """Opening /ui/login while signed in leads to the overview and starts no session."""
+    await sign_in(browser, TOKEN)
+    cookie = browser.cookies[COOKIE]
+
+    answer = await browser.get("/ui/login")
+
+    assert (303, "/ui/") == (answer.status_code, answer.headers.get("location"))
+    assert cookie == browser.cookies[COOKIE]
+    assert 1 == await asyncio.to_thread(_dashboard(daemon).sessions.count)
+
+
+async def test_signing_in_again_ends_the_browser_s_previous_session(
+    daemon: Daemon, browser: httpx.AsyncClient
+) -> None:
+    """A sign-in posted while the browser's session is live (a sign-in form left open in
+    another tab) ends that session in the database before starting the new one."""
+    await sign_in(browser, TOKEN)
+    old = browser.cookies[COOKIE]
+    async with httpx.AsyncClient(base_url=daemon.api_url, timeout=5) as tab:
+        form = hidden_fields((await tab.get("/ui/login")).text)["login_csrf"]  # loaded before
+        tab.cookies.set(COOKIE, old)  # ... the other tab signed in
+        answer = await tab.post("/ui/login", data={"token": TOKEN, "login_csrf": form})
+        assert 303 == answer.status_code
+        assert old != answer.cookies[COOKIE]
+
+    assert 303 == (await browser.get("/ui/")).status_code  # the old cookie opens nothing
+    assert 1 == await asyncio.to_thread(_dashboard(daemon).sessions.count)
+
+
+async def test_a_sign_out_form_from_before_signing_in_again_says_to_reload_the_page(
+    browser: httpx.AsyncClient,
+) -> None:
+    """The sign-out form of a page loaded before the browser signed in again is refused with
+    a page that says to reload and try again, and links to a page whose form works."""
+    stale = await sign_in(browser, TOKEN)
+    await _sign_in_again(browser, TOKEN)
+
+    refused = await browser.post("/ui/logout", data={"csrf": stale})
+
+    assert 403 == refused.status_code
+    assert "you may have signed in again or signed out in another tab" in refused.text
+    assert "Reload the page and try again." in refused.text
+    assert '<a href="/ui/" id="again">' in refused.text
+    fresh = hidden_fields((await browser.get("/ui/")).text)["csrf"]
+    signed_out = await browser.post("/ui/logout", data={"csrf": fresh})
+    assert (303, "/ui/login") == (signed_out.status_code, signed_out.headers["location"])
+
+
+# -- errors of routing ---------------------------------------------------------------------------
+
+
+async def test_a_mistyped_address_or_a_wrong_method_gets_the_dashboard_s_error_page(
+    browser: httpx.AsyncClient,
+) -> None:
+    """/ui/nonexistent is a 404, GET /ui/logout and POST /ui/tasks are 405s with Allow, each
+    the dashboard's HTML page with its security headers, not the API's JSON."""
+    missing = await browser.get("/ui/nonexistent")
+    get_logout = await browser.get("/ui/logout")
+    post_tasks = await browser.post("/ui/tasks", data={"q": "x"})
+
+    assert (404, "Not Found") == (missing.status_code, _heading(missing))
+    assert "There is no dashboard page at this address." in missing.text
+    assert (405, "POST") == (get_logout.status_code, get_logout.headers["allow"])
+    assert (405, "GET, HEAD") == (post_tasks.status_code, post_tasks.headers["allow"])
+    assert "does not take a GET request (it takes POST)" in get_logout.text
+    for page in (missing, get_logout, post_tasks):
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert '"detail"' not in page.text
+        assert '<a href="/ui/" id="again">' in page.text
+
+
+def _heading(page: httpx.Response) -> str:
+    found = re.search(r"<h1>(.*?)</h1>", page.text)
+    return found[1] if found else ""

@@ -181,3 +181,77 @@ def test_without_a_session_or_with_a_forged_csrf_token_nothing_happens(
 
     time.sleep(1.5)  # two delivery ticks: a queued redelivery would have gone out by now
     assert arrived == down.count
+
+
+def _dead_webhook(base: str, down: WebhookReceiver, task_id: str) -> int:
+    """Register ``task_id`` with its webhook to ``down``; the id of the delivery once dead."""
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        api.post(
+            "/v1/tasks", json={"platform": "luma", "ids": [task_id], "webhook_url": down.url}
+        ).raise_for_status()
+        found: int = wait_until(
+            lambda: api.get("/v1/deliveries?state=dead").json()["deliveries"], 15, "a dead webhook"
+        )[0]["id"]
+    return found
+
+
+def _sign_in_here(chrome: webdriver.Chrome, base: str) -> None:
+    chrome.find_element(By.ID, "token").send_keys(TOKEN)
+    chrome.find_element(By.CSS_SELECTOR, "form.signin button").click()
+    arrive(chrome, f"{base}/ui/")
+
+
+def test_reloading_the_redeliver_result_page_sends_nothing_again(
+    daemon: Daemon, down: WebhookReceiver, chrome: webdriver.Chrome
+) -> None:
+    """After Redeliver, the browser is on a result page of its own (a GET): reloading it
+    shows the result again and the receiver gets the webhook only once."""
+    base = daemon.api_url
+    delivery = _dead_webhook(base, down, "vid-reload-1")
+    down.default = Reply(status=204)
+    arrived = down.count
+    chrome.get(f"{base}/ui/login")
+    _sign_in_here(chrome, base)
+
+    chrome.get(f"{base}/ui/deliveries/{delivery}/redeliver")
+    heading(chrome, "Redeliver this webhook?")
+    chrome.find_element(By.CSS_SELECTOR, "form button.danger").click()
+    heading(chrome, "Queued again")
+    assert chrome.current_url.startswith(f"{base}/ui/done?")
+    down.wait_for(arrived + 1, timeout=10)
+    chrome.refresh()
+    heading(chrome, "Queued again")
+
+    assert (
+        f"Delivery {delivery} is queued again" in chrome.find_element(By.CSS_SELECTOR, ".done").text
+    )
+    time.sleep(1.5)  # two delivery ticks: a queued redelivery would have gone out by now
+    assert arrived + 1 == down.count
+
+
+def test_two_sign_in_tabs_both_sign_in_and_a_stale_sign_out_says_to_reload(
+    daemon: Daemon, chrome: webdriver.Chrome
+) -> None:
+    """Two tabs open the sign-in form; each signs in with the right token. The first tab's
+    Sign out, from before the second sign-in, is refused with a page that says to reload;
+    its link leads to a page whose Sign out works."""
+    base = daemon.api_url
+    chrome.get(f"{base}/ui/login")
+    first = chrome.current_window_handle
+    chrome.switch_to.new_window("tab")
+    chrome.get(f"{base}/ui/login")
+    second = chrome.current_window_handle
+
+    chrome.switch_to.window(first)
+    _sign_in_here(chrome, base)
+    chrome.switch_to.window(second)
+    _sign_in_here(chrome, base)
+    chrome.switch_to.window(first)
+    chrome.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    heading(chrome, "Refused")
+
+    assert "Reload the page and try again." in chrome.find_element(By.CSS_SELECTOR, "main").text
+    chrome.find_element(By.ID, "again").click()
+    arrive(chrome, f"{base}/ui/")
+    chrome.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    arrive(chrome, f"{base}/ui/login")

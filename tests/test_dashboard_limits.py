@@ -210,7 +210,9 @@ async def test_normal_sign_in_and_a_dashboard_action_still_work(
     """The dashboard's own forms fit: sign in, confirm a recovery, post it."""
     await sign_in(browser, TOKEN)
     confirm = await browser.get("/ui/recover", params={"since": "2020-01-01T00:00:00"})
-    done = await browser.post("/ui/recover", data=hidden_fields(confirm.text))
+    done = await browser.post(
+        "/ui/recover", data=hidden_fields(confirm.text), follow_redirects=True
+    )
 
     assert 200 == done.status_code
     assert "0 dead deliveries are queued again" in done.text

@@ -1,14 +1,19 @@
 """Signing in and out, and the dashboard's buttons: each asks first, then says what it did.
 
 Every state-changing request is a POST carrying the session's CSRF token; a GET only ever
-shows the confirmation page.
+shows the confirmation page or the result page. A button's POST answers 303 to its result
+page (POST/redirect/GET), so reloading what it did shows it again and does nothing again.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
-import secrets
+import urllib.parse
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request, Response
@@ -23,14 +28,18 @@ from tracker.dashboard.forms import FormError, read_form
 from tracker.dashboard.sessions import (
     COOKIE,
     LOGIN_COOKIE,
+    LOGIN_LIFETIME,
     MAX_SIGN_IN_FAILURES,
     SIGN_IN_WINDOW,
     Session,
     csrf_ok,
+    login_csrf,
     tokens_match,
 )
-from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href
+from tracker.dashboard.web import RENDER, SessionDep, dashboard_of, href, live_session
+from tracker.delivery.sending import target_now
 from tracker.paths import segment
+from tracker.store.records import DeliveryRecord
 
 log = structlog.get_logger("tracker.dashboard")
 
@@ -49,11 +58,20 @@ def _cookie(request: Request, response: Response, name: str, value: str, max_age
     )
 
 
-def _refused(request: Request, session: Session | None) -> HTMLResponse:
+#: what a refused form says: most often a page left open while the browser signed in again
+STALE_FORM = (
+    "Nothing was done: this page is out of date (you may have signed in again or signed out "
+    "in another tab), or the form was forged. Reload the page and try again."
+)
+
+
+def _refused(request: Request, session: Session | None, again: str) -> HTMLResponse:
+    """403 for a form without this session's CSRF token, linking to ``again``: the page
+    (under the dashboard) to load again, whose forms carry this session's token."""
     log.warning("dashboard_csrf_refused", path=request.url.path)
     return RENDER.page(
         request, "error.html", session=session, status_code=403, title="Refused",
-        problems=["this form is forged or out of date: reload the page and try again"],
+        problems=[STALE_FORM], again=href(request, again), again_label="Load the page again",
     )  # fmt: skip
 
 
@@ -69,33 +87,114 @@ def _form_refused(request: Request, session: Session | None, exc: FormError) -> 
     )  # fmt: skip
 
 
-async def _checked_form(request: Request, session: Session) -> dict[str, str] | Response:
+async def _checked_form(
+    request: Request, session: Session, again: str
+) -> dict[str, str] | Response:
     """The posted form's fields, or the page refusing it: a form too large or malformed
-    (`forms.read_form`), or one whose CSRF token is not this session's."""
+    (`forms.read_form`), or one whose CSRF token is not this session's (its page links to
+    ``again``, the page to reload)."""
     try:
         fields = await read_form(request)
     except FormError as exc:
         return _form_refused(request, session, exc)
-    return fields if csrf_ok(session, fields.get("csrf")) else _refused(request, session)
+    if csrf_ok(session, fields.get("csrf")):
+        return fields
+    return _refused(request, session, again)
+
+
+# -- result pages ----------------------------------------------------------------------------
+
+#: delivery ids a result page lists at most (the rest are counted)
+SHOWN_IDS = 200
+
+
+def _encode(outcome: dict[str, Any]) -> str:
+    text = json.dumps(outcome, separators=(",", ":"), ensure_ascii=True)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(raw: str) -> dict[str, Any] | None:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def _done(
+    request: Request,
+    session: Session,
+    *,
+    title: str,
+    lines: list[str],
+    requeued: list[int],
+    task: tuple[str, str] | None,
+) -> RedirectResponse:
+    """303 to the page saying what a button did.
+
+    The result travels in that page's URL, signed with a MAC keyed by the session's cookie
+    (`Session.sign`): no page shows the cookie, so nobody, the operator included, can make up
+    a URL that shows a result which did not happen, and a URL from another session shows
+    nothing. Carried in the URL, not in the database or a cookie: any daemon on the database
+    shows it (a cookie would have to be shared by every tab; one tab's result would replace
+    another's), reloading it shows the same result (when it happened included) and does
+    nothing again, and it lasts as long as the session.
+    """
+    dash = dashboard_of(request)
+    outcome = _encode(
+        {
+            "title": title, "lines": lines, "ids": requeued[:SHOWN_IDS], "count": len(requeued),
+            "task": list(task) if task is not None else None, "at": dash.clock.now().timestamp(),
+        }
+    )  # fmt: skip
+    query = urllib.parse.urlencode({"outcome": outcome, "sig": session.sign(outcome)})
+    return RedirectResponse(href(request, f"/done?{query}"), status_code=303)
+
+
+@router.get("/done")
+async def done(request: Request, session: SessionDep) -> Response:
+    """What a button did, as its POST said (`_done`); shown again on reload, done only once."""
+    raw, sig = request.query_params.get("outcome"), request.query_params.get("sig")
+    outcome = None
+    if raw is not None and sig is not None and session.signed(raw, sig):
+        outcome = _decode(raw)
+    if outcome is None:
+        return RENDER.page(
+            request, "error.html", session=session, status_code=404, title="Not found",
+            problems=["This result was not given to this session (it may have signed out "
+                      "since): see the deliveries and tasks for what is there now."],
+        )  # fmt: skip
+    task = outcome["task"]
+    return RENDER.page(
+        request, "done.html", session=session, title=outcome["title"], lines=outcome["lines"],
+        requeued=outcome["ids"], more=outcome["count"] - len(outcome["ids"]),
+        task=tuple(task) if task is not None else None,
+        at=datetime.fromtimestamp(outcome["at"], UTC),
+    )  # fmt: skip
 
 
 # -- sign-in ---------------------------------------------------------------------------------
 
 
 def _sign_in_page(request: Request, *, problem: str | None, status_code: int) -> HTMLResponse:
-    login_csrf = secrets.token_urlsafe(32)
+    # The browser's one login CSRF token, kept while it holds it: every sign-in form it has
+    # open (two tabs) carries the same one, so loading one form does not void another.
+    token = login_csrf(request.cookies.get(LOGIN_COOKIE))
     dash = dashboard_of(request)
     response = RENDER.page(
-        request, "login.html", session=None, status_code=status_code, login_csrf=login_csrf,
+        request, "login.html", session=None, status_code=status_code, login_csrf=token,
         problem=problem, open_access=not dash.accepted_tokens(),
     )  # fmt: skip
-    _cookie(request, response, LOGIN_COOKIE, login_csrf, max_age=3600)
+    _cookie(request, response, LOGIN_COOKIE, token, max_age=LOGIN_LIFETIME)
     return response
 
 
 @router.get("/login")
-async def sign_in_form(request: Request) -> HTMLResponse:
-    """The sign-in form (a token in a password field, sent by POST, never in the URL)."""
+async def sign_in_form(request: Request) -> Response:
+    """The sign-in form (a token in a password field, sent by POST, never in the URL); a
+    browser already signed in goes to the overview instead (no second session)."""
+    if await live_session(request) is not None:
+        return RedirectResponse(href(request, "/"), status_code=303)
     return _sign_in_page(request, problem=None, status_code=200)
 
 
@@ -117,10 +216,11 @@ async def sign_in(request: Request) -> Response:
         held_back = _sign_in_page(request, problem=problem, status_code=429)
         held_back.headers["Retry-After"] = str(wait)
         return held_back
-    presented, login_csrf = form.get("token"), form.get("login_csrf")
+    presented, posted_csrf = form.get("token"), form.get("login_csrf")
     expected = request.cookies.get(LOGIN_COOKIE)
-    if login_csrf is None or expected is None or not tokens_match(login_csrf, [expected]):
-        return _sign_in_page(request, problem="the form expired; try again", status_code=403)
+    if posted_csrf is None or expected is None or not tokens_match(posted_csrf, [expected]):
+        problem = "this sign-in form was out of date: it is reloaded here, try again"
+        return _sign_in_page(request, problem=problem, status_code=403)
     accepted = dash.accepted_tokens()
     # With no token configured the API itself is open (loopback only), so is the dashboard.
     token = presented if presented is not None else ""
@@ -132,18 +232,23 @@ async def sign_in(request: Request) -> Response:
                 failures=MAX_SIGN_IN_FAILURES,
             )  # fmt: skip
         return _sign_in_page(request, problem="that token is not accepted", status_code=401)
+    # The browser's session, if it has one still live (a sign-in form left open in another
+    # tab), ends here: its cookie is about to be replaced, and nothing could sign it out after.
+    previous = request.cookies.get(COOKIE)
+    if previous:
+        await run_in_threadpool(dash.sessions.end, previous)
     session = await run_in_threadpool(dash.sessions.start, token if accepted else "")
     log.info("dashboard_signed_in", sessions=await run_in_threadpool(dash.sessions.count))
     response = RedirectResponse(href(request, "/"), status_code=303)
     _cookie(request, response, COOKIE, session.id, max_age=int(dash.sessions.lifetime))
-    response.delete_cookie(LOGIN_COOKIE, path=href(request, "/") or "/")
+    # The login cookie stays: another sign-in form still open in this browser carries it.
     return response
 
 
 @router.post("/logout")
 async def sign_out(request: Request, session: SessionDep) -> Response:
     """End the session."""
-    checked = await _checked_form(request, session)
+    checked = await _checked_form(request, session, "/")
     if isinstance(checked, Response):
         return checked
     await run_in_threadpool(dashboard_of(request).sessions.end, session.id)
@@ -155,9 +260,27 @@ async def sign_out(request: Request, session: SessionDep) -> Response:
 # -- redeliver one ---------------------------------------------------------------------------
 
 
+def _goes_to(request: Request, delivery: DeliveryRecord) -> str:
+    """Where the confirmation says a redelivery goes, as the deliverer will send it now."""
+    webhooks = dashboard_of(request).settings().webhooks
+    url = target_now(
+        webhooks, url=delivery.url, endpoint=delivery.endpoint, guarded=delivery.guarded
+    )
+    if url is not None:
+        return f"and sent to {url}."
+    if delivery.endpoint is not None:
+        gone = f"endpoint {delivery.endpoint!r} is no longer in [webhooks.endpoints]"
+    else:
+        gone = "the config has no [webhooks].url any more"
+    return (
+        f"but it is not sent: {gone}. It is tried again on the retry schedule until "
+        "the config names its target again, then dies."
+    )
+
+
 @router.get("/deliveries/{delivery_id}/redeliver")
 async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: str) -> Response:
-    """Ask before sending one delivery again."""
+    """Ask before sending one delivery again, saying where it goes now."""
     pk = row_id(delivery_id)
     if pk is None:
         return _missing(request, session, no_delivery(delivery_id))
@@ -171,7 +294,7 @@ async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: 
             f"Delivery {delivery.id} ({delivery.event_type}) of task {delivery.task_id} "
             f"on {delivery.platform}, now {delivery.state} after {delivery.attempts} attempts.",
             f"It is queued again with the same webhook-id {delivery.webhook_id} "
-            f"and sent to {delivery.url}.",
+            + _goes_to(request, delivery),
         ],
         button="Redeliver",
     )  # fmt: skip
@@ -180,7 +303,7 @@ async def redeliver_confirm(request: Request, session: SessionDep, delivery_id: 
 @router.post("/deliveries/{delivery_id}/redeliver")
 async def redeliver(request: Request, session: SessionDep, delivery_id: str) -> Response:
     """Queue one delivery again, whatever its state, with the same webhook-id."""
-    checked = await _checked_form(request, session)
+    checked = await _checked_form(request, session, f"/deliveries/{segment(delivery_id)}/redeliver")
     if isinstance(checked, Response):
         return checked
     pk = row_id(delivery_id)
@@ -192,10 +315,11 @@ async def redeliver(request: Request, session: SessionDep, delivery_id: str) -> 
         return _missing(request, session, f"no delivery {pk}")
     log.info("dashboard_redeliver", delivery=pk)
     delivery = await run_in_threadpool(dash.store.get_delivery, pk)
-    return RENDER.page(
-        request, "done.html", session=session, title="Queued again",
+    return _done(
+        request, session, title="Queued again",
         lines=[f"Delivery {pk} is queued again and goes out with the next delivery pass."],
-        requeued=requeued, delivery=delivery,
+        requeued=requeued,
+        task=(delivery.platform, delivery.task_id) if delivery is not None else None,
     )  # fmt: skip
 
 
@@ -269,7 +393,7 @@ async def recover_confirm(request: Request, session: SessionDep) -> Response:
 @router.post("/recover")
 async def recover(request: Request, session: SessionDep) -> Response:
     """Queue again every dead delivery created in the window."""
-    fields = await _checked_form(request, session)
+    fields = await _checked_form(request, session, "/deliveries?state=dead")
     if isinstance(fields, Response):
         return fields
     since, until, problems = _window(fields)
@@ -283,10 +407,9 @@ async def recover(request: Request, session: SessionDep) -> Response:
         lambda: dash.store.requeue(dash.clock.now(), since=since, until=until)
     )
     log.info("dashboard_recover", requeued=len(requeued))
-    return RENDER.page(
-        request, "done.html", session=session, title="Recovered",
-        lines=[f"{len(requeued)} dead deliveries are queued again."],
-        requeued=requeued, delivery=None,
+    return _done(
+        request, session, title="Recovered",
+        lines=[f"{len(requeued)} dead deliveries are queued again."], requeued=requeued, task=None,
     )  # fmt: skip
 
 
@@ -316,7 +439,9 @@ async def remove_confirm(
 @router.post("/remove/{platform}/{task_id:path}")
 async def remove(request: Request, session: SessionDep, platform: str, task_id: str) -> Response:
     """Stop tracking a task."""
-    checked = await _checked_form(request, session)
+    checked = await _checked_form(
+        request, session, f"/remove/{segment(platform)}/{segment(task_id)}"
+    )
     if isinstance(checked, Response):
         return checked
     dash = dashboard_of(request)
@@ -326,8 +451,7 @@ async def remove(request: Request, session: SessionDep, platform: str, task_id: 
     if not removed:
         return _missing(request, session, f"no task {task_id!r} on platform {platform!r}")
     log.info("dashboard_remove", platform=platform, task_id=task_id)
-    return RENDER.page(
-        request, "done.html", session=session, title="No longer tracked",
-        lines=[f"Task {task_id} on {platform} is no longer tracked."],
-        requeued=[], delivery=None,
+    return _done(
+        request, session, title="No longer tracked",
+        lines=[f"Task {task_id} on {platform} is no longer tracked."], requeued=[], task=None,
     )  # fmt: skip

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from tracker.store.sessions import SessionRows, StoredSession
 COOKIE = "tracker_session"
 #: the cookie that carries the sign-in form's CSRF token, before any session exists
 LOGIN_COOKIE = "tracker_login"
+#: seconds a browser keeps the sign-in form's CSRF token after it last loaded the form
+LOGIN_LIFETIME = 3600
 #: sessions kept at most; the oldest go first (a flood of sign-ins cannot fill the table)
 MAX_SESSIONS = 10_000
 #: refused sign-ins one client may make within SIGN_IN_WINDOW before it must wait
@@ -38,6 +41,11 @@ MAX_TRACKED_CLIENTS = 10_000
 #: token, so neither can be the other
 CSRF_MESSAGE = "csrf"
 SIGN_IN_PREFIX = "token:"
+#: what a result page's signature is the MAC of: this prefix and the result, so it can be
+#: neither of the above
+OUTCOME_PREFIX = "outcome:"
+#: what ``new_login_csrf`` makes: 32 random bytes, URL-safe base64
+_LOGIN_CSRF = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +64,15 @@ class Session:
         """The token its forms carry: made from its id, so every daemon knows it."""
         return _mac(self.id, CSRF_MESSAGE)
 
+    def sign(self, outcome: str) -> str:
+        """The signature of a result page's ``outcome``: only this session's daemons make it
+        (it is keyed by the cookie, which no page shows), so a made-up result is not shown."""
+        return _mac(self.id, OUTCOME_PREFIX + outcome)
+
+    def signed(self, outcome: str, signature: str) -> bool:
+        """Whether ``signature`` is this session's for ``outcome`` (``sign``)."""
+        return hmac.compare_digest(signature.encode(), self.sign(outcome).encode())
+
     def signed_in_with(self, tokens: Sequence[str]) -> bool:
         """Whether the token it signed in with is one of ``tokens``."""
         matches = [hmac.compare_digest(_token_mac(self.id, t), self.token_mac) for t in tokens]
@@ -73,6 +90,15 @@ def _token_mac(session_id: str, token: str) -> str:
 def _key(session_id: str) -> str:
     """A session's key in the database: what a reader of it cannot turn into a cookie."""
     return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def login_csrf(cookie: str | None) -> str:
+    """The sign-in form's CSRF token for a browser whose login cookie holds ``cookie``: that
+    one while the browser keeps it (every sign-in form it has open carries the same token, so
+    each of them works), a new one when it has none or one this module did not make."""
+    if cookie is not None and _LOGIN_CSRF.fullmatch(cookie):
+        return cookie
+    return secrets.token_urlsafe(32)
 
 
 def tokens_match(presented: str, accepted: Sequence[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import http
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -12,7 +13,6 @@ from typing import Annotated, Any
 
 import jinja2
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -98,11 +98,19 @@ def dashboard_of(request: Request) -> Dashboard:
     return found
 
 
-async def session_of(request: Request) -> Session:
-    """The request's live session; redirects to the sign-in page without one (a dependency)."""
+async def live_session(request: Request) -> Session | None:
+    """The request's live session (its token still accepted), None without one."""
     dash = dashboard_of(request)
     session = await run_in_threadpool(dash.sessions.get, request.cookies.get(COOKIE))
     if session is None or not dash.still_accepted(session):
+        return None
+    return session
+
+
+async def session_of(request: Request) -> Session:
+    """The request's live session; redirects to the sign-in page without one (a dependency)."""
+    session = await live_session(request)
+    if session is None:
         raise SignInRequired
     return session
 
@@ -200,6 +208,28 @@ def _stylesheet() -> bytes:
     return resources.files("tracker.dashboard").joinpath("static/dashboard.css").read_bytes()
 
 
+def _error_page(request: Request, status_code: int) -> Response:
+    """The dashboard's error page for an HTTP error raised by routing (404, 405)."""
+    headers: dict[str, str] = {}
+    if status_code == 404:
+        problems = ["There is no dashboard page at this address."]
+    elif status_code == 405:
+        headers["Allow"] = allowed = allowed_methods(request)
+        problems = [f"This page does not take a {request.method} request (it takes {allowed})."]
+    else:
+        problems = ["The dashboard could not answer this request."]
+    try:
+        title = http.HTTPStatus(status_code).phrase
+    except ValueError:
+        title = "Error"
+    response = RENDER.page(
+        request, "error.html", session=None, status_code=status_code, title=title,
+        problems=problems, again=href(request, "/"), again_label="Go to the overview",
+    )  # fmt: skip
+    response.headers.update(headers)
+    return response
+
+
 def build(dashboard: Dashboard) -> FastAPI:
     """The dashboard sub-application, to mount at PREFIX."""
     # Imported here: the page modules import this one for its dependencies.
@@ -220,9 +250,12 @@ def build(dashboard: Dashboard) -> FastAPI:
 
     @ui.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        response = await http_exception_handler(request, exc)
-        if exc.status_code == 405:
-            response.headers["Allow"] = allowed_methods(request)
+        # A mistyped address or a wrong method gets the dashboard's own page, not the API's
+        # JSON; it says what the visitor did wrong and nothing of the routes or the code.
+        response = _error_page(request, exc.status_code)
+        for name, value in (exc.headers or {}).items():
+            if name.lower() != "allow":  # the router's own names one method: ours says all
+                response.headers[name] = value
         return response
 
     @ui.exception_handler(SignInRequired)

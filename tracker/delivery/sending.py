@@ -32,6 +32,21 @@ def current_secrets(secret: str, previous: tuple[PreviousSecret, ...], now: date
     return [secret] + [p.secret.get_secret_value() for p in previous if p.expires_at > now]
 
 
+def target_now(
+    settings: WebhookSettings, *, url: str, endpoint: str | None, guarded: bool
+) -> str | None:
+    """Where a delivery goes when it is sent now (the sender, and the dashboard's redeliver
+    confirmation): a named endpoint's URL, or [webhooks].url for the default target, as the
+    config has them now (as their secrets are the ones they have now: an app that moved is
+    found again); a registration's own webhook_url (``guarded``) as stored. None when the
+    config has no such target any more.
+    """
+    if endpoint is not None:
+        named = settings.endpoints.get(endpoint)
+        return None if named is None else named.url
+    return url if guarded else settings.url
+
+
 @functools.lru_cache(maxsize=64)
 def _signing_key(secret: str) -> bytes:
     # Decoded once, not on every attempt.
@@ -138,15 +153,7 @@ class Sender:
         return self._result(as_claimed(job), now, started, outcome, excerpt, fatal=fatal)
 
     def _target(self, job: DeliveryJob) -> str | None:
-        """Where ``job`` goes now: a named endpoint's URL, or [webhooks].url for the default
-        target, as the config has them now (as their secrets are the ones they have now: an
-        app that moved is found again); a registration's own webhook_url (guarded) as given.
-        None when the config has no such target any more.
-        """
-        if job.endpoint is not None:
-            named = self._settings.endpoints.get(job.endpoint)
-            return None if named is None else named.url
-        return job.url if job.guarded else self._settings.url
+        return target_now(self._settings, url=job.url, endpoint=job.endpoint, guarded=job.guarded)
 
     def crashed(self, job: DeliveryJob, exc: Exception) -> AttemptResult:
         """The result of an attempt that raised ``exc``: a failure like any other, so one

@@ -214,6 +214,9 @@ class DeliveryRecord:
     last_error: str | None
     delivered_at: datetime | None
     log: tuple[Attempt, ...] = ()
+    #: sent to its registration's own webhook_url, as stored (else to a target the config
+    #: names now: see `tracker.delivery.sending.target_now`)
+    guarded: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

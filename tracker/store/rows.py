@@ -100,6 +100,7 @@ def _delivery_record(row: Any, log: Sequence[Any]) -> records.DeliveryRecord:
         last_status_code=row.last_status_code,
         last_error=row.last_error,
         delivered_at=row.delivered_at,
+        guarded=bool(row.guarded),
         log=tuple(
             records.Attempt(
                 at=a.at,
