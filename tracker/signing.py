@@ -9,6 +9,7 @@ import hmac
 import math
 import secrets as csprng  # the signing helpers take a `secrets` parameter
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the spec's prefix, not a credential
 MESSAGE_ID_PREFIX = "msg_"
@@ -58,6 +59,16 @@ def _key(secret: str | bytes) -> bytes:
             raise ValueError("webhook secret is empty")
         return secret
     return decode_secret(secret)
+
+
+def _whole_seconds(seconds: float) -> int:
+    """The whole seconds the library signs for a timestamp: it reads it as a datetime, to the
+    microsecond (rounded), then floors ("1796080895.9999996" signs as "1796080896"). Past
+    the years a datetime holds (which the library refuses), the float's own floor."""
+    try:
+        return math.floor(datetime.fromtimestamp(seconds, UTC).timestamp())
+    except (OverflowError, ValueError, OSError):
+        return math.floor(seconds)
 
 
 def _signed_content(msg_id: str, timestamp: int | str, body: bytes) -> bytes:
@@ -122,7 +133,7 @@ def verify(
     if seconds > now + tolerance:
         raise InvalidSignature("webhook-timestamp is too far in the future")
 
-    content = _signed_content(msg_id, str(math.floor(seconds)), body)
+    content = _signed_content(msg_id, str(_whole_seconds(seconds)), body)
     expected = hmac.new(_key(secret), content, hashlib.sha256).digest()
     for token in lowered["webhook-signature"].split():
         version, comma, encoded = token.partition(",")

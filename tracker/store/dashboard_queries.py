@@ -147,20 +147,13 @@ class DashboardQueries:
         """Whether the metadata's stored JSON text holds ``text`` as the user typed it.
 
         sa.JSON stores what json.dumps writes: a value's non-ASCII characters as \\uXXXX,
-        its quotes and backslashes escaped. So the text is matched both as typed (a key, or
-        JSON syntax) and in that escaped form (a value holding "日本語" or a quote); the stored
-        text stays as it is, and the query reads each row once as before.
-
-        What "any case" covers. ASCII letters: everywhere, on both databases. Non-ASCII
-        letters: on PostgreSQL only. In metadata a regular expression offers each such
-        character of the text in its lower and upper case, as itself or escaped, whatever the
-        database's locale; in ids ILIKE folds them as the database's LC_CTYPE does (C.UTF-8
-        or a language's locale do, plain "C" does not). SQLite's LIKE folds ASCII only, and so
-        does its lower() without ICU: there "É" finds neither an id nor a value holding "é".
+        its quotes and backslashes escaped. So the text is matched as typed (a key, or JSON
+        syntax) or, whole, in that escaped form (a value holding "日本語" or a quote); the
+        stored text stays as it is, and the query reads each row once as before. ASCII
+        letters match in any case, on both databases; a non-ASCII letter of a value only as
+        typed (stored as its escape, its other case is another escape).
         """
         escaped = _json_escaped(text)
-        if self.store.dialect == "postgresql" and any(_cased(c) for c in text):
-            return stored.regexp_match(_any_case_pattern(text), flags="i")
         if escaped == text:
             return self._contains(stored, text)
         return sa.or_(self._contains(stored, text), self._contains(stored, escaped))
@@ -236,30 +229,3 @@ class DashboardQueries:
 def _json_escaped(text: str) -> str:
     """``text`` as json.dumps writes it in a JSON string (what sa.JSON stores), unquoted."""
     return json.dumps(text)[1:-1]
-
-
-def _cased(char: str) -> bool:
-    """Whether ``char`` is a non-ASCII letter with another case."""
-    return not char.isascii() and char.lower() != char.upper()
-
-
-def _any_case_pattern(text: str) -> str:
-    """A PostgreSQL regular expression (for ~*) matching ``text`` in JSON text, whatever the
-    case of its non-ASCII letters, each as itself or escaped as json.dumps writes it.
-    """
-    parts = []
-    for char in text:
-        forms = {char}
-        if _cased(char):
-            forms |= {char.lower(), char.upper()}
-        spelled = sorted(
-            {_regex_literal(f) for f in forms} | {_regex_literal(_json_escaped(f)) for f in forms}
-        )
-        parts.append(spelled[0] if len(spelled) == 1 else "(?:" + "|".join(spelled) + ")")
-    return "".join(parts)
-
-
-def _regex_literal(text: str) -> str:
-    # In PostgreSQL's regular expressions a backslash before an ASCII letter or digit is an
-    # escape of its own (\u00e9 is "é"): only other ASCII characters take one.
-    return "".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in text)
