@@ -159,7 +159,7 @@ _ELLIPSIS = re.compile(r"\s*(sk-)?[\s.\u2026]*")
 #: how to make a dashboard token, there being no example one to keep
 _DASHBOARD_HINT = (
     "set a random one (python -c 'import secrets; print(secrets.token_urlsafe(24))') "
-    "or remove the key to sign in with an API token"
+    "or leave it unset to sign in with an API token"
 )
 
 
