@@ -540,6 +540,37 @@ async def test_stop_cuts_off_a_poll_that_outlasts_the_deadline_without_half_writ
     await daemon.stop()  # a second stop is harmless
 
 
+async def test_work_that_outlives_its_cancel_is_left_behind_after_a_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past STOP_DEADLINE the work in flight is cancelled; what still runs CANCEL_GRACE later
+    (here a coroutine that swallows its cancel) is left behind with an error line, and the
+    stop goes on, so systemd's TimeoutStopSec never has to kill the process."""
+    monkeypatch.setattr(jobs, "STOP_DEADLINE", 0.2)
+    monkeypatch.setattr(jobs, "CANCEL_GRACE", 0.3)
+    inflight = jobs.InFlight(RecordingNotifier())
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        with inflight.tracked():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await release.wait()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        await inflight.drain()
+    took = time.monotonic() - started
+    release.set()
+    await task
+
+    assert 0.45 <= took < 1.5
+    assert ["drain_abandoned"] == [e["event"] for e in logs if e["log_level"] == "error"]
+
+
 async def test_a_short_retry_is_attempted_on_time_not_at_the_next_tick(
     receiver: WebhookReceiver,
     document: dict[str, Any],

@@ -19,6 +19,10 @@ log = structlog.get_logger("tracker.app")
 #: how long a stop waits for the in-flight poll batch and deliveries; below the unit's
 #: TimeoutStopSec=30 so systemd never has to kill us mid-write
 STOP_DEADLINE = 20.0
+#: how long work cancelled at the deadline gets to unwind (a store call under way finishes
+#: on its thread first) before the stop goes on without it: STOP_DEADLINE plus this stays
+#: below TimeoutStopSec, so the process exits on its own rather than by systemd's SIGKILL
+CANCEL_GRACE = 5.0
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 
@@ -49,7 +53,8 @@ class InFlight:
         """Wait for the work in flight, cancelling what is left after STOP_DEADLINE seconds.
 
         One deadline for all of it, however many parts it belongs to: the unit's stop timeout
-        bounds the whole stop.
+        bounds the whole stop. What is still running CANCEL_GRACE after its cancel is left
+        behind (logged as ``drain_abandoned``): its transaction, unfinished, commits nothing.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_DEADLINE
@@ -67,7 +72,9 @@ class InFlight:
                 log.warning("drain_deadline_passed", jobs=len(late), deadline=STOP_DEADLINE)
                 for task in late:
                     task.cancel()
-                await asyncio.wait(late)
+                _, stuck = await asyncio.wait(late, timeout=CANCEL_GRACE)
+                if stuck:
+                    log.error("drain_abandoned", jobs=len(stuck), grace=CANCEL_GRACE)
                 break
             await asyncio.wait(set(self._busy), timeout=remaining)
         log.info("drained", seconds=round(loop.time() - started, 3))
