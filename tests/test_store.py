@@ -2066,3 +2066,21 @@ def test_acknowledged_writes_are_synced_to_disk_on_sqlite_and_poll_writes_are_no
         "requeue": ["FULL"],
         "remove": ["FULL"],
     } == seen
+
+
+def test_record_hands_back_the_changes_it_committed_and_only_those(store: SqlStore) -> None:
+    """``landed`` gets each update with a change that was written; the change of a task
+    removed after its claim (the compare-and-set turns it away) and an update without a
+    change are not in it."""
+    register(store, "kept", "gone", "quiet")
+    due = {t.task_id: t for t in claim(store, T0)}
+    assert store.remove("luma", "gone")
+    kept = TaskUpdate(due["kept"], change(due["kept"], TaskStatus.IN_PROGRESS))
+    gone = TaskUpdate(due["gone"], change(due["gone"], TaskStatus.IN_PROGRESS))
+    quiet = TaskUpdate(due["quiet"], next_poll_at=at(5).timestamp())
+    landed: list[TaskUpdate] = []
+
+    written = store.record([kept, gone, quiet], at(1), landed=landed)
+
+    assert [kept] == landed
+    assert 2 == written  # kept's row and quiet's next poll
