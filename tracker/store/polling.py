@@ -271,7 +271,7 @@ class Polling(SqlBase):
             if self._task_refusals:
                 self._accepted_replans(replans)
         return written + _isolated(
-            _by_task(updates),
+            updates,
             lambda part: self._record_once(part, now, landed),
             self._refused_update,
             self._accepted_updates,
@@ -527,12 +527,10 @@ def _task_pk(update: records.TaskUpdate) -> int:
     return update.task.pk
 
 
-def _by_task(updates: Sequence[records.TaskUpdate]) -> Sequence[records.TaskUpdate]:
+def _by_task(updates: Sequence[records.TaskUpdate]) -> list[records.TaskUpdate]:
     """``updates`` with those of one task next to each other, in their order (the first
     one's place): a refused row elsewhere must not split them into two writes, as the first
     write moves the task's next poll and the claim the second holds would seem lost."""
-    if len({u.task.pk for u in updates}) == len(updates):
-        return updates  # a drain's call names each task once
     first: dict[int, int] = {}
     for position, update in enumerate(updates):
         first.setdefault(update.task.pk, position)
@@ -583,7 +581,8 @@ def _split_replanned(
     updates: Sequence[records.TaskUpdate],
 ) -> tuple[list[records.Replan], list[records.TaskUpdate]]:
     """Replans of the updates that only move a claimed task's next poll (and whose task the
-    call names once), and the other updates."""
+    call names once), and the other updates, those of one task next to each other
+    (``_by_task``)."""
     # A drain's call names each task once; only when one is named twice are names counted.
     once = len({u.task.pk for u in updates}) == len(updates)
     seen: dict[int, int] = {}
@@ -605,7 +604,7 @@ def _split_replanned(
             replanned.append(records.Replan(update.next_poll_at, task.pk, task.lease_until))
         else:
             rest.append(update)
-    return replanned, rest
+    return replanned, (rest if once else _by_task(rest))
 
 
 def _update_tasks(conn: sa.Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> None:
