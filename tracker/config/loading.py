@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +52,28 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
+def _in_force(
+    environ: Mapping[str, str] | None,
+) -> Iterator[tuple[str, str, str, str]]:
+    """The overrides ``environ`` (the process's by default) sets: variable, section, key and
+    value of each (a blank variable, systemd's ``KEY=``, overrides nothing)."""
+    environ = os.environ if environ is None else environ
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        value = environ.get(variable)
+        if value and value.strip():
+            yield variable, section, key, value
+
+
 def with_overrides(
     raw: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """The decoded document ``raw`` with the environment overrides set in it, as ``parse``
     validates it."""
-    environ = os.environ if environ is None else environ
     document: dict[str, Any] = dict(raw)
-    for variable, (section, key) in ENV_OVERRIDES.items():
-        value = environ.get(variable)
-        if value and value.strip():
-            table = document.get(section)
-            setting = value.split() if (section, key) in _LIST_KEYS else value
-            document[section] = {**(table if isinstance(table, dict) else {}), key: setting}
+    for _variable, section, key, value in _in_force(environ):
+        table = document.get(section)
+        setting = value.split() if (section, key) in _LIST_KEYS else value
+        document[section] = {**(table if isinstance(table, dict) else {}), key: setting}
     return document
 
 
@@ -72,18 +81,16 @@ def from_environment(problems: list[str], environ: Mapping[str, str] | None = No
     """``problems`` with each one about a key an environment variable set (``ENV_OVERRIDES``)
     naming that variable: ``webhooks.secret (from TRACKER_WEBHOOKS_SECRET): ...``, so it is not
     looked for in the file. The value itself is never added."""
-    environ = os.environ if environ is None else environ
     named = list(problems)
-    for variable, (section, key) in ENV_OVERRIDES.items():
+    for variable, section, key, _value in _in_force(environ):
         dotted = f"{section}.{key}"
-        if (environ.get(variable) or "").strip():
-            # A list's items are named by their index: server.api_tokens.0: ...
-            named = [
-                f"{dotted} (from {variable}){p.removeprefix(dotted)}"
-                if p.startswith((f"{dotted}:", f"{dotted}."))
-                else p
-                for p in named
-            ]
+        # A list's items are named by their index: server.api_tokens.0: ...
+        named = [
+            f"{dotted} (from {variable}){p.removeprefix(dotted)}"
+            if p.startswith((f"{dotted}:", f"{dotted}."))
+            else p
+            for p in named
+        ]
     return named
 
 
@@ -110,13 +117,11 @@ def overridden(
     """The environment overrides in force over the decoded document ``raw``: for each variable
     set (as ``parse`` reads it), its dotted key and the file's own value there (None when the
     file has none). The values may be secrets: compare them, never log them."""
-    environ = os.environ if environ is None else environ
     found: dict[str, tuple[str, object]] = {}
-    for variable, (section, key) in ENV_OVERRIDES.items():
-        if (environ.get(variable) or "").strip():
-            table = raw.get(section)
-            value = table.get(key) if isinstance(table, dict) else None
-            found[variable] = (f"{section}.{key}", value)
+    for variable, section, key, _value in _in_force(environ):
+        table = raw.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        found[variable] = (f"{section}.{key}", value)
     return found
 
 
