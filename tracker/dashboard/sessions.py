@@ -44,7 +44,7 @@ SIGN_IN_PREFIX = "token:"
 #: what a result page's signature is the MAC of: this prefix and the result, so it can be
 #: neither of the above
 OUTCOME_PREFIX = "outcome:"
-#: what ``new_login_csrf`` makes: 32 random bytes, URL-safe base64
+#: what ``login_csrf`` makes: 32 random bytes, URL-safe base64
 _LOGIN_CSRF = re.compile(r"[A-Za-z0-9_-]{43}")
 
 

@@ -208,12 +208,15 @@ def _stylesheet() -> bytes:
     return resources.files("tracker.dashboard").joinpath("static/dashboard.css").read_bytes()
 
 
-def _error_page(request: Request, status_code: int) -> Response:
-    """The dashboard's error page for an HTTP error raised by routing (404, 405)."""
-    headers: dict[str, str] = {}
+def _error_page(request: Request, exc: HTTPException) -> Response:
+    """The dashboard's error page for an HTTP error raised by routing (404, 405), with the
+    error's headers (a 405's Allow names every method the path takes, not the router's one)."""
+    status_code = exc.status_code
+    headers = dict(exc.headers or {})
     if status_code == 404:
         problems = ["There is no dashboard page at this address."]
     elif status_code == 405:
+        headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
         headers["Allow"] = allowed = allowed_methods(request)
         problems = [f"This page does not take a {request.method} request (it takes {allowed})."]
     else:
@@ -252,11 +255,7 @@ def build(dashboard: Dashboard) -> FastAPI:
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         # A mistyped address or a wrong method gets the dashboard's own page, not the API's
         # JSON; it says what the visitor did wrong and nothing of the routes or the code.
-        response = _error_page(request, exc.status_code)
-        for name, value in (exc.headers or {}).items():
-            if name.lower() != "allow":  # the router's own names one method: ours says all
-                response.headers[name] = value
-        return response
+        return _error_page(request, exc)
 
     @ui.exception_handler(SignInRequired)
     async def _to_sign_in(request: Request, _exc: SignInRequired) -> Response:

@@ -136,7 +136,7 @@ class Sender:
         def as_claimed(sent: DeliveryJob) -> DeliveryJob:
             return sent if decide_as is None else dataclasses.replace(decide_as(), url=sent.url)
 
-        url = self._target(job)
+        url = target_now(self._settings, url=job.url, endpoint=job.endpoint, guarded=job.guarded)
         if url is None:
             # Never sent elsewhere nor signed with another secret: retried, so putting the
             # target back in the config delivers it.
@@ -151,9 +151,6 @@ class Sender:
             job = dataclasses.replace(job, url=url)
         outcome, excerpt, fatal = await self._exchange(job, now)
         return self._result(as_claimed(job), now, started, outcome, excerpt, fatal=fatal)
-
-    def _target(self, job: DeliveryJob) -> str | None:
-        return target_now(self._settings, url=job.url, endpoint=job.endpoint, guarded=job.guarded)
 
     def crashed(self, job: DeliveryJob, exc: Exception) -> AttemptResult:
         """The result of an attempt that raised ``exc``: a failure like any other, so one
