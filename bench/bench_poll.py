@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -152,10 +153,11 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
         await poller.run_cycle()
     bare = [await bare_sweep(outside.relay_url, batches)]
     # CPU seconds of this process (the daemon's side: the relay runs in the child) per sweep.
-    cpu = time.process_time()
+    cpu, relay = time.process_time(), outside.cpu_seconds()
     await bare_sweep(outside.relay_url, batches)
-    bare_cpu = time.process_time() - cpu
+    bare_cpu, relay_bare = time.process_time() - cpu, outside.cpu_seconds() - relay
     real_cpu: list[float] = []
+    relay_real: list[float] = []
     real: list[float] = []
     writes: list[int] = []
     finished = 0
@@ -169,9 +171,10 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
             step = max(1, round(live * FINISHING))
             outside.call("flip", ids[finished : finished + step])
             finished += step
-        cpu = time.process_time()
+        cpu, relay = time.process_time(), outside.cpu_seconds()
         seconds, written = await real_drain(poller, statements)
         real_cpu.append(time.process_time() - cpu)
+        relay_real.append(outside.cpu_seconds() - relay)
         real.append(seconds)
         writes.append(written)
         bare.append(await bare_sweep(outside.relay_url, batches))
@@ -187,7 +190,19 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
         # microseconds of this process's CPU per task: the bound on a relay that answers at once
         "bare_cpu_us": round(bare_cpu / live * 1e6, 1),
         "real_cpu_us": round(statistics.median(real_cpu) / live * 1e6, 1),
+        # the relay's CPU per task, answering the bare loop and the drain
+        "relay_cpu_us_bare": round(relay_bare / live * 1e6, 1),
+        "relay_cpu_us_real": round(statistics.median(relay_real) / live * 1e6, 1),
         "ratio": round(statistics.median(ratios), 3),
+        # The lowest ratio a drain costing this much CPU could reach here, every core busy
+        # with the drain or the relay (both run on this machine's cores): what is left of
+        # the ratio once the work is spread perfectly.
+        "floor": round(
+            (statistics.median(real_cpu) + statistics.median(relay_real))
+            / (os.cpu_count() or 1)
+            / statistics.median(bare),
+            3,
+        ),
         "writes_per_cycle": round(statistics.median(writes)),
         "requests_per_cycle": len(batches),
     }
@@ -426,13 +441,14 @@ def table(results: dict[str, Any]) -> str:
     if results.get("ratio"):
         lines += [
             "",
-            "| live | batch | bare s | real s | ratio | CPU us/task bare | CPU us/task real "
-            "| writes/cycle | requests/cycle |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| live | batch | bare s | real s | ratio | floor | CPU us/task bare "
+            "| CPU us/task real | relay CPU us/task bare, real | writes/cycle | requests/cycle |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['live']:,} | {r['batch']} | {r['bare_s']} | {r['real_s']} | {r['ratio']} "
-            f"| {r['bare_cpu_us']} | {r['real_cpu_us']} "
+            f"| {r['floor']} | {r['bare_cpu_us']} | {r['real_cpu_us']} "
+            f"| {r['relay_cpu_us_bare']}, {r['relay_cpu_us_real']} "
             f"| {r['writes_per_cycle']} | {r['requests_per_cycle']} |"
             for r in results["ratio"]
         ]

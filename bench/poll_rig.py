@@ -145,6 +145,12 @@ class Outside:
         self.relay_url, self.hook_url = self._conn.recv()
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the child (the relay and the receiver) has used so far."""
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime, the 14th and 15th fields of the whole line
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def call(self, command: str, *args: Any) -> Any:
         """Run a _World method in the child and return its answer."""
         self._conn.send((command, args))
