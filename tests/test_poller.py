@@ -212,6 +212,37 @@ async def test_a_drains_lag_names_the_platform_of_its_most_overdue_task(rig: Rig
     assert (9.0, "suno") == (CycleReport.total(parts).lag, CycleReport.total(parts).lagging)
 
 
+async def test_a_batch_claimed_on_time_that_waits_for_the_rate_limit_shows_as_lag(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: twelve tasks due now (each finished at the relay, so asked once), one id a
+    request, four lanes, two requests a second. Each claim finds its tasks on time, but the
+    last batches wait in their lanes for the rate limit for seconds: the drain's lag says so
+    (and the warning names the rate limit), where a lag taken only at the claims said well
+    under a second."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 4}, platforms={"luma": {"rate_limit": 2}})
+    rig.clock = SystemClock()
+    rig.poller.clock = rig.clock
+    ids = [f"t{n:02d}" for n in range(12)]
+    for task_id in ids:
+        relay.set("luma", task_id, "SUCCESS", "100%")
+    rig.register(*ids)
+
+    with capture_logs() as logs:
+        report = await rig.cycle()
+        PollEngine(rig.poller, rig.clock).check_lag(report)
+
+    starts = sorted(r.at for r in relay.requests)
+    assert 12 == len(starts) == report.requests
+    waited = starts[-1] - starts[0]
+    assert waited >= 4.5  # 11 gaps at two a second
+    # The last request went out about `waited` after the tasks fell due.
+    assert waited - 0.5 <= report.lag <= waited + 1.0
+    assert "luma" == report.lagging
+    [warning] = [e for e in logs if e["event"] == "poll_lagging"]
+    assert "platforms.luma.rate_limit" == warning["setting"]
+
+
 def test_the_lag_warning_is_logged_at_most_once_a_minute(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

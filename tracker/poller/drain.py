@@ -174,7 +174,8 @@ class Poller:
             pipeline.wake()
 
     def lag(self) -> float | None:
-        """Seconds the most overdue task was late when last claimed; None before any drain."""
+        """Seconds the most overdue task was late when last claimed or asked about (the
+        last drain's, or its last log line's); None before any drain."""
         return None if self.last_report is None else self.last_report.lag
 
     def ahead(self) -> float:
@@ -294,6 +295,7 @@ class Poller:
             self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
             self.metrics.activity.count(Series.POLLS, len(ids))
             asked = self.clock.now()
+            self._note_lag(platform, asked.timestamp() - min(t.planned for t in tasks))
             sent = out.sent = time.monotonic()
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
@@ -312,6 +314,18 @@ class Poller:
             if current is not None:
                 self._request_over(out, current)
         return self._due_again(tasks)
+
+    def _note_lag(self, platform: Platform, late: float) -> None:
+        """A batch went out ``late`` seconds after its most overdue task was due.
+
+        Measured as the request goes out, not only at the claim: a batch claimed on time may
+        wait long in its lane for the rate limit or a free slot, and a task that waited there
+        is planned again from its answer, so it is never claimed late (the wait would show
+        nowhere but in its gaps at the relay).
+        """
+        report = self.report
+        if late > report.lag:
+            report.lag, report.lagging = late, platform.name
 
     def _still_held(self, tasks: Sequence[DueTask]) -> list[str]:
         """The ids of ``tasks`` their claim still holds, to ask about; the others count as

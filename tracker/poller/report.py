@@ -19,7 +19,7 @@ class CycleReport:
     given_up: int = 0
     #: tasks whose claim ran too short to ask about them (asked again when it lapses)
     lapsed: int = 0
-    #: how overdue the most overdue task claimed was, in seconds
+    #: how overdue the most overdue task was when claimed or asked about, in seconds
     lag: float = 0.0
     #: that task's platform (None while nothing was claimed late)
     lagging: str | None = None
