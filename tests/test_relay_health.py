@@ -44,7 +44,8 @@ def test_a_refused_key_is_named_until_the_relay_answers_again() -> None:
 
 
 def test_an_unreachable_relay_is_named_after_three_intervals_without_an_answer() -> None:
-    """Requests without any answer count from the first; within 3 intervals all is well."""
+    """Requests without any answer count from the first; within 3 intervals all is well. A
+    502 ends the silence but not the failure; a usable answer ends both."""
     clock = FakeClock()
     health = RelayHealth(clock, interval=10)
 
@@ -55,11 +56,17 @@ def test_an_unreachable_relay_is_named_after_three_intervals_without_an_answer()
     clock.advance(6)
     late = health.problems()
     health.report(RELAY, UpstreamError("HTTP 502", status_code=502))
+    answered = health.problems()
+    health.report(RELAY, None)
 
     assert [] == early
     assert [
         "relay http://relay.test unreachable for 31 s (ConnectError; more than 3 poll intervals)"
     ] == late
+    assert [
+        "relay http://relay.test has given no usable answer for 31 s (last: HTTP 502; more "
+        "than 3 poll intervals)"
+    ] == answered
     assert [] == health.problems()
 
 
@@ -85,6 +92,87 @@ def test_a_relay_answering_only_429_is_named_after_three_intervals() -> None:
         "3 poll intervals): lower the platforms' rate_limit, or ask the relay for a higher limit"
     ] == late
     assert [] == health.problems()
+
+
+def test_a_relay_giving_no_usable_answer_is_named_after_three_intervals() -> None:
+    """500s, then a 503 (whose Retry-After pauses the relay, so its tasks are planned past
+    the pause and show no lag): after three intervals without a usable answer, counted from
+    the first failure of any kind, the relay is named with the last status code, never with
+    its own text; a usable answer clears it, and a 2xx that could not be read counts too."""
+    clock = FakeClock()
+    health = RelayHealth(clock, interval=10)
+
+    health.report(RELAY, httpx.ReadTimeout("no answer"))
+    clock.advance(10)
+    health.report(RELAY, UpstreamError(f"HTTP 500: oops {KEY}", status_code=500))
+    clock.advance(15)
+    health.report(RELAY, UpstreamError("HTTP 503: maintenance", status_code=503))
+    early = health.problems()
+    clock.advance(6)
+    late = health.problems()
+    health.report(RELAY, None)
+    cleared = health.problems()
+    health.report(SECOND, UpstreamError("answer is not JSON (not JSON: ...)", status_code=200))
+    clock.advance(31)
+    unreadable = health.problems()
+
+    assert [] == early
+    assert [
+        "relay http://relay.test has given no usable answer for 31 s (last: HTTP 503; more "
+        "than 3 poll intervals)"
+    ] == late
+    assert [] == cleared
+    assert [
+        "relay http://other.test has given no usable answer for 31 s (last: an answer it "
+        "could not read; more than 3 poll intervals)"
+    ] == unreadable
+    assert all(KEY not in p and "maintenance" not in p for p in late + unreadable)
+
+
+def test_a_429_among_other_errors_is_named_as_no_usable_answer() -> None:
+    """Only a relay answering nothing but 429 is told to lower the rate limit; 429s mixed
+    with 500s are no usable answer, counted from the first of them."""
+    clock = FakeClock()
+    health = RelayHealth(clock, interval=10)
+
+    health.report(RELAY, UpstreamError("HTTP 429", status_code=429))
+    clock.advance(20)
+    health.report(RELAY, UpstreamError("HTTP 500", status_code=500))
+    clock.advance(11)
+
+    assert [
+        "relay http://relay.test has given no usable answer for 31 s (last: HTTP 500; more "
+        "than 3 poll intervals)"
+    ] == health.problems()
+
+
+async def test_readyz_names_a_relay_answering_only_500_for_three_intervals(
+    relay: SimulatedRelay, receiver: WebhookReceiver, sqlite_url: str, start: Any
+) -> None:
+    """A relay answering every batch query with 500 moves no task and, asked again each
+    interval, leaves no lag: /readyz names it once that has lasted 3 intervals, and is ready
+    again after its next usable answer."""
+    relay.fail_next("http_500", 10_000)
+    document = merge(
+        base_config(relay.base_url, receiver.url, sqlite_url),
+        {"poll": {"interval": 0.2, "max_interval": 1}},
+    )
+    daemon = await start(config.parse(document, environ={}))
+
+    async def failing() -> httpx.Response | None:
+        answer = await readyz(daemon)
+        return answer if answer.status_code == 503 else None
+
+    answer = await eventually(failing, 10, "503 from /readyz")
+    [reason] = answer.json()["reasons"]
+    assert reason.startswith(f"relay {relay.base_url} has given no usable answer for ")
+    assert reason.endswith(" s (last: HTTP 500; more than 3 poll intervals)")
+    relay.clear_faults()
+
+    async def ready() -> bool:
+        return (await readyz(daemon)).status_code == 200
+
+    await eventually(ready, 10, "200 from /readyz")
 
 
 @pytest.fixture(name="start")

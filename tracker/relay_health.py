@@ -1,5 +1,5 @@
-"""Relay problems only a human can fix (a refused key, a relay gone or refusing every request
-for long), for /readyz."""
+"""Relay problems only a human can fix (a refused key, a relay gone, refusing every request or
+answering nothing usable for long), for /readyz."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ class _Relay:
     #: first 429 Too Many Requests since the last other answer: its pauses keep the relay's
     #: tasks planned ahead, so the poll lag does not show a relay that refuses every request
     limited_since: float | None = None
+    #: first request without a usable answer (of any kind) since the last usable one: a relay
+    #: answering only 500, or 503 with a Retry-After that pauses it, moves no task, and its
+    #: tasks, asked again on plan, show no lag either
+    failing_since: float | None = None
+    failure: str = ""  #: what the last request without a usable answer got
 
 
 class RelayHealth:
@@ -65,6 +70,12 @@ class RelayHealth:
             relay = self._relays[upstream.base_url] = _Relay(where, now, upstream.timeout)
         relay.where, relay.asked, relay.timeout = where, now, upstream.timeout
         self.reports += 1
+        if error is None:
+            relay.failing_since = None
+        else:
+            if relay.failing_since is None:
+                relay.failing_since = now
+            relay.failure = _failure(error)
         if isinstance(error, httpx.TransportError):
             # No answer at all (refused connection, DNS, timeout): down or unreachable.
             if relay.silent_since is None:
@@ -103,23 +114,41 @@ class RelayHealth:
                     f"relay {url} refused the API key (HTTP {relay.refused}): "
                     f"check {relay.where}.api_key"
                 )
-            elif relay.silent_since is not None:
-                silent = now - relay.silent_since
-                if silent > window:
-                    found.append(
-                        f"relay {url} unreachable for {silent:.0f} s ({relay.error}; "
-                        f"more than {UNREACHABLE_INTERVALS} poll intervals)"
-                    )
-            elif relay.limited_since is not None:
-                limited = now - relay.limited_since
-                if limited > window:
-                    found.append(
-                        f"relay {url} has answered only 429 Too Many Requests for "
-                        f"{limited:.0f} s (more than {UNREACHABLE_INTERVALS} poll intervals): "
-                        "lower the platforms' rate_limit, or ask the relay for a higher limit"
-                    )
+            elif (silent := _beyond(relay.silent_since, now, window)) is not None:
+                found.append(
+                    f"relay {url} unreachable for {silent:.0f} s ({relay.error}; "
+                    f"more than {UNREACHABLE_INTERVALS} poll intervals)"
+                )
+            elif (limited := _beyond(relay.limited_since, now, window)) is not None:
+                found.append(
+                    f"relay {url} has answered only 429 Too Many Requests for "
+                    f"{limited:.0f} s (more than {UNREACHABLE_INTERVALS} poll intervals): "
+                    "lower the platforms' rate_limit, or ask the relay for a higher limit"
+                )
+            elif (failing := _beyond(relay.failing_since, now, window)) is not None:
+                found.append(
+                    f"relay {url} has given no usable answer for {failing:.0f} s (last: "
+                    f"{relay.failure}; more than {UNREACHABLE_INTERVALS} poll intervals)"
+                )
         return found
 
     async def check(self) -> str | None:
         """The readiness check: every relay answers and takes our key."""
         return "; ".join(self.problems()) or None
+
+
+def _beyond(since: float | None, now: float, window: float) -> float | None:
+    """Seconds since ``since`` when more than ``window`` have passed, else None."""
+    if since is None or now - since <= window:
+        return None
+    return now - since
+
+
+def _failure(error: Exception) -> str:
+    """What a request without a usable answer got, in words fit for /readyz (no token is
+    asked there): the status code or the kind of failure, never the relay's own text."""
+    if not isinstance(error, UpstreamError):
+        return type(error).__name__
+    code = error.status_code
+    # A 2xx whose body is no usable answer (not JSON, an error envelope) names no code.
+    return f"HTTP {code}" if code is not None and code >= 300 else "an answer it could not read"

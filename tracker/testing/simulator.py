@@ -230,6 +230,11 @@ class SimulatedRelay(LoopbackServer):
         with self._lock:
             self._faults.extend([kind] * count)
 
+    def clear_faults(self) -> None:
+        """Drop the faults queued by `fail_next` and not served yet: answer normally again."""
+        with self._lock:
+            self._faults.clear()
+
     def poison(self, family: str, task_id: str, kind: str) -> None:
         """Make this task's item malformed in every answer from now on (see POISON_KINDS)."""
         check_family(family)
