@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -194,6 +195,76 @@ async def test_lag_is_a_gauge_a_status_figure_and_a_warning_naming_a_setting(
         warning["setting"],
     )
     assert "tracker_poll_lag_seconds 0.0" in daemon.parts.metrics.render().decode()
+
+
+async def test_tasks_claimed_on_time_that_wait_for_the_rate_limit_count_in_every_lag_figure(
+    relay: SimulatedRelay,
+    document: dict[str, Any],
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """Real time: sixteen tasks due at once, one id a request, four lanes, two requests a
+    second. The claims take them on time and move their next polls to the lease's end, so
+    the store alone sees nothing overdue, while the last batches wait seconds for the rate
+    limit. Meanwhile the gauge, the STATUS= line, /readyz (max_lag 1 s) and `tracker stats`
+    all count those tasks; once they are asked, nothing is held and the figures fall back."""
+    notifier = RecordingNotifier()
+    document = merge(
+        document,
+        {
+            "poll": {
+                "interval": 30,
+                "max_interval": 60,
+                "batch_size": 1,
+                "concurrency": 4,
+                "max_lag": 1,
+            },
+            "platforms": {"luma": {"rate_limit": 2}},
+        },
+    )
+    config_path = tmp_path / "tracker.toml"
+    config_path.write_text(toml_text(document))
+    daemon = make_daemon(config.parse(document, environ={}), notifier=notifier)
+    ids = [f"r{n:02d}" for n in range(16)]
+    for task_id in ids:
+        relay.set("luma", task_id, "IN_PROGRESS", "50%")
+    await daemon.start()
+    parts = daemon.parts
+    await asyncio.to_thread(parts.store.register, Registration("luma", ids), parts.clock.now())
+    parts.engine.wake()
+    await eventually(lambda: len(relay.requests) >= 5, 10, "five requests at the relay")
+
+    stats = await asyncio.to_thread(parts.store.stats)
+    store_alone = routines.poll_lag(stats, parts.clock.now().timestamp())
+    gauge = metric(parts.metrics, "tracker_poll_lag_seconds")
+    reasons = await parts.readiness.run()
+    await parts.chores.status()
+    status_lag = float(notifier.sent[-1].split("poll lag ")[1].split("s,")[0])
+    await parts.chores.note_held()
+    stats_cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "stats", "--config", str(config_path), "--json",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await stats_cli.communicate()
+
+    assert store_alone < 1.0  # the bug this guards against: every claimed task looked on time
+    assert gauge >= 1.5
+    assert status_lag >= 1.5
+    assert 0 == stats_cli.returncode
+    assert json.loads(out)["poll_lag_seconds"] >= 1.5
+    [reason] = reasons
+    assert reason.startswith("polls of luma are ")
+    assert reason.endswith(" s late (more than [poll].max_lag = 1 s)")
+    await eventually(lambda: len(relay.requests) >= 16, 15, "every task asked")
+    await eventually(lambda: parts.poller.earliest_held() is None, 5, "nothing held")
+    assert metric(parts.metrics, "tracker_poll_lag_seconds") < 1.0
+    assert [] == await parts.readiness.run()
+
+
+def metric(metrics: Metrics, name: str) -> float:
+    """The value of an unlabelled metric in the exposition."""
+    [line] = [row for row in metrics.render().decode().splitlines() if row.startswith(f"{name} ")]
+    return float(line.split()[1])
 
 
 async def test_a_step_back_of_the_clock_moves_polls_retries_and_jobs_back_as_far(

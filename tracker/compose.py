@@ -155,7 +155,6 @@ def build(
     notifier = notifier or sdnotify.Notifier.from_environ()
     metrics = Metrics()
     built = platforms.build(settings)
-    metrics.watch_store(store.stats, lambda: clock.now().timestamp(), platforms=list(built))
     clients = _clients(settings, transports or Transports())
     stop = asyncio.Event()
     inflight = InFlight(notifier)
@@ -180,6 +179,12 @@ def build(
         metrics=metrics,
         on_events=delivering.kick,
         report_relay=relay_health.report,
+    )
+    metrics.watch_store(
+        store.stats,
+        lambda: clock.now().timestamp(),
+        platforms=list(built),
+        held=poller.earliest_held,
     )
     engine = PollEngine(poller, clock, on_step=jobs.shift_back)
     readiness = Readiness()

@@ -16,16 +16,25 @@ from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.metrics")
 
+#: the meta key where a daemon keeps the planned time of the most overdue task it holds
+#: unasked (`Poller.earliest_held`; "" when none), for `tracker stats` in another process
+HELD_SINCE = "poll_held_since"
+
 
 class _StoreCollector(Collector):
     """Figures read from the database at scrape time, so they are right after a restart."""
 
     def __init__(
-        self, stats: Callable[[], Stats], now: Callable[[], float], platforms: Iterable[str]
+        self,
+        stats: Callable[[], Stats],
+        now: Callable[[], float],
+        platforms: Iterable[str],
+        held: Callable[[], tuple[float, str] | None],
     ) -> None:
         self._stats = stats
         self._now = now
         self._platforms = frozenset(platforms)
+        self._held = held
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Tasks by platform and status, outbox depth, oldest pending delivery age, poll lag."""
@@ -68,14 +77,23 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "tracker_poll_lag_seconds",
             "How overdue the most overdue live task's poll is (0 when none is overdue)",
-            value=poll_lag(stats, self._now()),
+            value=poll_lag(stats, self._now(), held_since(self._held())),
         )
 
 
-def poll_lag(stats: Stats, now: float) -> float:
-    """Seconds the most overdue live task's poll is late, 0 when none is."""
-    earliest = stats.earliest_poll
-    return 0.0 if earliest is None else max(0.0, now - earliest.timestamp())
+def poll_lag(stats: Stats, now: float, held: float | None = None) -> float:
+    """Seconds the most overdue live task's poll is late, 0 when none is: the earliest next
+    poll in the store, or ``held``, the planned time (epoch seconds) of the most overdue task
+    a daemon holds unasked (see `Poller.earliest_held`), if earlier."""
+    planned = [] if stats.earliest_poll is None else [stats.earliest_poll.timestamp()]
+    if held is not None:
+        planned.append(held)
+    return max(0.0, now - min(planned)) if planned else 0.0
+
+
+def held_since(held: tuple[float, str] | None) -> float | None:
+    """The planned time of `Poller.earliest_held`'s task, None when it holds none."""
+    return None if held is None else held[0]
 
 
 class Metrics:
@@ -128,11 +146,16 @@ class Metrics:
         )
 
     def watch_store(
-        self, stats: Callable[[], Stats], now: Callable[[], float], platforms: Iterable[str] = ()
+        self,
+        stats: Callable[[], Stats],
+        now: Callable[[], float],
+        platforms: Iterable[str] = (),
+        held: Callable[[], tuple[float, str] | None] = lambda: None,
     ) -> None:
         """Export the database-backed gauges; tracker_tasks shows every status of
-        ``platforms`` (the configured ones) and of any other platform with tasks."""
-        self.registry.register(_StoreCollector(stats, now, platforms))
+        ``platforms`` (the configured ones) and of any other platform with tasks; the poll
+        lag counts the tasks the poller holds unasked too (``held``, see `poll_lag`)."""
+        self.registry.register(_StoreCollector(stats, now, platforms, held))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -162,6 +162,10 @@ class Pipeline(Generic[U, R]):
         """Look at the work again now (its claim_size or claim_in may say something new)."""
         self._wake.set()
 
+    def queued(self) -> list[U]:
+        """The units queued on every lane and not started yet (copies, so any thread may ask)."""
+        return [unit for lane in list(self._lanes.values()) for unit in list(lane.queue)]
+
     def take_back_queued(self) -> list[U]:
         """The units queued on every lane and not started yet, taken off their lanes: the run
         then ends once the units under way are done (the work writes what they held)."""

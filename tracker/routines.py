@@ -17,7 +17,7 @@ from tracker import config, retention, sdnotify
 from tracker.clock import Clock
 from tracker.delivery import Deliverer
 from tracker.jobs import InFlight, Jobs, cancelled
-from tracker.metrics import poll_lag
+from tracker.metrics import HELD_SINCE, held_since, poll_lag
 from tracker.poller import PollEngine, Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
@@ -32,6 +32,8 @@ DELIVERY_TICK = 1.0
 STATUS_EVERY = 15.0
 #: how often the appended count changes are folded (they are summed on every scrape)
 COMPACT_COUNTS_EVERY = 30.0
+#: how often the tasks the poller holds unasked are looked at for `tracker stats` (seconds)
+HELD_EVERY = 5.0
 
 Live = Callable[[], config.Settings]
 
@@ -100,10 +102,15 @@ class PollLoop:
             overdue = await asyncio.to_thread(self.store.most_overdue)
         except Exception:  # noqa: BLE001 - the database check names the failure
             return None
-        if overdue is None:
+        # The tasks the poller holds unasked count too: their claims hide them from the store.
+        found = [] if overdue is None else [(overdue[0].timestamp(), overdue[1])]
+        held = self.engine.poller.earliest_held()
+        if held is not None:
+            found.append(held)
+        if not found:
             return None
-        earliest, platform = overdue
-        lag = (self.clock.now() - earliest).total_seconds()
+        earliest, platform = min(found)
+        lag = self.clock.now().timestamp() - earliest
         limit = self.live().poll.max_lag
         if lag > limit:
             # The platform names the relay to look at, when one falls behind alone.
@@ -203,6 +210,9 @@ class Chores:
         jobs.add("status", self.status, every=STATUS_EVERY)
         jobs.add("retention", self.retention, every=live().retention.interval)
         jobs.add("compact_counts", self.compact_counts, every=COMPACT_COUNTS_EVERY, at_start=False)
+        #: the HELD_SINCE last written (None before the first write)
+        self._held_written: str | None = None
+        jobs.add("held_since", self.note_held, every=HELD_EVERY)
 
     async def status(self) -> None:
         """Tell systemd how things stand (STATUS=)."""
@@ -210,8 +220,20 @@ class Chores:
             return
         stats = await asyncio.to_thread(self.store.stats)
         last = self.poller.last_report
-        lag = poll_lag(stats, self.clock.now().timestamp())
+        held = held_since(self.poller.earliest_held())
+        lag = poll_lag(stats, self.clock.now().timestamp(), held)
         self.notifier.status(status_line(stats, None if last is None else last.seconds, lag))
+
+    async def note_held(self) -> None:
+        """Keep in the store when the most overdue task the poller holds unasked was planned
+        ("" when none), for the lag `tracker stats` shows from another process: its claim
+        hides it from the store's own lag. Written when it changes, "" at start (what a
+        daemon that died left is not held by anyone)."""
+        held = held_since(self.poller.earliest_held())
+        text = "" if held is None else repr(held)
+        if text != self._held_written:
+            await asyncio.to_thread(self.store.set_meta, HELD_SINCE, text)
+            self._held_written = text
 
     async def retention(self) -> None:
         """Delete what [retention] keeps no longer, in batches, stopping between two if asked."""

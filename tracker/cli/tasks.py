@@ -107,7 +107,8 @@ def _no_task(args: argparse.Namespace) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts by status, outbox depth, poll lag, last poll activity."""
-    from tracker.metrics import poll_lag  # noqa: PLC0415 - prometheus_client only when asked
+    # prometheus_client only when asked
+    from tracker.metrics import HELD_SINCE, poll_lag  # noqa: PLC0415
 
     opened = store(args)
     stats = opened.stats()
@@ -115,12 +116,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for (_, task_status), n in stats.tasks.items():
         by_status[task_status] = by_status.get(task_status, 0) + n
     last = opened.get_meta("last_cycle_at")
+    # The tasks a running daemon holds unasked, which its claims hide from the store's lag.
+    held = opened.get_meta(HELD_SINCE)
     shown = {
         "tasks": by_status,
         "tasks_by_platform": {f"{p}/{s}": n for (p, s), n in sorted(stats.tasks.items())},
         "deliveries": dict(stats.deliveries),
         "oldest_pending_delivery": clock.isoformat(stats.oldest_pending_delivery),
-        "poll_lag_seconds": round(poll_lag(stats, clock.SystemClock().now().timestamp()), 3),
+        "poll_lag_seconds": round(
+            poll_lag(stats, clock.SystemClock().now().timestamp(), float(held) if held else None),
+            3,
+        ),
         "last_cycle_at": last,
     }
     output.show(args, shown, lambda out: output.stats_tables(shown, out))

@@ -73,11 +73,14 @@ ANSWER_CAPS = frozenset({100, 500})
 
 @dataclasses.dataclass(eq=False)
 class _Out:
-    """A request under way in ask(): of which upstream, whether it is a probe, and when it
-    was sent (monotonic; None while it waits for its rate limit)."""
+    """A request under way in ask(): of which upstream and platform, whether it is a probe,
+    when its most overdue task was planned (epoch seconds), and when it was sent (monotonic;
+    None while it waits for its rate limit)."""
 
     upstream: str
     probe: bool
+    platform: str
+    planned: float
     sent: float | None = None
 
 
@@ -178,6 +181,23 @@ class Poller:
         last drain's, or its last log line's); None before any drain."""
         return None if self.last_report is None else self.last_report.lag
 
+    def earliest_held(self) -> tuple[float, str] | None:
+        """When the most overdue task this daemon holds unasked was planned (epoch seconds),
+        and its platform; None when it holds none.
+
+        Such a task is claimed and waits in its lane, or for its rate limit: the claim moved
+        its next poll in the store to the end of the lease, so the store's lag cannot see it.
+        Any thread may ask (the lag gauge is read in the API's thread pool).
+        """
+        found = [(o.planned, o.platform) for o in list(self._out.values()) if o.sent is None]
+        drain = self._drain
+        if drain is not None:
+            found += [
+                (min(t.planned for t in batch.tasks), batch.platform.name)
+                for batch in drain[1].queued()
+            ]
+        return min(found, default=None)
+
     def ahead(self) -> float:
         """Seconds ahead of its due time a task may be polled, to join a batch."""
         return min(self.settings.interval * AHEAD_SHARE, MAX_AHEAD)
@@ -277,7 +297,7 @@ class Poller:
             return self._due_again(tasks)
         probe = name in self._failures  # its last requests got no answer: one at a time
         current = asyncio.current_task()
-        out = _Out(name, probe)
+        out = _Out(name, probe, platform.name, min(t.planned for t in tasks))
         if current is not None:
             # Before any wait, so a drain's end can call it off wherever it waits; a probe's
             # batches behind it see it out.
@@ -295,7 +315,7 @@ class Poller:
             self.metrics.ids_per_request.labels(platform.name).observe(len(ids))
             self.metrics.activity.count(Series.POLLS, len(ids))
             asked = self.clock.now()
-            self._note_lag(platform, asked.timestamp() - min(t.planned for t in tasks))
+            self._note_lag(platform, asked.timestamp() - out.planned)
             sent = out.sent = time.monotonic()
             seen = await platform.fetch_seen(self.client, ids)
         except (UpstreamError, httpx.HTTPError) as exc:
