@@ -471,6 +471,37 @@ async def test_a_relay_that_stopped_answering_is_asked_one_request_at_a_time(
     assert 7 <= len(relay.requests)
 
 
+async def test_after_a_429_pause_the_relay_is_asked_one_request_at_a_time(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: four batches out at once all answered 429 (Retry-After: 1). After the
+    pause, with eight batches due, one request goes out (a probe), not four at once into the
+    same limit; the others are planned RELAY_PAUSE on (counted as rate waits: the relay asked
+    for them), and once the probe is answered the relay is asked as usual."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 4})
+    ids = [f"t{n}" for n in range(8)]
+    rig.register(*ids[:4])
+    relay.slow_seconds = 0.2
+    for _ in range(4):
+        relay.fail_next("http_429")
+    with capture_logs() as logs:
+        await rig.cycle()
+    pauses = [e["relay_paused_seconds"] for e in logs if e["event"] == "upstream_error"]
+    assert [1.0] * 4 == pauses
+    relay.clear_requests()
+
+    await asyncio.sleep(1.05)
+    rig.register(*ids[4:])
+    relay.fail_next("slow")  # the probe takes 0.2 s: the other batches see it out
+    report = await rig.cycle(advance=1)
+
+    assert 1 == len(relay.requests) == report.requests
+    assert report.rate_waits["luma"] >= 7 * RELAY_PAUSE
+    relay.clear_requests()
+    await rig.cycle(advance=RELAY_PAUSE + 0.01)
+    assert 7 <= len(relay.requests)
+
+
 async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts_no_failure(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

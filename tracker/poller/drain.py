@@ -128,6 +128,10 @@ class Poller:
         #: upstream name -> its rounds of requests that got no answer at all, in a row (any
         #: answer ends the row); while it has some, it is asked one request at a time
         self._failures: dict[str, int] = {}
+        #: upstream names that asked for a pause (429, 503 with a Retry-After) and have given
+        #: no usable answer since: after the pause they too are asked one request at a time,
+        #: not by every lane at once (a burst that would only run into the limit again)
+        self._limited: set[str] = set()
         #: the task of each request under way (in ask()): for call_off_requests, and to see
         #: a relay's probe (its one request, after failures) out
         self._out: dict[asyncio.Task[Any], _Out] = {}
@@ -295,7 +299,8 @@ class Poller:
             # A batch a lane took just before the drain called off its requests (told to end),
             # or as a stop was set.
             return self._due_again(tasks)
-        probe = name in self._failures  # its last requests got no answer: one at a time
+        # Its last requests got no answer, or asked for a pause: one at a time.
+        probe = name in self._failures or name in self._limited
         current = asyncio.current_task()
         out = _Out(name, probe, platform.name, min(t.planned for t in tasks))
         if current is not None:
@@ -368,8 +373,9 @@ class Poller:
 
         Not waited out in the lane: a batch waiting there counts against the claims of every
         upstream, so one relay's pause would stop the polls of all. Asked again when the pause
-        is over, or (a relay that stopped answering gets one request at a time) when the one
-        out has had its time: planned that far, and the look-ahead beyond, as a claim takes
+        is over, or (a relay that stopped answering, or asked for a pause, gets one request at
+        a time) when the one out has had its time (its timeout; RELAY_PAUSE for a relay that
+        asked for a pause): planned that far, and the look-ahead beyond, as a claim takes
         tasks that much early (else every drain in the pause's last moments would claim them
         again, to find the relay paused). A pause the relay asked for counts as the
         platform's rate wait; one for a relay that is down does not (the lag warning would
@@ -379,7 +385,13 @@ class Poller:
         paused = self._paused.get(upstream.name, 0.0) - time.monotonic()
         if paused <= 0 and not self._probe_out(upstream.name):
             return None
-        wait = paused if paused > 0 else upstream.timeout
+        if paused > 0:
+            wait = paused
+        elif upstream.name in self._failures:
+            wait = upstream.timeout  # a relay that stopped answering may hold its probe that long
+        else:
+            # The probe of a relay that asked for a pause: answered at once, as a rule.
+            wait = min(upstream.timeout, RELAY_PAUSE)
         if upstream.name not in self._failures:
             self._count_wait(platform, wait)
         now = self.clock.now()
@@ -394,6 +406,7 @@ class Poller:
         )
         self.report_relay(platform.upstream, None)
         self._failures.pop(name, None)
+        self._limited.discard(name)
         self.metrics.upstream_requests.labels(platform.name, "200").inc()
 
     def _capped(self, platform: Platform, asked: int, answered: int) -> bool:
@@ -519,6 +532,10 @@ class Poller:
         if pause is not None:
             until = time.monotonic() + pause
             self._paused[name] = max(self._paused.get(name, 0.0), until)
+        if isinstance(exc, UpstreamError) and pause is not None:
+            self._limited.add(name)
+        elif not isinstance(exc, httpx.TransportError):
+            self._limited.discard(name)
         log.warning(
             "upstream_error",
             platform=platform.name,
