@@ -105,6 +105,46 @@ def test_reload_plan_applies_live_keys_and_lists_the_ones_needing_a_restart(
     assert old.webhooks.allow_private == current.webhooks.allow_private
 
 
+def test_reload_plan_applies_a_platforms_rate_limit_and_batch_size_and_waits_for_the_rest(
+    document: dict[str, Any],
+) -> None:
+    """[platforms.NAME] rate_limit and batch_size apply (the lag warning names rate_limit: a
+    restart should not be the price of following it); the platform's path, a platform added
+    and one removed wait for a restart, and keep their old values meanwhile."""
+    old = config.parse(
+        merge(
+            document,
+            {
+                "platforms": {
+                    "luma": {"rate_limit": 2},
+                    "gone": {"style": "replicate", "path": "/p"},
+                }
+            },
+        ),
+        environ={},
+    )
+    new = config.parse(
+        merge(
+            document,
+            {
+                "platforms": {
+                    "luma": {"rate_limit": 5, "batch_size": 50, "path": "/other/tasks"},
+                    "added": {"style": "replicate", "path": "/q"},
+                }
+            },
+        ),
+        environ={},
+    )
+
+    plan = plan_reload(old, new)
+
+    assert ["platforms.luma.batch_size", "platforms.luma.rate_limit"] == sorted(plan.applied)
+    assert {"platforms.added", "platforms.gone", "platforms.luma.path"} == set(plan.needs_restart)
+    luma = plan.settings.platforms["luma"]
+    assert (5.0, 50, None) == (luma.rate_limit, luma.batch_size, luma.path)
+    assert ["gone", "luma"] == sorted(plan.settings.platforms)
+
+
 def test_reload_plan_of_an_unchanged_config_changes_nothing(document: dict[str, Any]) -> None:
     """Reloading the same file applies nothing and asks for no restart."""
     settings = config.parse(document, environ={})

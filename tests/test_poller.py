@@ -1338,6 +1338,35 @@ async def test_a_reload_ends_the_drain_under_way_so_the_next_asks_with_its_batch
     assert sorted(i for r in relay.requests for i in (r.json_body or {})["ids"]) == ids
 
 
+async def test_a_reload_paces_requests_at_the_new_rate_limit(
+    rig_for: Callable[..., Rig], relay: SimulatedRelay
+) -> None:
+    """Real time: at one request a second, six batches of one would take five seconds. After a
+    reload to ten a second, the next drain's six requests span about half a second; after one
+    that removes the limit, they go out back to back."""
+    rig = rig_for(poll={"batch_size": 1, "concurrency": 1}, platforms={"luma": {"rate_limit": 1}})
+
+    async def span_of_six(rate_limit: float | None) -> float:
+        reloaded = rig.settings.model_copy(
+            update={"platforms": {"luma": config.PlatformSettings(rate_limit=rate_limit)}}
+        )
+        rig.poller.configure(rig.settings.poll, platforms.build(reloaded))
+        relay.clear_requests()
+        ids = [f"{rate_limit}-{n}" for n in range(6)]
+        for task_id in ids:  # final at their first poll: asked once
+            relay.set("luma", task_id, "SUCCESS", "100%")
+        rig.register(*ids)
+        await rig.cycle()
+        starts = sorted(r.at for r in relay.requests)
+        assert 6 == len(starts)
+        return starts[-1] - starts[0]
+
+    assert 0.45 <= await span_of_six(10) < 1.5
+    assert 10 == rig.poller.platforms["luma"].rate_limit
+    assert await span_of_six(None) < 0.3
+    assert rig.poller.platforms["luma"].rate_limit is None
+
+
 async def test_a_reload_that_changes_no_poll_setting_leaves_the_drain_alone(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:

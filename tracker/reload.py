@@ -35,6 +35,9 @@ LIVE_SECTIONS = ("poll", "webhooks", "logging", "retention")
 LIVE_SERVER_KEYS = ("api_tokens", "metrics_require_auth")
 #: [webhooks] keys that need a restart: the SSRF guard is built into the transport at start
 RESTART_WEBHOOK_KEYS = ("allow_private",)
+#: [platforms.NAME] keys a reload applies (the poller takes them from its next drain on); a
+#: platform added or removed, or its style, path, upstream or statuses changed, waits
+LIVE_PLATFORM_KEYS = ("batch_size", "rate_limit")
 
 #: what `tracker run` changed in the file's settings before starting (``--simulate`` points
 #: them at its simulated relay); a reload applies the same, or the file would undo it
@@ -77,6 +80,12 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
         if section in LIVE_SECTIONS:
             live[section] = after
             applied += keys
+        elif section == "platforms":
+            in_force, platform_keys, waiting = _platform_changes(before, after)
+            if platform_keys:
+                live[section] = in_force
+                applied += platform_keys
+            needs_restart += waiting
         elif section != "server":
             needs_restart += keys
     held = [k for k in RESTART_WEBHOOK_KEYS if getattr(old.webhooks, k) != getattr(new.webhooks, k)]
@@ -113,6 +122,30 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
         needs_restart=needs_restart,
         refused=refused,
     )
+
+
+def _platform_changes(
+    old: Mapping[str, config.PlatformSettings], new: Mapping[str, config.PlatformSettings]
+) -> tuple[dict[str, config.PlatformSettings], list[str], list[str]]:
+    """The [platforms] in force after a reload (the old ones, with their LIVE_PLATFORM_KEYS
+    from ``new``), the dotted keys applied, and those that wait for a restart."""
+    in_force = dict(old)
+    applied: list[str] = []
+    waiting: list[str] = []
+    for name in sorted(old.keys() | new.keys()):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if before is None or after is None:
+            waiting.append(f"platforms.{name}")
+            continue
+        changed = [k for k in type(before).model_fields if getattr(before, k) != getattr(after, k)]
+        live = [k for k in changed if k in LIVE_PLATFORM_KEYS]
+        waiting += [f"platforms.{name}.{k}" for k in changed if k not in live]
+        if live:
+            in_force[name] = before.model_copy(update={k: getattr(after, k) for k in live})
+            applied += [f"platforms.{name}.{k}" for k in live]
+    return in_force, applied, waiting
 
 
 class LogSecrets:

@@ -156,7 +156,8 @@ class Poller:
     ) -> None:
         """Take new [poll] settings (a reload); they apply from the next drain on.
 
-        ``platforms``, built from the new settings, carries the batch sizes to use from now on;
+        ``platforms``, built from the new settings, carries the batch sizes and rate limits to
+        use from now on;
         ``targets`` is where the webhooks of changes decided from now on go. A drain under way
         takes no more claims and ends once its requests are answered (what it had queued goes
         back), so the next one starts at once with the new claim size, concurrency and pull-in.
@@ -171,8 +172,18 @@ class Poller:
             self.planner.targets = targets
         for name, fresh in (platforms or {}).items():
             platform = self.platforms.get(name)
-            if platform is not None and platform.batch_size != fresh.batch_size:
+            if platform is None:
+                continue
+            if platform.batch_size != fresh.batch_size:
                 platform.batch_size = fresh.batch_size
+                changed = True
+            if platform.rate_limit != fresh.rate_limit:
+                # A request already waiting for the old limiter goes out on its old pace.
+                platform.rate_limit = fresh.rate_limit
+                if fresh.rate_limit:
+                    self._limiters[name] = RateLimiter(fresh.rate_limit)
+                else:
+                    self._limiters.pop(name, None)
                 changed = True
         if changed and self._drain is not None:
             # A reload of other sections (logging, tokens, webhooks) leaves the drain alone.
