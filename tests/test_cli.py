@@ -293,6 +293,37 @@ def test_redeliver_prints_json(
     assert (0, {"requeued": [pk]}) == (code, json.loads(out))
 
 
+def test_deliveries_list_shows_one_tasks_webhooks(
+    config_file: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--platform and --task-id narrow the list to one platform's, or one task's, webhooks
+    (the same id on another platform is another task); a mistyped platform names the known
+    ones."""
+    store = SqlStore.from_url(sqlite_url)
+    store.create_schema()
+    now = datetime.now(UTC)
+    for platform, task_id in (("luma", "a"), ("luma", "b"), ("suno", "a")):
+        store.register(Registration(platform=platform, ids=[task_id]), now)
+    for n, task in enumerate(store.claim_due(now, 10, lease=30.0)):
+        after = dataclasses.replace(task.snapshot, status=TaskStatus.IN_PROGRESS)
+        entry = OutboxEntry(f"msg_{n}", "task.started", b"{}", "http://127.0.0.1:9/h", None, False)
+        store.record([TaskUpdate(task, Change(task.snapshot, after, None, ()), (entry,))], now)
+    store.close()
+    c = ("--config", str(config_file), "--json")
+
+    def listed(*options: str) -> list[tuple[str, str]]:
+        code, out, _ = run(capsys, "deliveries", "list", *c, *options)
+        assert 0 == code
+        return sorted((d["platform"], d["task_id"]) for d in json.loads(out))
+
+    assert [("luma", "a"), ("luma", "b"), ("suno", "a")] == listed()
+    assert [("luma", "a"), ("luma", "b")] == listed("--platform", "luma")
+    assert [("luma", "a")] == listed("--platform", "luma", "--task-id", "a")
+    code, _, err = run(capsys, "deliveries", "list", *c, "--platform", "lumaa")
+    assert 2 == code
+    assert "unknown platform 'lumaa'" in json.loads(err)["error"]
+
+
 def test_errors_name_what_was_expected(
     config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

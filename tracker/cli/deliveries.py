@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tracker import api, clock
 from tracker.api import limits
 from tracker.cli import output
-from tracker.cli.common import EXIT_FAILURE, EXIT_OK, store
+from tracker.cli.common import EXIT_FAILURE, EXIT_OK, known_platform, store
 from tracker.retry import DeliveryState
 
 if TYPE_CHECKING:
@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 
 
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
-    """List deliveries, newest first."""
+    """List deliveries, newest first; those of one platform, or of one task."""
+    known_platform(args, args.platform)
     rows, _ = store(args).list_deliveries(
-        state=DeliveryState(args.state) if args.state else None, limit=args.limit
+        state=DeliveryState(args.state) if args.state else None,
+        platform=args.platform,
+        task_id=args.task_id,
+        limit=args.limit,
     )
     shown = [api.delivery_json(d) for d in rows]
     if output.wants_json(args, sys.stdout):
@@ -54,6 +58,8 @@ def register(commands: Commands) -> None:
     deliveries = commands.group("deliveries", "webhook deliveries")
     listing = commands.command("list", cmd_deliveries_list, deliveries)
     listing.add_argument("--state", choices=[s.value for s in DeliveryState])
+    listing.add_argument("--platform", help="only this platform's deliveries")
+    listing.add_argument("--task-id", help="only this task's (with --platform: its webhooks)")
     listing.add_argument(
         "--limit",
         type=output.up_to(limits.MAX_PAGE),
