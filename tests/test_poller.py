@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import base_config, merge
+from conftest import base_config, eventually, merge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -241,6 +241,39 @@ async def test_a_batch_claimed_on_time_that_waits_for_the_rate_limit_shows_as_la
     assert "luma" == report.lagging
     [warning] = [e for e in logs if e["event"] == "poll_lagging"]
     assert "platforms.luma.rate_limit" == warning["setting"]
+
+
+async def test_a_lag_left_by_downtime_is_said_to_be_caught_up_not_blamed_on_a_setting(
+    rig: Rig,
+) -> None:
+    """A task due 30 s before the engine started (the daemon was down): the warning says it
+    fell due before the start and is being caught up, naming the setting only should the lag
+    stay. A lag of tasks due after the start is blamed on capacity, as ever."""
+    rig.store.register(Registration("luma", ["old"]), rig.clock.now() - timedelta(seconds=30))
+    engine = PollEngine(rig.poller, rig.clock)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        running = asyncio.create_task(engine.run(stop))
+        await eventually(
+            lambda: any(e["event"] == "poll_lagging" for e in logs), 5, "a lag warning"
+        )
+        stop.set()
+        await running
+    [warning] = [e for e in logs if e["event"] == "poll_lagging"]
+    assert warning["hint"].startswith(
+        "polls of luma run 30 s late: they fell due before this daemon started"
+    )
+    assert warning["hint"].endswith("if the lag does not shrink, raise poll.concurrency")
+
+    after_start = PollEngine(rig.poller, rig.clock)
+    after_start.started_at = rig.clock.now().timestamp() - 100
+    with capture_logs() as logs:
+        after_start.check_lag(CycleReport(lag=30.0, lagging="luma"))
+    [warning] = logs
+    assert (
+        "polls of luma run 30 s late; raise poll.concurrency if the relay allows it"
+        == (warning["hint"])
+    )
 
 
 def test_the_lag_warning_is_logged_at_most_once_a_minute(

@@ -55,6 +55,9 @@ class PollEngine:
         #: why the last drain failed (for /readyz); None once one succeeds
         self.last_error: Exception | None = None
         self._steps = StepWatch(clock)
+        #: when run() began (epoch seconds; None before): a lag of tasks due before then was
+        #: left by the daemon's own downtime, not by too little capacity
+        self.started_at: float | None = None
         poller.on_report = self.check_lag
 
     def wake(self) -> None:
@@ -63,6 +66,7 @@ class PollEngine:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Drain and sleep until ``stop`` is set; in-flight batches finish before returning."""
+        self.started_at = self.clock.now().timestamp()
         while not stop.is_set():
             self._wake.clear()
             beat = time.monotonic() - self._heartbeat >= self.poller.settings.interval
@@ -160,6 +164,16 @@ class PollEngine:
             return
         self._warned_at = now
         setting = self.helpful_setting(report)
+        late = f"polls of {report.lagging or 'tasks'} run {report.lag:.0f} s late"
+        due = self.clock.now().timestamp() - report.lag
+        if self.started_at is not None and due < self.started_at:
+            # After a restart or an outage no setting is to blame, unless the lag stays.
+            hint = (
+                f"{late}: they fell due before this daemon started (it was stopped or down) "
+                f"and are caught up oldest first; if the lag does not shrink, raise {setting}"
+            )
+        else:
+            hint = f"{late}; raise {setting} if the relay allows it"
         log.warning(
             "poll_lagging",
             lag_seconds=round(report.lag, 1),
@@ -167,8 +181,7 @@ class PollEngine:
             # With several relays, one may fall behind alone: whose tasks are most overdue.
             platform=report.lagging,
             setting=setting,
-            hint=f"polls of {report.lagging or 'tasks'} run {report.lag:.0f} s late; "
-            f"raise {setting} if the relay allows it",
+            hint=hint,
         )
 
     def helpful_setting(self, report: CycleReport) -> str:
