@@ -1357,6 +1357,8 @@ async def test_a_reload_ends_the_drain_under_way_so_the_next_asks_with_its_batch
     reloaded = rig.settings.model_copy(update={"poll": poll})
     rig.poller.configure(poll, platforms.build(reloaded))
     reloaded_at = time.monotonic()
+    # Taken back at once, not at the coordinator's next turn: no lane starts one meanwhile.
+    assert rig.poller.earliest_held() is None
     await drain
     ended_after = time.monotonic() - reloaded_at
     before = len(relay.requests)

@@ -188,7 +188,7 @@ class Poller:
         if changed and self._drain is not None:
             # A reload of other sections (logging, tokens, webhooks) leaves the drain alone.
             drain, pipeline = self._drain
-            drain.end_claims()
+            drain.end_claims(pipeline)
             pipeline.wake()
 
     def lag(self) -> float | None:

@@ -127,23 +127,29 @@ class DrainWork:
         #: drain under more work than fits may never end: one total, not a list of lines)
         self.logged: list[CycleReport] = []
 
-    def end_claims(self) -> None:
-        """Take no more claims (a reload: the next drain starts with its settings)."""
+    def end_claims(self, pipeline: Pipeline[_Batch, _Answered]) -> None:
+        """Take no more claims (a reload: the next drain starts with its settings), and wind
+        down now, before a lane starts another queued batch."""
         self._claims_until = min(self._claims_until, time.monotonic())
+        self._wind_down(pipeline)
+
+    def _wind_down(self, pipeline: Pipeline[_Batch, _Answered]) -> None:
+        if self._wound_down:
+            return
+        # The drain ends once its requests under way are answered, not after every batch
+        # queued behind a slow relay's: those go back, due as they were, to be claimed by the
+        # next drain, which the other relays need not wait for.
+        self._wound_down = True
+        for batch in pipeline.take_back_queued():
+            self._put_back(batch)
+        # Nor for a relay that stopped answering, or went silent, whose requests out may take
+        # their whole timeout: called off, their tasks are due again at once.
+        self._poller.call_off_requests()
 
     def claim_size(self, pipeline: Pipeline[_Batch, _Answered]) -> int:
         now = time.monotonic()
         if now >= self._claims_until:
-            if not self._wound_down:
-                # The drain ends once its requests under way are answered, not after every
-                # batch queued behind a slow relay's: those go back, due as they were, to be
-                # claimed by the next drain, which the other relays need not wait for.
-                self._wound_down = True
-                for batch in pipeline.take_back_queued():
-                    self._put_back(batch)
-                # Nor for a relay that stopped answering, or went silent, whose requests out
-                # may take their whole timeout: called off, their tasks are due again at once.
-                self._poller.call_off_requests()
+            self._wind_down(pipeline)
             return 0
         if not self._open(ignore_emptied=not pipeline.workers):
             return 0
