@@ -18,6 +18,7 @@ import structlog
 from conftest import WEBHOOK_SECRET, RecordingNotifier, eventually, merge, toml_text
 
 from tracker import config, database, jobs, logs, routines, signing
+from tracker import metrics as metrics_module
 from tracker.app import Daemon
 from tracker.clock import FakeClock
 from tracker.metrics import Metrics
@@ -143,6 +144,15 @@ def test_reload_plan_applies_a_platforms_rate_limit_and_batch_size_and_waits_for
     luma = plan.settings.platforms["luma"]
     assert (5.0, 50, None) == (luma.rate_limit, luma.batch_size, luma.path)
     assert ["gone", "luma"] == sorted(plan.settings.platforms)
+    # A built-in platform's section added (or removed) is its keys set (or unset).
+    base = config.parse(document, environ={})
+    added = config.parse(merge(document, {"platforms": {"suno": {"rate_limit": 3}}}), environ={})
+    assert (["platforms.suno.rate_limit"], []) == (
+        plan_reload(base, added).applied,
+        plan_reload(base, added).needs_restart,
+    )
+    assert 3.0 == plan_reload(base, added).settings.platforms["suno"].rate_limit
+    assert ["platforms.suno.rate_limit"] == plan_reload(added, base).applied
 
 
 def test_reload_plan_of_an_unchanged_config_changes_nothing(document: dict[str, Any]) -> None:
@@ -299,6 +309,26 @@ async def test_tasks_claimed_on_time_that_wait_for_the_rate_limit_count_in_every
     await eventually(lambda: parts.poller.earliest_held() is None, 5, "nothing held")
     assert metric(parts.metrics, "tracker_poll_lag_seconds") < 1.0
     assert [] == await parts.readiness.run()
+    await parts.chores.note_held()
+    stats_cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tracker", "stats", "--config", str(config_path), "--json",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await stats_cli.communicate()
+    assert json.loads(out)["poll_lag_seconds"] < 1.0  # said once it is over, not kept
+
+
+def test_a_held_lag_is_believed_while_fresh_and_only_if_readable() -> None:
+    """`tracker stats` takes a daemon's figure for HELD_FRESH after it was written: not once
+    that daemon stopped writing it, nor a value it cannot read."""
+    now = 1_800_000_000.0
+    fresh = metrics_module.held_lag_text(12.5, now - 3)
+    stale = metrics_module.held_lag_text(12.5, now - metrics_module.HELD_FRESH - 1)
+
+    assert 12.5 == metrics_module.reported_held_lag(fresh, now)
+    assert 0.0 == metrics_module.reported_held_lag(stale, now)
+    for unreadable in (None, "", "12.5", '{"lag": "x", "at": 1}', '{"at": 1}', "[1, 2]"):
+        assert 0.0 == metrics_module.reported_held_lag(unreadable, now)
 
 
 def metric(metrics: Metrics, name: str) -> float:

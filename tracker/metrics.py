@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 
 import structlog
@@ -16,9 +17,15 @@ from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.metrics")
 
-#: the meta key where a daemon keeps the planned time of the most overdue task it holds
-#: unasked (`Poller.earliest_held`; "" when none), for `tracker stats` in another process
-HELD_SINCE = "poll_held_since"
+#: the meta key where a daemon keeps how late the most overdue task it holds unasked is
+#: (`Poller.earliest_held`), and when it looked: {"lag": seconds, "at": epoch seconds}, for
+#: `tracker stats` in another process
+HELD_LAG = "poll_held_lag"
+#: how often a daemon writes HELD_LAG while it holds late tasks (seconds) ...
+HELD_EVERY = 5.0
+#: ... and how long `tracker stats` believes it: a daemon that stopped, or holds nothing late
+#: any more, leaves a figure that soon says nothing
+HELD_FRESH = 3 * HELD_EVERY
 
 
 class _StoreCollector(Collector):
@@ -94,6 +101,22 @@ def poll_lag(stats: Stats, now: float, held: float | None = None) -> float:
 def held_since(held: tuple[float, str] | None) -> float | None:
     """The planned time of `Poller.earliest_held`'s task, None when it holds none."""
     return None if held is None else held[0]
+
+
+def held_lag_text(lag: float, now: float) -> str:
+    """HELD_LAG's value: ``lag`` seconds, as seen at ``now`` (epoch seconds)."""
+    return json.dumps({"lag": round(lag, 3), "at": round(now, 3)})
+
+
+def reported_held_lag(text: str | None, now: float) -> float:
+    """The lag a daemon last wrote to HELD_LAG, if within HELD_FRESH of ``now``; else 0 (none
+    written, an old or unreadable figure)."""
+    try:
+        value = json.loads(text or "{}")
+        lag, at = float(value["lag"]), float(value["at"])
+    except (ValueError, TypeError, KeyError):
+        return 0.0
+    return lag if 0.0 <= now - at <= HELD_FRESH else 0.0
 
 
 class Metrics:

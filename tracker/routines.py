@@ -17,7 +17,7 @@ from tracker import config, retention, sdnotify
 from tracker.clock import Clock
 from tracker.delivery import Deliverer
 from tracker.jobs import InFlight, Jobs, cancelled
-from tracker.metrics import HELD_SINCE, held_since, poll_lag
+from tracker.metrics import HELD_EVERY, HELD_LAG, held_lag_text, held_since, poll_lag
 from tracker.poller import PollEngine, Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
@@ -32,8 +32,6 @@ DELIVERY_TICK = 1.0
 STATUS_EVERY = 15.0
 #: how often the appended count changes are folded (they are summed on every scrape)
 COMPACT_COUNTS_EVERY = 30.0
-#: how often the tasks the poller holds unasked are looked at for `tracker stats` (seconds)
-HELD_EVERY = 5.0
 
 Live = Callable[[], config.Settings]
 
@@ -210,9 +208,9 @@ class Chores:
         jobs.add("status", self.status, every=STATUS_EVERY)
         jobs.add("retention", self.retention, every=live().retention.interval)
         jobs.add("compact_counts", self.compact_counts, every=COMPACT_COUNTS_EVERY, at_start=False)
-        #: the HELD_SINCE last written (None before the first write)
-        self._held_written: str | None = None
-        jobs.add("held_since", self.note_held, every=HELD_EVERY)
+        #: the held lag last written (None before the first write)
+        self._held_written: float | None = None
+        jobs.add("held_lag", self.note_held, every=HELD_EVERY)
 
     async def status(self) -> None:
         """Tell systemd how things stand (STATUS=)."""
@@ -225,15 +223,21 @@ class Chores:
         self.notifier.status(status_line(stats, None if last is None else last.seconds, lag))
 
     async def note_held(self) -> None:
-        """Keep in the store when the most overdue task the poller holds unasked was planned
-        ("" when none), for the lag `tracker stats` shows from another process: its claim
-        hides it from the store's own lag. Written when it changes, "" at start (what a
-        daemon that died left is not held by anyone)."""
+        """Keep in the store how late the most overdue task the poller holds unasked is, for
+        the lag `tracker stats` shows from another process (the task's claim hides it from
+        the store's own lag): every HELD_EVERY while it is late, once more when it no longer
+        is, and at start. `tracker stats` believes it HELD_FRESH only, so a daemon that stops
+        leaves nothing that misleads."""
+        now = self.clock.now().timestamp()
         held = held_since(self.poller.earliest_held())
-        text = "" if held is None else repr(held)
-        if text != self._held_written:
-            await asyncio.to_thread(self.store.set_meta, HELD_SINCE, text)
-            self._held_written = text
+        lag = 0.0 if held is None else max(0.0, now - held)
+        if lag == 0.0 and self._held_written == 0.0:
+            return
+        try:
+            await asyncio.to_thread(self.store.set_meta, HELD_LAG, held_lag_text(lag, now))
+        except Exception:  # noqa: BLE001 - the database check says what is wrong with it
+            return
+        self._held_written = lag
 
     async def retention(self) -> None:
         """Delete what [retention] keeps no longer, in batches, stopping between two if asked."""

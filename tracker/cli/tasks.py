@@ -108,7 +108,7 @@ def _no_task(args: argparse.Namespace) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts by status, outbox depth, poll lag, last poll activity."""
     # prometheus_client only when asked
-    from tracker.metrics import HELD_SINCE, poll_lag  # noqa: PLC0415
+    from tracker.metrics import HELD_LAG, poll_lag, reported_held_lag  # noqa: PLC0415
 
     opened = store(args)
     stats = opened.stats()
@@ -117,16 +117,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         by_status[task_status] = by_status.get(task_status, 0) + n
     last = opened.get_meta("last_cycle_at")
     # The tasks a running daemon holds unasked, which its claims hide from the store's lag.
-    held = opened.get_meta(HELD_SINCE)
+    now = clock.SystemClock().now().timestamp()
+    held = reported_held_lag(opened.get_meta(HELD_LAG), now)
     shown = {
         "tasks": by_status,
         "tasks_by_platform": {f"{p}/{s}": n for (p, s), n in sorted(stats.tasks.items())},
         "deliveries": dict(stats.deliveries),
         "oldest_pending_delivery": clock.isoformat(stats.oldest_pending_delivery),
-        "poll_lag_seconds": round(
-            poll_lag(stats, clock.SystemClock().now().timestamp(), float(held) if held else None),
-            3,
-        ),
+        "poll_lag_seconds": round(max(poll_lag(stats, now), held), 3),
         "last_cycle_at": last,
     }
     output.show(args, shown, lambda out: output.stats_tables(shown, out))
