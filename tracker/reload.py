@@ -128,15 +128,18 @@ def _platform_changes(
     old: Mapping[str, config.PlatformSettings], new: Mapping[str, config.PlatformSettings]
 ) -> tuple[dict[str, config.PlatformSettings], list[str], list[str]]:
     """The [platforms] in force after a reload (the old ones, with their LIVE_PLATFORM_KEYS
-    from ``new``), the dotted keys applied, and those that wait for a restart."""
+    from ``new``; a built-in platform's section added or removed counts as its keys set or
+    unset), the dotted keys applied, and those that wait for a restart."""
     in_force = dict(old)
     applied: list[str] = []
     waiting: list[str] = []
     for name in sorted(old.keys() | new.keys()):
-        before, after = old.get(name), new.get(name)
+        # A built-in platform is there with or without a section: no section is the defaults.
+        default = config.PlatformSettings() if name in platforms.BUILTIN else None
+        before, after = old.get(name, default), new.get(name, default)
         if before == after:
             continue
-        if before is None or after is None:
+        if before is None or after is None:  # a platform of its own added or removed
             waiting.append(f"platforms.{name}")
             continue
         changed = [k for k in type(before).model_fields if getattr(before, k) != getattr(after, k)]
