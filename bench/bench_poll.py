@@ -194,12 +194,12 @@ async def ratio_case(  # noqa: PLR0917 - one case, described by its figures
         "relay_cpu_us_bare": round(relay_bare / live * 1e6, 1),
         "relay_cpu_us_real": round(statistics.median(relay_real) / live * 1e6, 1),
         "ratio": round(statistics.median(ratios), 3),
-        # The lowest ratio a drain costing this much CPU could reach here, every core busy
-        # with the drain or the relay (both run on this machine's cores): what is left of
-        # the ratio once the work is spread perfectly.
+        # The lowest ratio a drain costing this much CPU could reach here, every core it may
+        # run on busy with the drain or the relay (both run on this machine's cores): what is
+        # left of the ratio once the work is spread perfectly.
         "floor": round(
             (statistics.median(real_cpu) + statistics.median(relay_real))
-            / (os.cpu_count() or 1)
+            / len(os.sched_getaffinity(0))
             / statistics.median(bare),
             3,
         ),

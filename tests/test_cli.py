@@ -297,8 +297,8 @@ def test_deliveries_list_shows_one_tasks_webhooks(
     config_file: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--platform and --task-id narrow the list to one platform's, or one task's, webhooks
-    (the same id on another platform is another task); a mistyped platform names the known
-    ones."""
+    (the same id on another platform is another task, so --task-id needs --platform); a
+    mistyped platform names the known ones."""
     store = SqlStore.from_url(sqlite_url)
     store.create_schema()
     now = datetime.now(UTC)
@@ -322,6 +322,9 @@ def test_deliveries_list_shows_one_tasks_webhooks(
     code, _, err = run(capsys, "deliveries", "list", *c, "--platform", "lumaa")
     assert 2 == code
     assert "unknown platform 'lumaa'" in json.loads(err)["error"]
+    code, _, err = run(capsys, "deliveries", "list", *c, "--task-id", "a")
+    assert 2 == code
+    assert "--task-id needs --platform" in json.loads(err)["error"]
 
 
 def test_errors_name_what_was_expected(

@@ -237,7 +237,7 @@ async def test_a_batch_claimed_on_time_that_waits_for_the_rate_limit_shows_as_la
     waited = starts[-1] - starts[0]
     assert waited >= 4.5  # 11 gaps at two a second
     # The last request went out about `waited` after the tasks fell due.
-    assert waited - 0.5 <= report.lag <= waited + 1.0
+    assert waited - 0.5 <= report.lag <= waited + 2.0
     assert "luma" == report.lagging
     [warning] = [e for e in logs if e["event"] == "poll_lagging"]
     assert "platforms.luma.rate_limit" == warning["setting"]
@@ -514,7 +514,7 @@ async def test_after_a_429_pause_the_relay_is_asked_one_request_at_a_time(
     rig = rig_for(poll={"batch_size": 1, "concurrency": 4})
     ids = [f"t{n}" for n in range(8)]
     rig.register(*ids[:4])
-    relay.slow_seconds = 0.2
+    relay.slow_seconds = 1.0  # outlasts the claims of the other batches, on a loaded machine
     for _ in range(4):
         relay.fail_next("http_429")
     with capture_logs() as logs:
@@ -525,7 +525,7 @@ async def test_after_a_429_pause_the_relay_is_asked_one_request_at_a_time(
 
     await asyncio.sleep(1.05)
     rig.register(*ids[4:])
-    relay.fail_next("slow")  # the probe takes 0.2 s: the other batches see it out
+    relay.fail_next("slow")  # the probe takes 1 s: the other batches see it out
     report = await rig.cycle(advance=1)
 
     assert 1 == len(relay.requests) == report.requests
@@ -1396,9 +1396,10 @@ async def test_a_reload_paces_requests_at_the_new_rate_limit(
         assert 6 == len(starts)
         return starts[-1] - starts[0]
 
-    assert 0.45 <= await span_of_six(10) < 1.5
+    paced = await span_of_six(10)
+    assert 0.45 <= paced < 1.5
     assert 10 == rig.poller.platforms["luma"].rate_limit
-    assert await span_of_six(None) < 0.3
+    assert await span_of_six(None) < paced / 2
     assert rig.poller.platforms["luma"].rate_limit is None
 
 

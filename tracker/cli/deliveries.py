@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tracker import api, clock
 from tracker.api import limits
 from tracker.cli import output
-from tracker.cli.common import EXIT_FAILURE, EXIT_OK, known_platform, store
+from tracker.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, known_platform, store
 from tracker.retry import DeliveryState
 
 if TYPE_CHECKING:
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
     """List deliveries, newest first; those of one platform, or of one task."""
+    if args.task_id is not None and args.platform is None:
+        # Ids are a platform's own: the same id on two platforms is two tasks.
+        return output.fail(args, EXIT_USAGE, ["--task-id needs --platform"])
     known_platform(args, args.platform)
     rows, _ = store(args).list_deliveries(
         state=DeliveryState(args.state) if args.state else None,
@@ -59,7 +62,7 @@ def register(commands: Commands) -> None:
     listing = commands.command("list", cmd_deliveries_list, deliveries)
     listing.add_argument("--state", choices=[s.value for s in DeliveryState])
     listing.add_argument("--platform", help="only this platform's deliveries")
-    listing.add_argument("--task-id", help="only this task's (with --platform: its webhooks)")
+    listing.add_argument("--task-id", help="with --platform: only this task's webhooks")
     listing.add_argument(
         "--limit",
         type=output.up_to(limits.MAX_PAGE),

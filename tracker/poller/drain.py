@@ -178,7 +178,7 @@ class Poller:
                 platform.batch_size = fresh.batch_size
                 changed = True
             if platform.rate_limit != fresh.rate_limit:
-                # A request already waiting for the old limiter goes out on its old pace.
+                # Requests waiting for the old limiter are called off by the drain's wind-down.
                 platform.rate_limit = fresh.rate_limit
                 if fresh.rate_limit:
                     self._limiters[name] = RateLimiter(fresh.rate_limit)
@@ -495,7 +495,10 @@ class Poller:
         self._asking_off = True
         now = time.monotonic()
         for current, out in list(self._out.items()):
-            if out.probe or out.sent is None:
+            # A probe of a relay that asked for a pause (not one that stopped answering) is a
+            # request like any other once sent: the relay has counted it already.
+            silent = out.probe and out.upstream in self._failures
+            if silent or out.sent is None:
                 self._call_off(current, out)
                 continue
             if not sent_too:
