@@ -535,6 +535,33 @@ async def test_after_a_429_pause_the_relay_is_asked_one_request_at_a_time(
     assert 7 <= len(relay.requests)
 
 
+async def test_a_sent_probe_after_a_429_is_not_called_off_at_a_drains_end(
+    rig: Rig, relay: SimulatedRelay
+) -> None:
+    """Real time: after a 429 pause the next request is a probe, which the relay counts
+    against its limit once sent; a drain's end 0.2 s after it gives it END_GRACE like any sent
+    request (only a silent relay's probe is called off at once): its answer is recorded."""
+    relay.set("luma", "t1", "SUCCESS", "100%")
+    rig.register("t1")
+    relay.fail_next("http_429")
+    await rig.cycle()
+    await asyncio.sleep(1.05)  # the pause (Retry-After: 1)
+    relay.slow_seconds = 0.5
+    relay.fail_next("slow")
+    relay.clear_requests()
+
+    async def call_off_once_it_is_out() -> None:
+        await requests_seen(relay, 1)
+        await asyncio.sleep(0.2)
+        rig.poller.call_off_requests()
+
+    calling_off = asyncio.create_task(call_off_once_it_is_out())
+    await rig.cycle(advance=1)
+    await calling_off
+
+    assert "completed" == rig.task("t1").status
+
+
 async def test_a_probe_called_off_leaves_its_tasks_due_when_they_were_and_counts_no_failure(
     rig_for: Callable[..., Rig], relay: SimulatedRelay
 ) -> None:
