@@ -207,10 +207,7 @@ class Poller:
         found = [(o.planned, o.platform) for o in list(self._out.values()) if o.sent is None]
         drain = self._drain
         if drain is not None:
-            found += [
-                (min(t.planned for t in batch.tasks), batch.platform.name)
-                for batch in drain[1].queued()
-            ]
+            found += [(b.tasks[0].planned, b.platform.name) for b in drain[1].queued()]
         return min(found, default=None)
 
     def ahead(self) -> float:
@@ -313,7 +310,8 @@ class Poller:
         # Its last requests got no answer, or asked for a pause: one at a time.
         probe = name in self._failures or name in self._limited
         current = asyncio.current_task()
-        out = _Out(name, probe, platform.name, min(t.planned for t in tasks))
+        # A claim lists its tasks in due order: the batch's first is its most overdue.
+        out = _Out(name, probe, platform.name, tasks[0].planned)
         if current is not None:
             # Before any wait, so a drain's end can call it off wherever it waits; a probe's
             # batches behind it see it out.
