@@ -84,23 +84,18 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "tracker_poll_lag_seconds",
             "How overdue the most overdue live task's poll is (0 when none is overdue)",
-            value=poll_lag(stats, self._now(), held_since(self._held())),
+            value=poll_lag(stats, self._now(), self._held()),
         )
 
 
-def poll_lag(stats: Stats, now: float, held: float | None = None) -> float:
+def poll_lag(stats: Stats, now: float, held: tuple[float, str] | None = None) -> float:
     """Seconds the most overdue live task's poll is late, 0 when none is: the earliest next
-    poll in the store, or ``held``, the planned time (epoch seconds) of the most overdue task
-    a daemon holds unasked (see `Poller.earliest_held`), if earlier."""
+    poll in the store, or the planned time (epoch seconds) of ``held``, the most overdue task
+    a daemon holds unasked (`Poller.earliest_held`), if earlier."""
     planned = [] if stats.earliest_poll is None else [stats.earliest_poll.timestamp()]
     if held is not None:
-        planned.append(held)
+        planned.append(held[0])
     return max(0.0, now - min(planned)) if planned else 0.0
-
-
-def held_since(held: tuple[float, str] | None) -> float | None:
-    """The planned time of `Poller.earliest_held`'s task, None when it holds none."""
-    return None if held is None else held[0]
 
 
 def held_lag_text(lag: float, now: float) -> str:

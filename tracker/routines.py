@@ -17,7 +17,7 @@ from tracker import config, retention, sdnotify
 from tracker.clock import Clock
 from tracker.delivery import Deliverer
 from tracker.jobs import InFlight, Jobs, cancelled
-from tracker.metrics import HELD_EVERY, HELD_LAG, held_lag_text, held_since, poll_lag
+from tracker.metrics import HELD_EVERY, HELD_LAG, held_lag_text, poll_lag
 from tracker.poller import PollEngine, Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
@@ -208,8 +208,9 @@ class Chores:
         jobs.add("status", self.status, every=STATUS_EVERY)
         jobs.add("retention", self.retention, every=live().retention.interval)
         jobs.add("compact_counts", self.compact_counts, every=COMPACT_COUNTS_EVERY, at_start=False)
-        #: the held lag last written (None before the first write)
-        self._held_written: float | None = None
+        #: whether the last HELD_LAG written said no held task is late (then an idle daemon
+        #: writes nothing more)
+        self._none_late_written = False
         jobs.add("held_lag", self.note_held, every=HELD_EVERY)
 
     async def status(self) -> None:
@@ -218,8 +219,7 @@ class Chores:
             return
         stats = await asyncio.to_thread(self.store.stats)
         last = self.poller.last_report
-        held = held_since(self.poller.earliest_held())
-        lag = poll_lag(stats, self.clock.now().timestamp(), held)
+        lag = poll_lag(stats, self.clock.now().timestamp(), self.poller.earliest_held())
         self.notifier.status(status_line(stats, None if last is None else last.seconds, lag))
 
     async def note_held(self) -> None:
@@ -229,15 +229,15 @@ class Chores:
         is, and at start. `tracker stats` believes it HELD_FRESH only, so a daemon that stops
         leaves nothing that misleads."""
         now = self.clock.now().timestamp()
-        held = held_since(self.poller.earliest_held())
-        lag = 0.0 if held is None else max(0.0, now - held)
-        if lag == 0.0 and self._held_written == 0.0:
+        held = self.poller.earliest_held()
+        lag = 0.0 if held is None else max(0.0, now - held[0])
+        if lag == 0.0 and self._none_late_written:
             return
         try:
             await asyncio.to_thread(self.store.set_meta, HELD_LAG, held_lag_text(lag, now))
         except Exception:  # noqa: BLE001 - the database check says what is wrong with it
             return
-        self._held_written = lag
+        self._none_late_written = lag == 0.0
 
     async def retention(self) -> None:
         """Delete what [retention] keeps no longer, in batches, stopping between two if asked."""
