@@ -54,12 +54,12 @@ class ReloadPlan:
     refused: list[str]  #: live keys kept at their old value, with the reason
 
 
+def _changed_fields(old: pydantic.BaseModel, new: pydantic.BaseModel) -> list[str]:
+    return [name for name in type(old).model_fields if getattr(old, name) != getattr(new, name)]
+
+
 def _changed_keys(prefix: str, old: pydantic.BaseModel, new: pydantic.BaseModel) -> list[str]:
-    return [
-        f"{prefix}.{name}"
-        for name in type(old).model_fields
-        if getattr(old, name) != getattr(new, name)
-    ]
+    return [f"{prefix}.{name}" for name in _changed_fields(old, new)]
 
 
 def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
@@ -142,7 +142,7 @@ def _platform_changes(
         if before is None or after is None:  # a platform of its own added or removed
             waiting.append(f"platforms.{name}")
             continue
-        changed = [k for k in type(before).model_fields if getattr(before, k) != getattr(after, k)]
+        changed = _changed_fields(before, after)
         live = [k for k in changed if k in LIVE_PLATFORM_KEYS]
         waiting += [f"platforms.{name}.{k}" for k in changed if k not in live]
         if live:
