@@ -253,9 +253,9 @@ async def test_tasks_claimed_on_time_that_wait_for_the_rate_limit_count_in_every
     make_daemon: Callable[..., Daemon],
     tmp_path: Path,
 ) -> None:
-    """Real time: sixteen tasks due at once, one id a request, four lanes, two requests a
-    second. The claims take them on time and move their next polls to the lease's end, so
-    the store alone sees nothing overdue, while the last batches wait seconds for the rate
+    """Real time: sixteen tasks due at once, one id a request, sixteen lanes, two requests a
+    second. One claim takes them all on time and moves their next polls to the lease's end,
+    so the store alone sees nothing overdue, while the last batches wait seconds for the rate
     limit. Meanwhile the gauge, the STATUS= line, /readyz (max_lag 1 s) and `tracker stats`
     all count those tasks; once they are asked, nothing is held and the figures fall back."""
     notifier = RecordingNotifier()
@@ -266,7 +266,10 @@ async def test_tasks_claimed_on_time_that_wait_for_the_rate_limit_count_in_every
                 "interval": 30,
                 "max_interval": 60,
                 "batch_size": 1,
-                "concurrency": 4,
+                # A claim's size (batch_size x concurrency) takes every task at once: with
+                # fewer lanes the later claims wait for answers, and the tasks left unclaimed
+                # meanwhile are overdue in the store too.
+                "concurrency": 16,
                 "max_lag": 1,
             },
             "platforms": {"luma": {"rate_limit": 2}},
