@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 import sys
@@ -21,7 +22,7 @@ from tracker import config, database, jobs, logs, routines, signing
 from tracker import metrics as metrics_module
 from tracker.app import Daemon
 from tracker.clock import FakeClock
-from tracker.metrics import Metrics
+from tracker.metrics import HELD_LAG, Metrics
 from tracker.reload import plan_reload
 from tracker.status import TaskStatus
 from tracker.store import Registration, SqlStore
@@ -334,6 +335,37 @@ def test_a_held_lag_is_believed_while_fresh_and_only_if_readable() -> None:
     assert 0.0 == metrics_module.reported_held_lag(stale, now)
     for unreadable in (None, "", "12.5", '{"lag": "x", "at": 1}', '{"at": 1}', "[1, 2]"):
         assert 0.0 == metrics_module.reported_held_lag(unreadable, now)
+
+
+async def test_several_daemons_on_one_database_leave_the_largest_held_lag_for_stats(
+    document: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> None:
+    """Two daemons on one SQLite file hold late tasks (20 s and 5 s late). Whichever writes
+    last, `tracker stats` is told the larger figure; once that daemon has caught up, the
+    other's 5 s is what it is told at that one's next write, and then nothing once both are
+    on time."""
+    settings = config.parse(document, environ={})
+    held: dict[str, tuple[float, str] | None] = {}
+    daemons = {name: make_daemon(settings) for name in ("far", "near")}
+    await asyncio.to_thread(daemons["far"].parts.store.create_schema)
+    for name, daemon in daemons.items():
+        daemon.parts.poller.earliest_held = functools.partial(held.get, name)  # type: ignore[method-assign]
+    store = daemons["far"].parts.store
+
+    async def told_after(*writers: str) -> float:
+        for name in writers:
+            await daemons[name].parts.chores.note_held()
+        return metrics_module.reported_held_lag(store.get_meta(HELD_LAG), time.time())
+
+    now = time.time()
+    held.update(far=(now - 20, "luma"), near=(now - 5, "luma"))
+    assert 20 <= await told_after("far", "near") < 21
+    assert 20 <= await told_after("near") < 21
+    held["far"] = None
+    assert 0.0 == await told_after("far")
+    assert 5 <= await told_after("near") < 6
+    held["near"] = None
+    assert 0.0 == await told_after("near")
 
 
 def metric(metrics: Metrics, name: str) -> float:

@@ -17,9 +17,10 @@ from tracker.store.records import Stats
 
 log = structlog.get_logger("tracker.metrics")
 
-#: the meta key where a daemon keeps how late the most overdue task it holds unasked is
-#: (`Poller.earliest_held`), and when it looked: {"lag": seconds, "at": epoch seconds}, for
-#: `tracker stats` in another process
+#: the meta key where the daemons keep how late the most overdue task one of them holds
+#: unasked is (`Poller.earliest_held`), when it looked, and which daemon it was: {"lag":
+#: seconds, "at": epoch seconds, "by": a token of the writer's}, for `tracker stats` in
+#: another process (the latest figure wins unless another daemon's larger one is fresh)
 HELD_LAG = "poll_held_lag"
 #: how often a daemon writes HELD_LAG while it holds late tasks (seconds) ...
 HELD_EVERY = 5.0
@@ -98,20 +99,36 @@ def poll_lag(stats: Stats, now: float, held: tuple[float, str] | None = None) ->
     return max(0.0, now - min(planned)) if planned else 0.0
 
 
-def held_lag_text(lag: float, now: float) -> str:
-    """HELD_LAG's value: ``lag`` seconds, as seen at ``now`` (epoch seconds)."""
-    return json.dumps({"lag": round(lag, 3), "at": round(now, 3)})
+def held_lag_text(lag: float, now: float, by: str = "") -> str:
+    """HELD_LAG's value: ``lag`` seconds, as daemon ``by`` saw it at ``now`` (epoch seconds)."""
+    return json.dumps({"lag": round(lag, 3), "at": round(now, 3), "by": by})
+
+
+def _held_lag(text: str | None, now: float) -> tuple[float, str] | None:
+    """The lag in a HELD_LAG value and who wrote it, if written within HELD_FRESH of ``now``;
+    None for an old, absent or unreadable figure."""
+    try:
+        value = json.loads(text or "{}")
+        lag, at, by = float(value["lag"]), float(value["at"]), str(value.get("by", ""))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (lag, by) if 0.0 <= now - at <= HELD_FRESH else None
 
 
 def reported_held_lag(text: str | None, now: float) -> float:
     """The lag a daemon last wrote to HELD_LAG, if within HELD_FRESH of ``now``; else 0 (none
     written, an old or unreadable figure)."""
-    try:
-        value = json.loads(text or "{}")
-        lag, at = float(value["lag"]), float(value["at"])
-    except (ValueError, TypeError, KeyError):
-        return 0.0
-    return lag if 0.0 <= now - at <= HELD_FRESH else 0.0
+    held = _held_lag(text, now)
+    return 0.0 if held is None else held[0]
+
+
+def replaces_held_lag(text: str | None, lag: float, now: float, by: str) -> bool:
+    """Whether daemon ``by``'s ``lag`` goes over the HELD_LAG value ``text``: unless another
+    daemon's larger figure is fresh there, so that with several daemons on one database
+    `tracker stats` shows the largest figure among them (its daemon rewrites it every
+    HELD_EVERY while late), not whichever wrote last."""
+    held = _held_lag(text, now)
+    return held is None or held[1] == by or lag >= held[0]
 
 
 class Metrics:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sqlite3
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ from tracker import config, retention, sdnotify
 from tracker.clock import Clock
 from tracker.delivery import Deliverer
 from tracker.jobs import InFlight, Jobs, cancelled
-from tracker.metrics import HELD_EVERY, HELD_LAG, held_lag_text, poll_lag
+from tracker.metrics import HELD_EVERY, HELD_LAG, held_lag_text, poll_lag, replaces_held_lag
 from tracker.poller import PollEngine, Poller
 from tracker.retry import DeliveryState
 from tracker.status import FINAL
@@ -208,9 +209,11 @@ class Chores:
         jobs.add("status", self.status, every=STATUS_EVERY)
         jobs.add("retention", self.retention, every=live().retention.interval)
         jobs.add("compact_counts", self.compact_counts, every=COMPACT_COUNTS_EVERY, at_start=False)
-        #: whether the last HELD_LAG written said no held task is late (then an idle daemon
-        #: writes nothing more)
+        #: whether no figure of this daemon's in HELD_LAG says a held task is late (then an
+        #: idle daemon writes nothing more)
         self._none_late_written = False
+        #: this daemon's name in HELD_LAG, beside other daemons on the same database
+        self._held_by = secrets.token_hex(8)
         jobs.add("held_lag", self.note_held, every=HELD_EVERY)
 
     async def status(self) -> None:
@@ -227,17 +230,22 @@ class Chores:
         the lag `tracker stats` shows from another process (the task's claim hides it from
         the store's own lag): every HELD_EVERY while it is late, once more when it no longer
         is, and at start. `tracker stats` believes it HELD_FRESH only, so a daemon that stops
-        leaves nothing that misleads."""
+        leaves nothing that misleads. Another daemon's larger figure, while fresh, is left
+        in place (`replaces_held_lag`)."""
         now = self.clock.now().timestamp()
         held = self.poller.earliest_held()
         lag = 0.0 if held is None else max(0.0, now - held[0])
         if lag == 0.0 and self._none_late_written:
             return
         try:
-            await asyncio.to_thread(self.store.set_meta, HELD_LAG, held_lag_text(lag, now))
+            await asyncio.to_thread(self._write_held, lag, now)
         except Exception:  # noqa: BLE001 - the database check says what is wrong with it
             return
         self._none_late_written = lag == 0.0
+
+    def _write_held(self, lag: float, now: float) -> None:
+        if replaces_held_lag(self.store.get_meta(HELD_LAG), lag, now, self._held_by):
+            self.store.set_meta(HELD_LAG, held_lag_text(lag, now, self._held_by))
 
     async def retention(self) -> None:
         """Delete what [retention] keeps no longer, in batches, stopping between two if asked."""
