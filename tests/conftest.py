@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 import standardwebhooks
 
-from tracker import config, sdnotify, signing
+from tracker import config, logs, sdnotify, signing
 from tracker.store import SqlStore
 from tracker.testing import browser
 from tracker.testing.daemon import Daemon as TrackerProcess
@@ -150,6 +150,14 @@ def _heap_thawed_after_each_module() -> Iterator[None]:
     finalizers close sockets and files) is collected at the next module's first test."""
     yield
     gc.unfreeze()
+
+
+@pytest.fixture(name="restore_logging")
+def _restore_logging() -> Iterator[None]:
+    """Undo what a test's logs.configure() did (a reload with new secrets calls it): the
+    log configuration is process-wide."""
+    yield
+    logs.reset()
 
 
 @pytest.fixture(name="relay")

@@ -8,7 +8,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,6 @@ from tracker.testing.receiver import Reply, WebhookReceiver
 from tracker.testing.simulator import SimulatedRelay
 
 TOKEN = "test-token"
-
-
-@pytest.fixture(name="restore_logging")
-def _restore_logging() -> Iterator[None]:
-    """Undo any log configuration a reload made."""
-    yield
-    logs.reset()
 
 
 @pytest.fixture(name="make_daemon")

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,11 +13,7 @@ import structlog
 
 from tracker import logs
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    yield
-    logs.reset()
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(buf: io.StringIO) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,7 @@ class FakeTTY(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # configure() is process-global: undo it so other tests' logging is untouched.
-    yield
-    logs.reset()
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def json_lines(buf: io.StringIO) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import RecordingNotifier, merge, toml_text
+from conftest import WEBHOOK_SECRET, RecordingNotifier, merge, toml_text
 
-from tracker import config, startup
+from tracker import config, logs, signing, startup
 from tracker import reload as reloading
 from tracker.app import Daemon
 
@@ -149,3 +150,50 @@ def test_start_problems_lists_every_refusal_at_once(document: dict[str, Any]) ->
     assert ["server.api_tokens", "database.url", "platforms.one.path"] == [
         p.split(" ")[0].rstrip(":") for p in found
     ]
+
+
+async def test_the_reload_log_line_shows_old_and_new_numbers_switches_and_levels_never_secrets(
+    started: Daemon, document: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reload that changes a batch size, a built-in platform's rate limit (it had no
+    section: the default), the log level, the webhook secret and the API tokens: the
+    `reloaded` line, as written, lists every key, and shows the old and new value of the
+    first three only; neither secret, old or new, appears in it."""
+    new_secret, new_token = signing.new_secret(), "rotated-token-0123456789"
+    rewrite(
+        started,
+        merge(
+            document,
+            {
+                "poll": {"batch_size": 7},
+                "platforms": {"luma": {"rate_limit": 3}},
+                "logging": {"level": "debug"},
+                "webhooks": {"secret": new_secret},
+                "server": {"api_tokens": [new_token]},
+            },
+        ),
+    )
+
+    capsys.readouterr()
+    try:
+        started.reload()  # new secrets: the log is configured anew, to redact them too
+        written = capsys.readouterr().out
+    finally:
+        logs.reset()  # from capsys's stream, which closes before the daemon stops
+
+    [line] = [x for x in written.splitlines() if '"event": "reloaded"' in x]
+    reloaded = json.loads(line)
+    assert {
+        "poll.batch_size",
+        "platforms.luma.rate_limit",
+        "logging.level",
+        "webhooks.secret",
+        "server.api_tokens",
+    } == set(reloaded["applied"])
+    assert {
+        "poll.batch_size": [100, 7],
+        "platforms.luma.rate_limit": [None, 3.0],
+        "logging.level": ["info", "debug"],
+    } == reloaded["values"]
+    for secret in (new_secret, new_token, WEBHOOK_SECRET, TOKEN):
+        assert secret not in line

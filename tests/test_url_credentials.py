@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,6 @@ def with_userinfo(url: str, password: str = PASSWORD) -> str:
 def assert_hidden(text: str) -> None:
     assert PASSWORD not in text, text
     assert f"{USER}:" not in text, text
-
-
-@pytest.fixture(name="restore_logging")
-def _restore_logging() -> Iterator[None]:
-    # logs.configure() is process-global: undo it so other tests' logging is untouched.
-    yield
-    logs.reset()
 
 
 # -- the helper ---------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ RESTART_WEBHOOK_KEYS = ("allow_private",)
 #: platform added or removed, or its style, path, upstream or statuses changed, waits
 LIVE_PLATFORM_KEYS = ("batch_size", "rate_limit")
 
+#: applied keys whose words the reload's log line shows, beside every number and switch
+SHOWN_WORDS = ("logging.level", "logging.format")
+
 #: what `tracker run` changed in the file's settings before starting (``--simulate`` points
 #: them at its simulated relay); a reload applies the same, or the file would undo it
 Overrides = Callable[[config.Settings], config.Settings]
@@ -52,6 +55,9 @@ class ReloadPlan:
     applied: list[str]  #: dotted keys whose new value takes effect now
     needs_restart: list[str]  #: dotted keys whose new value waits for a restart
     refused: list[str]  #: live keys kept at their old value, with the reason
+    #: applied key -> [old value, new value], for the numbers, switches and SHOWN_WORDS among
+    #: them: never a token, a secret or a URL, so the log line holds none even unredacted
+    values: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
 
 def _changed_fields(old: pydantic.BaseModel, new: pydantic.BaseModel) -> list[str]:
@@ -116,12 +122,39 @@ def plan_reload(old: config.Settings, new: config.Settings) -> ReloadPlan:
         for name in type(old.server).model_fields
         if name not in LIVE_SERVER_KEYS and getattr(old.server, name) != getattr(new.server, name)
     ]
+    settings = old.model_copy(update=live)
     return ReloadPlan(
-        settings=old.model_copy(update=live),
+        settings=settings,
         applied=applied,
         needs_restart=needs_restart,
         refused=refused,
+        values=_shown_values(old, settings, applied),
     )
+
+
+def _shown_values(
+    old: config.Settings, new: config.Settings, keys: list[str]
+) -> dict[str, list[Any]]:
+    shown: dict[str, list[Any]] = {}
+    for key in keys:
+        pair = [_setting(old, key), _setting(new, key)]
+        plain = all(v is None or isinstance(v, bool | int | float) for v in pair)
+        if plain or key in SHOWN_WORDS:
+            shown[key] = pair
+    return shown
+
+
+def _setting(settings: config.Settings, key: str) -> Any:
+    """The value of a dotted key ("poll.interval", "platforms.luma.rate_limit")."""
+    section, *path = key.split(".")
+    value: Any = getattr(settings, section)
+    if section == "platforms":
+        name, *path = path
+        # A built-in platform without a section of its own has the defaults.
+        value = value.get(name) or config.PlatformSettings()
+    for name in path:
+        value = getattr(value, name)
+    return value
 
 
 def _platform_changes(
@@ -184,7 +217,7 @@ def apply(parts: Parts, secrets: LogSecrets, new: config.Settings) -> ReloadPlan
     if current.retention.interval != old.retention.interval:
         parts.jobs.reschedule("retention", current.retention.interval)
     parts.engine.wake()
-    log.info("reloaded", applied=plan.applied, needs_restart=plan.needs_restart)
+    log.info("reloaded", applied=plan.applied, values=plan.values, needs_restart=plan.needs_restart)
     if plan.needs_restart:
         log.warning("restart_needed", keys=plan.needs_restart)
     for problem in plan.refused:
