@@ -150,8 +150,7 @@ def _setting(settings: config.Settings, key: str) -> Any:
     value: Any = getattr(settings, section)
     if section == "platforms":
         name, *path = path
-        # A built-in platform without a section of its own has the defaults.
-        value = value.get(name) or config.PlatformSettings()
+        value = _platform(value, name)
     for name in path:
         value = getattr(value, name)
     return value
@@ -167,9 +166,7 @@ def _platform_changes(
     applied: list[str] = []
     waiting: list[str] = []
     for name in sorted(old.keys() | new.keys()):
-        # A built-in platform is there with or without a section: no section is the defaults.
-        default = config.PlatformSettings() if name in platforms.BUILTIN else None
-        before, after = old.get(name, default), new.get(name, default)
+        before, after = _platform(old, name), _platform(new, name)
         if before == after:
             continue
         if before is None or after is None:  # a platform of its own added or removed
@@ -182,6 +179,15 @@ def _platform_changes(
             in_force[name] = before.model_copy(update={k: getattr(after, k) for k in live})
             applied += [f"platforms.{name}.{k}" for k in live]
     return in_force, applied, waiting
+
+
+def _platform(
+    section: Mapping[str, config.PlatformSettings], name: str
+) -> config.PlatformSettings | None:
+    """A platform's settings in [platforms]: a built-in platform is there with or without a
+    section of its own (without one, it has the defaults); None for another one not there."""
+    default = config.PlatformSettings() if name in platforms.BUILTIN else None
+    return section.get(name, default)
 
 
 class LogSecrets:
