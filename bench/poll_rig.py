@@ -38,8 +38,11 @@ FOREVER = 10.0**9
 class _World:
     """Runs in the child: the relay, the receiver, and a thread finishing tasks on schedule."""
 
-    def __init__(self, secret: str) -> None:
-        self.relay = SimulatedRelay(step=FOREVER, record_limit=None).start()
+    def __init__(self, secret: str, step: float = FOREVER) -> None:
+        # The cadence cases read every request back; a relay that moves tasks itself (a
+        # soak) is never asked for its log, which would grow all run long.
+        limit = None if step == FOREVER else 100
+        self.relay = SimulatedRelay(step=step, record_limit=limit).start()
         self.secret = secret
         self.hooks: list[tuple[str, float]] = []
         self.flips: dict[str, float] = {}
@@ -109,12 +112,12 @@ class _World:
         self.receiver.stop()
 
 
-def _serve(conn: Connection, secret: str) -> None:
+def _serve(conn: Connection, secret: str, step: float) -> None:
     # The relay collects as the daemon does: at the default threshold its collector's full
     # passes over the request log it keeps double its CPU for some sweeps and not others,
     # and a sweep bound by the relay (the bare loop at batch 1000) then takes twice as long.
     runtime.tune_gc()
-    world = _World(secret)
+    world = _World(secret, step)
     conn.send((world.relay.base_url, world.receiver.url))
     while True:
         command, args = conn.recv()
@@ -131,13 +134,17 @@ def _serve(conn: Connection, secret: str) -> None:
 
 
 class Outside:
-    """The relay and the receiver in a child process, so they do not share our GIL."""
+    """The relay and the receiver in a child process, so they do not share our GIL.
 
-    def __init__(self) -> None:
+    ``step``: seconds the relay takes to move a task on by itself (pending, in progress, done:
+    a task whose id contains "fail" fails); by default tasks move only when told to.
+    """
+
+    def __init__(self, step: float = FOREVER) -> None:
         self.secret = signing.new_secret()
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, self.secret), daemon=True)
+        self._process = ctx.Process(target=_serve, args=(child, self.secret, step), daemon=True)
         self.relay_url = self.hook_url = ""
 
     def __enter__(self) -> Outside:
