@@ -2,6 +2,7 @@
 
     python bench/bench_soak.py                 # 10 minutes, 100 new tasks a second
     python bench/bench_soak.py --minutes 2     # a shorter look
+    python bench/bench_soak.py --pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
 An app registers ``--rate`` new tasks a second through the API (batches of 50, one in ten
 failing at the relay); the simulated relay, in a child process with a receiver that verifies
@@ -9,13 +10,15 @@ every signature, moves each task on every ``--step`` seconds until it finishes. 
 reads the daemon's resident memory and ``/readyz``. At the end it stops registering, waits for
 the last tasks and webhooks, and checks that nothing was lost or sent twice: every task final,
 one verified webhook per task, as many deliveries delivered, none pending or dead, and the
-memory after the warm-up flat within ``MAX_GROWTH_MB``. Prints a table, writes JSON, exits 1
+memory after the warm-up flat within ``MAX_GROWTH_MB``. SQLite by default; with ``--pg``, a
+scratch database on that PostgreSQL server, dropped afterwards. Prints a table, writes JSON, exits 1
 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from poll_rig import Outside, config_text, daemon, free_port, machine, rss_mb
+from poll_rig import (
+    Outside,
+    config_text,
+    daemon,
+    free_port,
+    machine,
+    postgres_database,
+    rss_mb,
+)
 
 #: ids a registration carries
 BATCH = 50
@@ -52,14 +63,12 @@ def stats(config_path: Path) -> dict[str, Any]:
     return result
 
 
-def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run the soak in ``work``; the figures and the checks."""
+def soak(args: argparse.Namespace, work: Path, db_url: str) -> dict[str, Any]:
+    """Run the soak in ``work`` on ``db_url``; the figures and the checks."""
     with Outside(step=args.step) as outside:
         port = free_port()
         config_path = work / "tracker.toml"
-        config_path.write_text(
-            config_text(outside, f"sqlite:///{work / 'tracker.db'}", port, {"interval": 1})
-        )
+        config_path.write_text(config_text(outside, db_url, port, {"interval": 1}))
         samples: list[dict[str, float]] = []
         registered: list[str] = []
         headers = {"Authorization": "Bearer bench-token"}
@@ -108,6 +117,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     delivered = figures["deliveries"].get("delivered", 0)
     results: dict[str, Any] = {
         "machine": machine(),
+        "database": db_url.split(":", 1)[0].split("+", 1)[0],
         "minutes": args.minutes,
         "rate": args.rate,
         "step": args.step,
@@ -139,18 +149,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="new tasks a second")
     parser.add_argument("--step", type=float, default=2.0, help="seconds a relay status lasts")
     parser.add_argument("--out", type=Path, default=Path("bench_soak.json"), help="JSON results")
-    parser.add_argument("--keep", action="store_true", help="keep the database and the log")
+    parser.add_argument("--keep", action="store_true", help="keep the config and the log")
+    parser.add_argument(
+        "--pg", metavar="URL", help="a PostgreSQL URL whose server may get a scratch database"
+    )
     args = parser.parse_args(argv)
-    if args.keep:
-        work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-        print(f"work files in {work}")
-        results = soak(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-soak-") as name:
-            results = soak(args, Path(name))
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+            print(f"work files in {work}")
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-soak-")))
+        if args.pg:
+            db_url = stack.enter_context(postgres_database(args.pg))
+        else:
+            db_url = f"sqlite:///{work / 'tracker.db'}"
+        results = soak(args, work, db_url)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(
-        f"\nregistered {results['registered']:,} tasks in {args.minutes:g} min; "
+        f"\n{results['database']}: registered {results['registered']:,} tasks in "
+        f"{args.minutes:g} min; "
         f"tasks {results['tasks']}; deliveries {results['deliveries']}; "
         f"verified webhooks {results['webhooks_verified']:,}; "
         f"RSS at the end {results['rss_end_mb']} MB (peak {results['peak_rss_mb']}), "

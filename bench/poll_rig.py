@@ -1,5 +1,5 @@
 """The poll benchmark's outside world: a relay and a verifying receiver in a child process,
-and a real `tracker run` process to measure against them.
+a real `tracker run` process to measure against them, and scratch PostgreSQL databases.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import contextlib
 import multiprocessing
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -201,6 +202,21 @@ def populate(url: str, live: int, final: int = 0, prefix: str = "b") -> list[str
             conn.execute(polls.delete().where(polls.c.task_pk > live))
     store.close()
     return ids[:live]
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database on the server of ``admin_url``, dropped afterwards."""
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"tracker_bench_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 def free_port() -> int:
