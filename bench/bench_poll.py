@@ -17,7 +17,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from poll_rig import (
     machine,
     populate,
     rss_mb,
+    work_dir,
 )
 
 from tracker import config, events, logs, platforms, runtime
@@ -363,11 +363,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(),
     }
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            work = Path(tempfile.mkdtemp(prefix="bench-poll-"))
-            print(f"work files in {work}")
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-poll-")))
+        work = work_dir(stack, args.keep, "bench-poll-")
         outside = stack.enter_context(Outside())
         # The drains below run in this process: its collector is set as `tracker run` sets its
         # own (the bare loop runs under the same setting).

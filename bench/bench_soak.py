@@ -22,7 +22,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from poll_rig import (
     machine,
     postgres_database,
     rss_mb,
+    work_dir,
 )
 
 #: ids a registration carries
@@ -155,11 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        if args.keep:
-            work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-            print(f"work files in {work}")
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-soak-")))
+        work = work_dir(stack, args.keep, "bench-soak-")
         if args.pg:
             db_url = stack.enter_context(postgres_database(args.pg))
         else:

@@ -12,6 +12,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -217,6 +218,16 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def work_dir(stack: contextlib.ExitStack, keep: bool, prefix: str) -> Path:
+    """A directory for a run's files: kept (its path printed) with ``keep``, else removed when
+    ``stack`` closes."""
+    if keep:
+        work = Path(tempfile.mkdtemp(prefix=prefix))
+        print(f"work files in {work}")
+        return work
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 
 def free_port() -> int:
