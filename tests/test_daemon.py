@@ -321,8 +321,8 @@ def test_a_held_lag_is_believed_while_fresh_and_only_if_readable() -> None:
     """`tracker stats` takes a daemon's figure for HELD_FRESH after it was written: not once
     that daemon stopped writing it, nor a value it cannot read."""
     now = 1_800_000_000.0
-    fresh = metrics_module.held_lag_text(12.5, now - 3)
-    stale = metrics_module.held_lag_text(12.5, now - metrics_module.HELD_FRESH - 1)
+    fresh = metrics_module.held_lag_text(12.5, now - 3, "a-daemon")
+    stale = metrics_module.held_lag_text(12.5, now - metrics_module.HELD_FRESH - 1, "a-daemon")
 
     assert 12.5 == metrics_module.reported_held_lag(fresh, now)
     assert 0.0 == metrics_module.reported_held_lag(stale, now)

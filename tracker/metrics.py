@@ -99,7 +99,7 @@ def poll_lag(stats: Stats, now: float, held: tuple[float, str] | None = None) ->
     return max(0.0, now - min(planned)) if planned else 0.0
 
 
-def held_lag_text(lag: float, now: float, by: str = "") -> str:
+def held_lag_text(lag: float, now: float, by: str) -> str:
     """HELD_LAG's value: ``lag`` seconds, as daemon ``by`` saw it at ``now`` (epoch seconds)."""
     return json.dumps({"lag": round(lag, 3), "at": round(now, 3), "by": by})
 
