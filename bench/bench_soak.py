@@ -11,8 +11,8 @@ reads the daemon's resident memory and ``/readyz``. At the end it stops register
 the last tasks and webhooks, and checks that nothing was lost or sent twice: every task final,
 one verified webhook per task, as many deliveries delivered, none pending or dead, and the
 memory after the warm-up flat within ``MAX_GROWTH_MB``. SQLite by default; with ``--pg``, a
-scratch database on that PostgreSQL server, dropped afterwards. Prints a table, writes JSON, exits 1
-when a check fails.
+scratch database on that PostgreSQL server, dropped afterwards. Prints the readings and the
+checks, writes JSON, exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ BATCH = 50
 SAMPLE_EVERY = 30.0
 #: share of the run whose memory is the warm-up (caches and pools fill), not a trend
 WARM_UP_SHARE = 0.3
+#: the shortest run: one reading of memory at least falls after the warm-up (minutes)
+MIN_MINUTES = 1.0
 #: the most resident memory may grow after the warm-up (MB)
 MAX_GROWTH_MB = 10.0
 #: seconds the end waits for the last tasks to finish and their webhooks to arrive
@@ -112,8 +114,9 @@ def soak(args: argparse.Namespace, work: Path, db_url: str) -> dict[str, Any]:
             rss_end, peak = rss_mb(process.pid)
         _log, _flips, hooks = outside.results()
     hooked = [task_id for task_id, _at in hooks]
+    # Never empty: main() asks for a run long enough to read memory after the warm-up.
     warm = [s["rss_mb"] for s in samples if s["at"] >= args.minutes * 60 * WARM_UP_SHARE]
-    growth = rss_end - min(warm) if warm else 0.0
+    growth = rss_end - min(warm)
     delivered = figures["deliveries"].get("delivered", 0)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -154,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pg", metavar="URL", help="a PostgreSQL URL whose server may get a scratch database"
     )
     args = parser.parse_args(argv)
+    if args.minutes < MIN_MINUTES:
+        # A shorter run reads memory during the warm-up only, and its check could not fail.
+        parser.error(f"--minutes: at least {MIN_MINUTES:g}, to read memory after the warm-up")
     with contextlib.ExitStack() as stack:
         work = work_dir(stack, args.keep, "bench-soak-")
         if args.pg:
